@@ -1,0 +1,165 @@
+"""Generation backends: one small interface, three real implementations.
+
+Every pipeline talks to a `Backend`:
+
+    backend = load_backend("transformers", model="smollm2-135m")
+    results = backend.generate([Request(prompt="1. Write a poem", params=SamplingParams(max_tokens=64))])
+    scored = backend.score(["The capital of France is Paris."])
+
+`generate` returns one `Result` per request, in input order (like vLLM's `LLM.generate`);
+`score` returns the model's log-probability of every token of each sequence.
+Heavy imports (torch, vllm, httpx) live inside the implementation modules.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from datagen.errors import BadInput, MissingExtra
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings shared by all backends (names follow vLLM's SamplingParams)."""
+
+    temperature: float = 1.0
+    """0 means greedy decoding."""
+    top_p: float = 1.0
+    max_tokens: int = 256
+    """Most new tokens per completion."""
+    stop: tuple[str, ...] = ()
+    """Generation ends before the first of these strings; the string itself is not returned."""
+    n: int = 1
+    """Completions per request."""
+    seed: int | None = None
+    """Makes sampling repeatable on the same backend and hardware."""
+    presence_penalty: float = 0.0
+    """Used by vllm and openai; transformers has no such penalty and ignores it."""
+    frequency_penalty: float = 0.0
+    """Used by vllm and openai; transformers has no such penalty and ignores it."""
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise BadInput(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise BadInput(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise BadInput(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.n < 1:
+            raise BadInput(f"n must be >= 1, got {self.n}")
+
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A raw prompt or chat messages (rendered with the model's chat template), plus sampling settings."""
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise BadInput("a request needs exactly one of prompt or messages")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: Literal["stop", "length"]
+    """'length' when max_tokens cut the completion."""
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one request: its exact prompt text and n completions."""
+
+    prompt: str
+    """The text the model saw (chat template applied), kept for provenance."""
+    prompt_tokens: int
+    completions: tuple[Completion, ...]
+    latency_s: float
+    """Wall time of the batch call this request was part of."""
+
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    """Per-token log-probabilities of a sequence under the model."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float | None, ...]
+    """logprobs[i] = log p(token_i | tokens before i); None for the first token, which has no context."""
+
+
+class Backend(Protocol):
+    name: str
+    model: str
+
+    def generate(self, requests: Sequence[Request]) -> list[Result]: ...
+
+    def score(self, sequences: Sequence[str | Sequence[int]]) -> list[ScoredSequence]:
+        """Text is tokenized with the model's tokenizer (with its BOS token if it adds one); token ids are used as given."""
+        ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """The model's chat template applied to messages, ready for the assistant's turn."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class BackendName(str, enum.Enum):
+    auto = "auto"
+    transformers = "transformers"
+    vllm = "vllm"
+    openai = "openai"
+
+
+def resolve_backend_name(name: BackendName | str) -> BackendName:
+    """`auto` picks vllm when it is installed and a GPU is present, else transformers."""
+    name = BackendName(name)
+    if name is not BackendName.auto:
+        return name
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return BackendName.vllm
+    return BackendName.transformers
+
+
+def load_backend(name: BackendName | str, model: str, **options) -> Backend:
+    """Build a backend by name. `model` is a short name of an embedded model, a local folder or a hub id;
+    for `openai` it is the model name the server serves and `options` carries `base_urls`."""
+    name = resolve_backend_name(name)
+    if name is BackendName.transformers:
+        from datagen.backends.transformers_backend import TransformersBackend
+
+        return TransformersBackend(model, **options)
+    if name is BackendName.vllm:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise MissingExtra("vllm", "vllm") from None
+        from datagen.backends.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model, **options)
+    from datagen.backends.openai_backend import OpenAIBackend
+
+    return OpenAIBackend(model, **options)
+
+
+def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut text before the earliest stop string; True if one was found."""
+    cut = min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

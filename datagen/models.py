@@ -95,7 +95,7 @@ def prepare(name: str = DEFAULT_MODEL) -> Path:
     source = gguf_path(model)
     if (digest := sha256_of(source)) != model.sha256:
         raise DatagenError(f"{source}: sha256 {digest} does not match the expected {model.sha256}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    configure_offline()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -150,7 +150,11 @@ def resolve(model: str) -> str:
 
 
 def configure_offline() -> None:
-    """Keep transformers and datasets off the network unless the user allowed the hub."""
+    """Keep transformers and datasets off the network unless the user allowed the hub, and quiet their
+    per-tensor loading bars (datagen draws its own progress)."""
     if not hub_allowed():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,132 @@
+"""Local Hugging Face transformers backend: the CPU default.
+
+Batched `generate` with left padding, stop strings and seeds; `score` by one forward pass per
+batch of sequences. Presence and frequency penalties do not exist in transformers' sampler and
+are ignored here (vllm and openai apply them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from datagen import models
+from datagen.backends import Completion, Message, Request, Result, SamplingParams, ScoredSequence, apply_stop
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 16, score_token_budget: int = 8192):
+        """dtype: float32 is the safe default on CPU (bf16 matmuls are slow on CPUs without AMX/AVX512-BF16).
+        batch_size: requests generated together; score_token_budget: padded tokens per scoring forward pass."""
+        models.configure_offline()
+        self.model = model
+        self.path = models.resolve(model)
+        self.batch_size = batch_size
+        self.score_token_budget = score_token_budget
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.hf_model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
+        self.hf_model.eval()
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def generate(self, requests: Sequence[Request]) -> list[Result]:
+        prompts = [r.prompt if r.prompt is not None else self.render_chat(r.messages) for r in requests]
+        results: list[Result | None] = [None] * len(requests)
+        # Requests with equal settings share a batch; results go back in input order.
+        by_params: dict[SamplingParams, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_params.setdefault(request.params, []).append(index)
+        for params, indices in by_params.items():
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start : start + self.batch_size]
+                for index, result in zip(batch, self._generate_batch([prompts[i] for i in batch], params)):
+                    results[index] = result
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[str], params: SamplingParams) -> list[Result]:
+        started = time.perf_counter()
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p) if params.temperature > 0 else dict(do_sample=False)
+        output = self.hf_model.generate(
+            **encoded,
+            max_new_tokens=params.max_tokens,
+            num_return_sequences=params.n,
+            stop_strings=list(params.stop) or None,
+            tokenizer=self.tokenizer,
+            pad_token_id=self.tokenizer.pad_token_id,
+            top_k=None,
+            **sampling,
+        )
+        latency = time.perf_counter() - started
+        new_tokens = output[:, encoded["input_ids"].shape[1] :]
+        eos = self.hf_model.generation_config.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, list) else {eos}
+        results = []
+        for p, prompt in enumerate(prompts):
+            completions = []
+            for row in new_tokens[p * params.n : (p + 1) * params.n].tolist():
+                completions.append(self._completion(row, params, eos_ids))
+            prompt_tokens = int(encoded["attention_mask"][p].sum())
+            results.append(Result(prompt=prompt, prompt_tokens=prompt_tokens, completions=tuple(completions), latency_s=latency))
+        return results
+
+    def _completion(self, token_ids: list[int], params: SamplingParams, eos_ids: set[int]) -> Completion:
+        """Cut a generated row at EOS (which ends padding too) and at the first stop string."""
+        ended_by_eos = False
+        for position, token in enumerate(token_ids):
+            if token in eos_ids or token == self.tokenizer.pad_token_id:
+                token_ids, ended_by_eos = token_ids[:position], True
+                break
+        text, stopped = apply_stop(self.tokenizer.decode(token_ids, skip_special_tokens=True), params.stop)
+        finish = "stop" if ended_by_eos or stopped or len(token_ids) < params.max_tokens else "length"
+        return Completion(text=text, finish_reason=finish, completion_tokens=len(token_ids))
+
+    @torch.inference_mode()
+    def score(self, sequences: Sequence[str | Sequence[int]]) -> list[ScoredSequence]:
+        ids = [self.tokenize(s) if isinstance(s, str) else list(s) for s in sequences]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+        scored: list[ScoredSequence | None] = [None] * len(ids)
+        batch: list[int] = []
+        for index in order + [None]:
+            if index is not None and (not batch or (len(batch) + 1) * len(ids[index]) <= self.score_token_budget):
+                batch.append(index)
+                continue
+            for i, result in zip(batch, self._score_batch([ids[i] for i in batch])):
+                scored[i] = result
+            batch = [index] if index is not None else []
+        return scored  # type: ignore[return-value]
+
+    def _score_batch(self, batch: list[list[int]]) -> list[ScoredSequence]:
+        width = max(len(s) for s in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+        logits = self.hf_model(input_ids=input_ids, attention_mask=attention).logits.float()
+        results = []
+        for row, sequence in enumerate(batch):
+            n = len(sequence)
+            if n < 2:
+                results.append(ScoredSequence(tuple(sequence), (None,) * n))
+                continue
+            logprobs = torch.log_softmax(logits[row, : n - 1], dim=-1)
+            targets = torch.tensor(sequence[1:])
+            values = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            results.append(ScoredSequence(tuple(sequence), (None, *values)))
+        return results
+
+    def close(self) -> None:
+        del self.hf_model

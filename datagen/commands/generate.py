@@ -1,0 +1,100 @@
+"""`datagen generate`: prompts in, completions out, every call recorded in the store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from sqlmodel import Session
+
+from datagen.backends import BackendName, SamplingParams
+from datagen.console import err_console, progress, summary_table
+from datagen.generate import read_requests, run_generate
+from datagen.models import DEFAULT_MODEL
+from datagen.options import BackendOption, BaseUrlOption, DbOption, JsonOption, ModelOption, make_backend
+from storage.store import open_engine, touch
+from storage.tables import Run, utcnow
+
+
+def generate(
+    prompts: Annotated[Path, typer.Argument(help='JSONL: one {"prompt": ...} or {"messages": [...]} per line.')],
+    model: ModelOption = DEFAULT_MODEL,
+    backend: BackendOption = BackendName.auto,
+    base_url: BaseUrlOption = None,
+    max_tokens: Annotated[int, typer.Option(help="Most new tokens per completion.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option()] = 0.9,
+    n: Annotated[int, typer.Option("--n", help="Completions per prompt.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeatable.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per backend call.")] = 16,
+    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name [default: generate-TIMESTAMP].")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write completions as JSONL here instead of stdout.")] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Complete every prompt of a JSONL file with the chosen backend and model."""
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n, seed=seed, stop=tuple(stop or ())
+    )
+    requests = read_requests(prompts, params)  # every line checked before anything is written
+    engine = open_engine(db)
+    llm = make_backend(backend, model, base_url)
+    started = time.perf_counter()
+    output = out.open("w", encoding="utf-8") if out else None
+    with Session(engine) as session:
+        run = Run(
+            name=run_name or f"generate-{utcnow():%Y%m%d-%H%M%S}",
+            pipeline="generate",
+            config={"prompts": str(prompts), "sampling": params.__dict__ | {"stop": list(params.stop)}, "batch_size": batch_size},
+            model=model,
+            backend=llm.name,
+        )
+        session.add(run)
+        session.commit()
+        line = 0
+        with progress("prompts") as bar:
+            task = bar.add_task("generating", total=len(requests), status="")
+
+            def emit(batch, results) -> None:
+                nonlocal line
+                for result in results:
+                    line += 1
+                    for completion in result.completions:
+                        record = {"line": line, "text": completion.text, "finish_reason": completion.finish_reason,
+                                  "completion_tokens": completion.completion_tokens}
+                        if output:
+                            output.write(json.dumps(record, ensure_ascii=False) + "\n")
+                        elif as_json:
+                            typer.echo(json.dumps(record, ensure_ascii=False))
+                        else:
+                            typer.echo(f"--- {line} ({completion.finish_reason})\n{completion.text}")
+                bar.update(task, advance=len(batch), status=f"{run.completion_tokens / (time.perf_counter() - started):.0f} tok/s")
+
+            try:
+                run_generate(session, run, llm, requests, batch_size, emit)
+            except Exception as err:
+                session.rollback()
+                touch(run, status="failed", error=str(err))
+                session.add(run)
+                session.commit()
+                raise
+            finally:
+                if output:
+                    output.close()
+                llm.close()
+        touch(run, status="completed")
+        session.add(run)
+        session.commit()
+        elapsed = time.perf_counter() - started
+        err_console.print(
+            summary_table(
+                f"Run {run.name}",
+                [("backend", llm.name), ("model", model), ("prompts", run.requests), ("completions", run.generated),
+                 ("prompt tokens", run.prompt_tokens), ("completion tokens", run.completion_tokens),
+                 ("seconds", round(elapsed, 1)), ("tokens/s", round(run.completion_tokens / elapsed, 1))],
+            )
+        )

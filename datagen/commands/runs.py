@@ -1,0 +1,78 @@
+"""`datagen runs`: what is in the store."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from datagen.console import err_console, print_json, summary_table
+from datagen.options import DbOption, JsonOption
+from storage.store import get_run, open_engine
+from storage.tables import Instance, Run, Task
+
+app = typer.Typer(help="List and inspect runs in the store.", no_args_is_help=True)
+
+COUNTERS = ("requests", "generated", "accepted", "rejected", "instances", "prompt_tokens", "completion_tokens")
+
+
+def run_summary(run: Run) -> dict:
+    return {
+        "id": run.id,
+        "name": run.name,
+        "pipeline": run.pipeline,
+        "model": run.model,
+        "backend": run.backend,
+        "status": run.status,
+        "error": run.error,
+        "created_at": run.created_at.isoformat(),
+        "updated_at": run.updated_at.isoformat(),
+        **{c: getattr(run, c) for c in COUNTERS},
+    }
+
+
+@app.command("list")
+def list_runs(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """List runs, newest first."""
+    with Session(open_engine(db)) as session:
+        runs = session.exec(select(Run).order_by(Run.id.desc())).scalars().all()
+        rows = [run_summary(r) for r in runs]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="Runs")
+    for column in ("id", "name", "pipeline", "model", "backend", "status", "accepted", "rejected", "updated_at"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("id", "name", "pipeline", "model", "backend", "status", "accepted", "rejected", "updated_at")))
+    err_console.print(table)
+
+
+@app.command("show")
+def show(
+    run: Annotated[str, typer.Argument(help="Run name or id.")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one run: its configuration, counters, and rejections by reason."""
+    with Session(open_engine(db)) as session:
+        found = get_run(session, run)
+        summary = run_summary(found)
+        summary["config"] = found.config
+        reasons = session.exec(
+            select(Task.reason, func.count()).where(Task.run_id == found.id, Task.status == "rejected").group_by(Task.reason)
+        ).all()
+        summary["rejected_by_reason"] = {reason: count for reason, count in reasons}
+        summary["accepted_instances"] = session.exec(
+            select(func.count()).select_from(Instance).join(Task).where(Task.run_id == found.id, Instance.status == "accepted")
+        ).scalar_one()
+    if as_json:
+        print_json(summary)
+        return
+    rows = [(k, v) for k, v in summary.items() if k not in ("config", "rejected_by_reason")]
+    rows += [(f"rejected: {k}", v) for k, v in summary["rejected_by_reason"].items()]
+    err_console.print(summary_table(f"Run {found.name}", rows))
+    err_console.print_json(data=summary["config"])

@@ -1,0 +1,36 @@
+"""Shared fixtures. Models are loaded once per test session: the embedded model (real, no fakes)
+on the transformers backend, and (in the vllm tests) one vLLM engine and one `vllm serve`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO / "examples" / "seed_tasks.jsonl"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path() -> Path:
+    from datagen import models
+
+    return models.prepare()
+
+
+@pytest.fixture(scope="session")
+def hf_backend(embedded_model_path):
+    """The real embedded model on the transformers backend, shared by all tests."""
+    from datagen.backends.transformers_backend import TransformersBackend
+
+    return TransformersBackend("smollm2-135m")
+
+
+@pytest.fixture
+def db_url(tmp_path) -> str:
+    """A fresh SQLite store for one test."""
+    return f"sqlite:///{tmp_path / 'datagen.db'}"

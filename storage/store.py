@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from sqlalchemy import event, select
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, SQLModel, create_engine, select
 
 from datagen.errors import BadInput, StoreError
 from storage.tables import SCHEMA_VERSION, Generation, Run, SchemaInfo, utcnow
@@ -88,7 +88,7 @@ def _safe(url: str) -> str:
 
 def get_run(session: Session, run: str | int) -> Run:
     """A run by name or numeric id; BadInput if there is none."""
-    found = session.exec(select(Run).where(Run.name == str(run))).scalars().first()
+    found = session.exec(select(Run).where(Run.name == str(run))).first()
     if found is None and str(run).isdigit():
         found = session.get(Run, int(run))
     if found is None:
@@ -97,7 +97,7 @@ def get_run(session: Session, run: str | int) -> Run:
 
 
 def find_run(session: Session, name: str) -> Run | None:
-    return session.exec(select(Run).where(Run.name == name)).scalars().first()
+    return session.exec(select(Run).where(Run.name == name)).first()
 
 
 def touch(run: Run, **changes) -> None:

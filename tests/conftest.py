@@ -34,3 +34,17 @@ def hf_backend(embedded_model_path):
 def db_url(tmp_path) -> str:
     """A fresh SQLite store for one test."""
     return f"sqlite:///{tmp_path / 'datagen.db'}"
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server for the session; skipped only outside CI when none can be started."""
+    from tests.postgres import postgres_server
+
+    try:
+        with postgres_server() as url:
+            yield url
+    except RuntimeError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(err))

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlalchemy import func, select
-from sqlmodel import Session
+from sqlalchemy import func
+from sqlmodel import Session, select
 
 from datagen.console import err_console, print_json, summary_table
 from datagen.options import DbOption, JsonOption
@@ -38,7 +38,7 @@ def run_summary(run: Run) -> dict:
 def list_runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """List runs, newest first."""
     with Session(open_engine(db)) as session:
-        runs = session.exec(select(Run).order_by(Run.id.desc())).scalars().all()
+        runs = session.exec(select(Run).order_by(Run.id.desc())).all()
         rows = [run_summary(r) for r in runs]
     if as_json:
         print_json(rows)
@@ -68,7 +68,7 @@ def show(
         summary["rejected_by_reason"] = {reason: count for reason, count in reasons}
         summary["accepted_instances"] = session.exec(
             select(func.count()).select_from(Instance).join(Task).where(Task.run_id == found.id, Instance.status == "accepted")
-        ).scalar_one()
+        ).one()
     if as_json:
         print_json(summary)
         return

@@ -1,0 +1,101 @@
+"""The store on real SQLite and real PostgreSQL: round trips, provenance links, schema version, errors."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+from sqlmodel import Session, select
+
+from datagen.backends import Completion, Request, Result, SamplingParams
+from datagen.errors import BadInput, StoreError
+from storage.store import add_generations, get_run, open_engine
+from storage.tables import SCHEMA_VERSION, Generation, Instance, Run, SchemaInfo, Task
+
+
+class _Backend:
+    name = "transformers"
+    model = "smollm2-135m"
+
+
+def _round_trip(url: str) -> None:
+    engine = open_engine(url)
+    params = SamplingParams(temperature=0.7, top_p=0.5, max_tokens=32, stop=("\n\n",), seed=3)
+    request = Request(prompt="1. Write a poem.\n2.", params=params)
+    result = Result(
+        prompt="1. Write a poem.\n2.",
+        prompt_tokens=9,
+        completions=(Completion(" Sing a song.\n3. Plan a trip.", "stop", 11), Completion(" Paint.", "length", 32)),
+        latency_s=0.25,
+    )
+    with Session(engine) as session:
+        run = Run(name="r1", pipeline="self-instruct", config={"num_instructions": 5, "nested": {"a": [1, 2]}}, model="m", backend="b")
+        session.add(run)
+        session.commit()
+        (rows,) = add_generations(session, run, _Backend(), "instructions", 0, [request], [result])
+        task = Task(run_id=run.id, generation_id=rows[0].id, instruction="Sing a song.", status="accepted", nearest="Write a poem.", similarity=0.4)
+        session.add(task)
+        session.flush()
+        session.add(Instance(task_id=task.id, generation_id=rows[0].id, input="", output="La la la."))
+        session.add(Task(run_id=run.id, generation_id=rows[1].id, instruction="Paint.", status="rejected", reason="too_short"))
+        session.commit()
+
+    with Session(open_engine(url)) as session:
+        run = get_run(session, "r1")
+        assert run.config == {"num_instructions": 5, "nested": {"a": [1, 2]}}
+        assert (run.requests, run.generated, run.prompt_tokens, run.completion_tokens) == (1, 2, 9, 43)
+        generations = session.exec(select(Generation).order_by(Generation.id)).all()
+        assert [g.completion for g in generations] == [" Sing a song.\n3. Plan a trip.", " Paint."]
+        assert generations[0].sampling["stop"] == ["\n\n"] and generations[0].sampling["seed"] == 3
+        assert generations[1].finish_reason == "length"
+        accepted = session.exec(select(Task).where(Task.status == "accepted")).one()
+        # Provenance: the accepted instruction traces back to the exact prompt and raw completion.
+        origin = session.get(Generation, accepted.generation_id)
+        assert origin.prompt == "1. Write a poem.\n2." and "Sing a song." in origin.completion
+        instance = session.exec(select(Instance)).one()
+        assert instance.task_id == accepted.id and instance.output == "La la la."
+        rejected = session.exec(select(Task).where(Task.status == "rejected")).one()
+        assert rejected.reason == "too_short"
+        assert get_run(session, str(run.id)).name == "r1"
+        with pytest.raises(BadInput, match="no run"):
+            get_run(session, "missing")
+
+
+def test_sqlite_round_trip(db_url):
+    _round_trip(db_url)
+
+
+@pytest.mark.postgres
+def test_postgres_round_trip(postgres_url):
+    engine = open_engine(postgres_url)
+    with engine.begin() as connection:  # a clean schema, so the test can be rerun against the same server
+        for table in ("instance", "task", "generation", "run"):
+            connection.execute(text(f"DELETE FROM {table}"))
+    _round_trip(postgres_url)
+
+
+def test_sqlite_uses_wal(db_url):
+    with open_engine(db_url).connect() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+
+
+def test_newer_schema_is_refused(db_url):
+    engine = open_engine(db_url)
+    with Session(engine) as session:
+        info = session.get(SchemaInfo, "schema_version")
+        assert info.value == str(SCHEMA_VERSION)
+        info.value = str(SCHEMA_VERSION + 1)
+        session.add(info)
+        session.commit()
+    with pytest.raises(StoreError, match="newer than this datagen"):
+        open_engine(db_url)
+
+
+def test_unreachable_database_is_one_clear_error():
+    with pytest.raises(StoreError, match=r"cannot open the database postgresql\+psycopg://u:\*\*\*@127.0.0.1:1/x"):
+        open_engine("postgresql+psycopg://u:secret@127.0.0.1:1/x")
+
+
+def test_unwritable_sqlite_path_is_one_clear_error(tmp_path):
+    with pytest.raises(StoreError, match="cannot open the database"):
+        open_engine(f"sqlite:///{tmp_path}/no/such/dir/x.db")

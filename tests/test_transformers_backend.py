@@ -1,0 +1,71 @@
+"""The transformers backend on the real embedded model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from datagen.backends import Request, SamplingParams, apply_stop
+from datagen.errors import BadInput
+
+CHAT = ({"role": "user", "content": "Name three fruits."},)
+
+
+def test_generate_batch_keeps_input_order_and_counts(hf_backend):
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    requests = [
+        Request(prompt="The capital of France is", params=greedy),
+        Request(messages=CHAT, params=greedy),
+        Request(prompt="1, 2, 3, 4,", params=SamplingParams(temperature=0, max_tokens=5)),
+    ]
+    results = hf_backend.generate(requests)
+    assert [r.prompt for r in results][0] == "The capital of France is"
+    assert results[1].prompt == hf_backend.render_chat(CHAT) and "<|im_start|>assistant" in results[1].prompt
+    assert results[0].prompt_tokens == len(hf_backend.tokenize("The capital of France is"))
+    assert "Paris" in results[0].completions[0].text
+    assert results[2].completions[0].finish_reason == "length"
+    assert results[2].completions[0].completion_tokens == 5
+    # Batched results equal one-at-a-time results under greedy decoding (left padding is right).
+    alone = hf_backend.generate([requests[0]])[0]
+    assert alone.completions[0].text == results[0].completions[0].text
+
+
+def test_sampling_n_seed_and_stop(hf_backend):
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=24, n=3, seed=7, stop=("\n",))
+    first = hf_backend.generate([Request(messages=CHAT, params=params)])[0]
+    again = hf_backend.generate([Request(messages=CHAT, params=params)])[0]
+    assert len(first.completions) == 3
+    assert [c.text for c in first.completions] == [c.text for c in again.completions]
+    for completion in first.completions:
+        assert "\n" not in completion.text
+        assert completion.finish_reason in ("stop", "length")
+
+
+def test_score_equals_a_direct_forward_pass(hf_backend):
+    text = "Out of 1400 participants, 400 passed the test."
+    (scored,) = hf_backend.score([text])
+    ids = hf_backend.tokenize(text)
+    assert list(scored.token_ids) == ids and scored.logprobs[0] is None
+    with torch.no_grad():
+        logits = hf_backend.hf_model(torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(scored.logprobs[1:], expected))
+    # Padding in a batch changes nothing: the same sequence scored beside a longer one.
+    batch = hf_backend.score([text, text + " It was a hard test with many questions about history."])
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(batch[0].logprobs[1:], expected))
+    # Token ids are used as given.
+    assert hf_backend.score([ids])[0].logprobs[1:] == scored.logprobs[1:]
+
+
+def test_apply_stop_cuts_at_the_earliest_stop():
+    assert apply_stop("a. b\n3. c", ("\n3.", " b")) == ("a.", True)
+    assert apply_stop("abc", ("x",)) == ("abc", False)
+
+
+def test_bad_sampling_settings_are_bad_input():
+    with pytest.raises(BadInput, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(BadInput, match="exactly one of prompt or messages"):
+        Request()

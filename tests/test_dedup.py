@@ -1,0 +1,366 @@
+"""datagen.dedup against rouge-score itself: the same F-measure floats, the same filter decisions as the sequential
+reference loop on the real seed tasks, plus the Unicode tokenizer, exact, fuzzy and MinHash, and `datagen dedup`."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rapidfuzz import fuzz
+from rouge_score import rouge_scorer, scoring
+from typer.testing import CliRunner
+
+from datagen import dedup
+from datagen.dedup import (
+    Decision,
+    ExactIndex,
+    FuzzyIndex,
+    Match,
+    MinHashIndex,
+    RougeIndex,
+    exact_key,
+    make_index,
+    normalize,
+    rouge_l,
+    rouge_l_fmeasure,
+    tokenize_unicode,
+)
+from datagen.dedup_cli import dedup as dedup_command
+from datagen.errors import BadInput
+
+SEEDS = Path(__file__).resolve().parents[1] / "examples" / "seed_tasks.jsonl"
+SEED_INSTRUCTIONS = [json.loads(line)["instruction"] for line in SEEDS.read_text().splitlines()]
+SCORERS = {stem: rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem) for stem in (False, True)}
+
+
+def reference_score(target: str, prediction: str, use_stemmer: bool = False) -> float:
+    return SCORERS[use_stemmer].score(target, prediction)["rougeL"].fmeasure
+
+
+def reference_filter(pool: list[str], candidates: list[str], threshold: float = 0.7, use_stemmer: bool = False):
+    """Stanford Alpaca's loop: pre-tokenized, `_score_lcs` against everything kept so far, drop if max F > threshold.
+
+    Returns (kept, max score, index of the first text reaching it or None) per candidate.
+    """
+    tokenize = SCORERS[use_stemmer]._tokenizer.tokenize
+    pool_tokens = [tokenize(text) for text in pool]
+    results = []
+    for text in candidates:
+        tokens = tokenize(text)
+        scores = [rouge_scorer._score_lcs(tokens, other).fmeasure for other in pool_tokens]
+        best = max(scores, default=0.0)
+        results.append((best <= threshold, best, scores.index(best) if best > 0 else None))
+        if best <= threshold:
+            pool_tokens.append(tokens)
+    return results
+
+
+def perturbed(texts: list[str], n: int, seed: int = 0) -> list[str]:
+    """Real sentences with word drops, swaps and substitutions from their own vocabulary: near and far duplicates."""
+    rng = random.Random(seed)
+    vocabulary = sorted({w for t in texts for w in t.split()})
+    out = []
+    for _ in range(n):
+        words = rng.choice(texts).split()
+        for _ in range(rng.choice([0, 1, 2, 4, 8])):
+            at = rng.randrange(len(words))
+            op = rng.random()
+            if op < 0.3 and len(words) > 2:
+                del words[at]
+            elif op < 0.6 and at + 1 < len(words):
+                words[at], words[at + 1] = words[at + 1], words[at]
+            else:
+                words[at] = rng.choice(vocabulary)
+        text = " ".join(words)
+        out.append(text.upper() if rng.random() < 0.1 else text)
+    return out
+
+
+# --- ROUGE-L: identical floats ---------------------------------------------------------------------------------------
+
+WORDS = ["the", "The", "THE", "a", "cat", "cats", "running", "runs", "run", "generalization", "generalize",
+         "1", "42", "3.14", "x2", "don't", "e-mail", "café", "naïve", "中文", "文", "مرحبا", "ß", "İ"]
+SEPARATORS = [" ", "  ", "\n", "\t", ", ", ". ", "!", "?", "-", "'", '"', "(", ")", ":", ";", "/", ""]
+text_strategy = st.one_of(
+    st.lists(st.one_of(st.sampled_from(WORDS), st.sampled_from(SEPARATORS)), max_size=40).map("".join),
+    st.text(max_size=60),
+    st.just(""),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(target=text_strategy, prediction=text_strategy, use_stemmer=st.booleans())
+def test_rouge_l_is_rouge_score(target, prediction, use_stemmer):
+    assert rouge_l(target, prediction, use_stemmer=use_stemmer) == reference_score(target, prediction, use_stemmer)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pool=st.lists(text_strategy, max_size=12), query=text_strategy, use_stemmer=st.booleans())
+def test_index_nearest_is_rouge_score(pool, query, use_stemmer):
+    index = RougeIndex(use_stemmer=use_stemmer)
+    index.add(pool)
+    scores = [reference_score(query, text, use_stemmer) for text in pool]
+    best = max(scores, default=0.0)
+    match = index.nearest(query)
+    if best == 0:
+        assert match is None
+    else:
+        assert match == Match(scores.index(best), pool[scores.index(best)], best)
+
+
+def test_fmeasure_formula_is_rouge_scores_for_every_small_length():
+    """The table path (numpy) and the scalar path give rouge-score's floats for every LCS and pair of lengths."""
+    for len_target in range(0, 48):
+        for len_prediction in range(0, 48):
+            lcs = np.arange(min(len_target, len_prediction) + 1)
+            vectorized = rouge_l_fmeasure(lcs, len_target, np.array(len_prediction))
+            for value in lcs.tolist():
+                if len_target and len_prediction:
+                    expected = scoring.fmeasure(value / len_prediction, value / len_target)
+                else:
+                    expected = 0
+                assert rouge_l_fmeasure(value, len_target, len_prediction) == expected
+                assert vectorized[value] == expected
+
+
+def test_rouge_l_edge_cases():
+    assert rouge_l("", "") == 0.0
+    assert rouge_l("the cat", "") == 0.0
+    assert rouge_l("!!!", "...") == 0.0  # no tokens: rouge-score scores 0, not 1
+    assert rouge_l("Write a poem.", "write A POEM!") == 1.0
+    assert rouge_l("running cats", "run cat") == 0.0
+    assert rouge_l("running cats", "run cat", use_stemmer=True) == 1.0
+
+
+# --- The sequential filter equals the reference loop -----------------------------------------------------------------
+
+CANDIDATES = SEED_INSTRUCTIONS[100:] + perturbed(SEED_INSTRUCTIONS, 260)
+POOL = SEED_INSTRUCTIONS[:100]
+
+
+@pytest.fixture(scope="module")
+def reference_decisions():
+    return reference_filter(POOL, CANDIDATES)
+
+
+@pytest.mark.parametrize("block_size", [1024, 37, 1])
+def test_filter_equals_reference_loop_on_seed_tasks(reference_decisions, block_size, monkeypatch):
+    monkeypatch.setattr(dedup, "BLOCK_SIZE", block_size)
+    index = RougeIndex(0.7)
+    index.add(POOL)
+    decisions = index.filter(CANDIDATES)
+    assert [d.kept for d in decisions] == [kept for kept, _, _ in reference_decisions]
+    assert 0 < sum(d.kept for d in decisions) < len(CANDIDATES)  # the test data has both outcomes
+    for d, (kept, score, at) in zip(decisions, reference_decisions):
+        if not kept:  # a drop's score and nearest text are exact
+            assert (d.score, d.nearest_index) == (score, at)
+            assert d.nearest_text == index.texts[at]
+        else:  # a kept one's are the best among texts long enough to matter
+            assert d.score <= score
+    assert index.texts == POOL + [c for c, d in zip(CANDIDATES, decisions) if d.kept]
+
+
+def test_filter_in_batches_equals_one_batch(reference_decisions):
+    index = RougeIndex()
+    index.add(POOL)
+    decisions = []
+    for start in range(0, len(CANDIDATES), 50):
+        decisions += index.filter(CANDIDATES[start : start + 50])
+    assert [d.kept for d in decisions] == [kept for kept, _, _ in reference_decisions]
+
+
+def test_filter_with_stemmer_and_other_threshold_equals_reference_loop():
+    candidates = CANDIDATES[:150]
+    expected = reference_filter(POOL[:40], candidates, threshold=0.5, use_stemmer=True)
+    index = RougeIndex(0.5, use_stemmer=True)
+    index.add(POOL[:40])
+    assert [d.kept for d in index.filter(candidates)] == [kept for kept, _, _ in expected]
+
+
+def test_filter_checks_candidates_against_earlier_ones_of_the_same_batch():
+    index = RougeIndex()
+    decisions = index.filter(["Write a poem about the sea.", "Write a poem about the sea!", "Name three rivers in Asia."])
+    assert [d.kept for d in decisions] == [True, False, True]
+    assert decisions[1] == Decision(False, 1.0, 0, "Write a poem about the sea.")
+    assert decisions[0] == Decision(True, 0.0, None, None)
+    assert len(index) == 2
+
+
+def test_threshold_bounds():
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(BadInput, match="threshold must be between 0 and 1"):
+            RougeIndex(bad)
+    index = RougeIndex(1.0)  # nothing scores above 1: everything is kept
+    assert all(d.kept for d in index.filter(["same text", "same text"]))
+    index = RougeIndex(0.0)  # anything sharing a token is dropped
+    assert [d.kept for d in index.filter(["one two", "two three", "four"])] == [True, False, True]
+
+
+# --- Unicode ---------------------------------------------------------------------------------------------------------
+
+
+def test_unicode_tokenizer():
+    assert tokenize_unicode("我爱北京 Hello, WORLD! Straße ＡＢＣ naïve 42") == ["我", "爱", "北", "京", "hello", "world", "strasse", "abc", "naïve", "42"]
+    assert tokenize_unicode("مرحبا بالعالم") == ["مرحبا", "بالعالم"]
+    assert tokenize_unicode("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs stay inside their word
+
+
+@pytest.mark.parametrize("text", ["请写一首关于大海的诗。", "اكتب قصيدة عن البحر.", "바다에 관한 시를 써 주세요.", "Напишите стихотворение о море."])
+def test_unicode_tokenizer_catches_identical_non_english_instructions(text):
+    assert rouge_l(text, text) == reference_score(text, text)  # what rouge-score gives ...
+    if not text.isascii() and not any(c.isascii() and c.isalnum() for c in text):
+        assert rouge_l(text, text) == 0.0  # ... which is 0: the 0.7 filter would keep every copy
+    assert rouge_l(text, text, tokenizer="unicode") == 1.0
+    index = RougeIndex(tokenizer="unicode")
+    assert [d.kept for d in index.filter([text, text, "Name three rivers."])] == [True, False, True]
+
+
+def test_stemmer_is_for_the_rouge_tokenizer_only():
+    with pytest.raises(BadInput, match="stemmer"):
+        RougeIndex(tokenizer="unicode", use_stemmer=True)
+
+
+# --- Exact, fuzzy, MinHash -------------------------------------------------------------------------------------------
+
+
+def test_exact():
+    assert normalize("  Write a POEM!  about\tcats. ") == "write a poem about cats"
+    assert exact_key("Write a poem.") == exact_key("write   a poem") != exact_key("write a poems")
+    index = ExactIndex()
+    index.add(["Write a poem."])
+    decisions = index.filter(["WRITE A POEM!", "Write a poem about cats.", "write a poem about cats"])
+    assert decisions == [
+        Decision(False, 1.0, 0, "Write a poem."),
+        Decision(True, 0.0, None, None),
+        Decision(False, 1.0, 1, "Write a poem about cats."),
+    ]
+
+
+def test_fuzzy_ratio_and_token_set_ratio():
+    index = FuzzyIndex(0.9)
+    decisions = index.filter(["Write a poem about cats.", "write a poem about cat", "Cats: write a poem about them."])
+    assert [d.kept for d in decisions] == [True, False, True]
+    assert decisions[1].score == fuzz.ratio("write a poem about cats", "write a poem about cat") / 100
+    reordered = FuzzyIndex(0.9, scorer="token_set_ratio")
+    assert [d.kept for d in reordered.filter(["write a poem about cats", "about cats, write a poem"])] == [True, False]
+
+
+def test_fuzzy_filter_equals_its_sequential_loop(monkeypatch):
+    monkeypatch.setattr(dedup, "BLOCK_SIZE", 16)
+    texts = perturbed(SEED_INSTRUCTIONS, 120, seed=1)
+    kept: list[str] = []
+    expected = []
+    for text in texts:
+        best = max((fuzz.ratio(normalize(text), normalize(k)) / 100 for k in kept), default=0.0)
+        expected.append(best <= 0.8)
+        if best <= 0.8:
+            kept.append(text)
+    assert [d.kept for d in FuzzyIndex(0.8).filter(texts)] == expected
+
+
+def test_minhash():
+    index = MinHashIndex(0.5)
+    index.add(["Write a short poem about the ocean and its waves."])
+    decisions = index.filter(
+        ["Write a short poem about the ocean and its waves!", "Write a short poem about the ocean and the waves.",
+         "List three prime numbers greater than one hundred."]
+    )
+    assert [d.kept for d in decisions] == [False, False, True]
+    assert decisions[0].score == 1.0 and decisions[0].nearest_index == 0
+    assert index.nearest("List three prime numbers greater than one hundred").index == 1
+    with pytest.raises(BadInput, match="built for threshold 0.5"):
+        index.filter(["x"], threshold=0.7)
+    with pytest.raises(BadInput, match="strictly between 0 and 1"):
+        MinHashIndex(1.0)
+
+
+def test_make_index_rejects_options_of_other_methods():
+    assert isinstance(make_index("exact"), ExactIndex)
+    with pytest.raises(BadInput, match="--tokenizer and --stemmer apply to --method rougeL"):
+        make_index("fuzzy", tokenizer="unicode")
+    with pytest.raises(BadInput, match="--fuzzy-scorer applies to --method fuzzy"):
+        make_index("rougeL", fuzzy_scorer="token_set_ratio")
+
+
+# --- datagen dedup ---------------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+app = typer.Typer()
+app.command()(dedup_command)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_cli_rouge_l_with_against_out_pairs_and_json(tmp_path):
+    data = write_jsonl(tmp_path / "machine.jsonl", [
+        {"instruction": SEED_INSTRUCTIONS[1], "id": 1},  # a seed: dropped against --against
+        {"instruction": "Write a poem about the sea.", "id": 2},
+        {"instruction": "write a poem about the sea!", "id": 3},
+        {"instruction": "Name three rivers in Asia.", "id": 4},
+    ])
+    out, pairs = tmp_path / "kept.jsonl", tmp_path / "pairs.jsonl"
+    result = runner.invoke(app, [str(data), "--against", str(SEEDS), "--out", str(out), "--pairs", str(pairs), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["against"], summary["records"], summary["kept"], summary["dropped"]) == (175, 4, 2, 2)
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [2, 4]
+    dropped = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert dropped[0] == {"source": f"{data}:1", "text": SEED_INSTRUCTIONS[1], "score": 1.0,
+                          "nearest": SEED_INSTRUCTIONS[1], "nearest_source": f"{SEEDS}:2"}
+    assert dropped[1]["nearest_source"] == f"{data}:2" and dropped[1]["score"] == 1.0
+
+
+def test_cli_writes_kept_records_to_stdout_without_out(tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"q": "请写一首诗"}, {"q": "请写一首诗。"}, {"q": "Hello"}])
+    result = runner.invoke(app, [str(data), "--field", "q", "--tokenizer", "unicode"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")] == [{"q": "请写一首诗"}, {"q": "Hello"}]
+
+
+@pytest.mark.parametrize("method", ["exact", "fuzzy", "minhash"])
+def test_cli_other_methods(tmp_path, method):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "Write a short poem about the ocean waves."},
+                                               {"instruction": "write a short poem about the ocean waves"},
+                                               {"instruction": "List three prime numbers."}])
+    result = runner.invoke(app, [str(data), "--method", method, "--threshold", "0.8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["kept"] == 2
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"instruction": "ok"}, {"text": "no field"}], ":2: missing field 'instruction'"),
+        ([{"instruction": "ok"}, {"instruction": 3}], ":2: field 'instruction' must be a string, got int"),
+        ([{"instruction": "ok"}, "", {"instruction": "after a blank line"}], ":2: empty line"),
+        ([{"instruction": "  "}], ":1: field 'instruction' is empty"),
+        (["{not json"], ":1: invalid JSON"),
+    ],
+)
+def test_cli_bad_input_names_file_and_line(tmp_path, rows, message):
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = runner.invoke(app, [str(data)])
+    assert result.exit_code == 2
+    assert f"{data}{message}" in " ".join(result.stderr.split())
+
+
+def test_cli_bad_against_file_and_threshold(tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "ok"}])
+    against = write_jsonl(tmp_path / "seeds.jsonl", [{"instruction": "ok"}, {"name": "x"}])
+    result = runner.invoke(app, [str(data), "--against", str(against)])
+    assert result.exit_code == 2 and f"{against}:2: missing field 'instruction'" in " ".join(result.stderr.split())
+    for threshold in ("1.5", "-0.2"):
+        result = runner.invoke(app, [str(data), "--threshold", threshold])
+        assert result.exit_code == 2 and "threshold must be between 0 and 1" in result.stderr
+    result = runner.invoke(app, [str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2 and "no such file" in result.stderr

@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperGroup
 
 from datagen import __version__
-from datagen.commands import generate, models, runs
+from datagen.commands import export, generate, models, report, runs
 from datagen.console import print_error
 from datagen.errors import DatagenError
 
@@ -35,6 +35,8 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.add_typer(runs.app, name="runs")
 app.command("generate")(generate.generate)
+app.command("export")(export.export_command)
+app.command("report")(report.report_command)
 
 
 def _version(value: bool) -> None:

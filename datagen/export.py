@@ -1,0 +1,499 @@
+"""Export the accepted rows of runs as a Hugging Face dataset that trainers read without conversion.
+
+    datagen export --run example --format alpaca --out data/example
+
+writes one folder: `DatasetDict.save_to_disk` output (train and test splits, `datasets.load_from_disk(DIR)`),
+the same splits as data/{split}.parquet and data/{split}.jsonl, the dataset card README.md (datagen/card.py) and
+datagen.json ({"format", "runs", "columns", "counts", "datagen_version"}) for `datagen train`.
+
+The flow, top to bottom: select the accepted instances of accepted generated tasks → drop rows that overlap an
+evaluation set (decontamination) → split by task (all instances of one instruction on one side, so the held-out loss
+is not flattered by near-copies of training rows) → one record per row in the chosen format → a DatasetDict with
+explicit Features → write everything into a temporary folder beside DIR and rename it into place, so a failure
+never leaves a partial export.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import func
+from sqlmodel import Session, select
+
+from datagen import __version__
+from datagen.errors import BadInput, DatagenError
+from datagen.jsonl import read_records
+from storage.store import get_run
+from storage.tables import Generation, Instance, Run, Task
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict, Features
+
+
+class Format(str, enum.Enum):
+    alpaca = "alpaca"
+    """instruction, input, output, and `text`: the Alpaca prompt template with the response appended."""
+    messages = "messages"
+    """`messages`: [system (optional), user, assistant] turns for a chat template."""
+    prompt_completion = "prompt-completion"
+    """`prompt` (the Alpaca prompt without the response) and `completion` (the output): completion-only loss in TRL."""
+    toolformer = "toolformer"
+    """`text`: Toolformer texts with their kept API calls inline."""
+
+
+# Stanford Alpaca's prompt template, verbatim (tatsu-lab/stanford_alpaca: train.py, PROMPT_DICT).
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+DECONTAMINATION_THRESHOLD = 0.7
+"""ROUGE-L F above which a row's instruction counts as a copy of an evaluation item (Self-Instruct's duplicate cut-off)."""
+CONTAMINATION_NGRAM = 13
+"""Shared word n-gram length that marks contamination (GPT-3, Brown et al. 2020, appendix C: 13-gram overlap)."""
+EVAL_TEXT_FIELDS = ("instruction", "question", "text")
+"""Evaluation-set fields compared by ROUGE-L with a row's instruction: the first one present."""
+EVAL_EXTRA_FIELDS = ("input", "output", "answer")
+"""Further evaluation-set fields whose n-grams also count (an answer copied into an output is contamination too)."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    runs: tuple[str, ...]
+    """Run names or ids; their rows are concatenated in this order."""
+    format: Format
+    out: Path
+    test_size: float = 0.05
+    """Share of tasks held out as the test split (at least one task); 0 writes a train split only."""
+    seed: int = 0
+    """Seed of the task shuffle that makes the split; the same seed gives the same split."""
+    with_provenance: bool = False
+    """Add run, model, generation_id (the generation that wrote the output) and similarity (the instruction's
+    ROUGE-L F to its nearest kept neighbour when the filter accepted it) columns."""
+    decontaminate: Path | None = None
+    """JSONL evaluation set; rows overlapping any of its items are dropped and counted."""
+    decontamination_threshold: float = DECONTAMINATION_THRESHOLD
+    ngram: int = CONTAMINATION_NGRAM
+    system: str | None = None
+    """System turn for --format messages (none by default)."""
+    license: str = "other"
+    """License in the card's front matter (a Hub license id); it depends on the seeds and the model's terms."""
+    language: str = "en"
+    """Language code in the card's front matter."""
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.runs:
+            raise BadInput("give at least one --run")
+        if not 0.0 <= self.test_size < 1.0:
+            raise BadInput(f"--test-size must be in [0, 1), got {self.test_size}")
+        if not 0.0 <= self.decontamination_threshold <= 1.0:
+            raise BadInput(f"--decontamination-threshold must be in [0, 1], got {self.decontamination_threshold}")
+        if self.ngram < 1:
+            raise BadInput(f"--ngram must be at least 1, got {self.ngram}")
+        if self.system is not None and self.format is not Format.messages:
+            raise BadInput("--system applies to --format messages only")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One accepted instance of an accepted generated task, with where it came from."""
+
+    run: str
+    model: str
+    task_id: int
+    instruction: str
+    input: str
+    output: str
+    generation_id: int | None
+    similarity: float | None
+
+
+@dataclass
+class RunFacts:
+    """What the card says about one run: how it was made and what its filters did."""
+
+    name: str
+    pipeline: str
+    model: str
+    backend: str
+    status: str
+    created_at: str
+    config: dict[str, Any]
+    seed_tasks: int
+    instructions: int
+    accepted: int
+    rejected_by_reason: dict[str, int]
+    instances_accepted: int
+    instances_rejected_by_reason: dict[str, int]
+    tasks_without_instances: int
+    sampling: dict[str, dict[str, Any]]
+    """The sampling settings of the first generation of each purpose (instructions, classification, instances...)."""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: Format
+    columns: list[str]
+    counts: dict[str, Any]
+    runs: list[RunFacts] = field(default_factory=list)
+    dataset: DatasetDict | None = None
+    """What was written, for --push-to-hub."""
+
+
+# --- Selecting rows --------------------------------------------------------------------------------------------------
+
+
+def select_examples(session: Session, run: Run) -> tuple[list[Example], int]:
+    """The run's exportable rows, in task then instance order, and the number of accepted tasks with no accepted instance.
+
+    Seeds are not exported: like Self-Instruct's and Alpaca's released data, the dataset is the generated part.
+    """
+    rows = session.exec(
+        select(Task, Instance, Generation.model)
+        .join(Instance, Instance.task_id == Task.id)
+        .join(Generation, Generation.id == Instance.generation_id, isouter=True)
+        .where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Instance.status == "accepted")
+        .order_by(Task.id, Instance.id)
+    ).all()
+    examples = [
+        Example(
+            run=run.name,
+            model=model or run.model,
+            task_id=task.id,
+            instruction=task.instruction,
+            input=instance.input,
+            output=instance.output,
+            generation_id=instance.generation_id if instance.generation_id is not None else task.generation_id,
+            similarity=task.similarity,
+        )
+        for task, instance, model in rows
+    ]
+    accepted_tasks = session.exec(
+        select(func.count()).select_from(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted")
+    ).one()
+    return examples, accepted_tasks - len({e.task_id for e in examples})
+
+
+def run_facts(session: Session, run: Run, tasks_without_instances: int) -> RunFacts:
+    def reasons(model, *where) -> dict[str, int]:
+        counts = session.exec(
+            select(model.reason, func.count()).where(*where, model.status == "rejected").group_by(model.reason)
+        ).all()
+        return dict(sorted(((reason or "unspecified", n) for reason, n in counts), key=lambda kv: (-kv[1], kv[0])))
+
+    def count(statement) -> int:
+        return session.exec(statement).one()
+
+    generated = (Task.run_id == run.id, Task.source == "generated")
+    of_run = Instance.task_id.in_(select(Task.id).where(*generated))
+    first_ids = session.exec(select(func.min(Generation.id)).where(Generation.run_id == run.id).group_by(Generation.purpose)).all()
+    sampling = {g.purpose: g.sampling for g in session.exec(select(Generation).where(Generation.id.in_(first_ids)))}
+    return RunFacts(
+        name=run.name,
+        pipeline=run.pipeline,
+        model=run.model,
+        backend=run.backend,
+        status=run.status,
+        created_at=f"{run.created_at:%Y-%m-%d}",
+        config=dict(run.config),
+        seed_tasks=count(select(func.count()).select_from(Task).where(Task.run_id == run.id, Task.source == "seed")),
+        instructions=count(select(func.count()).select_from(Task).where(*generated)),
+        accepted=count(select(func.count()).select_from(Task).where(*generated, Task.status == "accepted")),
+        rejected_by_reason=reasons(Task, *generated),
+        instances_accepted=count(select(func.count()).select_from(Instance).where(of_run, Instance.status == "accepted")),
+        instances_rejected_by_reason=reasons(Instance, of_run),
+        tasks_without_instances=tasks_without_instances,
+        sampling=dict(sorted(sampling.items())),
+    )
+
+
+# --- Decontamination ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    text: str
+    """The instruction, question or text: compared by ROUGE-L with each row's instruction."""
+    ngrams: frozenset[tuple[str, ...]]
+    """Word n-grams of all its text fields."""
+
+
+_WORD = re.compile(r"\w+")
+
+
+def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    """Lowercased word n-grams (any script); texts shorter than n words have none."""
+    words = _WORD.findall(text.lower())
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def read_eval_set(path: Path, n: int) -> list[EvalItem]:
+    items = []
+    for line, record in read_records(path):
+        name = next((f for f in EVAL_TEXT_FIELDS if isinstance(record.get(f), str) and record[f].strip()), None)
+        if name is None:
+            raise BadInput(f"{path}:{line}: needs a non-empty string field 'instruction', 'question' or 'text'")
+        texts = [record[name]] + [record[f] for f in EVAL_EXTRA_FIELDS if isinstance(record.get(f), str)]
+        items.append(EvalItem(record[name], frozenset(g for t in texts for g in word_ngrams(t, n))))
+    return items
+
+
+def max_rouge_l(texts: Sequence[str], references: Sequence[str]) -> list[float]:
+    """For each text, the highest ROUGE-L F-measure against any reference (0 when there are none).
+
+    Scored with datagen.dedup's RougeIndex: rouge-score's tokenizer and F-measure, exactly, at rapidfuzz speed.
+    """
+    from datagen.dedup import RougeIndex
+
+    index = RougeIndex()
+    index.add(list(references))
+    return [match.score if (match := index.nearest(text)) else 0.0 for text in texts]
+
+
+def decontaminate(
+    examples: list[Example], eval_set: list[EvalItem], threshold: float, n: int
+) -> tuple[list[Example], dict[str, int]]:
+    """Drop rows whose instruction scores ROUGE-L > threshold with an evaluation item, or that share a word n-gram with one.
+
+    Returns the kept rows and the dropped counts by reason (a row is counted under the first test it fails).
+    """
+    instructions = sorted({e.instruction for e in examples})
+    scores = dict(zip(instructions, max_rouge_l(instructions, [item.text for item in eval_set])))
+    eval_ngrams = set().union(*(item.ngrams for item in eval_set))
+    kept, dropped = [], Counter()
+    for example in examples:
+        if scores[example.instruction] > threshold:
+            dropped["rougeL"] += 1
+        elif any(word_ngrams(text, n) & eval_ngrams for text in (example.instruction, example.input, example.output)):
+            dropped[f"{n}-gram"] += 1
+        else:
+            kept.append(example)
+    return kept, {"rougeL": dropped["rougeL"], f"{n}-gram": dropped[f"{n}-gram"]}
+
+
+# --- Splitting and formatting -------------------------------------------------------------------------------------------
+
+
+def split_by_task(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Shuffle tasks with the seed; the first ceil(test_size × tasks) form the test split (at least one, never all).
+
+    Rows come out in the shuffled task order, so a trainer that does not shuffle still sees mixed tasks.
+    """
+    tasks = sorted({(e.run, e.task_id) for e in examples})
+    order = [tasks[i] for i in np.random.default_rng(seed).permutation(len(tasks))]
+    n_test = 0
+    if test_size > 0:
+        if len(tasks) < 2:
+            raise BadInput(f"only {len(tasks)} task to export: a test split needs at least 2 (or pass --test-size 0)")
+        n_test = min(max(1, math.ceil(test_size * len(tasks))), len(tasks) - 1)
+    rank = {task: i for i, task in enumerate(order)}
+    ordered = sorted(examples, key=lambda e: rank[(e.run, e.task_id)])
+    test = [e for e in ordered if rank[(e.run, e.task_id)] < n_test]
+    train = [e for e in ordered if rank[(e.run, e.task_id)] >= n_test]
+    return train, test
+
+
+def alpaca_prompt(instruction: str, input: str) -> str:
+    if input.strip():
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def user_message(instruction: str, input: str) -> str:
+    """The instruction, then the input after a blank line when there is one."""
+    return f"{instruction}\n\n{input}" if input.strip() else instruction
+
+
+def to_record(example: Example, format: Format, system: str | None = None, with_provenance: bool = False) -> dict[str, Any]:
+    if format is Format.alpaca:
+        prompt = alpaca_prompt(example.instruction, example.input)
+        record = {"instruction": example.instruction, "input": example.input, "output": example.output, "text": prompt + example.output}
+    elif format is Format.messages:
+        turns = [{"role": "system", "content": system}] if system else []
+        turns += [
+            {"role": "user", "content": user_message(example.instruction, example.input)},
+            {"role": "assistant", "content": example.output},
+        ]
+        record = {"messages": turns}
+    elif format is Format.prompt_completion:
+        record = {"prompt": alpaca_prompt(example.instruction, example.input), "completion": example.output}
+    else:
+        raise DatagenError(f"no record layout for --format {format.value}")
+    if with_provenance:
+        record |= {"run": example.run, "model": example.model, "generation_id": example.generation_id, "similarity": example.similarity}
+    return record
+
+
+def features_for(format: Format, with_provenance: bool) -> Features:
+    from datasets import Features, List, Value
+
+    string = Value("string")
+    columns = {
+        Format.alpaca: {"instruction": string, "input": string, "output": string, "text": string},
+        Format.messages: {"messages": List({"role": string, "content": string})},
+        Format.prompt_completion: {"prompt": string, "completion": string},
+        Format.toolformer: {"text": string},
+    }[format]
+    if with_provenance:
+        columns |= {"run": string, "model": string, "generation_id": Value("int64"), "similarity": Value("float64")}
+    return Features(columns)
+
+
+def build_dataset(splits: dict[str, list[dict[str, Any]]], features: Features) -> DatasetDict:
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({name: Dataset.from_list(records, features=features) for name, records in splits.items()})
+
+
+# --- Writing ------------------------------------------------------------------------------------------------------------
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output that exists and holds something, unless --overwrite; checked before any work and again at the end."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise BadInput(f"{out} exists and is not empty: pass --overwrite to replace it")
+
+
+def write_export(dataset: DatasetDict, card: str, meta: dict[str, Any], out: Path, overwrite: bool) -> None:
+    """Write into a temporary folder beside `out`, then rename it into place; on any failure nothing is left behind."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        dataset.save_to_disk(str(tmp))
+        (tmp / "data").mkdir()
+        for name, split in dataset.items():
+            split.to_parquet(str(tmp / "data" / f"{name}.parquet"))
+            split.to_json(str(tmp / "data" / f"{name}.jsonl"), lines=True, force_ascii=False)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / "datagen.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        check_out(out, overwrite)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise BadInput(f"--push-to-hub needs OWNER/NAME, got '{repo_id}'")
+    return repo_id
+
+
+def push_to_hub(dataset: DatasetDict, out: Path, repo_id: str, private: bool) -> str:
+    """Upload the splits with `DatasetDict.push_to_hub` (Parquet shards under data/), then the card and datagen.json.
+
+    The card's configs point at data/{split}*.parquet, which matches both the local files and the Hub's shards.
+    """
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
+    try:
+        dataset.push_to_hub(repo_id, private=private, commit_message="datagen export: data")
+        HfApi().upload_folder(
+            repo_id=repo_id,
+            folder_path=str(out),
+            repo_type="dataset",
+            allow_patterns=["README.md", "datagen.json"],
+            commit_message="datagen export: dataset card",
+        )
+    except Exception as err:  # network, auth and Hub errors all end the same way: the local export stands
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise DatagenError(
+            f"pushing to the Hub as {repo_id} failed ({type(err).__name__}: {first_line}); the export in {out} is complete. "
+            "Log in with `hf auth login` (or set HF_TOKEN) and rerun with --overwrite"
+        ) from None
+    return f"https://huggingface.co/datasets/{repo_id}"
+
+
+# --- The export -----------------------------------------------------------------------------------------------------------
+
+
+def export(session: Session, config: ExportConfig) -> ExportResult:
+    """Select, decontaminate, split, format and write; returns what was written and the counts."""
+    from datagen.card import render_card
+
+    check_out(config.out, config.overwrite)
+    eval_set = read_eval_set(config.decontaminate, config.ngram) if config.decontaminate else None
+    runs = [get_run(session, name) for name in dict.fromkeys(config.runs)]
+    if config.format is Format.toolformer:
+        raise BadInput(
+            "--format toolformer: no Toolformer runs exist in the store (the store has no table of Toolformer results yet); "
+            "export Self-Instruct or Alpaca runs with --format alpaca, messages or prompt-completion"
+        )
+    examples: list[Example] = []
+    facts = []
+    for run in runs:
+        rows, without_instances = select_examples(session, run)
+        if not rows:
+            raise BadInput(
+                f"run '{run.name}' has no accepted rows to export (no accepted generated instruction with an accepted instance)"
+            )
+        examples += rows
+        facts.append(run_facts(session, run, without_instances))
+
+    decontaminated: dict[str, int] = {}
+    if eval_set is not None:
+        examples, decontaminated = decontaminate(examples, eval_set, config.decontamination_threshold, config.ngram)
+        if not examples:
+            raise BadInput(f"decontamination against {config.decontaminate} dropped every row: nothing left to export")
+    train, test = split_by_task(examples, config.test_size, config.seed)
+    splits = {"train": train, "test": test} if test else {"train": train}
+    features = features_for(config.format, config.with_provenance)
+    dataset = build_dataset(
+        {name: [to_record(e, config.format, config.system, config.with_provenance) for e in rows] for name, rows in splits.items()},
+        features,
+    )
+    counts = {
+        "rows": len(examples),
+        "tasks": len({(e.run, e.task_id) for e in examples}),
+        **{name: len(rows) for name, rows in splits.items()},
+        "tasks_without_instances": sum(f.tasks_without_instances for f in facts),
+        "decontaminated": decontaminated,
+    }
+    result = ExportResult(config.out, config.format, list(features), counts, facts, dataset)
+    meta = {
+        "format": config.format.value,
+        "runs": [f.name for f in facts],
+        "columns": result.columns,
+        "counts": counts,
+        "datagen_version": __version__,
+        "test_size": config.test_size,
+        "seed": config.seed,
+        "with_provenance": config.with_provenance,
+        "system": config.system,
+        "decontaminate": str(config.decontaminate) if config.decontaminate else None,
+    }
+    card = render_card(config, result, list(splits))
+    write_export(dataset, card, meta, config.out, config.overwrite)
+    return result

@@ -23,3 +23,38 @@ def test_next_token_logprobs_matches_score_on_transformers(hf_backend):
         scored = hf_backend.score([ids[:i] + [probe]])[0]
         assert values[0][i] == pytest.approx(scored.logprobs[-1], abs=1e-4)
     assert all(v < 0 for v in values[0][1:]) and sum(math.exp(v) for v in values[0][1:]) < len(ids)
+
+
+def _agree_where_seen(exact, top_k):
+    """Top-K backends give the exact value where the probe is among the K most likely, else None (p < 1/K)."""
+    from datagen.backends import PROBE_TOP_K
+
+    assert len(exact) == len(top_k) and top_k[0] is None
+    for e, v in zip(exact[1:], top_k[1:]):
+        if v is None:
+            assert e < math.log(1 / PROBE_TOP_K)
+        else:
+            assert v == pytest.approx(e, abs=2e-3)
+    assert any(v is not None for v in top_k[1:])
+
+
+@pytest.mark.vllm
+def test_next_token_logprobs_on_vllm_agrees_with_transformers(vllm_llm, hf_backend):
+    ids = hf_backend.tokenize("Input: 2 + 2 = 4. Output: 2 + 2 = [Calculator(2 + 2)] 4. Input: " + TEXT)
+    probe = hf_backend.tokenizer(" [", add_special_tokens=False)["input_ids"][0]
+    (exact,) = hf_backend.next_token_logprobs([ids], probe)
+    (top_k,) = vllm_llm.next_token_logprobs([ids], probe)
+    _agree_where_seen(exact, top_k)
+
+
+@pytest.mark.vllm
+def test_next_token_logprobs_on_openai_agrees_with_transformers(vllm_server, hf_backend):
+    from datagen.backends.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend("smollm2-135m", base_urls=[vllm_server])
+    ids = hf_backend.tokenize("Input: 2 + 2 = 4. Output: 2 + 2 = [Calculator(2 + 2)] 4. Input: " + TEXT)
+    probe = hf_backend.tokenizer(" [", add_special_tokens=False)["input_ids"][0]
+    (exact,) = hf_backend.next_token_logprobs([ids], probe)
+    (top_k,) = backend.next_token_logprobs([ids], probe)
+    backend.close()
+    _agree_where_seen(exact, top_k)

@@ -163,6 +163,29 @@ class OpenAIBackend:
             )
         return ScoredSequence(tuple(token_ids), (None, *values))
 
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]], token_id: int) -> list[tuple[float | None, ...]]:
+        """echo=True with logprobs=PROBE_TOP_K and vLLM's return_tokens_as_token_ids: the top-K log-probabilities
+        of every prompt position, keyed "token_id:N"; None where token_id is not among them (p < 1/K)."""
+        return self._map(lambda ids, cancelled: self._probe_one(list(ids), token_id, cancelled), sequences)
+
+    def _probe_one(self, token_ids: list[int], token_id: int, cancelled: threading.Event) -> tuple[float | None, ...]:
+        from datagen.backends import PROBE_TOP_K
+
+        if len(token_ids) < 2:
+            return (None,) * len(token_ids)
+        body = {"model": self.model, "prompt": token_ids, "echo": True, "logprobs": PROBE_TOP_K, "max_tokens": 0,
+                "temperature": 0, "return_tokens_as_token_ids": True}  # fmt: skip
+        answer = self._post("/v1/completions", body, cancelled)
+        tops = ((answer["choices"][0].get("logprobs") or {}).get("top_logprobs") or [])[1 : len(token_ids)]
+        if len(tops) != len(token_ids) - 1 or any(not top or not next(iter(top)).startswith("token_id:") for top in tops):
+            raise DatagenError(
+                f"the server at {self.base_urls} did not return top log-probabilities of prompt tokens as token ids "
+                "(echo=True, logprobs, return_tokens_as_token_ids); the probability of one token at every position "
+                "needs a server like vLLM that does"
+            )
+        key = f"token_id:{token_id}"
+        return (None, *(top.get(key) for top in tops))
+
     # -- HTTP --------------------------------------------------------------------------------
 
     def _map(self, work: Callable, items: Sequence) -> list:

@@ -138,6 +138,24 @@ class VLLMBackend:
             scored[i] = ScoredSequence(tuple(sequence), (None, *values))
         return scored
 
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]], token_id: int) -> list[tuple[float | None, ...]]:
+        """One prefill per sequence with `prompt_logprobs=PROBE_TOP_K`: the top-K log-probabilities of every
+        position, so the value is None where token_id is not among them (p < 1/K). vLLM's exact per-token
+        `prompt_logprob_token_ids` needs its V2 model runner, which the CPU build does not have."""
+        from datagen.backends import PROBE_TOP_K
+
+        ids = [list(s) for s in sequences]
+        values: list[tuple[float | None, ...]] = [(None,) * len(s) for s in ids]
+        todo = [i for i, s in enumerate(ids) if len(s) >= 2]
+        if not todo:
+            return values
+        params = vllm.SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=PROBE_TOP_K, detokenize=False)
+        outputs = self._run([TokensPrompt(prompt_token_ids=ids[i]) for i in todo], params)
+        for i, output in zip(todo, outputs):
+            found = [top.get(token_id) if top else None for top in output.prompt_logprobs[1 : len(ids[i])]]
+            values[i] = (None, *(f.logprob if f is not None else None for f in found))
+        return values
+
     def _run(self, prompts: list[TokensPrompt], params) -> list:
         try:
             return self.llm.generate(prompts, params, use_tqdm=False)

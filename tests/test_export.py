@@ -344,3 +344,21 @@ def test_push_to_hub_failure_keeps_the_local_export(store, tmp_path, monkeypatch
     assert datasets.load_from_disk(str(out))["train"].num_rows > 0
     result = export(store, tmp_path / "x", "--run", "si-test", "--format", "alpaca", "--push-to-hub", "not a repo")
     assert result.exit_code == 2 and "OWNER/NAME" in result.output and not (tmp_path / "x").exists()
+
+
+@pytest.mark.postgres
+def test_export_and_report_on_postgres(postgres_url, tmp_path):
+    """The same queries on PostgreSQL (JSON columns, grouped counts, outer joins)."""
+    import uuid
+
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    with Session(open_engine(postgres_url)) as session:
+        build_run(session, name, tasks=12)
+    result = export(postgres_url, tmp_path / "pg", "--run", name, "--format", "alpaca", "--with-provenance")
+    assert result.exit_code == 0, result.output
+    saved = datasets.load_from_disk(str(tmp_path / "pg"))
+    assert sorted(rows_of(r, "alpaca") for split in saved.values() for r in split) == expected_rows(postgres_url, name)
+    assert "| instructions | `{\"temperature\": 0.7" in (tmp_path / "pg" / "README.md").read_text()
+    result = runner.invoke(app, ["report", "--run", name, "--out", str(tmp_path / "report"), "--db", postgres_url, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accepted"] == 9

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Column, Text
+from sqlalchemy import JSON, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 SCHEMA_VERSION = 1
@@ -104,4 +104,66 @@ class Instance(SQLModel, table=True):
     output: str = Field(sa_column=Column(Text, nullable=False))
     status: str = Field(default="accepted", index=True)
     reason: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ToolformerText(SQLModel, table=True):
+    """A corpus text after Toolformer annotation (Schick et al. 2023): the text with its kept API calls
+    inserted. One row per processed text, so a rerun of the run skips it. The fine-tuning data C* is
+    `annotated` where `calls_inserted > 0` (the paper drops texts whose calls were all filtered out)."""
+
+    __table_args__ = (UniqueConstraint("run_id", "line"),)
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="run.id", index=True)
+    line: int
+    """Line of the text in the corpus file (1-based)."""
+    source_id: str | None = None
+    """The record's `id` field, if it has one."""
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    date: str | None = None
+    """The date the Calendar tool used (ISO), from the record or the configuration."""
+    tools: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """Tools whose pre-filter this text passed (the calculator needs three numbers, the calendar a date)."""
+    annotated: str = Field(sa_column=Column(Text, nullable=False))
+    """The text with kept calls inserted, e.g. "... 400 (or [Calculator(400 / 1400) -> 0.29] 29%) passed ..."."""
+    calls_inserted: int = Field(default=0, index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiCall(SQLModel, table=True):
+    """One sampled API call of a Toolformer run, with every number the filter used (paper, section 2)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="run.id", index=True)
+    text_id: int = Field(foreign_key="toolformertext.id", index=True)
+    generation_id: int | None = Field(default=None, foreign_key="generation.id", index=True)
+    """The sampling generation (exact prompt P(x), x_1..x_{i-1}, <API>) this call came from."""
+    tool: str = Field(index=True)
+    """calculator, calendar, wikisearch or qa."""
+    position: int
+    """Character offset in the text where the call goes (before the whitespace that starts word i)."""
+    token_position: int
+    """i: index of the first token after the call, in the text's tokens."""
+    p_api: float | None = None
+    """p_i = p_M(<API> | P(x), x_1..x_{i-1}); None where a top-K backend did not see it."""
+    completion: str = Field(sa_column=Column(Text, nullable=False))
+    """The raw sampled text after <API>, up to </API>."""
+    call: str | None = Field(default=None, sa_column=Column(Text))
+    """The parsed call as the model wrote it, e.g. "Calculator(400 / 1400)"."""
+    argument: str | None = Field(default=None, sa_column=Column(Text))
+    result: str | None = Field(default=None, sa_column=Column(Text))
+    status: str = Field(index=True)
+    """kept, rejected (by the loss filter), duplicate, unclosed, unparsed or failed (the tool raised)."""
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    loss_empty: float | None = None
+    """L_i(empty): no call."""
+    loss_call: float | None = None
+    """L_i(e(c, empty)): the call without its result."""
+    loss_plus: float | None = None
+    """L+ = L_i(e(c, r))."""
+    loss_minus: float | None = None
+    """L- = min(loss_empty, loss_call); the call is kept if L- - L+ >= tau_f."""
+    kept: bool = Field(default=False, index=True)
+    inserted: bool = False
+    """In the annotated text: the best kept call at its position, over all tools."""
     created_at: datetime = Field(default_factory=utcnow)

@@ -167,3 +167,43 @@ class ApiCall(SQLModel, table=True):
     inserted: bool = False
     """In the annotated text: the best kept call at its position, over all tools."""
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class TrainingRun(SQLModel, table=True):
+    """One `datagen train` run: the dataset it read, the generation runs behind that data, where the result went,
+    and the measured figures (also in OUT/train_summary.json)."""
+
+    __tablename__ = "training_run"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    method: str
+    """full, lora, qlora or dora."""
+    model: str
+    """The base model as given (embedded name, folder or hub id)."""
+    dataset: str = Field(sa_column=Column(Text, nullable=False))
+    """The export folder trained on (absolute path)."""
+    dataset_format: str
+    dataset_runs: list[Any] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """datagen.json "runs" of the export, as written there (names); linked rows are in training_run_source."""
+    out: str = Field(sa_column=Column(Text, nullable=False))
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = "running"
+    """running, completed or failed (a killed run stays running until --resume completes it)."""
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """train_summary.json: tokens/s, peak memory, losses, step and token counts."""
+    steps: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class TrainingRunSource(SQLModel, table=True):
+    """Links a training run to each generation run whose rows were in its dataset."""
+
+    __tablename__ = "training_run_source"
+    training_run_id: int = Field(foreign_key="training_run.id", primary_key=True)
+    run_id: int = Field(foreign_key="run.id", primary_key=True)

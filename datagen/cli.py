@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 from datagen import __version__
 from datagen.commands import export, generate, models, report, runs
 from datagen.console import print_error
+from datagen.dedup_cli import dedup
 from datagen.errors import DatagenError
 
 class DatagenGroup(TyperGroup):
@@ -37,6 +38,7 @@ app.add_typer(runs.app, name="runs")
 app.command("generate")(generate.generate)
 app.command("export")(export.export_command)
 app.command("report")(report.report_command)
+app.command("dedup")(dedup)
 
 
 def _version(value: bool) -> None:

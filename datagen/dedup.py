@@ -218,6 +218,7 @@ class RougeIndex:
         self._vocabulary: dict[str, str] = {}
         self._codes: list[str] = []
         self._lengths: list[int] = []
+        self._length_array = np.zeros(0, dtype=np.int64)  # _lengths as an array, for nearest()
         self._max_length = 0
         self._by_length: dict[int, tuple[list[str], list[int]]] = {}  # token count -> (codes, ids in insertion order)
         self._ids_by_length: dict[int, np.ndarray] = {}  # _by_length's ids as arrays, rebuilt after adds
@@ -332,8 +333,10 @@ class RougeIndex:
         code = self.encode(text)
         if not self._codes or not code:
             return None
+        if len(self._length_array) != len(self._lengths):
+            self._length_array = np.asarray(self._lengths)
         lcs = process.cdist([code], self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)[0]
-        scores = self._table(len(code))[lcs, np.asarray(self._lengths)]
+        scores = self._table(len(code))[lcs, self._length_array]
         at = int(scores.argmax())
         return Match(at, self.texts[at], float(scores[at])) if scores[at] > 0 else None
 

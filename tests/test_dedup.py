@@ -364,3 +364,14 @@ def test_cli_bad_against_file_and_threshold(tmp_path):
         assert result.exit_code == 2 and "threshold must be between 0 and 1" in result.stderr
     result = runner.invoke(app, [str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2 and "no such file" in result.stderr
+
+
+def test_datagen_dedup_is_a_command_of_the_main_cli(tmp_path):
+    from datagen.cli import app as main_app
+
+    data = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "Write a poem."}, {"instruction": "write a poem"}])
+    result = runner.invoke(main_app, ["dedup", str(data), "--out", str(tmp_path / "kept.jsonl"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dropped"] == 1
+    result = runner.invoke(main_app, ["dedup", str(data), "--field", "text"])
+    assert result.exit_code == 2 and f"{data}:1: missing field 'text'" in " ".join(result.stderr.split())

@@ -87,10 +87,11 @@ def _dedup(
     earlier = [text for path in against for text in read_texts(path, field)]
     candidates = read_texts(file, field)
 
+    rule = "exact duplicates" if method is Method.exact else f"{method.value} > {threshold}"
     started = time.perf_counter()
     index.add([t.text for t in earlier])
     with progress("records") as bar:
-        task = bar.add_task("dedup", total=len(candidates), status=f"{method.value} > {threshold}")
+        task = bar.add_task("dedup", total=len(candidates), status=rule)
         decisions = index.filter([t.text for t in candidates], progress=lambda done: bar.update(task, advance=done))
     seconds = time.perf_counter() - started
 
@@ -113,7 +114,7 @@ def _dedup(
         "file": str(file),
         "field": field,
         "method": method.value,
-        "threshold": threshold,
+        "threshold": None if method is Method.exact else threshold,
         "tokenizer": tokenizer.value if method is Method.rougeL else None,
         "against": len(earlier),
         "records": len(candidates),
@@ -128,7 +129,7 @@ def _dedup(
     err_console.print(
         summary_table(
             f"dedup {file}",
-            [("method", f"{method.value} > {threshold}"), ("against", len(earlier)), ("records", len(candidates)),
+            [("drop", rule), ("against", len(earlier)), ("records", len(candidates)),
              ("kept", len(kept)), ("dropped", len(dropped)), ("seconds", round(seconds, 2)),
              ("records/s", round(len(candidates) / seconds) if seconds > 0 else "-")],
         )

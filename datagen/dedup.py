@@ -38,8 +38,10 @@ import functools
 import hashlib
 import itertools
 import math
+import os
 import unicodedata
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -294,33 +296,46 @@ class RougeIndex:
         so the best score is found from the highest LCS of each length instead of scoring every pair. rapidfuzz's
         score_cutoff is not used: the nearest text's score is wanted even below the threshold, and it did not speed
         up bit-parallel LCS on instruction-length strings.
+
+        Groups run on a thread each: cdist releases the GIL, and one group of a block is often too small for
+        cdist's own workers to split.
         """
         best = np.zeros(len(codes))
         best_at = np.full(len(codes), -1, dtype=np.int64)
         lengths = np.fromiter(map(len, codes), dtype=np.int64, count=len(codes))
+        tasks = []
         for length in np.unique(lengths).tolist():
-            if length == 0:
-                continue  # rouge-score gives 0 to an empty token list
-            others = self._reachable_lengths(length, threshold)
+            others = self._reachable_lengths(length, threshold) if length else []  # no tokens: rouge-score gives 0
             if not others:
                 continue
             choices = list(itertools.chain.from_iterable(self._by_length[m][0] for m in others))
-            sizes = np.array([len(self._by_length[m][0]) for m in others])
-            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            table = self._table(length)
+            ids = [self._ids(m) for m in others]
             rows = np.flatnonzero(lengths == length)
-            for chunk in np.array_split(rows, -(-len(rows) // 256)):  # bounds the LCS matrix's memory
-                queries = [codes[r] for r in chunk]
-                lcs = process.cdist(queries, choices, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)
-                top_lcs = np.maximum.reduceat(lcs, starts, axis=1)  # rows x lengths
-                top_scores = table[top_lcs, others]
-                row_best = top_scores.max(axis=1)
-                best[chunk] = row_best
-                for i in np.flatnonzero(row_best > 0).tolist():
-                    best_at[chunk[i]] = min(
-                        int(self._ids(others[j])[np.argmax(lcs[i, starts[j] : starts[j] + sizes[j]] == top_lcs[i, j])])
-                        for j in np.flatnonzero(top_scores[i] == row_best[i]).tolist()
-                    )
+            for chunk in np.array_split(rows, -(-len(rows) // 256)):  # bounds each LCS matrix's memory
+                tasks.append((self._table(length), others, choices, ids, chunk))
+
+        def score(task) -> None:
+            table, others, choices, ids, chunk = task
+            lcs = process.cdist([codes[r] for r in chunk], choices, scorer=LCSseq.similarity, dtype=np.int32, workers=1)
+            sizes = np.array([len(i) for i in ids])
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            top_lcs = np.maximum.reduceat(lcs, starts, axis=1)  # rows x lengths
+            top_scores = table[top_lcs, others]
+            row_best = top_scores.max(axis=1)
+            best[chunk] = row_best
+            for i in np.flatnonzero(row_best > 0).tolist():
+                best_at[chunk[i]] = min(
+                    int(ids[j][np.argmax(lcs[i, starts[j] : starts[j] + sizes[j]] == top_lcs[i, j])])
+                    for j in np.flatnonzero(top_scores[i] == row_best[i]).tolist()
+                )
+
+        threads = min(len(tasks), (os.cpu_count() or 1) if self.workers < 1 else self.workers)
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(score, tasks))
+        else:
+            for task in tasks:
+                score(task)
         return best, best_at
 
     def _scores(self, rows: list[str], columns: list[str]) -> np.ndarray:

@@ -35,7 +35,7 @@ from datagen import __version__
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records
 from storage.store import get_run
-from storage.tables import Generation, Instance, Run, Task
+from storage.tables import ApiCall, Generation, Instance, Run, Task, ToolformerText
 
 if TYPE_CHECKING:
     from datasets import DatasetDict, Features
@@ -114,16 +114,20 @@ class ExportConfig:
 
 @dataclass(frozen=True)
 class Example:
-    """One accepted instance of an accepted generated task, with where it came from."""
+    """One accepted instance of an accepted generated task, or one Toolformer text with kept calls, with its origin."""
 
     run: str
     model: str
     task_id: int
+    """The task (or Toolformer text) id: the unit the split keeps on one side."""
     instruction: str
+    """For Toolformer: the plain corpus text (what decontamination compares)."""
     input: str
     output: str
     generation_id: int | None
     similarity: float | None
+    text: str | None = None
+    """For Toolformer: the text with its kept API calls inserted."""
 
 
 @dataclass
@@ -144,8 +148,13 @@ class RunFacts:
     instances_accepted: int
     instances_rejected_by_reason: dict[str, int]
     tasks_without_instances: int
+    """Accepted instructions with no accepted instance; for Toolformer, texts with no kept call."""
     sampling: dict[str, dict[str, Any]]
     """The sampling settings of the first generation of each purpose (instructions, classification, instances...)."""
+    texts: int = 0
+    """Toolformer: corpus texts processed."""
+    api_calls: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Toolformer: per tool, sampled calls by status (kept, rejected, unparsed, ...) and how many were inserted."""
 
 
 @dataclass
@@ -193,6 +202,25 @@ def select_examples(session: Session, run: Run) -> tuple[list[Example], int]:
     return examples, accepted_tasks - len({e.task_id for e in examples})
 
 
+def select_toolformer_examples(session: Session, run: Run) -> tuple[list[Example], int]:
+    """Texts of a Toolformer run with at least one kept call inserted (the paper's C*), and the number without any.
+
+    generation_id is the sampling generation of the text's first inserted call.
+    """
+    texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == run.id).order_by(ToolformerText.line)).all()
+    first_call = dict(
+        session.exec(
+            select(ApiCall.text_id, func.min(ApiCall.generation_id)).where(ApiCall.run_id == run.id, ApiCall.inserted).group_by(ApiCall.text_id)
+        ).all()
+    )
+    examples = [
+        Example(run.name, run.model, t.id, t.text, "", "", first_call.get(t.id), None, text=t.annotated)
+        for t in texts
+        if t.calls_inserted > 0
+    ]
+    return examples, len(texts) - len(examples)
+
+
 def run_facts(session: Session, run: Run, tasks_without_instances: int) -> RunFacts:
     def reasons(model, *where) -> dict[str, int]:
         counts = session.exec(
@@ -207,6 +235,16 @@ def run_facts(session: Session, run: Run, tasks_without_instances: int) -> RunFa
     of_run = Instance.task_id.in_(select(Task.id).where(*generated))
     first_ids = session.exec(select(func.min(Generation.id)).where(Generation.run_id == run.id).group_by(Generation.purpose)).all()
     sampling = {g.purpose: g.sampling for g in session.exec(select(Generation).where(Generation.id.in_(first_ids)))}
+    api_calls: dict[str, dict[str, int]] = {}
+    for tool, status, inserted, n in session.exec(
+        select(ApiCall.tool, ApiCall.status, ApiCall.inserted, func.count())
+        .where(ApiCall.run_id == run.id)
+        .group_by(ApiCall.tool, ApiCall.status, ApiCall.inserted)
+    ).all():
+        counts = api_calls.setdefault(tool, {})
+        counts[status] = counts.get(status, 0) + n
+        if inserted:
+            counts["inserted"] = counts.get("inserted", 0) + n
     return RunFacts(
         name=run.name,
         pipeline=run.pipeline,
@@ -223,6 +261,8 @@ def run_facts(session: Session, run: Run, tasks_without_instances: int) -> RunFa
         instances_rejected_by_reason=reasons(Instance, of_run),
         tasks_without_instances=tasks_without_instances,
         sampling=dict(sorted(sampling.items())),
+        texts=count(select(func.count()).select_from(ToolformerText).where(ToolformerText.run_id == run.id)),
+        api_calls=dict(sorted(api_calls.items())),
     )
 
 
@@ -337,7 +377,7 @@ def to_record(example: Example, format: Format, system: str | None = None, with_
     elif format is Format.prompt_completion:
         record = {"prompt": alpaca_prompt(example.instruction, example.input), "completion": example.output}
     else:
-        raise DatagenError(f"no record layout for --format {format.value}")
+        record = {"text": example.text}
     if with_provenance:
         record |= {"run": example.run, "model": example.model, "generation_id": example.generation_id, "similarity": example.similarity}
     return record
@@ -439,6 +479,17 @@ def push_to_hub(dataset: DatasetDict, out: Path, repo_id: str, private: bool) ->
 # --- The export -----------------------------------------------------------------------------------------------------------
 
 
+def check_format(session: Session, runs: list[Run], format: Format) -> None:
+    """Toolformer runs hold annotated texts, the others instructions: each exports only in its own formats."""
+    for run in runs:
+        if format is Format.toolformer and run.pipeline != "toolformer":
+            if session.exec(select(Run.id).where(Run.pipeline == "toolformer")).first() is None:
+                raise BadInput("--format toolformer: no Toolformer runs exist in the store (make one with `datagen toolformer`)")
+            raise BadInput(f"run '{run.name}' is a {run.pipeline} run: --format toolformer exports Toolformer runs only")
+        if format is not Format.toolformer and run.pipeline == "toolformer":
+            raise BadInput(f"run '{run.name}' is a Toolformer run: export it with --format toolformer")
+
+
 def export(session: Session, config: ExportConfig) -> ExportResult:
     """Select, decontaminate, split, format and write; returns what was written and the counts."""
     from datagen.card import render_card
@@ -446,19 +497,18 @@ def export(session: Session, config: ExportConfig) -> ExportResult:
     check_out(config.out, config.overwrite)
     eval_set = read_eval_set(config.decontaminate, config.ngram) if config.decontaminate else None
     runs = [get_run(session, name) for name in dict.fromkeys(config.runs)]
-    if config.format is Format.toolformer:
-        raise BadInput(
-            "--format toolformer: no Toolformer runs exist in the store (the store has no table of Toolformer results yet); "
-            "export Self-Instruct or Alpaca runs with --format alpaca, messages or prompt-completion"
-        )
+    check_format(session, runs, config.format)
     examples: list[Example] = []
     facts = []
     for run in runs:
-        rows, without_instances = select_examples(session, run)
+        if config.format is Format.toolformer:
+            rows, without_instances = select_toolformer_examples(session, run)
+            what = "no text with a kept API call"
+        else:
+            rows, without_instances = select_examples(session, run)
+            what = "no accepted generated instruction with an accepted instance"
         if not rows:
-            raise BadInput(
-                f"run '{run.name}' has no accepted rows to export (no accepted generated instruction with an accepted instance)"
-            )
+            raise BadInput(f"run '{run.name}' has no accepted rows to export ({what})")
         examples += rows
         facts.append(run_facts(session, run, without_instances))
 

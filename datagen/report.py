@@ -174,6 +174,8 @@ def words(text: str) -> int:
 def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: int = 0) -> RunReport:
     """Everything the report shows, read from the store; samples drawn with a seeded RNG so reruns agree."""
     run: Run = get_run(session, run_ref)
+    if run.pipeline == "toolformer":
+        raise BadInput(f"run '{run.name}' is a Toolformer run: datagen report covers instruction runs (self-instruct, alpaca)")
     generated = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
     if not generated:
         raise BadInput(f"run '{run.name}' has no generated instructions to report on")

@@ -86,3 +86,50 @@ def build_run(session: Session, name: str = "si-test", tasks: int = 24, first: i
     session.commit()
     session.refresh(run)
     return run
+
+
+# Toolformer texts (written for these tests, in the style of the paper's examples) with the calls a run might keep.
+TOOLFORMER_TEXTS = [
+    ("Out of 1400 participants, 400 (or 29%) passed the test.", "(or ", "Calculator(400 / 1400)", "0.29"),
+    ("The bakery sold 120 loaves on Monday and 95 on Tuesday, a total of 215 loaves in two days.", "a total of ", "Calculator(120 + 95)", "215"),
+    ("The school has 12 classes of 25 pupils each, so 300 pupils are enrolled this year.", "so ", "Calculator(12 * 25)", "300"),
+    ("The museum reopened last week after two years of repairs.", "The museum reopened ", "Calendar()", "Today is Tuesday, May 17, 2022."),
+    ("Of the 2500 runners who started, 2150 finished, so 350 dropped out.", "so ", "Calculator(2500 - 2150)", "350"),
+    ("The river is wide and slow where it passes the old mill.", None, None, None),  # no kept call
+]
+
+
+def build_toolformer_run(session: Session, name: str = "tf-test") -> Run:
+    """A completed toolformer run: one text per TOOLFORMER_TEXTS entry; each call found is kept and inserted, and each
+    text also has one call rejected by the loss filter and one that did not parse."""
+    from storage.tables import ApiCall, ToolformerText
+
+    run = Run(name=name, pipeline="toolformer", model="smollm2-135m", backend="transformers", status="completed",
+              config={"corpus": "examples/toolformer_corpus.jsonl", "tools": ["calculator", "calendar"], "api_start": "[",
+                      "api_end": "]", "result_arrow": "->",
+                      "settings": {"calculator": {"tau_s": 0.0, "k": 20, "m": 10, "tau_f": 0.5},
+                                   "calendar": {"tau_s": 0.05, "k": 5, "m": 5, "tau_f": 1.0}}})  # fmt: skip
+    session.add(run)
+    session.flush()
+    for line, (text, before, call, result) in enumerate(TOOLFORMER_TEXTS, start=1):
+        annotated, position = text, 0
+        if call:
+            position = text.index(before) + len(before)
+            annotated = f"{text[:position]}[{call} -> {result}] {text[position:]}"
+        row = ToolformerText(run_id=run.id, line=line, text=text, annotated=annotated, calls_inserted=1 if call else 0,
+                             tools=["calculator", "calendar"])  # fmt: skip
+        session.add(row)
+        session.flush()
+        tool = "calendar" if call and call.startswith("Calendar") else "calculator"
+        sampling = _generation(session, run, "api_calls", line, f"Your task is to add calls to a {tool} API...\n{text[:position]}[", f"{call or 'Calculator(1 + 1)'}]")
+        outcomes = [("rejected", False, "Calculator(1 + 1)", "2"), ("unparsed", False, None, None)]
+        if call:
+            outcomes.insert(0, ("kept", True, call, result))
+        for status, inserted, parsed, value in outcomes:
+            session.add(ApiCall(run_id=run.id, text_id=row.id, generation_id=sampling.id, tool=tool, position=position,
+                                token_position=3, p_api=0.2, completion=f"{parsed or 'Calculator(1 +'}]", call=parsed, result=value,
+                                status=status, kept=status == "kept", inserted=inserted,
+                                loss_plus=1.0, loss_minus=2.0 if status == "kept" else 1.1))  # fmt: skip
+    session.commit()
+    session.refresh(run)
+    return run

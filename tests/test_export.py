@@ -19,7 +19,7 @@ from datagen.cli import app
 from datagen.export import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt, max_rouge_l, word_ngrams
 from storage.store import open_engine
 from storage.tables import Generation, Instance, Run, Task
-from tests.example_runs import SEED_RECORDS, build_run
+from tests.example_runs import SEED_RECORDS, TOOLFORMER_TEXTS, build_run, build_toolformer_run
 
 runner = CliRunner()
 
@@ -268,6 +268,34 @@ def test_toolformer_format_says_there_are_no_toolformer_runs(store, tmp_path):
     result = export(store, tmp_path / "t", "--run", "si-test", "--format", "toolformer")
     assert result.exit_code == 2 and "no Toolformer runs exist in the store" in result.output
     assert not (tmp_path / "t").exists()
+
+
+def test_toolformer_texts_with_kept_calls(store, tmp_path):
+    with Session(open_engine(store)) as session:
+        build_toolformer_run(session, "tf-test")
+    out = tmp_path / "tf"
+    result = export(store, out, "--run", "tf-test", "--format", "toolformer", "--test-size", "0.2", "--with-provenance")
+    assert result.exit_code == 0, result.output
+    saved = datasets.load_from_disk(str(out))
+    parquet = datasets.load_dataset("parquet", data_files={s: str(out / "data" / f"{s}.parquet") for s in saved}, cache_dir=str(tmp_path / "c"))
+    assert saved["train"].column_names == ["text"] + PROVENANCE
+    texts = sorted(r["text"] for split in saved.values() for r in split)
+    assert texts == sorted(r["text"] for split in parquet.values() for r in split)
+    assert "Out of 1400 participants, 400 (or [Calculator(400 / 1400) -> 0.29] 29%) passed the test." in texts
+    assert len(texts) == sum(1 for t in TOOLFORMER_TEXTS if t[2]) and len(saved["test"]) == 1  # ceil(0.2 * 5)
+    with Session(open_engine(store)) as session:
+        for row in (r for split in saved.values() for r in split):
+            assert session.get(Generation, row["generation_id"]).purpose == "api_calls" and row["similarity"] is None
+    card = (out / "README.md").read_text()
+    for expected in ("Toolformer fine-tuning data", "6 texts processed; 5 with at least one kept call", "| calculator | 0.0 | 20 | 10 | 0.5 |",
+                     "schick2023toolformer", "[Calculator(400 / 1400) -> 0.29]"):  # fmt: skip
+        assert expected in card, expected
+
+    result = export(store, tmp_path / "x", "--run", "si-test", "--format", "toolformer")
+    assert result.exit_code == 2 and "is a self-instruct run" in result.output
+    result = export(store, tmp_path / "x", "--run", "tf-test", "--format", "alpaca")
+    assert result.exit_code == 2 and "export it with --format toolformer" in result.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_existing_folder_needs_overwrite(store, tmp_path):

@@ -50,9 +50,11 @@ def export_command(
     if as_json:
         print_json({"out": str(out), "format": format.value, "columns": result.columns, "counts": counts, "hub": url})
         return
-    rows = [("format", format.value), ("rows", counts["rows"]), ("instructions", counts["tasks"])]
+    unit, skipped = ("texts", "texts without a kept call (skipped)") if format is Format.toolformer else (
+        "instructions", "instructions without instances (skipped)")  # fmt: skip
+    rows = [("format", format.value), ("rows", counts["rows"]), (unit, counts["tasks"])]
     rows += [(split, counts[split]) for split in ("train", "test") if split in counts]
-    rows += [("instructions without instances (skipped)", counts["tasks_without_instances"])]
+    rows += [(skipped, counts["tasks_without_instances"])]
     rows += [(f"decontaminated ({reason})", n) for reason, n in counts["decontaminated"].items()]
     rows += [("written to", str(out))] + ([("pushed to", url)] if url else [])
     err_console.print(summary_table(f"Export of {', '.join(f.name for f in result.runs)}", rows))

@@ -109,3 +109,18 @@ def test_bad_input(store, tmp_path):
     result = runner.invoke(app, ["report", "--run", "empty", "--out", str(tmp_path / "b"), "--db", store])
     assert result.exit_code == 2 and "no generated instructions" in result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_run_that_kept_nothing_still_gets_a_report(db_url, tmp_path):
+    with Session(open_engine(db_url)) as session:
+        run = Run(name="nothing", pipeline="self-instruct", model="smollm2-135m", backend="transformers", status="stopped")
+        session.add(run)
+        session.flush()
+        for text, reason in (("Draw a picture of a cat.", "blacklist"), ("Hi.", "too_short")):
+            session.add(Task(run_id=run.id, instruction=text, status="rejected", reason=reason))
+        session.commit()
+    result = runner.invoke(app, ["report", "--run", "nothing", "--out", str(tmp_path / "r"), "--db", db_url])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "report.md").read_text()
+    assert "| instructions accepted | 0 (0%) |" in page and "blacklist 1" in page
+    assert all((tmp_path / "r" / name).read_bytes()[:8] == PNG_MAGIC for name in PLOTS)

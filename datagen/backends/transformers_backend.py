@@ -8,7 +8,7 @@ are ignored here (vllm and openai apply them).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,63 +98,46 @@ class TransformersBackend:
     @torch.inference_mode()
     def score(self, sequences: Sequence[str | Sequence[int]]) -> list[ScoredSequence]:
         ids = [self.tokenize(s) if isinstance(s, str) else list(s) for s in sequences]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
         scored: list[ScoredSequence | None] = [None] * len(ids)
-        batch: list[int] = []
-        for index in order + [None]:
-            if index is not None and (not batch or (len(batch) + 1) * len(ids[index]) <= self.score_token_budget):
-                batch.append(index)
-                continue
-            for i, result in zip(batch, self._score_batch([ids[i] for i in batch])):
-                scored[i] = result
-            batch = [index] if index is not None else []
+        for batch, logits in self._padded_forward(ids):
+            for row, i in enumerate(batch):
+                sequence = ids[i]
+                if len(sequence) < 2:
+                    scored[i] = ScoredSequence(tuple(sequence), (None,) * len(sequence))
+                    continue
+                logprobs = torch.log_softmax(logits[row, : len(sequence) - 1], dim=-1)
+                values = logprobs.gather(1, torch.tensor(sequence[1:])[:, None])[:, 0].tolist()
+                scored[i] = ScoredSequence(tuple(sequence), (None, *values))
         return scored  # type: ignore[return-value]
-
-    def _score_batch(self, batch: list[list[int]]) -> list[ScoredSequence]:
-        width = max(len(s) for s in batch)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
-        logits = self.hf_model(input_ids=input_ids, attention_mask=attention).logits.float()
-        results = []
-        for row, sequence in enumerate(batch):
-            n = len(sequence)
-            if n < 2:
-                results.append(ScoredSequence(tuple(sequence), (None,) * n))
-                continue
-            logprobs = torch.log_softmax(logits[row, : n - 1], dim=-1)
-            targets = torch.tensor(sequence[1:])
-            values = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-            results.append(ScoredSequence(tuple(sequence), (None, *values)))
-        return results
 
     @torch.inference_mode()
     def next_token_logprobs(self, sequences: Sequence[Sequence[int]], token_id: int) -> list[tuple[float | None, ...]]:
-        """values[i] = log p(token_id | sequence[:i]) for every i, from one forward pass per sequence; sequences
-        of similar length share a padded batch of at most score_token_budget tokens, as in `score`."""
+        """values[i] = log p(token_id | sequence[:i]) for every i, from one forward pass per sequence."""
         ids = [list(s) for s in sequences]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         values: list[tuple[float | None, ...] | None] = [None] * len(ids)
+        for batch, logits in self._padded_forward(ids):
+            # log softmax at one vocabulary entry: logit - logsumexp, without materializing the whole distribution
+            probe = (logits[:, :, token_id] - torch.logsumexp(logits, dim=-1)).tolist()
+            for row, i in enumerate(batch):
+                values[i] = (None, *probe[row][: len(ids[i]) - 1]) if ids[i] else ()
+        return values  # type: ignore[return-value]
+
+    def _padded_forward(self, ids: list[list[int]]) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """(indices, float32 logits) for batches of similar-length sequences (less padding), each batch at most
+        score_token_budget padded tokens; right padding, so positions of real tokens are unchanged."""
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         batch: list[int] = []
         for index in order + [None]:
             if index is not None and (not batch or (len(batch) + 1) * len(ids[index]) <= self.score_token_budget):
                 batch.append(index)
                 continue
             if batch:
-                for i, row in zip(batch, self._probe_batch([ids[i] for i in batch], token_id)):
-                    values[i] = row
+                width = max(len(ids[i]) for i in batch)
+                pad = self.tokenizer.pad_token_id
+                input_ids = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in batch])
+                attention = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in batch])
+                yield batch, self.hf_model(input_ids=input_ids, attention_mask=attention).logits.float()
             batch = [index] if index is not None else []
-        return values  # type: ignore[return-value]
-
-    def _probe_batch(self, batch: list[list[int]], token_id: int) -> list[tuple[float | None, ...]]:
-        width = max(len(s) for s in batch)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in batch])
-        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
-        logits = self.hf_model(input_ids=input_ids, attention_mask=attention).logits.float()
-        # log softmax at one vocabulary entry: logit - logsumexp, without materializing the whole distribution
-        probe = (logits[:, :, token_id] - torch.logsumexp(logits, dim=-1)).tolist()
-        return [(None, *probe[row][: len(sequence) - 1]) if sequence else () for row, sequence in enumerate(batch)]
 
     def close(self) -> None:
         del self.hf_model

@@ -1,0 +1,540 @@
+"""Supervised fine-tuning on a `datagen export`: full, LoRA, QLoRA and DoRA in one recipe.
+
+    datagen train --data data/example --method lora --out runs/lora --merge
+    datagen generate prompts.jsonl --model runs/lora/merged
+
+Shaped like a torchtune recipe (pytorch/torchtune: recipes/lora_finetune_single_device.py) without its
+boilerplate: `__init__` checks everything that can be checked without a model and fails with exit 2 (bad data
+folder or columns, missing bitsandbytes, an existing --out); `setup()` builds model → tokenizer → data →
+trainer in dependency order; `train()` runs and writes the outputs. QLoRA is the LoRA recipe with the base
+loaded in 4-bit NF4. The loop, the optimizer, LoRA layers, tokenization, completion masking and packing are
+the maintained libraries' (TRL's SFTTrainer, transformers' Trainer, peft, bitsandbytes).
+
+Outputs in OUT: the adapter (adapter_model.safetensors + adapter_config.json) or the full model, the tokenizer,
+merged/ (--merge), checkpoints/ (for --resume), loss_curve.png, train_summary.json, train_config.yaml.
+
+Several processes: `torchrun --nproc_per_node N $(which datagen) train ...` or `accelerate launch ... $(which
+datagen) train ...` runs data-parallel (DDP); an accelerate FSDP config shards a full fine-tune. Only the main
+process writes the store row, the plot, the summary and merged/.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import logging
+
+# bitsandbytes warns at import, on CPUs with avx512_bf16, that the optional `kernels` package (which would download
+# a kernel from the Hugging Face hub) is missing; training works without it (issue 7), so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from transformers import TrainerCallback  # noqa: E402
+
+from datagen import models
+from datagen.errors import BadInput
+from train.config import Method, Precision, TrainConfig, read_yaml
+from train.data import Export, has_prompt, open_export, training_split
+
+SUMMARY_FILE = "train_summary.json"
+CONFIG_FILE = "train_config.yaml"
+LOSS_CURVE_FILE = "loss_curve.png"
+CHECKPOINTS = "checkpoints"
+MERGED = "merged"
+
+RESUME_MUST_MATCH = ("method", "model", "lora_r", "lora_alpha", "lora_target_modules", "packing", "max_length")
+"""Options a resumed run must share with the run that wrote the checkpoint (others, like max_steps, may change)."""
+
+
+class SFTRecipe:
+    def __init__(self, config: TrainConfig, db_url: str | None = None, callbacks: Sequence[Any] = ()):
+        """Check everything that needs no model, in the order a user would fix it; nothing is loaded or written
+        here except an on-the-fly export of a run into OUT/data."""
+        self.config = config
+        self.callbacks = list(callbacks)
+        require_packages(config.method)
+
+        from accelerate import PartialState
+
+        self.state = PartialState()  # under torchrun/accelerate this joins the process group
+        self.precision = resolve_precision(config.precision)
+        self.out = config.out.expanduser().resolve()
+        self.last_checkpoint = check_output(self.out, config)
+        self.name = run_name(self.out, config)
+        self.model_path = models.resolve(config.model)
+
+        from storage.store import open_engine
+
+        self.engine = open_engine(db_url) if self.state.is_main_process else None
+        self.data_path, self.exported_here = locate_data(config, self.out, self.engine, self.state)
+        self.export: Export = open_export(self.data_path)
+        self.train_rows = training_split(self.export, "train", config.max_train_samples)
+        self.eval_rows = training_split(self.export, config.eval_split, config.max_eval_samples)
+
+    # --- setup: model → tokenizer → data → trainer ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        if self.state.is_main_process and self.last_checkpoint is None:
+            if self.config.overwrite and self.out.exists() and not self.exported_here:
+                shutil.rmtree(self.out)
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / CONFIG_FILE).write_text(self.resolved_config().to_yaml(), encoding="utf-8")
+        self.state.wait_for_everyone()
+        self.model = load_model(self.model_path, self.config, self.precision, self.state)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.trainer = build_trainer(
+            self.model, self.tokenizer, self.train_rows, self.eval_rows, self.config, self.precision, self.export.format,
+            self.out, resuming=self.last_checkpoint is not None, callbacks=self.callbacks,
+        )  # fmt: skip
+
+    def resolved_config(self) -> TrainConfig:
+        return self.config.model_copy(update={"name": self.name, "data": str(self.data_path), "out": self.out})
+
+    # --- train ------------------------------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        """Train (resuming from the last checkpoint with --resume), measure the eval loss, save, merge, plot and
+        record. Returns the summary written to OUT/train_summary.json."""
+        import torch
+
+        row_id = self._record_start() if self.state.is_main_process else None
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            meter = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, ThroughputMeter))
+            result = self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+            eval_loss = self.trainer.evaluate()["eval_loss"] if self.trainer.eval_dataset is not None else None
+            self.trainer.save_model(str(self.out))  # adapter or full model, plus the tokenizer; main process only
+            summary = self._summary(result, eval_loss, meter)
+            log_history = list(self.trainer.state.log_history)
+            self._release_training_model()
+            self.state.wait_for_everyone()
+            if self.state.is_main_process:
+                if self.config.merge:
+                    summary["merged"] = str(merge_adapter(self.model_path, self.out, self.out / MERGED, self.config.merged_dtype))
+                from train.plots import plot_loss_curve
+
+                plot_loss_curve(log_history, self.out / LOSS_CURVE_FILE, f"{self.config.method.value} on {self.data_path.name}")
+                (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+                (self.out / CONFIG_FILE).write_text(self.resolved_config().to_yaml(), encoding="utf-8")
+                self._record_end(row_id, summary)
+            self.state.wait_for_everyone()
+            return summary
+        except BaseException as err:
+            for callback in self.trainer.callback_handler.callbacks:
+                if isinstance(callback, RichProgress):
+                    callback.on_train_end(None, None, None)  # stop the live bar before the error prints
+            if row_id is not None:
+                self._record_end(row_id, None, error=f"{type(err).__name__}: {err}")
+            raise
+
+    def _summary(self, result, eval_loss: float | None, meter: ThroughputMeter) -> dict[str, Any]:
+        import torch
+
+        history = self.trainer.state.log_history
+        train_losses = [e["loss"] for e in history if "loss" in e]
+        eval_losses = sorted((e["step"], e["eval_loss"]) for e in history if "eval_loss" in e)
+        model = self.trainer.model
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        on_gpu = torch.cuda.is_available()
+        return {
+            "name": self.name,
+            "method": self.config.method.value,
+            "model": self.config.model,
+            "dataset": str(self.data_path),
+            "format": self.export.format,
+            "train_rows": len(self.train_rows),
+            "eval_rows": len(self.eval_rows) if self.eval_rows is not None else 0,
+            "loss_on": "completion" if self.config.completion_only_loss and has_prompt(self.export.format) else "all tokens",
+            "packing": self.config.packing,
+            "precision": self.precision.value,
+            "processes": self.state.num_processes,
+            "steps": self.trainer.state.global_step,
+            "epochs": round(float(self.trainer.state.epoch or 0), 4),
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "model_memory_bytes": int(model.get_memory_footprint()),
+            "train_tokens": meter.tokens,
+            "train_seconds": round(meter.seconds, 3),
+            "tokens_per_s": round(meter.tokens / meter.seconds, 1) if meter.seconds else None,
+            "peak_memory_bytes": peak_memory_bytes(),
+            "peak_memory_kind": "cuda max allocated" if on_gpu else "cpu max RSS of the main process",
+            "initial_eval_loss": eval_losses[0][1] if eval_losses and eval_losses[0][0] == 0 else None,
+            "eval_loss": eval_loss,
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "mean_train_loss": result.training_loss,
+            "out": str(self.out),
+        }
+
+    def _release_training_model(self) -> None:
+        """Free the training weights before a merge reloads the base."""
+        import torch
+
+        self.model = None
+        self.trainer.model = self.trainer.model_wrapped = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # --- the store ----------------------------------------------------------------------------------------------------------
+
+    def _record_start(self) -> int:
+        from sqlmodel import Session, select
+
+        from storage.store import find_run, touch
+        from storage.tables import TrainingRun, TrainingRunSource
+
+        with Session(self.engine) as session:
+            row = session.exec(select(TrainingRun).where(TrainingRun.name == self.name)).first()
+            if row is None:
+                row = TrainingRun(
+                    name=self.name, method=self.config.method.value, model=self.config.model, dataset=str(self.data_path),
+                    dataset_format=self.export.format, dataset_runs=self.export.runs, out=str(self.out),
+                    config=self.resolved_config().model_dump(mode="json"),
+                )  # fmt: skip
+                session.add(row)
+                session.flush()
+                for name in dict.fromkeys(str(r) for r in self.export.runs):
+                    if (run := find_run(session, name)) is not None:
+                        session.add(TrainingRunSource(training_run_id=row.id, run_id=run.id))
+            else:
+                touch(row, status="running", error=None)
+                session.add(row)
+            session.commit()
+            return row.id
+
+    def _record_end(self, row_id: int, summary: dict[str, Any] | None, error: str | None = None) -> None:
+        from sqlmodel import Session
+
+        from storage.store import touch
+        from storage.tables import TrainingRun
+
+        with Session(self.engine) as session:
+            row = session.get(TrainingRun, row_id)
+            if summary is None:
+                touch(row, status="failed", error=error)
+            else:
+                touch(
+                    row, status="completed", error=None, summary=summary, steps=summary["steps"],
+                    train_loss=summary["final_train_loss"], eval_loss=summary["eval_loss"],
+                    tokens_per_s=summary["tokens_per_s"], peak_memory_bytes=summary["peak_memory_bytes"],
+                )  # fmt: skip
+            session.add(row)
+            session.commit()
+
+
+# --- Checks that run before any model is loaded ---------------------------------------------------------------------------
+
+
+def require_packages(method: Method) -> None:
+    missing = [p for p in ("peft", "trl") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise BadInput(f"datagen train needs {' and '.join(missing)}: pip install 'datagen[train]'")
+    if method is Method.qlora and importlib.util.find_spec("bitsandbytes") is None:
+        raise BadInput("--method qlora needs bitsandbytes (4-bit NF4 base weights): pip install 'datagen[train]'")
+
+
+def resolve_precision(precision: Precision) -> Precision:
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if precision is Precision.auto:
+        return Precision.bf16 if on_gpu and torch.cuda.is_bf16_supported() else Precision.fp32
+    if precision is Precision.fp16 and not on_gpu:
+        raise BadInput("--precision fp16 needs a CUDA GPU; on CPU use fp32 (or bf16)")
+    return precision
+
+
+def check_output(out: Path, config: TrainConfig) -> Path | None:
+    """The last checkpoint to resume from (with --resume), else None. An existing, non-empty OUT needs
+    --overwrite (delete it) or --resume (continue it)."""
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} exists and is not a folder")
+    exists = out.is_dir() and any(out.iterdir())
+    if config.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        checkpoints = out / CHECKPOINTS
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if last is None:
+            raise BadInput(f"--resume: no checkpoint in {checkpoints} to continue from; drop --resume to start afresh")
+        saved = read_yaml(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else {}
+        current = config.model_dump(mode="json")
+        changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != current[k]]
+        if changed:
+            pairs = ", ".join(f"{k}: {saved[k]!r} then, {current[k]!r} now" for k in changed)
+            raise BadInput(f"--resume with different options than the checkpoint's run ({pairs}): pass the same ones")
+        return Path(last)
+    if exists and not config.overwrite:
+        raise BadInput(f"{out} exists and is not empty: pass --overwrite to replace it or --resume to continue its last checkpoint")
+    return None
+
+
+def run_name(out: Path, config: TrainConfig) -> str:
+    if config.name:
+        return config.name
+    if config.resume and (out / CONFIG_FILE).is_file() and (saved := read_yaml(out / CONFIG_FILE).get("name")):
+        return str(saved)
+    from storage.tables import utcnow
+
+    return f"train-{config.method.value}-{utcnow():%Y%m%d-%H%M%S}"
+
+
+def locate_data(config: TrainConfig, out: Path, engine, state) -> tuple[Path, bool]:
+    """The export folder, and whether it was exported here. A folder is used as it is; anything else is a run name
+    or id, exported into OUT/data as messages (a resumed run reuses its export). check_output has run, so OUT is
+    new, empty, or --overwrite: the old OUT is deleted before the export, on the main process."""
+    data = config.data
+    path = Path(data).expanduser()
+    if path.exists():
+        return path.resolve(), False
+    if "/" in data or data.startswith("."):
+        raise BadInput(f"--data {data}: no such folder (make one with `datagen export --run RUN --out {data}`)")
+    target = out / "data"
+    if state.is_main_process:
+        if config.overwrite or not (target / "datagen.json").is_file():
+            from sqlmodel import Session
+
+            from storage.store import get_run
+
+            with Session(engine) as session:
+                run = get_run(session, data)  # BadInput when there is no such run
+                try:
+                    from datagen.export import ExportConfig, Format, export
+                except ImportError:
+                    raise BadInput(
+                        f"--data {data}: this datagen cannot export runs yet; export it first "
+                        f"(`datagen export --run {data} --out DIR`) and pass --data DIR"
+                    ) from None
+                if out.exists():
+                    shutil.rmtree(out)  # only reached with --overwrite or an empty folder (check_output)
+                export(session, ExportConfig(runs=(run.name,), format=Format.messages, out=target))
+    state.wait_for_everyone()
+    return target, True
+
+
+# --- Building the pieces ------------------------------------------------------------------------------------------------
+
+
+def load_model(path: str, config: TrainConfig, precision: Precision, state):
+    """fp32 weights for full fine-tuning (the optimizer needs full-precision masters); a bf16 frozen base for
+    adapters under bf16; a 4-bit NF4 base for QLoRA (QLoRA, section 3)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    models.configure_offline()
+    on_gpu = torch.cuda.is_available()
+    options: dict[str, Any] = {"dtype": torch.float32}
+    if config.method is not Method.full and precision is Precision.bf16:
+        options["dtype"] = torch.bfloat16
+    if config.method is Method.qlora:
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+            # QLoRA computes in bf16; the compute dtype follows --precision, so CPUs (fp32 by default) run fp32
+            # matmuls on the dequantized weights: 2x faster than bf16 on the test CPU, same 4-bit storage.
+            bnb_4bit_compute_dtype={Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(precision, torch.float32),
+        )
+        # each process holds its own copy of the quantized base on its own device
+        options["device_map"] = {"": state.local_process_index} if on_gpu else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, **options)
+    if config.method is Method.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        if not on_gpu:
+            keep_4bit_weights_trainable_on_cpu(model)
+
+        # freezes the base, keeps norms and embeddings in fp32, and enables input gradients for checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    return model
+
+
+def keep_4bit_weights_trainable_on_cpu(model) -> None:
+    """bitsandbytes 0.50 repacks a Linear4bit's weights for its CPU inference kernel at the first no-grad forward
+    in eval mode (an eval pass) on CPUs with avx512_bf16, and that kernel has no backward: every later training
+    step then passes almost no gradient through the frozen layers (measured here: the layer-0 LoRA gradient fell
+    from 0.052 to 0.00008 after one eval forward, and the eval loss stopped falling). Turning the repacking off
+    keeps training and evaluation on the dequantize-and-matmul path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of the loss; any known token will do
+    return tokenizer
+
+
+def lora_config(config: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        use_dora=config.method is Method.dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, precision: Precision, format: str,
+                  out: Path, *, resuming: bool, callbacks: Sequence[Any] = ()):  # fmt: skip
+    import torch
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    has_eval = eval_rows is not None
+    args = SFTConfig(
+        output_dir=str(out / CHECKPOINTS),
+        seed=config.seed,
+        data_seed=config.seed,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,  # a float below 1 is a ratio of the total steps (transformers 5)
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        optim=config.optim,
+        bf16=precision is Precision.bf16,
+        fp16=precision is Precision.fp16,
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=config.gradient_checkpointing,
+        ddp_find_unused_parameters=False,  # every trainable weight takes part in every forward of a text model
+        logging_steps=config.logging_steps,
+        eval_strategy="steps" if has_eval and config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        eval_on_start=has_eval and config.eval_at_start and not resuming,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to="none",
+        disable_tqdm=True,
+        max_length=config.max_length,
+        packing=config.packing,
+        packing_strategy=config.packing_strategy,
+        completion_only_loss=config.completion_only_loss and has_prompt(format),
+        assistant_only_loss=False,  # messages become prompt/completion pairs instead (train/data.py)
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        processing_class=tokenizer,
+        peft_config=lora_config(config) if config.adapter else None,
+        callbacks=[ThroughputMeter(), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(RichProgress())
+    return trainer
+
+
+def merge_adapter(base_path: str, adapter_dir: Path, merged_dir: Path, dtype: str) -> Path:
+    """Merge the adapter into a fresh load of the base in `dtype` (never into 4-bit weights: a QLoRA adapter
+    merges into the bf16/fp32 base) and save a plain model folder with the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if merged_dir.exists():
+        shutil.rmtree(merged_dir)
+    merged.save_pretrained(str(merged_dir))
+    AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(merged_dir))
+    del base, merged
+    gc.collect()
+    return merged_dir
+
+
+def peak_memory_bytes() -> int:
+    """CUDA: the most memory tensors held at once; CPU: the process's peak resident set size."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+# --- Callbacks ---------------------------------------------------------------------------------------------------------
+
+
+class ThroughputMeter(TrainerCallback):
+    """Training tokens per second of pure step time (evaluation and checkpointing excluded), for this process's
+    session: TRL counts the non-padding tokens of every micro-batch, gathered over processes, in `num_tokens`."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # so the last step's token count is logged
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and "num_tokens" in logs:
+            self.tokens = int(logs["num_tokens"])
+
+
+class RichProgress(TrainerCallback):
+    """datagen's progress bar (steps, rate, ETA) with the latest loss in the status field; main process only."""
+
+    def __init__(self):
+        self.bar = None
+        self.task = None
+        self.status = ""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from datagen.console import progress
+
+            self.bar = progress("steps")
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=state.max_steps, completed=state.global_step, status="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step, status=self.status)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs:
+            if "loss" in logs:
+                self.status = f"loss {logs['loss']:.3f}"
+            if "eval_loss" in logs:
+                self.status += f" eval {logs['eval_loss']:.3f}"
+            self.bar.update(self.task, status=self.status)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

@@ -12,8 +12,6 @@ from typer.core import TyperGroup
 
 from datagen import __version__
 from datagen.commands import export, generate, models, report, runs, train
-from datagen.commands.toolformer import toolformer
-from datagen.commands.self_instruct import self_instruct_command
 from datagen.console import print_error
 from datagen.dedup_cli import dedup
 from datagen.errors import DatagenError
@@ -38,11 +36,9 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.add_typer(runs.app, name="runs")
 app.command("generate")(generate.generate)
-app.command("self-instruct")(self_instruct_command)
 app.command("export")(export.export_command)
 app.command("report")(report.report_command)
 app.command("dedup")(dedup)
-app.command("toolformer")(toolformer)
 app.command("train")(train.train)
 
 

@@ -390,3 +390,22 @@ def test_export_and_report_on_postgres(postgres_url, tmp_path):
     result = runner.invoke(app, ["report", "--run", name, "--out", str(tmp_path / "report"), "--db", postgres_url, "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["accepted"] == 9
+
+
+@pytest.mark.parametrize("format", ["alpaca", "messages", "prompt-completion", "toolformer"])
+def test_exports_feed_the_trainer_without_conversion(store, tmp_path, format):
+    """`datagen train` opens what `datagen export` writes (train/data.py: open_export, training_split)."""
+    from train.data import open_export, training_split
+
+    if format == "toolformer":
+        with Session(open_engine(store)) as session:
+            build_toolformer_run(session, "tf-test")
+    run = "tf-test" if format == "toolformer" else "si-test"
+    assert export(store, tmp_path / "e", "--run", run, "--format", format, "--with-provenance").exit_code == 0
+    opened = open_export(tmp_path / "e")
+    assert opened.format == format and opened.runs == [run]
+    train, test = training_split(opened, "train"), training_split(opened, "test")
+    assert len(train) == len(opened.splits["train"]) and len(test) == len(opened.splits["test"]) >= 1
+    if format == "alpaca":
+        first = opened.splits["train"][0]
+        assert train[0]["prompt"] == alpaca_prompt(first["instruction"], first["input"]) and train[0]["completion"] == first["output"]

@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 
 from datagen import __version__
 from datagen.commands import export, generate, models, report, runs, train
+from datagen.commands.toolformer import toolformer
 from datagen.console import print_error
 from datagen.dedup_cli import dedup
 from datagen.errors import DatagenError
@@ -39,6 +40,7 @@ app.command("generate")(generate.generate)
 app.command("export")(export.export_command)
 app.command("report")(report.report_command)
 app.command("dedup")(dedup)
+app.command("toolformer")(toolformer)
 app.command("train")(train.train)
 
 

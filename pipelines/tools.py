@@ -34,6 +34,10 @@ class ToolError(Exception):
     """The call cannot be executed (bad argument, division by zero, no document date, nothing found)."""
 
 
+class CalculationError(ToolError):
+    """A well-formed expression without a value (division by zero, too many digits)."""
+
+
 @dataclass(frozen=True)
 class CallContext:
     """What a call may know about the document it sits in."""
@@ -82,7 +86,7 @@ def calculate(expression: str) -> str:
     try:
         rounded = value.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
     except InvalidOperation:
-        raise ToolError("the result has more than 28 digits") from None
+        raise CalculationError("the result has more than 28 digits") from None
     text = format(rounded, "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
@@ -148,7 +152,7 @@ class _Parser:
             else:
                 divisor = self._factor()
                 if divisor == 0:
-                    raise ToolError("division by zero")
+                    raise CalculationError("division by zero")
                 value /= divisor
         return value
 
@@ -174,8 +178,12 @@ class _Parser:
 
 
 def _parse_expression(raw: str) -> str:
+    """Syntax errors surface here, as unparsable calls; division by zero only when the call runs."""
     expression = raw.strip()
-    calculate(expression)  # syntax errors surface at parse time; the value is computed again on execution
+    try:
+        calculate(expression)
+    except CalculationError:
+        pass
     return expression
 
 

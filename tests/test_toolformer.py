@@ -4,9 +4,19 @@ checked by hand on the embedded model, the planted calculator text, an end-to-en
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 
+from datagen.backends import Completion, Result
+from datagen.errors import BadInput
+from pipelines import toolformer as tf
+from pipelines.tools import CALCULATOR, CALENDAR, build_tools
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "examples" / "toolformer_corpus.jsonl"
+CONFIG = tf.ToolformerConfig()
 TEXT = "Out of 1400 participants, 400 (or 29%) passed the test."
 
 
@@ -58,3 +68,398 @@ def test_next_token_logprobs_on_openai_agrees_with_transformers(vllm_server, hf_
     (top_k,) = backend.next_token_logprobs([ids], probe)
     backend.close()
     _agree_where_seen(exact, top_k)
+
+
+# --- Pure functions ------------------------------------------------------------------------------------------
+
+def test_paper_defaults():
+    assert CONFIG.settings["calculator"] == tf.ToolSettings(tau_s=0.0, k=20, m=10, tau_f=0.5)
+    for name in ("calendar", "wikisearch", "qa"):
+        assert CONFIG.settings[name] == tf.ToolSettings(tau_s=0.05, k=5, m=5, tau_f=1.0)
+    assert (CONFIG.api_start, CONFIG.api_end, CONFIG.result_arrow) == ("[", "]", "->")
+    assert tf.TABLE2_THRESHOLDS == (0.5, 1.0, 2.0)
+
+
+def test_config_merges_partial_settings_and_rejects_bad_ones():
+    config = tf.ToolformerConfig(settings={"calculator": {"k": 3}, "qa": {"tau_f": 2.0}})
+    assert config.settings["calculator"] == tf.ToolSettings(tau_s=0.0, k=3, m=10, tau_f=0.5)
+    assert config.settings["qa"].tau_f == 2.0 and config.settings["calendar"] == tf.ToolSettings()
+    for bad in ({"tools": ["abacus"]}, {"tools": []}, {"tools": ["qa", "qa"]}, {"settings": {"abacus": {}}},
+                {"settings": {"qa": {"k": 0}}}, {"settings": {"qa": {"tau_s": 1.5}}}, {"api_end": " "}, {"colour": 1}):  # fmt: skip
+        with pytest.raises(ValueError):
+            tf.ToolformerConfig.model_validate(bad)
+
+
+def test_loss_weights_are_the_papers():
+    # w~_t = max(0, 1 - 0.2 t), normalized (section 4.1)
+    assert tf.loss_weights() == pytest.approx([1 / 3, 0.8 / 3, 0.6 / 3, 0.4 / 3, 0.2 / 3])
+    assert tf.loss_weights(0.5) == pytest.approx([1 / 1.5, 0.5 / 1.5])
+    assert sum(tf.loss_weights(0.05)) == pytest.approx(1) and len(tf.loss_weights(0.05)) == 20
+
+
+def test_weighted_loss():
+    weights = (0.5, 0.3, 0.2)
+    logprobs = (None, -1.0, -2.0, -3.0, -4.0)
+    assert tf.weighted_loss(logprobs, 1, weights) == pytest.approx(0.5 * 1 + 0.3 * 2 + 0.2 * 3)
+    assert tf.weighted_loss(logprobs, 3, weights) == pytest.approx(0.5 * 3 + 0.3 * 4)  # the text ends: fewer terms
+    with pytest.raises(Exception, match="no log-probability"):
+        tf.weighted_loss(logprobs, 0, weights)
+
+
+def test_keep_is_at_least_tau_f():
+    assert tf.keep(loss_plus=1.0, loss_minus=2.0, tau_f=1.0)
+    assert not tf.keep(loss_plus=1.01, loss_minus=2.0, tau_f=1.0)
+    assert not tf.keep(loss_plus=2.0, loss_minus=1.0, tau_f=0.0)
+
+
+def test_split_words_and_annotate():
+    assert tf.split_words("Out of  1400\nmen.") == [(0, "Out"), (3, " of"), (6, "  1400"), (12, "\nmen.")]
+    text = "Out of 1400 participants, 400 (or 29%) passed the test."
+    offset = text.index(" 29%")
+    linearized = tf.linearize("Calculator(400 / 1400)", "0.29", CONFIG)
+    assert linearized == "[Calculator(400 / 1400) -> 0.29]"
+    assert tf.annotate(text, [(offset, linearized)]) == "Out of 1400 participants, 400 (or [Calculator(400 / 1400) -> 0.29] 29%) passed the test."
+    assert tf.annotate("a b c", [(1, "[X]"), (3, "[Y]")]) == "a [X] b [Y] c"
+
+
+def test_linearize_with_and_without_result_and_other_markers():
+    assert tf.linearize("Calculator(400 / 1400)", "", CONFIG) == "[Calculator(400 / 1400) ->]"
+    other = tf.ToolformerConfig(api_start="<API>", api_end="</API>", result_arrow="→")
+    assert tf.linearize("Calendar()", "Today is Friday.", other) == "<API>Calendar() → Today is Friday.</API>"
+
+
+def test_build_prompt_is_exact():
+    prompt = tf.build_prompt("calendar", "Today is Friday.", CONFIG)
+    assert prompt.startswith('Your task is to add calls to a Calendar API to a piece of text. The API calls should help you get '
+                             'information required to complete the text. You can call the API by writing "[Calendar()]". ')  # fmt: skip
+    assert "Output: Today is the first [Calendar()] Monday of the month.\n" in prompt
+    assert prompt.endswith("\nInput: Today is Friday.\nOutput:")
+    other = tf.build_prompt("calculator", "x {y} z", tf.ToolformerConfig(api_start="<API>", api_end="</API>"))
+    assert "<API>Calculator(14 + 9)</API> 23 animals" in other and other.endswith("Input: x {y} z\nOutput:")
+    for tool in ("calculator", "calendar", "wikisearch", "qa"):
+        assert "{" not in tf.build_prompt(tool, "t", CONFIG).replace("t\nOutput:", "")
+
+
+def test_select_positions():
+    p = [0.9, 0.2, None, 0.04, 0.3, 0.2, 0.06]
+    assert tf.select_positions(p, tau_s=0.05, k=5) == [1, 4, 5, 6]  # word 0 never; None and 0.04 out
+    assert tf.select_positions(p, tau_s=0.05, k=2) == [1, 4]  # the two most likely (ties: earlier word)
+    assert tf.select_positions(p, tau_s=0.0, k=20) == [1, 3, 4, 5, 6]
+    assert tf.select_positions(p, tau_s=0.5, k=5) == []
+
+
+def test_parse_call():
+    assert tf.parse_call("Calculator(400 / 1400)", "stop", CALCULATOR) == ("Calculator(400 / 1400)", "400 / 1400")
+    assert tf.parse_call(" Calculator( 4 * 30 ) ", "stop", CALCULATOR) == ("Calculator(4 * 30)", "4 * 30")
+    assert tf.parse_call("Calendar()", "stop", CALENDAR) == ("Calendar()", "")
+    cases = [("Calculator(400 / 1400", "length", CALCULATOR, "unclosed", "max_call_tokens"),
+             ("Calendar()", "stop", CALCULATOR, "unparsed", "calls Calendar, not Calculator"),
+             ("Calculator(400 / 1400) -> 0.29", "stop", CALCULATOR, "unparsed", "Name(argument)"),
+             ("Calculator(1\n+ 1)", "stop", CALCULATOR, "unparsed", "Name(argument)"),
+             ("Calculator(four hundred)", "stop", CALCULATOR, "unparsed", "unexpected"),
+             ("Calendar(2020)", "stop", CALENDAR, "unparsed", "no argument")]  # fmt: skip
+    for completion, finish, tool, status, reason in cases:
+        with pytest.raises(tf.Unusable) as caught:
+            tf.parse_call(completion, finish, tool)
+        assert caught.value.status == status and reason in caught.value.reason, completion
+
+
+def test_read_corpus_and_prefilters(tmp_path):
+    texts = tf.read_corpus(CORPUS)
+    assert len(texts) >= 20 and texts[0].text == TEXT and texts[0].source_id == "participants"
+    assert texts[0].date.isoformat() == "2023-02-09"
+    calculator = [t for t in texts if tf.passes_prefilter("calculator", t, CONFIG)]
+    assert TEXT in [t.text for t in calculator] and len(calculator) < len(texts)
+    dated = [t for t in texts if tf.passes_prefilter("calendar", t, CONFIG)]
+    assert 0 < len(dated) < len(texts)
+    assert all(tf.passes_prefilter("calendar", t, tf.ToolformerConfig(date="2024-01-01")) for t in texts)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "a", "date": "yesterday"}\n')
+    with pytest.raises(BadInput, match="bad.jsonl:2: field 'date'"):
+        tf.read_corpus(bad)
+    bad.write_text('{"text": "ok"}\n{"title": "a"}\n')
+    with pytest.raises(BadInput, match="bad.jsonl:2: missing field 'text'"):
+        tf.read_corpus(bad)
+
+
+def test_text_tokens_match_the_tokenizer(hf_backend):
+    tokens = tf.tokenize_words(hf_backend.tokenize, TEXT)
+    assert list(tokens.ids) == hf_backend.tokenize(TEXT)  # byte-level BPE: word by word = whole text
+    words = tf.split_words(TEXT)
+    for (offset, word), start, own_offset in zip(words, tokens.word_starts, tokens.word_offsets):
+        assert own_offset == offset
+        assert hf_backend.tokenizer.decode(list(tokens.ids[start:])).startswith(word)
+    assert tf.api_token_id(hf_backend.tokenize, CONFIG) == hf_backend.tokenizer(" [", add_special_tokens=False)["input_ids"][0]
+    with pytest.raises(BadInput, match="one token"):
+        tf.api_token_id(hf_backend.tokenize, tf.ToolformerConfig(api_start="<API>"))
+
+
+# --- The loss, by hand on the embedded model ------------------------------------------------------------------
+
+
+def _planted_batch(backend, calls):
+    """The paper's Figure 1 text, with calls at " 29%)" already executed: (call, result) pairs."""
+    text = tf.CorpusText(1, TEXT)
+    tokens = tf.tokenize_words(backend.tokenize, TEXT)
+    word = next(w for w, (_, piece) in enumerate(tf.split_words(TEXT)) if piece == " 29%)")
+    batch = tf.Batch([text], [tokens], [["calculator"]])
+    for call, result in calls:
+        batch.candidates.append(tf.Candidate(0, "calculator", word, None, call, status="executed", call=call, result=result))
+    return batch, word
+
+
+def test_losses_equal_a_hand_computation_with_the_model(hf_backend):
+    import torch
+
+    batch, word = _planted_batch(hf_backend, [("Calculator(400 / 1400)", "0.29")])
+    scored_tokens = tf.filter_calls(hf_backend, batch, CONFIG)
+    candidate = batch.candidates[0]
+    assert scored_tokens > 0
+
+    tokenizer, model = hf_backend.tokenizer, hf_backend.hf_model
+    x = tokenizer(TEXT)["input_ids"]
+    offsets = tokenizer(TEXT, return_offsets_mapping=True)["offset_mapping"]
+    i = next(n for n, (start, _) in enumerate(offsets) if start == TEXT.index(" 29%)"))  # x_i: the " " before 29
+    weights = [w / 3.0 for w in (1.0, 0.8, 0.6, 0.4, 0.2)]
+
+    def by_hand(prefix: str | None) -> float:
+        z = tokenizer(prefix + "\n")["input_ids"] if prefix is not None else []
+        ids = z + x
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+        j = len(z) + i
+        return -sum(w * logprobs[j + t - 1, ids[j + t]].item() for t, w in enumerate(weights))
+
+    loss_empty = by_hand(None)
+    loss_call = by_hand("[Calculator(400 / 1400) ->]")
+    loss_plus = by_hand("[Calculator(400 / 1400) -> 0.29]")
+    assert candidate.loss_empty == pytest.approx(loss_empty, abs=1e-3)
+    assert candidate.loss_call == pytest.approx(loss_call, abs=1e-3)
+    assert candidate.loss_plus == pytest.approx(loss_plus, abs=1e-3)
+    assert candidate.loss_minus == pytest.approx(min(loss_empty, loss_call), abs=1e-3)
+    assert candidate.kept == (min(loss_empty, loss_call) - loss_plus >= 0.5)
+
+
+def test_planted_calculator_call_helps_only_with_the_right_result(hf_backend):
+    """Figure 1 of the paper: 400 / 1400 -> 0.29 should make "29%" easier to predict; a wrong result should not."""
+    calls = [("Calculator(400 / 1400)", "0.29"), ("Calculator(400 / 1400)", "0.71"), ("Calculator(1400 - 400)", "1000")]
+    batch, _ = _planted_batch(hf_backend, calls)
+    tf.filter_calls(hf_backend, batch, CONFIG)
+    right, wrong, other = batch.candidates
+    for c in batch.candidates:
+        print(f"{c.call} -> {c.result}: L(empty)={c.loss_empty:.3f} L(call)={c.loss_call:.3f} L+={c.loss_plus:.3f} "
+              f"L- - L+={c.loss_minus - c.loss_plus:.3f} kept={c.kept}")  # fmt: skip
+    assert right.loss_minus - right.loss_plus > 0 and right.kept  # measured 1.35 nats (calculator tau_f = 0.5)
+    assert wrong.loss_minus - wrong.loss_plus < 0 and not wrong.kept  # measured -0.20
+    assert other.loss_minus - other.loss_plus < 0 and not other.kept  # measured -0.26
+
+
+# --- The run loop, on a scripted backend (logic only) ------------------------------------------------------------
+
+
+class ScriptedBackend:
+    """One token per word (with its leading space); " [" is most likely before a percentage; each position
+    samples the scripted completions; a token is easy to predict (-0.1) when a prefix result shares its digits."""
+
+    name = "scripted"
+    model = "scripted"
+    COMPLETIONS = [
+        Completion("Calculator(400 / 1400)", "stop", 6),
+        Completion("Calculator(400 / 1400)", "stop", 6),  # duplicate
+        Completion("Calculator(1400 - 400)", "stop", 6),  # runs, does not help
+        Completion("Calculator(1 / 0)", "stop", 5),  # fails
+        Completion("Calendar()", "stop", 3),  # wrong tool
+        Completion("Calculator(400 / 14", "length", 8),  # unclosed
+    ]
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+        self.generate_calls = 0
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self.vocab.setdefault(piece, len(self.vocab)) for piece in re.findall(r"\s*\S+", text)]
+
+    def word(self, token: int) -> str:
+        return next(w for w, i in self.vocab.items() if i == token)
+
+    def next_token_logprobs(self, sequences, token_id):
+        p = lambda w: 0.5 if "%" in w else 0.2 if re.search(r"\d", w) else 0.01  # noqa: E731
+        return [(None, *(math.log(p(self.word(t))) for t in s[1:])) for s in sequences]
+
+    def generate(self, requests):
+        self.generate_calls += 1
+        return [Result(r.prompt, 10, tuple(self.COMPLETIONS[: r.params.n]), 0.0) for r in requests]
+
+    def score(self, sequences):
+        from datagen.backends import ScoredSequence
+
+        out = []
+        for s in sequences:
+            words = [self.word(t) for t in s]
+            results = re.findall(r"-> ([\d.]+)\]", "".join(words))
+            helped = lambda w: any(r.split(".")[-1] in w for r in results)  # noqa: E731
+            out.append(ScoredSequence(tuple(s), (None, *(-0.1 if helped(w) else -2.0 for w in words[1:]))))
+        return out
+
+    def close(self):
+        pass
+
+
+def _store(tmp_path):
+    from sqlmodel import Session
+
+    from storage.store import open_engine
+    from storage.tables import Run
+
+    session = Session(open_engine(f"sqlite:///{tmp_path / 'store.db'}"))
+    run = Run(name="tf", pipeline="toolformer", model="scripted", backend="scripted")
+    session.add(run)
+    session.commit()
+    return session, run
+
+
+def test_run_stores_every_candidate_with_its_verdict_and_resumes(tmp_path):
+    from sqlmodel import select
+
+    from storage.tables import ApiCall, Generation, ToolformerText
+
+    session, run = _store(tmp_path)
+    backend = ScriptedBackend()
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"k": 1, "m": 6}}, batch_size=2)
+    texts = [tf.CorpusText(1, TEXT), tf.CorpusText(2, "No numbers here at all."), tf.CorpusText(3, "It took 3 men 4 days, 12 in all.")]
+    tf.run(session, run, backend, texts[:2], build_tools(["calculator"]), config)
+
+    rows = session.exec(select(ToolformerText).order_by(ToolformerText.line)).all()
+    assert [(r.line, r.tools, r.calls_inserted) for r in rows] == [(1, ["calculator"], 1), (2, [], 0)]
+    assert rows[0].annotated == "Out of 1400 participants, 400 (or [Calculator(400 / 1400) -> 0.29] 29%) passed the test."
+    assert rows[1].annotated == rows[1].text
+    calls = session.exec(select(ApiCall).order_by(ApiCall.id)).all()
+    assert [c.status for c in calls] == ["kept", "duplicate", "rejected", "failed", "unparsed", "unclosed"]
+    kept = calls[0]
+    assert (kept.tool, kept.position, kept.call, kept.argument, kept.result) == ("calculator", 33, "Calculator(400 / 1400)", "400 / 1400", "0.29")
+    assert kept.p_api == pytest.approx(0.5) and kept.inserted and kept.token_position == 6
+    four_tokens = 2.0 * (1 + 0.8 + 0.6 + 0.4) / 3  # " 29%)" " passed" " the" " test." at -2.0 each; the text ends
+    assert kept.loss_empty == kept.loss_call == kept.loss_minus == pytest.approx(four_tokens)
+    assert kept.loss_plus == pytest.approx(four_tokens - 1.9 / 3)  # " 29%)" (w_0 = 1/3) at -0.1 instead of -2.0
+    assert calls[2].reason.startswith("L- - L+ = 0.000 < tau_f = 0.5") and calls[3].reason == "division by zero"
+    assert all(c.generation_id is not None and c.text_id == rows[0].id for c in calls)
+    generation = session.get(Generation, kept.generation_id)
+    assert generation.purpose == "api_calls:calculator" and generation.prompt.endswith("Input: " + TEXT + "\nOutput: Out of 1400 participants, 400 (or [")
+    assert (run.accepted, run.rejected, run.instances) == (1, 5, 1)
+
+    (summary,) = tf.summarize(session, run, ["calculator"])
+    assert summary == tf.ToolSummary("calculator", texts=1, positions=1, sampled=6, parsed=4, executed=2, kept=1,
+                                     examples={0.5: 1, 1.0: 0, 2.0: 0})  # fmt: skip
+
+    generate_calls = backend.generate_calls
+    tf.run(session, run, backend, texts, build_tools(["calculator"]), config)  # resume: only text 3 is new
+    assert backend.generate_calls == generate_calls + 1
+    assert [r.line for r in session.exec(select(ToolformerText).order_by(ToolformerText.line))] == [1, 2, 3]
+    tf.run(session, run, backend, texts, build_tools(["calculator"]), config)
+    assert backend.generate_calls == generate_calls + 1
+
+
+def test_a_backend_without_next_token_logprobs_is_a_clear_error(tmp_path):
+    session, run = _store(tmp_path)
+    backend = ScriptedBackend()
+    backend.next_token_logprobs = None
+    with pytest.raises(Exception, match="next_token_logprobs"):
+        tf.run(session, run, backend, [tf.CorpusText(1, TEXT)], build_tools(["calculator"]), CONFIG)
+
+
+def test_shipped_config_validates():
+    from datagen.commands.toolformer import load_config
+
+    config = load_config(REPO / "examples" / "toolformer_cpu.yaml", {"tools": ["calculator", "qa"]})
+    assert config.tools == ["calculator", "qa"]
+    assert config.settings["calculator"] == tf.ToolSettings(tau_s=0.0, k=3, m=3, tau_f=0.5)
+    assert config.settings["qa"].tau_f == 1.0
+
+
+# --- End to end on the embedded model ----------------------------------------------------------------------------
+
+
+def test_cli_end_to_end_on_the_embedded_model_and_resume(tmp_path, db_url, embedded_model_path):
+    import json
+
+    from sqlmodel import Session, select
+    from typer.testing import CliRunner
+
+    from datagen.cli import app
+    from storage.store import open_engine
+    from storage.tables import ApiCall, Generation, Run, ToolformerText
+
+    config = tmp_path / "small.yaml"
+    config.write_text("settings:\n  calculator: {k: 1, m: 2}\n  calendar: {tau_s: 0.0, k: 1, m: 2}\n"
+                      "  wikisearch: {tau_s: 0.0, k: 1, m: 2}\n  qa: {tau_s: 0.0, k: 1, m: 2}\nmax_call_tokens: 16\n")  # fmt: skip
+    args = ["toolformer", "--corpus", str(CORPUS), "--tools", "calculator,calendar,wikisearch,qa",
+            "--search-corpus", str(REPO / "examples" / "search_corpus"), "--config", str(config), "--run", "tf-e2e",
+            "--backend", "transformers", "--db", db_url, "--json"]  # fmt: skip
+    runner = CliRunner()
+    result = runner.invoke(app, [*args, "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["run"] == "tf-e2e" and summary["texts"] == 2
+    assert [t["tool"] for t in summary["tools"]] == ["calculator", "calendar", "wikisearch", "qa"]
+    assert all(t["texts"] == 2 and t["positions"] == 2 and t["sampled"] == 4 for t in summary["tools"])
+
+    with Session(open_engine(db_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "tf-e2e")).one()
+        assert run.status == "completed" and run.pipeline == "toolformer" and run.config["corpus_sha256"]
+        texts = session.exec(select(ToolformerText).order_by(ToolformerText.line)).all()
+        assert [t.line for t in texts] == [1, 2] and texts[0].source_id == "participants" and texts[0].date == "2023-02-09"
+        calls = session.exec(select(ApiCall)).all()
+        assert len(calls) == 16
+        statuses = {c.status for c in calls}
+        assert statuses <= {"kept", "rejected", "duplicate", "unclosed", "unparsed", "failed"}
+        for c in calls:
+            generation = session.get(Generation, c.generation_id)
+            assert generation.completion == c.completion and generation.purpose == f"api_calls:{c.tool}"
+            if c.status in ("kept", "rejected"):
+                assert c.result and c.loss_minus == pytest.approx(min(c.loss_empty, c.loss_call))
+                assert c.kept == (c.loss_minus - c.loss_plus >= {"calculator": 0.5}.get(c.tool, 1.0))
+        for text in texts:
+            inserted = [c for c in calls if c.text_id == text.id and c.inserted]
+            assert text.calls_inserted == len(inserted)
+            expected = tf.annotate(text.text, [(c.position, tf.linearize(c.call, c.result, CONFIG)) for c in inserted])
+            assert text.annotated == expected
+        print("statuses:", sorted(statuses), "annotated:", [t.annotated for t in texts])
+
+    result = runner.invoke(app, [*args, "--limit", "3"])  # resume: texts 1 and 2 are done, only text 3 runs
+    assert result.exit_code == 0, result.output
+    with Session(open_engine(db_url)) as session:
+        assert [t.line for t in session.exec(select(ToolformerText).order_by(ToolformerText.line))] == [1, 2, 3]
+        assert len(session.exec(select(ApiCall)).all()) > 16
+    result = runner.invoke(app, [*args[:-1], "--limit", "3", "--tools", "calculator"])
+    assert result.exit_code == 2 and "tools differ" in result.output
+
+
+def _run_one_text(backend, tmp_path):
+    from sqlmodel import select
+
+    from storage.tables import ApiCall, ToolformerText
+
+    session, run = _store(tmp_path)
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"k": 2, "m": 2}}, max_call_tokens=16)
+    tf.run(session, run, backend, [tf.CorpusText(1, TEXT)], build_tools(["calculator"]), config)
+    (text,) = session.exec(select(ToolformerText)).all()
+    calls = session.exec(select(ApiCall)).all()
+    assert len(calls) == 4 and all(c.p_api is None or 0 < c.p_api < 1 for c in calls)
+    assert all(c.loss_plus is not None for c in calls if c.status in ("kept", "rejected"))
+    return text, calls
+
+
+@pytest.mark.vllm
+def test_pipeline_runs_on_vllm(vllm_llm, tmp_path):
+    _run_one_text(vllm_llm, tmp_path)
+
+
+@pytest.mark.vllm
+def test_pipeline_runs_on_openai(vllm_server, tmp_path):
+    from datagen.backends.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend("smollm2-135m", base_urls=[vllm_server])
+    try:
+        _run_one_text(backend, tmp_path)
+    finally:
+        backend.close()

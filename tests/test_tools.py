@@ -182,3 +182,9 @@ def test_build_tools_checks_names_and_needs():
     with pytest.raises(BadInput, match="--search-corpus"):
         build_tools(["wikisearch"])
     assert build_tools(["wikisearch"], SEARCH_CORPUS)["wikisearch"].name == "WikiSearch"
+
+
+def test_calculator_parse_accepts_well_formed_calls_that_fail_to_run():
+    assert CALCULATOR.parse("1 / 0") == "1 / 0"
+    with pytest.raises(ToolError, match="division by zero"):
+        CALCULATOR.function("1 / 0", CallContext())

@@ -13,6 +13,8 @@ from typer.core import TyperGroup
 from datagen import __version__
 from datagen.commands import export, generate, models, report, runs, train
 from datagen.commands.toolformer import toolformer
+from datagen.commands.self_instruct import self_instruct_command
+from datagen.commands.alpaca import alpaca_command
 from datagen.console import print_error
 from datagen.dedup_cli import dedup
 from datagen.errors import DatagenError
@@ -37,6 +39,8 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.add_typer(runs.app, name="runs")
 app.command("generate")(generate.generate)
+app.command("self-instruct")(self_instruct_command)
+app.command("alpaca")(alpaca_command)
 app.command("export")(export.export_command)
 app.command("report")(report.report_command)
 app.command("dedup")(dedup)
@@ -55,3 +59,7 @@ def main_options(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
     """datagen: Self-Instruct, Alpaca and Toolformer data generation with a SQL store and a trainer."""
+
+
+if __name__ == "__main__":
+    app()

@@ -81,16 +81,17 @@ def parse_tasks(text: str, chat: bool, truncated: bool, first_number: int) -> li
     """(instruction, input, output) records from "N. Instruction: / N. Input: / N. Output:" blocks split by ###."""
     if not chat:
         text = f"{first_number}. Instruction:" + text
+    blocks = re.split(r"^\s*###\s*$", text, flags=re.M)
+    if truncated:
+        blocks = blocks[:-1]  # the block max_tokens cut may be incomplete
     records = []
-    for block in re.split(r"^\s*###\s*$", text, flags=re.M):
+    for block in blocks:
         parts = _FIELD.split(block)
         fields = {name: value.strip() for name, value in zip(parts[1::2], parts[2::2])}
         if "Instruction" not in fields or "Output" not in fields:
             continue
         given = fields.get("Input", "")
         records.append((re.sub(r"\s+", " ", fields["Instruction"]), "" if given.lower().strip("<> ") == "noinput" else given, fields["Output"]))
-    if truncated and records:
-        records.pop()
     return records
 
 

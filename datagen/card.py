@@ -240,8 +240,8 @@ def _toolformer_section(facts: RunFacts) -> list[str]:
         "",
         f"- Pipeline: `toolformer` (status {facts.status}, started {facts.created_at}).",
         f"- Model: `{facts.model}` on the `{facts.backend}` backend; it both proposes the API calls and scores them.",
-        f"- Corpus: `{config.get('corpus', 'not recorded')}`, {facts.texts} texts processed; {exported} with at least one kept call "
-        f"are exported; texts without one (not exported, as in the paper's C*): {facts.tasks_without_instances}.",
+        f"- Corpus: `{config.get('corpus', 'not recorded')}`, {facts.texts} texts processed. Exported (at least one kept call): "
+        f"{exported}; left out (no kept call, as in the paper's C*): {facts.tasks_without_instances}.",
         f"- Call syntax: `{config.get('api_start', '[')}Tool(argument) {config.get('result_arrow', '->')} result{config.get('api_end', ']')}`.",
         "",
     ]

@@ -287,7 +287,7 @@ def test_toolformer_texts_with_kept_calls(store, tmp_path):
         for row in (r for split in saved.values() for r in split):
             assert session.get(Generation, row["generation_id"]).purpose == "api_calls" and row["similarity"] is None
     card = (out / "README.md").read_text()
-    for expected in ("Toolformer fine-tuning data", "6 texts processed; 5 with at least one kept call", "| calculator | 0.0 | 20 | 10 | 0.5 |",
+    for expected in ("Toolformer fine-tuning data", "6 texts processed. Exported (at least one kept call): 5; left out (no kept call, as in the paper's C*): 1", "| calculator | 0.0 | 20 | 10 | 0.5 |",
                      "schick2023toolformer", "[Calculator(400 / 1400) -> 0.29]"):  # fmt: skip
         assert expected in card, expected
 

@@ -433,6 +433,19 @@ def test_cli_end_to_end_on_the_embedded_model_and_resume(tmp_path, db_url, embed
     result = runner.invoke(app, [*args[:-1], "--limit", "3", "--tools", "calculator"])
     assert result.exit_code == 2 and "tools differ" in result.output
 
+    # the kept calls as a fine-tuning dataset: `datagen export --format toolformer` reads toolformertext.annotated
+    with Session(open_engine(db_url)) as session:
+        annotated = [t.annotated for t in session.exec(select(ToolformerText)) if t.calls_inserted > 0]
+    out = tmp_path / "export"
+    result = runner.invoke(app, ["export", "--run", "tf-e2e", "--format", "toolformer", "--out", str(out), "--test-size", "0", "--db", db_url])
+    if annotated:
+        import datasets
+
+        assert result.exit_code == 0, result.output
+        assert sorted(datasets.load_from_disk(str(out))["train"]["text"]) == sorted(annotated)
+    else:
+        assert result.exit_code == 2, result.output
+
 
 def _run_one_text(backend, tmp_path):
     from sqlmodel import select

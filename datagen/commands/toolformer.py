@@ -26,13 +26,13 @@ from storage.tables import Run, utcnow
 
 def toolformer(
     corpus: Annotated[Path, typer.Option("--corpus", help='JSONL: {"text": ..., "date": "YYYY-MM-DD" (optional), "id": ... (optional)} per line.')],
-    tools: Annotated[Optional[str], typer.Option("--tools", help="Comma-separated, from calculator,calendar,wikisearch,qa [default: calculator,calendar].")] = None,
+    tools: Annotated[Optional[str], typer.Option("--tools", help="Comma-separated, from calculator,calendar,wikisearch,qa (default: calculator,calendar).")] = None,
     search_corpus: Annotated[Optional[Path], typer.Option("--search-corpus", help="Folder of .txt/.jsonl passages for wikisearch and qa.")] = None,
     date: Annotated[Optional[str], typer.Option("--date", help="Calendar date (YYYY-MM-DD) for texts without a 'date' field.")] = None,
-    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name; rerun with the same name to resume [default: toolformer-TIMESTAMP].")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name; rerun with the same name to resume (default: toolformer-TIMESTAMP).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N texts of the corpus.", min=1)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Texts per batch (one transaction each) [default: 8].", min=1)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the call sampling [default: 0].")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Texts per batch, one transaction each (default: 8).", min=1)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the call sampling (default: 0).")] = None,
     model: ModelOption = DEFAULT_MODEL,
     backend: BackendOption = BackendName.auto,
     base_url: BaseUrlOption = None,

@@ -11,7 +11,7 @@ from datagen.backends import Backend, BackendName, load_backend
 
 DbOption = Annotated[
     Optional[str],
-    typer.Option("--db", envvar="DATAGEN_DB", help="SQLAlchemy URL of the store [default: sqlite:///datagen.db]."),
+    typer.Option("--db", envvar="DATAGEN_DB", help="SQLAlchemy URL of the store (default: sqlite:///datagen.db)."),
 ]
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="Embedded model name, local Hugging Face folder, or hub id (with DATAGEN_ALLOW_HUB=1).")

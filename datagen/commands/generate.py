@@ -31,7 +31,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeatable.")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per backend call.")] = 16,
-    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name [default: generate-TIMESTAMP].")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name (default: generate-TIMESTAMP).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write completions as JSONL here instead of stdout.")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,

@@ -13,9 +13,18 @@ the maintained libraries' (TRL's SFTTrainer, transformers' Trainer, peft, bitsan
 Outputs in OUT: the adapter (adapter_model.safetensors + adapter_config.json) or the full model, the tokenizer,
 merged/ (--merge), checkpoints/ (for --resume), loss_curve.png, train_summary.json, train_config.yaml.
 
-Several processes: `torchrun --nproc_per_node N $(which datagen) train ...` or `accelerate launch ... $(which
-datagen) train ...` runs data-parallel (DDP); an accelerate FSDP config shards a full fine-tune. Only the main
-process writes the store row, the plot, the summary and merged/.
+Several processes run data-parallel (DDP; tested here with two CPU processes on gloo):
+
+    torchrun --nproc_per_node 8 "$(which datagen)" train --data DIR --method lora --out OUT
+    torchrun --nnodes 2 --node_rank R --rdzv-backend c10d --rdzv-endpoint HOST:29500 --nproc_per_node 8 "$(which datagen)" train ...
+
+A full fine-tune too big for one GPU shards with FSDP through an accelerate config, e.g. TRL's
+trl/accelerate_configs/fsdp2.yaml (not tested here: no GPU):
+
+    accelerate launch --config_file fsdp2.yaml --num_processes 8 "$(which datagen)" train --method full ...
+
+The effective batch is batch_size x gradient_accumulation_steps x processes. Only the main process writes the
+store row, the plot, the summary and merged/.
 """
 
 from __future__ import annotations

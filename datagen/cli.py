@@ -16,7 +16,7 @@ from datagen.commands.toolformer import toolformer
 from datagen.commands.self_instruct import self_instruct_command
 from datagen.commands.alpaca import alpaca_command
 from datagen.console import print_error
-from datagen.dedup_cli import dedup
+from datagen.commands.dedup import dedup
 from datagen.errors import DatagenError
 
 class DatagenGroup(TyperGroup):

@@ -32,7 +32,7 @@ from datagen.dedup import (
     rouge_l_fmeasure,
     tokenize_unicode,
 )
-from datagen.dedup_cli import dedup as dedup_command
+from datagen.commands.dedup import dedup as dedup_command
 from datagen.errors import BadInput
 
 SEEDS = Path(__file__).resolve().parents[1] / "examples" / "seed_tasks.jsonl"

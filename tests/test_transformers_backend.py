@@ -69,3 +69,14 @@ def test_bad_sampling_settings_are_bad_input():
         SamplingParams(top_p=0)
     with pytest.raises(BadInput, match="exactly one of prompt or messages"):
         Request()
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    from datagen.backends.transformers_backend import OutputPenalties
+
+    input_ids = torch.tensor([[5, 1, 1, 2], [5, 5, 3, 3]])  # prompt width 2: generated tokens are [1, 2] and [3, 3]
+    scores = torch.zeros(2, 6)
+    out = OutputPenalties(2, presence_penalty=1.5, frequency_penalty=0.25)(input_ids, scores)
+    assert out[0].tolist() == [0, -1.75, -1.75, 0, 0, 0]  # token 1 (prompt token too) counted once, from the completion
+    assert out[1].tolist() == [0, 0, 0, -2.0, 0, 0]  # token 5 is only in the prompt: no penalty
+    assert OutputPenalties(4, 2.0, 0.0)(input_ids, scores).equal(scores)

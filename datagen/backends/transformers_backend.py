@@ -1,8 +1,9 @@
 """Local Hugging Face transformers backend: the CPU default.
 
 Batched `generate` with left padding, stop strings and seeds; `score` by one forward pass per
-batch of sequences. Presence and frequency penalties do not exist in transformers' sampler and
-are ignored here (vllm and openai apply them).
+batch of sequences. Presence and frequency penalties, which transformers' sampler lacks, are applied
+as vLLM and OpenAI define them (`OutputPenalties`): they are what keep a small model out of loops
+under the greedy, penalized decoding of Self-Instruct's instance step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
 from datagen import models
 from datagen.backends import Completion, Message, Request, Result, SamplingParams, ScoredSequence, apply_stop
@@ -61,6 +62,9 @@ class TransformersBackend:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p) if params.temperature > 0 else dict(do_sample=False)
+        if params.presence_penalty or params.frequency_penalty:
+            penalties = OutputPenalties(encoded["input_ids"].shape[1], params.presence_penalty, params.frequency_penalty)
+            sampling["logits_processor"] = LogitsProcessorList([penalties])
         output = self.hf_model.generate(
             **encoded,
             max_new_tokens=params.max_tokens,
@@ -141,3 +145,20 @@ class TransformersBackend:
 
     def close(self) -> None:
         del self.hf_model
+
+
+class OutputPenalties(LogitsProcessor):
+    """vLLM's and OpenAI's penalties: logit -= presence_penalty if the token already occurs in this completion, and
+    -= frequency_penalty × its count there. Prompt tokens do not count (vLLM: "tokens in the generated text")."""
+
+    def __init__(self, prompt_width: int, presence_penalty: float, frequency_penalty: float):
+        self.prompt_width = prompt_width
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_width :]
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.presence_penalty * (counts > 0).to(scores.dtype) - self.frequency_penalty * counts

@@ -1,12 +1,19 @@
-"""Stanford Alpaca's data generation (Taori et al. 2023; tatsu-lab/stanford_alpaca: generate_instruction.py).
+"""Stanford Alpaca's data generation (Taori et al. 2023, "Alpaca: A Strong, Replicable Instruction-Following Model";
+code: github.com/tatsu-lab/stanford_alpaca, generate_instruction.py and prompt.txt).
 
     datagen alpaca --seeds examples/seed_tasks.jsonl --num-instructions 50 --run alpaca-demo
 
-Alpaca's variant of Self-Instruct: each request shows 3 seed tasks (seeds only, no machine tasks) and asks
-for 20 complete tasks at once, each with an instruction, an input (or <noinput>) and an output, so one call
-yields instructions and their instances together. There is no classification step. The heuristic filters
-(with Alpaca's larger blacklist) and the ROUGE-L 0.7 rule against seeds and pool are Self-Instruct's, and
-so are the store layout, resume and progress (pipelines/self_instruct.py).
+Alpaca's variant of Self-Instruct: each request shows 3 seed tasks (seeds only, never machine-generated ones) as
+complete records and asks for 20 diverse tasks, each with an instruction, an input (or <noinput>) and an output, so one
+call yields instructions and their instances together. No classification step. A batch runs:
+
+1. prompt: the requirements, 3 numbered seed records separated by "###", and "4. Instruction:";
+2. generate, and parse the "N. Instruction / N. Input / N. Output" records;
+3. filter: Self-Instruct's heuristic filters with Alpaca's larger blacklist, then ROUGE-L F > 0.7 against every seed and
+   every instruction kept so far (the dedup engine), then the instance filters on the record's input and output;
+4. store: every call, every parsed record with its verdict, in one transaction.
+
+Seeds, store layout, resume, stall guard and progress are Self-Instruct's (pipelines/self_instruct.py).
 """
 
 from __future__ import annotations
@@ -16,170 +23,226 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlmodel import Session, func, select
+from sqlmodel import Session
 
 from datagen.backends import Backend, Request, SamplingParams
 from datagen.dedup import RougeIndex
+from datagen.errors import BadInput
 from pipelines.seeds import SeedTask
-from pipelines.self_instruct import BatchStats, SelfInstructConfig, instance_verdicts, load_pool, rejection_reason, uses_chat
+from pipelines.self_instruct import (
+    BLACKLIST,
+    BatchStats,
+    bootstrap,
+    instance_verdicts,
+    load_pool,
+    load_seeds,
+    one_line,
+    Prompt,
+    rejection_reason,
+    timed_generate,
+    uses_chat,
+)
 from storage.store import add_generations, touch
-from storage.tables import Generation, Instance, Run, Task
+from storage.tables import Instance, Run, Task
+
+ALPACA_BLACKLIST = BLACKLIST + ("video", "audio", "music", "flowchart", "diagram")
+"""generate_instruction.py's blacklist: Self-Instruct's plus tasks needing sound or pictures."""
 
 
 @dataclass
-class AlpacaConfig(SelfInstructConfig):
-    """Alpaca's defaults (generate_instruction.py) over Self-Instruct's."""
+class AlpacaConfig:
+    """Every knob of an Alpaca run; defaults are generate_instruction.py's unless the comment says otherwise."""
 
+    num_instructions: int = 100
+    """Accepted instructions to reach (reference `num_instructions_to_generate` 100)."""
     num_prompt_instructions: int = 3
-    """Seed tasks shown per request."""
-    num_tasks_per_request: int = 20
+    """Seed records shown per request (reference 3)."""
+    num_tasks: int = 20
+    """Tasks the prompt asks for; generation stops at number 20, so at most 16 new records come per request
+    (reference: prompt.txt "a set of 20", stop=["\\n20", "20.", "20."])."""
+    request_batch_size: int = 8
+    """Requests per batch, one backend call (reference 5)."""
     temperature: float = 1.0
     top_p: float = 1.0
-    presence_penalty: float = 0.0
     max_tokens: int = 3072
-    request_batch_size: int = 8
-    blacklist: tuple[str, ...] = SelfInstructConfig().blacklist + ("video", "videos", "audio", "music", "flowchart", "diagram")
+    """Per request (reference: "hard-code to maximize the length")."""
+    rouge_threshold: float = 0.7
+    """Reject when ROUGE-L F-measure > 0.7 against a seed or a kept instruction (reference)."""
+    tokenizer: str = "rouge"
+    """ROUGE tokenizer: rouge (the reference's) or unicode (non-English data)."""
+    blacklist: tuple[str, ...] = ALPACA_BLACKLIST
+    require_ascii_start: bool = True
+    """Reject instructions whose first character is not ASCII (reference); turn off for non-English data."""
+    prompt_style: str = "auto"
+    """raw, chat (the requirements as the user's turn, the records as the start of the answer) or auto."""
+    max_requests: int | None = None
+    """Stop (status 'stopped') after this many requests in the run; None: no limit."""
+    max_stalled_batches: int = 5
+    """Stop with a message after this many batches in a row accept nothing (ours)."""
+    seed: int = 0
+    """Seeds the sampling of seed records and the backend's sampling."""
+
+    def __post_init__(self) -> None:
+        if self.num_instructions < 1:
+            raise BadInput(f"--num-instructions must be at least 1, got {self.num_instructions}")
+        if not 0 <= self.rouge_threshold <= 1:
+            raise BadInput(f"--rouge-threshold must be in [0, 1], got {self.rouge_threshold}")
+        if self.prompt_style not in ("auto", "raw", "chat"):
+            raise BadInput(f"--prompt-style must be raw, chat or auto, got {self.prompt_style}")
+        if self.tokenizer not in ("rouge", "unicode"):
+            raise BadInput(f"--tokenizer must be rouge or unicode, got {self.tokenizer}")
+        for name in ("request_batch_size", "max_tokens", "num_prompt_instructions", "max_stalled_batches"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_tasks <= self.num_prompt_instructions + 1:
+            raise BadInput("--num-tasks must exceed --num-prompt-instructions + 1")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise BadInput(f"--max-requests must be at least 1, got {self.max_requests}")
+        self.blacklist = tuple(self.blacklist)
 
 
-PROMPT = """You are asked to come up with a set of {n} diverse task instructions. These task instructions will be given to a language model and we will evaluate the model for completing the instructions.
+# ---- prompt (pure) --------------------------------------------------------------------------------------------
 
-Requirements:
-1. Do not repeat the same verb for each instruction, to maximize diversity.
-2. Use varied language: questions and imperative instructions both work.
-3. The tasks should be of different types: open-ended generation, classification, editing, rewriting, question answering, brainstorming and more.
-4. A language model must be able to complete the instruction: no images, audio or actions in the world.
-5. Write in English, one or two sentences per instruction.
-6. Where a task needs an input, give a realistic one of at most 100 words; otherwise write "<noinput>".
-7. The output must be an appropriate response to the instruction and input, in at most 100 words.
+REQUIREMENTS = """You are asked to come up with a set of {n} diverse task instructions. These task instructions will be given to a language model and we will evaluate the model for completing the instructions.
 
-List of {n} tasks:
-"""
+Here are the requirements:
+1. Try not to repeat the verb for each instruction to maximize diversity.
+2. The language used for the instructions should also be diverse: combine questions with imperative instructions.
+3. The types of instructions should be diverse: open-ended generation, classification, editing, rewriting, question answering, brainstorming and more.
+4. A language model must be able to complete the instruction: do not ask for visual or audio output, or for actions in the world such as setting a reminder.
+5. The instructions should be in English, 1 to 2 sentences long, either imperative sentences or questions.
+6. Write an appropriate input for the instruction: a specific, realistic example of at most about 100 words, not a placeholder. When no input is needed, as for a general knowledge question, write "<noinput>".
+7. The output should be an appropriate response to the instruction and the input, in less than 100 words.
 
-
-def task_block(number: int, instruction: str, given: str, output: str) -> str:
-    return f"###\n{number}. Instruction: {instruction}\n{number}. Input:\n{given or '<noinput>'}\n{number}. Output:\n{output}\n"
+List of {n} tasks:"""
+"""Ours, after Alpaca's prompt.txt: the same seven rules (numbered correctly) in our words."""
 
 
-def alpaca_request(examples: Sequence[SeedTask], config: AlpacaConfig, chat: bool, seed: int) -> Request:
-    body = PROMPT.format(n=config.num_tasks_per_request)
-    for number, task in enumerate(examples, start=1):
-        instance = task.instances[0]
-        body += task_block(number, task.instruction, instance.input, instance.output)
-    body += f"###\n{len(examples) + 1}. Instruction:"
-    params = SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
-                            presence_penalty=config.presence_penalty, seed=seed,
-                            stop=(f"\n{config.num_tasks_per_request + 1}", f"{config.num_tasks_per_request + 1}.", f"{config.num_tasks_per_request + 1}. Instruction"))
-    if chat:
-        return Request(messages=({"role": "user", "content": body.rsplit("###\n", 1)[0] + "###\nContinue the list in the same format, starting with the next number."},), params=params)
-    return Request(prompt=body, params=params)
+def record(number: int, instruction: str, given: str, output: str) -> str:
+    """One task in Alpaca's record format (encode_prompt)."""
+    return f"###\n{number}. Instruction: {one_line(instruction)}\n{number}. Input:\n{given or '<noinput>'}\n{number}. Output:\n{output}\n"
 
 
-_FIELD = re.compile(r"^\s*\d+\s*\.\s*(Instruction|Input|Output)\s*:\s*", re.M)
+def alpaca_prompt(examples: Sequence[SeedTask], num_tasks: int) -> Prompt:
+    records = "".join(record(n, t.instruction, t.instances[0].input, t.instances[0].output) for n, t in enumerate(examples, 1))
+    return Prompt(REQUIREMENTS.format(n=num_tasks), f"{records}###\n{len(examples) + 1}. Instruction:")
 
 
-def parse_tasks(text: str, chat: bool, truncated: bool, first_number: int) -> list[tuple[str, str, str]]:
-    """(instruction, input, output) records from "N. Instruction: / N. Input: / N. Output:" blocks split by ###."""
-    if not chat:
-        text = f"{first_number}. Instruction:" + text
-    blocks = re.split(r"^\s*###\s*$", text, flags=re.M)
-    if truncated:
-        blocks = blocks[:-1]  # the block max_tokens cut may be incomplete
+def alpaca_params(config: AlpacaConfig, seed: int) -> SamplingParams:
+    return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens, seed=seed,
+                          stop=(f"\n{config.num_tasks}", f"{config.num_tasks}."))  # fmt: skip
+
+
+# ---- parsing (pure) -------------------------------------------------------------------------------------------
+
+_FIELD = re.compile(r"^\s*\d+\s*\.\s*(Instruction|Input|Output)\s*:", re.M)
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str | None
+    """None when the block has no Output field (stored as rejected, reason malformed_record)."""
+
+
+def parse_records(completion: str, first_number: int) -> list[Record]:
+    """Records of a completion that continues after "N. Instruction:", split at "###" (generate_instruction.py).
+
+    Ours: any number is accepted before a field name (the reference insists on the expected one, so one misnumbered
+    record drops); "<noinput>" in any case means an empty input.
+    """
     records = []
-    for block in blocks:
+    for block in re.split(r"^\s*###\s*$", f"{first_number}. Instruction:{completion}", flags=re.M):
         parts = _FIELD.split(block)
-        fields = {name: value.strip() for name, value in zip(parts[1::2], parts[2::2])}
-        if "Instruction" not in fields or "Output" not in fields:
+        fields = dict(zip(parts[1::2], (p.strip() for p in parts[2::2])))
+        if not fields.get("Instruction"):
             continue
         given = fields.get("Input", "")
-        records.append((re.sub(r"\s+", " ", fields["Instruction"]), "" if given.lower().strip("<> ") == "noinput" else given, fields["Output"]))
+        given = "" if given.lower() == "<noinput>" else given
+        records.append(Record(re.sub(r"\s+", " ", fields["Instruction"]), given, fields.get("Output")))
     return records
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
 
 
 def run(
     session: Session,
     run_row: Run,
     backend: Backend,
-    seeds: Sequence[SeedTask],
     config: AlpacaConfig,
     on_batch: Callable[[Run, BatchStats], None] = lambda run, stats: None,
 ) -> BatchStats:
-    chat = uses_chat(backend, config)
-    seed_instructions, pool = load_pool(session, run_row)
+    """Generate until config.num_instructions records are accepted; seeds and pool come from the store."""
+    chat_template = backend.render_chat if uses_chat(backend, config.prompt_style) else None
+    seeds = load_seeds(session, run_row)
+    examples = [s for s in seeds if s.instances]
     index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
-    index.add(seed_instructions + pool)
-    batch_number = (session.exec(select(func.max(Generation.batch)).where(Generation.run_id == run_row.id)).one() or 0) + 1
-    rng = random.Random(config.seed * 1_000_003 + batch_number)
-    examples_pool = [s for s in seeds if s.instances]
-    totals, stalled = BatchStats(), 0
-    while run_row.accepted < config.num_instructions:
-        if config.max_requests is not None and run_row.requests >= config.max_requests:
-            touch(run_row, status="stopped", error=f"--max-requests {config.max_requests} reached")
-            break
-        if stalled >= config.max_stalled_batches:
-            touch(run_row, status="stopped", error=f"{stalled} batches in a row accepted nothing")
-            break
-        requests = [alpaca_request(rng.sample(examples_pool, min(config.num_prompt_instructions, len(examples_pool))), config, chat,
-                                   seed=config.seed * 1000 + batch_number) for _ in range(config.request_batch_size)]
-        stats = _process_batch(session, run_row, backend, config, chat, requests, index, batch_number)
-        totals.generated += stats.generated
-        totals.accepted += stats.accepted
-        totals.generate_seconds += stats.generate_seconds
-        for reason, count in stats.rejected.items():
-            totals.rejected[reason] = totals.rejected.get(reason, 0) + count
-        stalled = 0 if stats.accepted else stalled + 1
-        batch_number += 1
-        on_batch(run_row, stats)
-    else:
-        touch(run_row, status="completed", error=None)
-    session.add(run_row)
-    session.commit()
-    return totals
+    index.add([s.instruction for s in seeds] + load_pool(session, run_row))
+
+    def one_batch(batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
+        requests = []
+        for _ in range(n_requests):
+            shown = rng.sample(examples, min(config.num_prompt_instructions, len(examples)))
+            requests.append(Request(prompt=alpaca_prompt(shown, config.num_tasks).render(chat_template),
+                                    params=alpaca_params(config, config.seed * 1000 + batch_number)))  # fmt: skip
+        return process_batch(session, run_row, backend, config, requests, index, batch_number)
+
+    return bootstrap(session, run_row, config, one_batch, on_batch)
 
 
-def _process_batch(session, run_row, backend, config, chat, requests, index, batch_number) -> BatchStats:
-    import time
-
-    stats = BatchStats()
-    started = time.perf_counter()
-    results = backend.generate(requests)
-    stats.generate_seconds = time.perf_counter() - started
+def process_batch(session: Session, run_row: Run, backend: Backend, config: AlpacaConfig, requests: list[Request],
+                  index: RougeIndex, batch_number: int) -> BatchStats:  # fmt: skip
+    """generate → parse → filter → store, one transaction."""
+    stats = BatchStats(requests=len(requests))
+    results = timed_generate(backend, requests, stats)
     generations = add_generations(session, run_row, backend, "instructions", batch_number, requests, results)
-    candidates = []  # (generation id, instruction, input, output)
-    for rows, result in zip(generations, results):
-        for row, completion in zip(rows, result.completions):
-            for record in parse_tasks(completion.text, chat, completion.finish_reason == "length", config.num_prompt_instructions + 1):
-                candidates.append((row.id, *record))
-    stats.generated = len(candidates)
-    tasks, survivors = [], []
-    for generation_id, instruction, given, output in candidates:
-        reason = rejection_reason(instruction, config) or instance_verdicts([(given, output)], 1)[0]
-        task = Task(run_id=run_row.id, generation_id=generation_id, instruction=instruction, status="rejected", reason=reason,
-                    is_classification=None)
-        tasks.append((task, given, output))
-        if reason is None:
-            survivors.append(task)
-    decisions = index.filter([t.instruction for t in survivors])
+    rows: list[tuple[Task, Record]] = []
+    for generation, result in zip(generations, results):
+        completion = result.completions[0]
+        records = parse_records(completion.text, config.num_prompt_instructions + 1)
+        stats.empty_responses += not records
+        for position, rec in enumerate(records):
+            if completion.finish_reason == "length" and position == len(records) - 1:
+                reason = "cut_by_length"  # the block max_tokens cut may be incomplete (reference)
+            elif rec.output is None:
+                reason = "malformed_record"
+            else:
+                reason = rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start)
+            task = Task(run_id=run_row.id, generation_id=generation[0].id, instruction=rec.instruction, status="rejected", reason=reason)
+            rows.append((task, rec))
+    stats.generated = len(rows)
+
+    survivors = [(task, rec) for task, rec in rows if task.reason is None]
+    decisions = index.filter([task.instruction for task, _ in survivors])
     need = config.num_instructions - run_row.accepted
-    for task, decision in zip(survivors, decisions):
+    session.add_all(task for task, _ in rows)
+    session.flush()
+    for (task, rec), decision in zip(survivors, decisions):
         task.nearest, task.similarity = decision.nearest_text, decision.score
         if not decision.kept:
             task.reason = "rouge_similarity"
+            continue
+        # One instance per instruction: the record's own input and output, through Self-Instruct's instance filters.
+        verdict = instance_verdicts([(rec.input, rec.output)], 1, cut_by_length=False)[0]
+        session.add(Instance(task_id=task.id, generation_id=task.generation_id, input=rec.input, output=rec.output,
+                             status="rejected" if verdict else "accepted", reason=verdict))  # fmt: skip
+        if verdict:
+            task.reason = "no_valid_instances"
         elif stats.accepted >= need:
             task.reason = "target_reached"
         else:
             task.status, task.reason = "accepted", None
             stats.accepted += 1
-    session.add_all(task for task, _, _ in tasks)
-    session.flush()
-    for task, given, output in tasks:
-        if task.status == "accepted":
-            session.add(Instance(task_id=task.id, generation_id=task.generation_id, input=given, output=output))
             run_row.instances += 1
-        else:
-            stats.rejected[task.reason] = stats.rejected.get(task.reason, 0) + 1
+    for task, _ in rows:
+        if task.status == "rejected":
+            stats.reject(task.reason)
     run_row.accepted += stats.accepted
     run_row.rejected += sum(stats.rejected.values())
     touch(run_row)
+    session.add_all(task for task, _ in rows)
     session.add(run_row)
     session.commit()
     return stats

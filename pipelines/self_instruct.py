@@ -1,81 +1,110 @@
-"""Self-Instruct bootstrapping (Wang et al. 2023, "Self-Instruct: Aligning Language Models with
-Self-Generated Instructions"; reference code: yizhongw/self-instruct).
+"""Self-Instruct bootstrapping (Wang et al. 2023, "Self-Instruct: Aligning Language Models with Self-Generated
+Instructions", ACL; reference implementation: github.com/yizhongw/self-instruct, `self_instruct/`).
 
     datagen self-instruct --seeds examples/seed_tasks.jsonl --num-instructions 50 --run demo
 
-From a few human seed tasks, the model writes new instructions; each is kept only if it passes the
-heuristic filters and its ROUGE-L F-measure with every instruction kept so far (seeds included) is at
-most 0.7; the model then says whether the task is a classification task and writes instances for it
-(input first, or label first for classification). The pool grows until `num_instructions` are accepted.
+From a few human-written seed tasks the model writes new instructions. Each batch runs the paper's steps in order:
 
-Every call, candidate and verdict goes to the store in one transaction per batch, so a crash loses at
-most the batch in flight and `--run NAME` resumes from the store with no duplicates.
+1. prompt: 8 instructions (6 human seeds, 2 from the machine pool), numbered, ending with "9."  (bootstrap_instructions.py)
+2. generate, and parse the numbered list the model continues;
+3. filter: length, keyword blacklist, "Write a program", leading punctuation or non-ASCII character, then ROUGE-L
+   F > 0.7 against every seed and every instruction kept so far (the dedup engine's exact rouge-score decisions);
+4. classify: a few-shot "Is it classification?" prompt, temperature 0, 3 tokens            (identify_clf_or_not.py)
+5. instances: input first for ordinary tasks, label first for classification; up to 5, then the reference's
+   instance filters                                               (generate_instances.py, prepare_for_finetuning.py)
+6. store: every call, every parsed instruction with its verdict, every instance, in one transaction.
+
+The loop repeats until `num_instructions` are accepted (an instruction counts once it has at least one valid
+instance). A crash loses at most the batch in flight; `--run NAME` rebuilds seeds, pool and similarity index from
+the store and carries on, so the decisions of a resumed run are those of an uninterrupted one.
+
+Prompt styles: `raw` is the paper's completion prompt. `chat` renders the same request through the model's chat
+template: the request's header (e.g. "Come up with a series of tasks:") is the user's turn and the numbered list is
+the start of the assistant's answer, which the model continues. Small chat models (the embedded SmolLM2-135M) copy
+the list far less and keep to its format far better this way than when the whole list is in the user's turn.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import string
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 from sqlmodel import Session, func, select
 
 from datagen.backends import Backend, Request, Result, SamplingParams
 from datagen.dedup import RougeIndex
-from datagen.errors import BadInput, DatagenError
-from pipelines.seeds import SeedTask
+from datagen.errors import BadInput
+from pipelines.seeds import SeedInstance, SeedTask
 from storage.store import add_generations, touch
 from storage.tables import Generation, Instance, Run, Task
+
+BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot", "go to")
+"""Words of tasks a language model cannot do (bootstrap_instructions.py, post_process_gpt3_response)."""
 
 
 @dataclass
 class SelfInstructConfig:
-    """Defaults are the reference implementation's (self_instruct/bootstrap_instructions.py and
-    generate_instances.py) unless a comment says otherwise."""
+    """Every knob of a Self-Instruct run. Defaults are the reference implementation's (yizhongw/self-instruct,
+    self_instruct/*.py) unless the comment says otherwise."""
 
     num_instructions: int = 100
-    """Accepted generated instructions to reach."""
+    """Accepted generated instructions to reach (reference `--num_instructions_to_generate`, default 100)."""
     num_prompt_instructions: int = 8
-    """In-context instructions per request: 8 in the reference."""
+    """In-context instructions per request (reference `--num_prompt_instructions` 8)."""
     num_machine_instructions: int = 2
-    """Of those, taken from the machine-generated pool (6 from the human seeds); fewer while the pool is small."""
+    """Of those, sampled from the machine-generated pool, the rest from the seeds (reference: n=2; fewer while the
+    pool is small)."""
     max_new_instructions: int = 7
-    """The prompt ends at number 9 and generation stops at "16": at most 7 new instructions per request."""
+    """Stop sequences end a completion before item 8 + 7 + 1 = 16 (reference: stop at "\\n16", "16.", "16 .")."""
     request_batch_size: int = 16
-    """Requests per backend call (the reference sent 5 per API call); the transformers backend batches 16."""
+    """Instruction requests per batch, sent in one backend call (reference `--request_batch_size` 5, one API call;
+    16 is the transformers backend's batch, and vLLM schedules any number together). Near the target, a batch asks
+    only for about as many requests as the keep rate so far needs."""
     temperature: float = 0.7
     top_p: float = 0.5
     presence_penalty: float = 2.0
-    """Reference: presence_penalty=2 (vllm and openai apply it; transformers has none)."""
+    """Reference: presence_penalty=2. vllm and openai apply it; transformers has no such penalty."""
     max_tokens: int = 1024
+    """Per instruction request (reference 1024). On the transformers backend a batch runs until its longest
+    completion ends, so one rambling completion costs the whole batch this many steps: 256 is plenty for 7
+    instructions of a small model (examples/self_instruct.yaml)."""
     rouge_threshold: float = 0.7
-    """Reject when ROUGE-L F > 0.7 against any seed or accepted instruction (paper, section 2.3)."""
-    min_words: int = 4
-    """Reject 3 words or fewer (reference: `len(inst.split()) <= 3`)."""
-    max_words: int = 150
-    blacklist: tuple[str, ...] = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
-                                  "map", "maps", "draw", "plot", "go to")
-    """Tasks a language model cannot do (reference filter)."""
-    require_ascii_start: bool = True
-    """Reject instructions whose first character is not ASCII; turn off for non-English data."""
+    """Reject when ROUGE-L F-measure > 0.7 against any seed or kept instruction (paper section 2.3; reference
+    `if max(rouge_scores) > 0.7`)."""
     tokenizer: str = "rouge"
-    """ROUGE tokenizer: rouge (rouge-score's, faithful) or unicode (any script)."""
+    """ROUGE tokenizer: rouge (rouge-score's own, the reference's) or unicode (words of any script, for non-English
+    data: rouge-score drops every non-[a-z0-9] character)."""
+    blacklist: tuple[str, ...] = BLACKLIST
+    """Whole words, any case."""
+    require_ascii_start: bool = True
+    """Reject instructions whose first character is not ASCII (reference); turn off for non-English data."""
     prompt_style: str = "auto"
-    """raw (the paper's completion prompt), chat (the same request as a chat turn), auto (chat if the model has a chat template)."""
-    max_instances: int = 5
-    """Instances per task, at most (reference: "up to 5")."""
-    instance_max_tokens: int = 300
-    """Token budget for a task's instances (our choice: enough for 2-5 short examples)."""
+    """raw (the paper's completion prompt), chat (the same request through the chat template), or auto (chat when
+    the model has a chat template)."""
     generate_classification: bool = False
-    """Generate classification tasks only, with the classification header (reference `--use_clf_seed_tasks_only`)."""
+    """Prompt with classification seeds only and the classification header (reference `--use_clf_seed_tasks_only`);
+    every generated task is then a classification task."""
+    max_instances: int = 5
+    """Instances kept per task, at most (reference prepare_for_finetuning.py: "max 5 instances per task"; generation
+    stops at "Example 6")."""
+    instance_max_tokens: int = 300
+    """Per instance request (reference: 300 when a batch holds a classification task, else 350)."""
+    instance_demonstrations: int = 3
+    """Seed tasks shown as worked examples in each instance prompt. Ours: the reference's fixed templates hold 12 to
+    17 tasks (about 3,000 tokens), too long a prompt for a small model on a CPU; seeds of the same kind, sampled per
+    request, keep the prompt near 300 tokens."""
     max_requests: int | None = None
-    """Stop after this many instruction requests (a budget guard)."""
+    """Stop (status 'stopped') after this many instruction requests in the run; None: no limit."""
     max_stalled_batches: int = 5
-    """Stop with a message after this many batches in a row accept nothing."""
+    """Stop with a message after this many batches in a row accept nothing (ours: a guard the reference lacks)."""
     seed: int = 0
-    """Sampling of in-context examples and the backend's seeds."""
+    """Seeds the sampling of in-context examples and the backend's sampling (reference: random.seed(42))."""
 
     def __post_init__(self) -> None:
         if self.num_instructions < 1:
@@ -86,110 +115,104 @@ class SelfInstructConfig:
             raise BadInput(f"--prompt-style must be raw, chat or auto, got {self.prompt_style}")
         if self.tokenizer not in ("rouge", "unicode"):
             raise BadInput(f"--tokenizer must be rouge or unicode, got {self.tokenizer}")
-        if self.request_batch_size < 1 or self.max_instances < 1:
-            raise BadInput("--request-batch-size and --max-instances must be at least 1")
+        for name in ("request_batch_size", "max_instances", "max_tokens", "instance_max_tokens", "num_prompt_instructions",
+                     "max_new_instructions", "max_stalled_batches", "instance_demonstrations"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.num_machine_instructions <= self.num_prompt_instructions:
+            raise BadInput("--num-machine-instructions must be between 0 and --num-prompt-instructions")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise BadInput(f"--max-requests must be at least 1, got {self.max_requests}")
         self.blacklist = tuple(self.blacklist)
 
 
-# ---- prompts (pure) ---------------------------------------------------------------------------------
+# ---- prompts (pure) -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request in two parts: what is asked (`ask`) and the start of the answer (`answer`), which the model continues.
+
+    Raw style joins them with a newline: the reference's completion prompt. Chat style makes `ask` the user's turn of
+    the model's chat template and `answer` the beginning of the assistant's turn.
+    """
+
+    ask: str
+    answer: str
+
+    def render(self, chat_template: Callable[[list[dict[str, str]]], str] | None) -> str:
+        if chat_template is None:
+            return f"{self.ask}\n{self.answer}"
+        return chat_template([{"role": "user", "content": self.ask}]) + self.answer.lstrip("\n")
+
 
 HEADER = "Come up with a series of tasks:"
 CLASSIFICATION_HEADER = "Come up with a series of classification tasks. Try to specify the possible output labels when possible."
-CHAT_ASK = ("Continue the list with new tasks numbered {first} to {last}. Each task is one instruction a person "
-            "could ask an AI assistant, different from the ones above. Write only the numbered list.")
 
 
-def instruction_prompt(examples: Sequence[str], classification: bool) -> str:
-    """The paper's prompt: a header, the numbered in-context instructions, and the next number."""
-    header = CLASSIFICATION_HEADER if classification else HEADER
-    lines = [f"{i}. {text}" for i, text in enumerate(examples, start=1)]
-    return header + "\n" + "\n".join(lines) + f"\n{len(examples) + 1}."
+def one_line(text: str) -> str:
+    """The reference's cleanup of an in-context instruction: whitespace collapsed, a trailing colon removed."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(":")
 
 
-def instruction_request(examples: Sequence[str], config: SelfInstructConfig, chat: bool, seed: int) -> Request:
-    first = len(examples) + 1
-    last = len(examples) + config.max_new_instructions
-    params = SamplingParams(
+def instruction_prompt(examples: Sequence[str], classification: bool = False) -> Prompt:
+    """The reference's encode_prompt: a header, the numbered in-context instructions, and the next number."""
+    numbered = "".join(f"{i}. {one_line(text)}\n" for i, text in enumerate(examples, start=1))
+    return Prompt(CLASSIFICATION_HEADER if classification else HEADER, f"{numbered}{len(examples) + 1}.")
+
+
+def instruction_params(config: SelfInstructConfig, seed: int) -> SamplingParams:
+    last = config.num_prompt_instructions + config.max_new_instructions + 1
+    return SamplingParams(
         temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
-        presence_penalty=config.presence_penalty, seed=seed,
-        stop=(f"\n{last + 1}.", f"{last + 1}.", f"{last + 1} .") + (() if chat else ("\n\n",)),
-    )
-    if not chat:
-        return Request(prompt=instruction_prompt(examples, config.generate_classification), params=params)
-    body = instruction_prompt(examples, config.generate_classification).rsplit("\n", 1)[0]
-    return Request(messages=({"role": "user", "content": body + "\n\n" + CHAT_ASK.format(first=first, last=last)},), params=params)
+        presence_penalty=config.presence_penalty, seed=seed, stop=("\n\n", f"\n{last}", f"{last}.", f"{last} ."),
+    )  # fmt: skip
 
 
-# ---- parsing and filters (pure) ---------------------------------------------------------------------
-
-_NUMBERED = re.compile(r"^\s*(?:\d+\s*[.)]|[-*•])\s*(.*\S)\s*$")
-
-
-def parse_instructions(text: str, chat: bool, truncated: bool) -> list[str]:
-    """Numbered items of a completion. A raw completion continues after "9."; a chat answer is a list.
-    A completion cut by max_tokens loses its last item, which may be cut mid-sentence (reference)."""
-    if not chat:
-        text = "9." + text
-    items: list[str] = []
-    for line in text.splitlines():
-        match = _NUMBERED.match(line)
-        if match:
-            items.append(match.group(1))
-        elif items and line.strip():
-            items[-1] += " " + line.strip()  # an item continued on the next line
-    items = [re.sub(r"\s+", " ", item).strip().strip('"').strip() for item in items]
-    if truncated and items:
-        items.pop()
-    return [item for item in items if item]
+CLASSIFICATION_QUESTION = "Can the following task be regarded as a classification task with finite output labels?"
+CLASSIFICATION_EXAMPLES = (
+    ("Decide whether the review below is positive or negative.", True),
+    ("Write a short poem about the sea at night.", False),
+    ("Tell me if the sentence is grammatical. Answer yes or no.", True),
+    ("Summarize the article in three sentences.", False),
+    ("Which of the four options is the capital of Peru? Answer A, B, C or D.", True),
+    ("Suggest a name for a bakery that sells vegan cakes.", False),
+    ("Label the email as spam or not spam.", True),
+    ("Explain how a refrigerator keeps food cold.", False),
+    ("Given a news headline, say which topic it belongs to: sports, politics, business or science.", True),
+    ("Translate the sentence into German.", False),
+)
+"""Ours, in the manner of the reference's template_1 (templates/clf_task_template.py, 31 examples): shorter, so the
+prompt costs a small model little, with yes and no alternating so neither answer is merely the last one seen."""
 
 
-def rejection_reason(instruction: str, config: SelfInstructConfig) -> str | None:
-    """The first heuristic filter an instruction fails, or None (reference order)."""
-    words = instruction.split()
-    if len(words) < config.min_words:
-        return "too_short"
-    if len(words) > config.max_words:
-        return "too_long"
-    lowered = instruction.lower()
-    for word in config.blacklist:
-        if re.search(rf"\b{re.escape(word)}\b", lowered):
-            return f"blacklist:{word}"
-    if lowered.startswith("write a program"):
-        return "write_a_program"
-    if instruction[0] in "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~":
-        return "starts_with_punctuation"
-    if config.require_ascii_start and not instruction[0].isascii():
-        return "non_ascii_start"
-    return None
+def classification_prompt(instruction: str) -> Prompt:
+    shots = "".join(f"Task: {task}\nIs it classification? {'Yes' if label else 'No'}\n\n" for task, label in CLASSIFICATION_EXAMPLES)
+    return Prompt(CLASSIFICATION_QUESTION, f"\n{shots}Task: {one_line(instruction)}\nIs it classification?")
 
 
-# ---- classification and instances (pure prompt builders and parsers) --------------------------------
+CLASSIFICATION_PARAMS = SamplingParams(temperature=0, max_tokens=3, stop=("\n", "Task"))
+"""Reference identify_clf_or_not.py: temperature 0, max_tokens 3, stop at a newline or "Task"."""
 
-def classification_prompt(instruction: str, shots: Sequence[SeedTask]) -> str:
-    """Few-shot yes/no: is this a classification task with a small set of output labels?"""
-    lines = ["Can the following task be regarded as a classification task with finite output labels?", ""]
-    for shot in shots:
-        lines += [f"Task: {shot.instruction}", f"Is it classification? {'Yes' if shot.is_classification else 'No'}", ""]
-    lines += [f"Task: {instruction}", "Is it classification?"]
-    return "\n".join(lines)
-
-
-def parse_yes_no(text: str) -> bool:
-    return text.strip().lower().startswith("yes")
-
-
-INPUT_FIRST_HEADER = ("Come up with examples for the following tasks. Try to generate multiple examples when possible. "
-                      "If the task doesn't require additional input, you can generate the output directly.")
-OUTPUT_FIRST_HEADER = ("Given the classification task definition and the class labels, generate an input that "
-                       "corresponds to each of the class labels. If the task doesn't require input, just generate the "
-                       "correct class label.")
+INPUT_FIRST_HEADER = (
+    "Come up with examples for the following tasks. Try to generate multiple examples when possible. "
+    "If the task doesn't require additional input, you can generate the output directly."
+)
+OUTPUT_FIRST_HEADER = (
+    "Given the classification task definition and the class labels, generate an input that corresponds to each of "
+    "the class labels. If the task doesn't require input, just generate possible class labels."
+)
+"""The reference's headers (templates/instance_gen_template.py), verbatim: the model is asked exactly what the paper asked."""
 
 
-def demo(task: SeedTask, classification: bool) -> str:
-    lines = [f"Task: {task.instruction}"]
+def demonstration(task: SeedTask, classification: bool) -> str:
+    """A seed task with its instances, input first ("Example 1 / Input / Output") or label first ("Class label / Input")."""
+    lines = [f"Task: {one_line(task.instruction)}"]
     for number, instance in enumerate(task.instances[:2], start=1):
         if classification:
-            lines += [f"Class label: {instance.output}", f"Input: {instance.input}" if instance.input else "Input: (none)"]
+            lines.append(f"Class label: {instance.output}")
+            if instance.input:
+                lines.append(f"Input: {instance.input}")
         else:
             lines.append(f"Example {number}")
             if instance.input:
@@ -198,244 +221,428 @@ def demo(task: SeedTask, classification: bool) -> str:
     return "\n".join(lines)
 
 
-def instance_prompt(instruction: str, demos: Sequence[SeedTask], classification: bool) -> str:
-    """Input-first for ordinary tasks, output-first (label first) for classification (paper, section 2.2)."""
+def instance_prompt(instruction: str, demos: Sequence[SeedTask], classification: bool) -> Prompt:
+    """Input-first for ordinary tasks, output-first for classification, so labels come out balanced (paper 2.2)."""
     header = OUTPUT_FIRST_HEADER if classification else INPUT_FIRST_HEADER
-    body = "\n\n".join(demo(task, classification) for task in demos)
+    shown = "".join(demonstration(task, classification) + "\n\n" for task in demos)
     start = "Class label:" if classification else "Example 1\n"
-    return f"{header}\n\n{body}\n\nTask: {instruction}\n{start}"
+    return Prompt(header, f"\n{shown}Task: {one_line(instruction)}\n{start}")
 
 
-def parse_instances(text: str, classification: bool, truncated: bool) -> list[tuple[str, str]]:
-    """(input, output) pairs from an instance completion; a cut-off last instance is dropped."""
+def instance_params(config: SelfInstructConfig) -> SamplingParams:
+    """Reference generate_instances.py: temperature 0, presence penalty 1.5, stop at "Example 6" or "Task:"."""
+    return SamplingParams(temperature=0, max_tokens=config.instance_max_tokens, presence_penalty=1.5,
+                          stop=(f"Example {config.max_instances + 1}", "Task:"))  # fmt: skip
+
+
+# ---- parsing and filters (pure) -------------------------------------------------------------------------------
+
+_ITEM = re.compile(r"^\s*\d+\s*[.)]\s?(.*)$")
+
+
+def parse_instructions(completion: str, first_number: int) -> list[str]:
+    """The numbered items of a completion that continues a list after "first_number.".
+
+    As in the reference, a line without a number continues the item before it and whitespace is collapsed. Ours: the
+    first letter is upper-cased (the reference's str.capitalize() also lower-cases the rest, which breaks names).
+    """
+    items: list[str] = []
+    for line in f"{first_number}.{completion}".splitlines():
+        match = _ITEM.match(line)
+        if match:
+            items.append(match.group(1))
+        elif items and line.strip():
+            items[-1] += " " + line
+    items = [re.sub(r"\s+", " ", item).strip() for item in items]
+    return [item[0].upper() + item[1:] for item in items if item]
+
+
+def rejection_reason(instruction: str, blacklist: Sequence[str] = BLACKLIST, require_ascii_start: bool = True) -> str | None:
+    """The first of the reference's heuristic filters an instruction fails (in the reference's order), or None."""
+    words = instruction.split()
+    if len(words) <= 3:
+        return "too_short"
+    if len(words) > 150:
+        return "too_long"
+    for word in blacklist:
+        if re.search(rf"\b{re.escape(word)}\b", instruction, flags=re.IGNORECASE):
+            return f"blacklist:{word}"
+    if instruction.startswith("Write a program"):
+        return "write_a_program"
+    if instruction[0] in string.punctuation:
+        return "starts_with_punctuation"
+    if require_ascii_start and not instruction[0].isascii():
+        return "non_ascii_start"
+    return None
+
+
+def parse_yes_no(completion: str) -> bool:
+    """Reference: a task is classification iff the answer is "Yes" (any case)."""
+    return completion.strip().lower().startswith("yes")
+
+
+_OUTPUT = re.compile(r"Output\s*\d*\s*:")
+
+
+def parse_instances(completion: str, classification: bool) -> list[tuple[str, str]]:
+    """(input, output) pairs, the way the reference's prepare_for_finetuning.py reads them.
+
+    Input-first: the completion continues after "Example 1"; examples are split at "Example N", each at "Output:".
+    Label-first: the completion continues after "Class label:"; each block's first line is the label, the rest the
+    input. A completion with none of these markers gives no pairs.
+    """
+    pairs = []
     if classification:
-        blocks = re.split(r"\n?\s*Class label\s*:", "Class label:" + text)
-        pairs = []
-        for block in blocks:
-            if not block.strip():
-                continue
-            label, _, rest = block.partition("Input:")
-            label = label.strip()
-            given = rest.strip()
-            pairs.append(("" if given in ("(none)", "") else given, label))
-    else:
-        blocks = re.split(r"\n?\s*Example\s*\d+\s*:?\s*\n", "Example 1\n" + text)
-        pairs = []
-        for block in blocks:
-            if not block.strip():
-                continue
-            if re.search(r"Output\s*\d*\s*:", block):
-                given, output = re.split(r"Output\s*\d*\s*:", block, maxsplit=1)
-                given = re.sub(r"^\s*Input\s*\d*\s*:", "", given).strip()
-            else:
-                given, output = "", block
-            pairs.append((given.strip(), output.strip()))
-    if truncated and pairs:
-        pairs.pop()
+        for block in re.split(r"Class label\s*:", "Class label:" + completion)[1:]:
+            label, _, given = block.strip().partition("\n")
+            pairs.append((re.sub(r"^\s*Input\s*\d*\s*:", "", given).strip(), label.strip()))
+        return pairs
+    for block in re.split(r"Example\s?\d*\.?", "Example 1\n" + completion):
+        if not block.strip():
+            continue
+        if _OUTPUT.search(block):
+            given, output = _OUTPUT.split(block, maxsplit=1)
+        elif pairs or "Input" in block:
+            given, output = block, ""  # an input whose output never came
+        else:
+            given, output = "", block  # the reference's "output directly" for tasks without input
+        output = re.split(r"Input\s*\d*\s*:", output)[0]  # one pair per example
+        pairs.append((re.sub(r"^\s*Input\s*\d*\s*:", "", given.strip()).strip(), output.strip()))
     return pairs
 
 
-def instance_verdicts(pairs: Sequence[tuple[str, str]], max_instances: int) -> list[str | None]:
-    """A rejection reason (or None) per pair: empty output, input equal to output, input or output ending in ':',
-    exact duplicates; when one input has two different outputs, all of the task's instances go (reference)."""
-    outputs_by_input: dict[str, set[str]] = {}
-    for given, output in pairs:
-        outputs_by_input.setdefault(given, set()).add(output)
-    conflicting = any(len(outputs) > 1 for outputs in outputs_by_input.values())
-    seen: set[tuple[str, str]] = set()
-    verdicts: list[str | None] = []
-    kept = 0
-    for given, output in pairs:
-        if conflicting:
-            reason = "conflicting_outputs"
+def instance_verdicts(pairs: Sequence[tuple[str, str]], max_instances: int, cut_by_length: bool) -> list[str | None]:
+    """A rejection reason (None: kept) per pair, in the reference's order (prepare_for_finetuning.py):
+
+    the last pair of a completion cut by max_tokens; input equal to output, empty output, input or output ending in
+    ":" (usually unfinished); then, among the valid ones, every pair of the task when one non-empty input has two
+    different outputs; exact duplicates; and pairs beyond max_instances.
+    """
+    verdicts: list[str | None] = [None] * len(pairs)
+    if cut_by_length and pairs:
+        verdicts[-1] = "cut_by_length"
+    for i, (given, output) in enumerate(pairs):
+        if verdicts[i]:
+            continue
+        if given == output:
+            verdicts[i] = "input_equals_output"
         elif not output:
-            reason = "empty_output"
-        elif given == output:
-            reason = "input_equals_output"
+            verdicts[i] = "empty_output"
         elif given.endswith(":") or output.endswith(":"):
-            reason = "ends_with_colon"
-        elif (given, output) in seen:
-            reason = "duplicate"
+            verdicts[i] = "ends_with_colon"
+    valid = [i for i, v in enumerate(verdicts) if v is None]
+    outputs_by_input: dict[str, set[str]] = {}
+    for i in valid:
+        if pairs[i][0]:
+            outputs_by_input.setdefault(pairs[i][0], set()).add(pairs[i][1])
+    if any(len(outputs) > 1 for outputs in outputs_by_input.values()):
+        for i in valid:
+            verdicts[i] = "conflicting_outputs"
+        return verdicts
+    seen: set[tuple[str, str]] = set()
+    kept = 0
+    for i in valid:
+        if pairs[i] in seen:
+            verdicts[i] = "duplicate"
         elif kept >= max_instances:
-            reason = "over_max_instances"
+            verdicts[i] = "over_max_instances"
         else:
-            reason = None
             kept += 1
-        seen.add((given, output))
-        verdicts.append(reason)
+        seen.add(pairs[i])
     return verdicts
 
 
-# ---- the run ----------------------------------------------------------------------------------------
+# ---- the store: seeds, pool and index, rebuilt on resume ----------------------------------------------------------
 
-@dataclass
-class BatchStats:
-    generated: int = 0
-    accepted: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    generate_seconds: float = 0.0
-
-
-def uses_chat(backend: Backend, config: SelfInstructConfig) -> bool:
-    if config.prompt_style != "auto":
-        return config.prompt_style == "chat"
-    tokenizer = getattr(backend, "tokenizer", None)
-    return bool(getattr(tokenizer, "chat_template", None))
+POOL_REASONS = ("no_valid_instances", "target_reached")
+"""Rejected after passing the similarity filter: such instructions stay in the similarity index and the machine pool,
+as they did in the uninterrupted run (the reference's pool is everything that passed ROUGE-L)."""
 
 
 def store_seeds(session: Session, run: Run, seeds: Sequence[SeedTask]) -> None:
-    """Seeds are tasks of the run (source='seed'), so the pool can be rebuilt from the store alone."""
+    """Seeds are tasks of the run (source='seed') with their instances, so a resumed run needs only the store."""
     for seed in seeds:
-        session.add(Task(run_id=run.id, source="seed", seed_id=seed.id, instruction=seed.instruction,
-                         is_classification=seed.is_classification, status="accepted"))
+        task = Task(run_id=run.id, source="seed", seed_id=seed.id, instruction=seed.instruction,
+                    is_classification=seed.is_classification, status="accepted")  # fmt: skip
+        session.add(task)
+        session.flush()
+        session.add_all(Instance(task_id=task.id, input=i.input, output=i.output) for i in seed.instances)
 
 
-def load_pool(session: Session, run: Run) -> tuple[list[str], list[str]]:
-    """(seed instructions, generated instructions that passed the similarity filter) in insertion order.
-
-    A generated instruction that passed every filter but got no valid instance is not accepted, yet it stays
-    in the similarity pool, as it did when it was decided: resuming repeats the uninterrupted run's decisions."""
-    rows = session.exec(select(Task).where(Task.run_id == run.id).order_by(Task.id)).all()
-    seeds = [t.instruction for t in rows if t.source == "seed"]
-    pool = [t.instruction for t in rows if t.source == "generated" and (t.status == "accepted" or t.reason == "no_valid_instances")]
-    return seeds, pool
+def load_seeds(session: Session, run: Run) -> list[SeedTask]:
+    tasks = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "seed").order_by(Task.id)).all()
+    instances: dict[int, list[SeedInstance]] = {}
+    rows = session.exec(select(Instance).where(Instance.task_id.in_([t.id for t in tasks])).order_by(Instance.id)).all()
+    for row in rows:
+        instances.setdefault(row.task_id, []).append(SeedInstance(row.input, row.output))
+    return [SeedTask(t.seed_id or str(t.id), t.instruction, tuple(instances.get(t.id, ())), t.is_classification) for t in tasks]
 
 
-def run(
+def load_pool(session: Session, run: Run) -> list[str]:
+    """Generated instructions that passed the similarity filter, in the order they were decided."""
+    passed = (Task.status == "accepted") | Task.reason.in_(POOL_REASONS)
+    query = select(Task.instruction).where(Task.run_id == run.id, Task.source == "generated", passed).order_by(Task.id)
+    return list(session.exec(query).all())
+
+
+def next_batch_number(session: Session, run: Run) -> int:
+    return (session.exec(select(func.max(Generation.batch)).where(Generation.run_id == run.id)).one() or 0) + 1
+
+
+def uses_chat(backend: Backend, prompt_style: str) -> bool:
+    """auto: chat when the backend can render the model's chat template."""
+    if prompt_style != "auto":
+        return prompt_style == "chat"
+    try:
+        backend.render_chat([{"role": "user", "content": "Hi"}])
+    except Exception:  # no template, or a remote model without a local tokenizer
+        return False
+    return True
+
+
+def label_seeds(backend: Backend, seeds: Sequence[SeedTask], chat: bool) -> tuple[list[SeedTask], list[Request], list[Result]]:
+    """Seeds whose file does not say whether they are classification tasks get the classification step's answer."""
+    unknown = [s for s in seeds if s.is_classification is None]
+    template = backend.render_chat if chat else None
+    requests = [Request(prompt=classification_prompt(s.instruction).render(template), params=CLASSIFICATION_PARAMS) for s in unknown]
+    results = backend.generate(requests) if requests else []
+    answers = {id(s): parse_yes_no(r.completions[0].text) for s, r in zip(unknown, results)}
+    return [replace(s, is_classification=answers[id(s)]) if id(s) in answers else s for s in seeds], requests, results
+
+
+def check_seeds(seeds: Sequence[SeedTask], path: str, needs_instances: bool) -> None:
+    """Checks the pipeline needs beyond the file's format; file and field are named."""
+    if needs_instances and not any(s.instances for s in seeds):
+        raise BadInput(f"{path}: no seed task has instances (field 'instances', or 'output'): they are the worked examples")
+
+
+# ---- the loop both pipelines share ------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchStats:
+    """What one batch (or a whole session of batches) did; the store holds the same figures per row."""
+
+    requests: int = 0
+    generated: int = 0
+    """Instructions parsed out of the completions."""
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    empty_responses: int = 0
+    """Completions with no instruction in them (their raw text is in the generation table)."""
+    generate_seconds: float = 0.0
+    """Wall time inside the backend's generate calls."""
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def add(self, other: BatchStats) -> None:
+        self.requests += other.requests
+        self.generated += other.generated
+        self.accepted += other.accepted
+        self.empty_responses += other.empty_responses
+        self.generate_seconds += other.generate_seconds
+        for reason, count in other.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
+
+
+class LoopSettings(Protocol):
+    num_instructions: int
+    request_batch_size: int
+    max_requests: int | None
+    max_stalled_batches: int
+    seed: int
+
+
+def bootstrap(
     session: Session,
-    run_row: Run,
-    backend: Backend,
-    seeds: Sequence[SeedTask],
-    config: SelfInstructConfig,
-    on_batch: Callable[[Run, BatchStats], None] = lambda run, stats: None,
+    run: Run,
+    config: LoopSettings,
+    one_batch: Callable[[int, int, random.Random], BatchStats],
+    on_batch: Callable[[Run, BatchStats], None],
 ) -> BatchStats:
-    """Bootstrap until config.num_instructions generated instructions are accepted; returns the totals."""
-    chat = uses_chat(backend, config)
-    seed_instructions, pool = load_pool(session, run_row)
-    index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
-    index.add(seed_instructions + pool)
-    batch_number = (session.exec(select(func.max(Generation.batch)).where(Generation.run_id == run_row.id)).one() or 0) + 1
-    rng = random.Random(config.seed * 1_000_003 + batch_number)
-    prompt_seeds = [s for s in seeds if s.is_classification] if config.generate_classification else list(seeds)
-    if not prompt_seeds:
-        raise BadInput("--generate-classification needs seed tasks marked is_classification")
-    shots = _classification_shots(seeds)
-    demo_pool = [s for s in seeds if s.instances]
-    totals = BatchStats()
-    stalled = 0
-    while run_row.accepted < config.num_instructions:
-        if config.max_requests is not None and run_row.requests >= config.max_requests:
-            touch(run_row, status="stopped", error=f"--max-requests {config.max_requests} reached")
+    """Batches until `num_instructions` are accepted, a request budget is spent, or the run stalls.
+
+    `one_batch(batch_number, requests, rng)` generates, filters and stores one batch in one transaction. Each batch
+    gets its own random generator seeded by (seed, batch number), so a resumed run does not repeat earlier prompts.
+    """
+    batch_number = next_batch_number(session, run)
+    totals, stalled = BatchStats(), 0
+    while run.accepted < config.num_instructions:
+        if config.max_requests is not None and _instruction_requests(session, run) >= config.max_requests:
+            touch(run, status="stopped", error=f"--max-requests {config.max_requests} reached")
             break
         if stalled >= config.max_stalled_batches:
-            touch(run_row, status="stopped", error=f"{stalled} batches in a row accepted nothing; the model may be "
-                  "repeating itself: try another --seed, a higher --temperature, or --prompt-style raw|chat")
+            touch(run, status="stopped", error=f"{stalled} batches in a row accepted nothing; the model may be repeating "
+                  "itself: try another --seed, a higher --temperature, or the other --prompt-style")  # fmt: skip
             break
-        requests = []
-        for _ in range(config.request_batch_size):
-            machine = rng.sample(pool, min(config.num_machine_instructions, len(pool)))
-            human = rng.sample([s.instruction for s in prompt_seeds], min(config.num_prompt_instructions - len(machine), len(prompt_seeds)))
-            examples = machine + human
-            rng.shuffle(examples)
-            # One seed for the whole batch: requests with equal settings share one batched backend call.
-            requests.append(instruction_request(examples, config, chat, seed=config.seed * 1000 + batch_number))
-        stats = process_batch(session, run_row, backend, config, chat, requests, index, pool, shots, demo_pool, rng, batch_number)
-        totals.generated += stats.generated
-        totals.accepted += stats.accepted
-        totals.generate_seconds += stats.generate_seconds
-        for reason, count in stats.rejected.items():
-            totals.rejected[reason] = totals.rejected.get(reason, 0) + count
+        requests = requests_needed(config.num_instructions - run.accepted, totals, config.request_batch_size)
+        if config.max_requests is not None:
+            requests = min(requests, config.max_requests - _instruction_requests(session, run))
+        stats = one_batch(batch_number, requests, random.Random(config.seed * 1_000_003 + batch_number))
+        totals.add(stats)
         stalled = 0 if stats.accepted else stalled + 1
         batch_number += 1
-        on_batch(run_row, stats)
+        on_batch(run, stats)
     else:
-        touch(run_row, status="completed", error=None)
-    session.add(run_row)
+        touch(run, status="completed", error=None)
+    session.add(run)
     session.commit()
     return totals
 
 
-def _classification_shots(seeds: Sequence[SeedTask]) -> list[SeedTask]:
-    """Up to 4 classification and 4 other seeds, alternating, as the yes/no prompt's examples."""
-    yes = [s for s in seeds if s.is_classification][:4]
-    no = [s for s in seeds if s.is_classification is False][:4]
-    return [s for pair in zip(no, yes) for s in pair]
+def requests_needed(remaining: int, so_far: BatchStats, batch_size: int) -> int:
+    """A full batch, or near the target about 1.5 times the requests the keep rate so far says are needed."""
+    if not so_far.accepted:
+        return batch_size
+    per_request = so_far.accepted / so_far.requests
+    return max(1, min(batch_size, math.ceil(1.5 * remaining / per_request)))
 
 
-def _timed_generate(backend: Backend, requests: list[Request], stats: BatchStats) -> list[Result]:
+def _instruction_requests(session: Session, run: Run) -> int:
+    query = select(func.count()).select_from(Generation).where(Generation.run_id == run.id, Generation.purpose == "instructions")
+    return session.exec(query).one()
+
+
+def timed_generate(backend: Backend, requests: list[Request], stats: BatchStats) -> list[Result]:
     started = time.perf_counter()
     results = backend.generate(requests) if requests else []
     stats.generate_seconds += time.perf_counter() - started
     return results
 
 
-def process_batch(session, run_row, backend, config, chat, requests, index, pool, shots, demo_pool, rng, batch_number) -> BatchStats:
-    """One batch, in the paper's order: generate → parse → filter → classify → instances → store (one transaction)."""
-    stats = BatchStats()
-    results = _timed_generate(backend, requests, stats)
-    generations = add_generations(session, run_row, backend, "instructions", batch_number, requests, results)
-    candidates: list[tuple[int, str]] = []  # (generation id, instruction)
-    for rows, result in zip(generations, results):
-        for row, completion in zip(rows, result.completions):
-            for text in parse_instructions(completion.text, chat, completion.finish_reason == "length"):
-                candidates.append((row.id, text))
-    stats.generated = len(candidates)
+def config_dict(config) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
+
+# ---- Self-Instruct --------------------------------------------------------------------------------------------
+
+
+def run(
+    session: Session,
+    run_row: Run,
+    backend: Backend,
+    config: SelfInstructConfig,
+    on_batch: Callable[[Run, BatchStats], None] = lambda run, stats: None,
+) -> BatchStats:
+    """Bootstrap the run's pool until config.num_instructions generated instructions are accepted.
+
+    Seeds, pool and similarity index come from the store (the run's seed tasks and the instructions that passed
+    the filter so far), so a fresh run and a resumed one go through the same code.
+    """
+    chat_template = backend.render_chat if uses_chat(backend, config.prompt_style) else None
+    seeds = load_seeds(session, run_row)
+    pool = load_pool(session, run_row)
+    index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
+    index.add([s.instruction for s in seeds] + pool)
+    human = [s.instruction for s in seeds if s.is_classification or not config.generate_classification]
+    if not human:
+        raise BadInput("--generate-classification needs seed tasks with is_classification true")
+    demos = {kind: demonstration_pool(seeds, kind) for kind in (True, False)}
+
+    def one_batch(batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
+        requests = []
+        for _ in range(n_requests):
+            machine = rng.sample(pool, min(config.num_machine_instructions, len(pool)))
+            examples = machine + rng.sample(human, min(config.num_prompt_instructions - len(machine), len(human)))
+            rng.shuffle(examples)
+            prompt = instruction_prompt(examples, config.generate_classification).render(chat_template)
+            # One sampling seed per batch: requests with equal settings share one batched backend call.
+            requests.append(Request(prompt=prompt, params=instruction_params(config, config.seed * 1000 + batch_number)))
+        return process_batch(session, run_row, backend, config, chat_template, requests, index, pool, demos, rng, batch_number)
+
+    return bootstrap(session, run_row, config, one_batch, on_batch)
+
+
+def demonstration_pool(seeds: Sequence[SeedTask], classification: bool) -> list[SeedTask]:
+    """Seeds of one kind with instances, shortest first, so instance prompts stay short; any seed if none fits."""
+    with_instances = [s for s in seeds if s.instances]
+    same_kind = [s for s in with_instances if bool(s.is_classification) == classification] or with_instances
+    size = lambda s: sum(len(i.input) + len(i.output) for i in s.instances[:2])  # noqa: E731
+    return sorted(same_kind, key=size)[: max(8, len(same_kind) // 2)]
+
+
+def process_batch(
+    session: Session,
+    run_row: Run,
+    backend: Backend,
+    config: SelfInstructConfig,
+    chat_template,
+    requests: list[Request],
+    index: RougeIndex,
+    pool: list[str],
+    demos: dict[bool, list[SeedTask]],
+    rng: random.Random,
+    batch_number: int,
+) -> BatchStats:
+    """One batch in the paper's order: generate → parse → filter → classify → instances → store (one transaction)."""
+    stats = BatchStats(requests=len(requests))
+    results = timed_generate(backend, requests, stats)
     tasks: list[Task] = []
-    survivors: list[Task] = []
-    seen_in_batch: set[str] = set()
-    for generation_id, text in candidates:
-        reason = rejection_reason(text, config)
-        task = Task(run_id=run_row.id, generation_id=generation_id, instruction=text, status="rejected", reason=reason)
-        tasks.append(task)
-        if reason is None:
-            survivors.append(task)
-    decisions = index.filter([t.instruction for t in survivors])
+    origin: list[int] = []  # the request each task came from
+    for number, result in enumerate(results):
+        completion = result.completions[0]
+        items = parse_instructions(completion.text, config.num_prompt_instructions + 1)
+        stats.empty_responses += not items
+        for position, text in enumerate(items):
+            cut = completion.finish_reason == "length" and position == len(items) - 1
+            reason = "cut_by_length" if cut else rejection_reason(text, config.blacklist, config.require_ascii_start)
+            tasks.append(Task(run_id=run_row.id, instruction=text, status="rejected", reason=reason))
+            origin.append(number)
+    stats.generated = len(tasks)
+
+    # ROUGE-L against seeds and everything kept so far, in order, the batch included (the dedup engine).
+    survivors = [t for t in tasks if t.reason is None]
     need = config.num_instructions - run_row.accepted
     passed: list[Task] = []
-    for task, decision in zip(survivors, decisions):
+    for task, decision in zip(survivors, index.filter([t.instruction for t in survivors])):
         task.nearest, task.similarity = decision.nearest_text, decision.score
         if not decision.kept:
             task.reason = "rouge_similarity"
-        elif len(passed) >= need:
-            task.reason = "target_reached"
-        else:
+            continue
+        pool.append(task.instruction)
+        if len(passed) < need:
             passed.append(task)
-        seen_in_batch.add(task.instruction)
+        else:
+            task.reason = "target_reached"  # kept by the filter, not needed: no calls spent on it
 
-    # Classification identification (paper 2.2): temperature 0, at most 3 tokens.
+    # Classification identification: few-shot, temperature 0, 3 tokens.
+    clf_requests = [] if config.generate_classification else [
+        Request(prompt=classification_prompt(t.instruction).render(chat_template), params=CLASSIFICATION_PARAMS) for t in passed
+    ]  # fmt: skip
+    clf_results = timed_generate(backend, clf_requests, stats)
+    for task, result in zip(passed, clf_results):
+        task.is_classification = parse_yes_no(result.completions[0].text)
     if config.generate_classification:
         for task in passed:
             task.is_classification = True
-    else:
-        clf_params = SamplingParams(temperature=0, max_tokens=3)
-        clf_requests = [Request(prompt=classification_prompt(t.instruction, shots), params=clf_params) for t in passed]
-        clf_results = _timed_generate(backend, clf_requests, stats)
-        add_generations(session, run_row, backend, "classification", batch_number, clf_requests, clf_results)
-        for task, result in zip(passed, clf_results):
-            task.is_classification = parse_yes_no(result.completions[0].text)
 
-    # Instances: input-first, or output-first for classification (paper 2.2).
+    # Instances: input first, or label first for classification tasks.
     inst_requests = []
     for task in passed:
-        demos = rng.sample(demo_pool, min(3, len(demo_pool)))
-        inst_requests.append(Request(
-            prompt=instance_prompt(task.instruction, demos, bool(task.is_classification)),
-            params=SamplingParams(temperature=0, max_tokens=config.instance_max_tokens, stop=("\nTask:", "Task:")),
-        ))
-    inst_results = _timed_generate(backend, inst_requests, stats)
+        kind = bool(task.is_classification)
+        shown = rng.sample(demos[kind], min(config.instance_demonstrations, len(demos[kind])))
+        inst_requests.append(Request(prompt=instance_prompt(task.instruction, shown, kind).render(chat_template), params=instance_params(config)))
+    inst_results = timed_generate(backend, inst_requests, stats)
+
+    # Store everything in one transaction: generations, every parsed instruction with its verdict, every instance.
+    generations = add_generations(session, run_row, backend, "instructions", batch_number, requests, results)
+    for task, number in zip(tasks, origin):
+        task.generation_id = generations[number][0].id
+    add_generations(session, run_row, backend, "classification", batch_number, clf_requests, clf_results)
     inst_generations = add_generations(session, run_row, backend, "instances", batch_number, inst_requests, inst_results)
     session.add_all(tasks)
     session.flush()
     for task, rows, result in zip(passed, inst_generations, inst_results):
         completion = result.completions[0]
-        pairs = parse_instances(completion.text, bool(task.is_classification), completion.finish_reason == "length")
-        verdicts = instance_verdicts(pairs, config.max_instances)
-        for (given, output), reason in zip(pairs, verdicts):
-            session.add(Instance(task_id=task.id, generation_id=rows[0].id, input=given, output=output,
-                                 status="rejected" if reason else "accepted", reason=reason))
-        kept = sum(reason is None for reason in verdicts)
-        pool.append(task.instruction)
+        pairs = parse_instances(completion.text, bool(task.is_classification))
+        verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
+        session.add_all(
+            Instance(task_id=task.id, generation_id=rows[0].id, input=given, output=output,
+                     status="rejected" if reason else "accepted", reason=reason)
+            for (given, output), reason in zip(pairs, verdicts)
+        )  # fmt: skip
+        kept = verdicts.count(None)
         if kept:
             task.status, task.reason = "accepted", None
             run_row.instances += kept
@@ -444,7 +651,7 @@ def process_batch(session, run_row, backend, config, chat, requests, index, pool
             task.reason = "no_valid_instances"
     for task in tasks:
         if task.status == "rejected":
-            stats.rejected[task.reason] = stats.rejected.get(task.reason, 0) + 1
+            stats.reject(task.reason)
     run_row.accepted += stats.accepted
     run_row.rejected += sum(stats.rejected.values())
     touch(run_row)
@@ -452,28 +659,3 @@ def process_batch(session, run_row, backend, config, chat, requests, index, pool
     session.add(run_row)
     session.commit()
     return stats
-
-
-def config_dict(config: SelfInstructConfig) -> dict:
-    return asdict(config) | {"blacklist": list(config.blacklist)}
-
-
-def check_seeds(seeds: Sequence[SeedTask]) -> None:
-    if not any(s.instances for s in seeds):
-        raise BadInput("the seeds have no instances to show as examples for instance generation")
-    if len(seeds) < 2:
-        raise DatagenError("Self-Instruct needs at least 2 seed tasks")
-
-
-def label_seeds(backend: Backend, seeds: Sequence[SeedTask]) -> list[SeedTask]:
-    """Seeds whose file does not say whether they are classification tasks get the classification step's answer."""
-    from dataclasses import replace
-
-    unknown = [s for s in seeds if s.is_classification is None]
-    if not unknown:
-        return list(seeds)
-    shots = _classification_shots(seeds)
-    params = SamplingParams(temperature=0, max_tokens=3)
-    results = backend.generate([Request(prompt=classification_prompt(s.instruction, shots), params=params) for s in unknown])
-    answers = {s.id: parse_yes_no(r.completions[0].text) for s, r in zip(unknown, results)}
-    return [replace(s, is_classification=answers[s.id]) if s.id in answers else s for s in seeds]

@@ -1,42 +1,207 @@
-"""Alpaca: the prompt's record format, parsing, and a real run on the embedded model checked with rouge-score."""
+"""Alpaca: the prompt's record format, parsing, bookkeeping with a scripted backend, a real run on the embedded model
+checked independently with rouge-score, kill -9 and resume, and bad input."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from sqlmodel import Session, select
 from typer.testing import CliRunner
 
+from datagen.backends import Completion, Result
 from datagen.cli import app
-from pipelines.alpaca import AlpacaConfig, parse_tasks, task_block
-from pipelines.self_instruct import rejection_reason
+from pipelines import alpaca
+from pipelines import self_instruct as si
+from pipelines.seeds import read_seeds
+from storage.store import get_run, open_engine
+from storage.tables import Instance, Run, Task
 from tests.conftest import SEEDS
-from tests.test_self_instruct import check_store_independently
+from tests.test_self_instruct import NOVEL, check_store_independently
 
 runner = CliRunner()
 
 
-def test_task_block_and_parse_round_trip():
-    text = task_block(4, "Summarize the text in one sentence.", "The cat sat on the mat all day.", "A cat rested.") + \
-        task_block(5, "Name a primary color.", "", "Red.") + "###\n6. Instruction: Cut off"
-    raw_continuation = text.split("4. Instruction:", 1)[1]
-    assert parse_tasks(raw_continuation, chat=False, truncated=True, first_number=4) == [
-        ("Summarize the text in one sentence.", "The cat sat on the mat all day.", "A cat rested."),
-        ("Name a primary color.", "", "Red."),
+def test_prompt_is_alpacas_record_format():
+    seeds = read_seeds(SEEDS)[:2]
+    prompt = alpaca.alpaca_prompt(seeds, 20)
+    assert prompt.ask.startswith("You are asked to come up with a set of 20 diverse task instructions.")
+    assert prompt.ask.endswith("List of 20 tasks:")
+    assert prompt.answer == (
+        f"###\n1. Instruction: {seeds[0].instruction}\n1. Input:\n<noinput>\n1. Output:\n{seeds[0].instances[0].output}\n"
+        f"###\n2. Instruction: {seeds[1].instruction}\n2. Input:\n{seeds[1].instances[0].input}\n2. Output:\n{seeds[1].instances[0].output}\n"
+        "###\n3. Instruction:"
+    )
+    params = alpaca.alpaca_params(alpaca.AlpacaConfig(), seed=1)
+    assert (params.temperature, params.top_p, params.max_tokens, params.stop) == (1.0, 1.0, 3072, ("\n20", "20."))
+
+
+def test_parse_records():
+    completion = (
+        " Summarize the text in one sentence.\n4. Input:\nThe cat sat on the mat all day.\n4. Output:\nA cat rested.\n"
+        "###\n5. Instruction: Name a primary color.\n5. Input:\n<NoInput>\n5. Output:\nRed.\n"
+        "###\n7. Instruction: Misnumbered, but a record.\n7. Input:\n<noinput>\n7. Output:\nFine.\n"
+        "###\n8. Instruction: No output here.\n8. Input:\nx\n"
+        "###\n9. Instruction: Cut off"
+    )
+    assert alpaca.parse_records(completion, 4) == [
+        alpaca.Record("Summarize the text in one sentence.", "The cat sat on the mat all day.", "A cat rested."),
+        alpaca.Record("Name a primary color.", "", "Red."),
+        alpaca.Record("Misnumbered, but a record.", "", "Fine."),
+        alpaca.Record("No output here.", "x", None),
+        alpaca.Record("Cut off", "", None),
     ]
 
 
 def test_alpaca_blacklist_is_larger():
-    assert rejection_reason("Compose a short piece of music for piano.", AlpacaConfig()) == "blacklist:music"
-    assert rejection_reason("Draw a flowchart of the login process.", AlpacaConfig()) == "blacklist:draw"
+    assert si.rejection_reason("Compose a short piece of music for piano.", alpaca.ALPACA_BLACKLIST) == "blacklist:music"
+    assert si.rejection_reason("Compose a short piece of music for piano.") is None
+    assert alpaca.AlpacaConfig().blacklist == alpaca.ALPACA_BLACKLIST
+
+
+class ScriptedAlpaca:
+    name = model = "scripted"
+
+    def __init__(self, completions):
+        self.completions = list(completions)
+
+    def render_chat(self, messages):
+        raise RuntimeError("no chat template")
+
+    def generate(self, requests):
+        out = []
+        for request in requests:
+            text, finish = self.completions.pop(0) if self.completions else ("", "stop")
+            out.append(Result(request.prompt, 1, (Completion(text, finish, len(text.split())),), 0.0))
+        return out
+
+    def close(self):
+        pass
+
+
+def continuation(*records: tuple[str, str, str]) -> str:
+    """What a model writes after the prompt's "4. Instruction:"."""
+    text = "".join(alpaca.record(number, *rec) for number, rec in enumerate(records, start=4))
+    return text[len("###\n4. Instruction:") :]
+
+
+def test_run_bookkeeping(db_url):
+    seeds = read_seeds(SEEDS)
+    completion = continuation(
+        (NOVEL[0], "", "The Rhine, the Elbe and the Danube."),
+        (seeds[7].instruction, "", "copy"),
+        ("Compose a short piece of music for piano.", "", "notes"),
+        (NOVEL[1], "same", "same"),
+        (NOVEL[2], "", "Add 273.15 after converting to Celsius."),
+        (NOVEL[3], "", "Shorter showers."),
+    )
+    config = alpaca.AlpacaConfig(num_instructions=2, request_batch_size=1)
+    with Session(open_engine(db_url)) as session:
+        run = Run(name="a", pipeline="alpaca", config=si.config_dict(config), model="scripted", backend="scripted")
+        session.add(run)
+        session.flush()
+        si.store_seeds(session, run, seeds)
+        session.commit()
+        alpaca.run(session, run, ScriptedAlpaca([(completion, "length")]), config)
+        assert (run.status, run.accepted, run.instances) == ("completed", 2, 2)
+        tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
+        assert [(t.instruction, t.status, t.reason) for t in tasks] == [
+            (NOVEL[0], "accepted", None),
+            (seeds[7].instruction, "rejected", "rouge_similarity"),
+            ("Compose a short piece of music for piano.", "rejected", "blacklist:music"),
+            (NOVEL[1], "rejected", "no_valid_instances"),  # its input equals its output
+            (NOVEL[2], "accepted", None),
+            (NOVEL[3], "rejected", "cut_by_length"),  # the last record of a completion max_tokens cut
+        ]
+        instances = session.exec(select(Instance).join(Task).where(Task.source == "generated").order_by(Instance.id)).all()
+        assert [(i.output, i.status, i.reason) for i in instances] == [
+            ("The Rhine, the Elbe and the Danube.", "accepted", None),
+            ("same", "rejected", "input_equals_output"),
+            ("Add 273.15 after converting to Celsius.", "accepted", None),
+        ]
+
+
+SMALL = ["--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "320"]
+
+
+def test_real_alpaca_run_on_the_embedded_model(db_url):
+    result = runner.invoke(app, ["alpaca", "--seeds", str(SEEDS), "-n", "3", "--run", "a", "--db", db_url, *SMALL, "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["accepted"], summary["status"]) == (3, "completed")
+    check_store_independently(db_url, "a", 3)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="not yet seen passing: whether the 135M model follows the 20-task record format "
-                   "was not measured before this session ended (closing note of 2026-11-22); remove once it passes")
-def test_real_alpaca_run_on_the_embedded_model(db_url):
-    result = runner.invoke(app, ["alpaca", "--seeds", str(SEEDS), "-n", "2", "--run", "a", "--db", db_url,
-                                 "--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "384", "--json"])
+def test_alpaca_kill_9_then_resume(tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'kill.db'}"
+    command = [sys.executable, "-m", "datagen.cli", "alpaca", "--seeds", str(SEEDS), "-n", "5", "--run", "k", "--db", db_url,
+               *SMALL, "--request-batch-size", "2"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    engine = open_engine(db_url)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+            with Session(engine) as session:
+                if session.exec(select(Task).where(Task.source == "generated")).first():
+                    break
+        time.sleep(3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    with Session(engine) as session:
+        before = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_store_independently(db_url, "k", 5)
+    with Session(engine) as session:
+        after = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
+        assert set(before) <= set(after)
+        assert get_run(session, "k").status == "completed"
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        ('{"instruction": "Sort a list of numbers.", "output": "x"}\n{"input": "x"}\n', [], "seeds.jsonl:2: missing field 'instruction'"),
+        ('{"instruction": "", "output": "x"}\n', [], "seeds.jsonl:1: field 'instruction' is empty"),
+        ("[]", [], "seeds.jsonl: no seed tasks"),
+        ('{"instruction": "Sort it.", "output": "x"}\n', ["-n", "0"], "--num-instructions must be at least 1"),
+        ('{"instruction": "Sort it."}\n', [], "no seed task has instances"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, content, args, message):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(content)
+    result = runner.invoke(app, ["alpaca", "--seeds", str(seeds), "--db", f"sqlite:///{tmp_path / 'x.db'}", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.vllm
+def test_alpaca_through_vllm_serve(vllm_server, db_url):
+    result = runner.invoke(app, ["alpaca", "--seeds", str(SEEDS), "-n", "2", "--run", "o", "--db", db_url, "--backend", "openai",
+                                 "--base-url", vllm_server, "--model", "smollm2-135m", "--max-tokens", "320", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["accepted"] == 2
-    check_store_independently(db_url, "a", 2)
+    check_store_independently(db_url, "o", 2)
+
+
+@pytest.mark.vllm
+def test_alpaca_on_vllm(vllm_llm, db_url):
+    config = alpaca.AlpacaConfig(num_instructions=2, request_batch_size=8, max_tokens=320)
+    with Session(open_engine(db_url)) as session:
+        run = Run(name="v", pipeline="alpaca", config=si.config_dict(config), model="smollm2-135m", backend="vllm")
+        session.add(run)
+        session.flush()
+        si.store_seeds(session, run, read_seeds(SEEDS))
+        session.commit()
+        alpaca.run(session, run, vllm_llm, config)
+    check_store_independently(db_url, "v", 2)

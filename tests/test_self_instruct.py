@@ -1,5 +1,5 @@
-"""Self-Instruct: exact-string tests of prompts and parsers, filter logic, and real runs on the embedded model
-checked independently with rouge-score; kill -9 and resume; bad seeds."""
+"""Self-Instruct: exact-string tests of prompts and parsers, the filters, the run's bookkeeping with a scripted backend,
+then real runs on the embedded model checked independently with rouge-score, kill -9 and resume, and bad input."""
 
 from __future__ import annotations
 
@@ -9,154 +9,425 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 from rouge_score import rouge_scorer
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
+from datagen.backends import Completion, Result
 from datagen.cli import app
-from pipelines.self_instruct import (
-    SelfInstructConfig,
-    instance_verdicts,
-    instruction_prompt,
-    parse_instances,
-    parse_instructions,
-    rejection_reason,
-)
+from pipelines import self_instruct as si
+from pipelines.seeds import SeedInstance, SeedTask, read_seeds
 from storage.store import get_run, open_engine
-from storage.tables import Instance, Task
-from tests.conftest import SEEDS
+from storage.tables import Generation, Instance, Run, Task
+from tests.conftest import REPO, SEEDS
 
 runner = CliRunner()
+CHAT = lambda messages: f"<user>{messages[0]['content']}</user><assistant>"  # noqa: E731
 
 
-def test_instruction_prompt_is_the_papers_shape():
-    assert instruction_prompt(["Write a poem.", "Sort numbers."], False) == (
-        "Come up with a series of tasks:\n1. Write a poem.\n2. Sort numbers.\n3."
+# ---- prompts --------------------------------------------------------------------------------------------------
+
+
+def test_instruction_prompt_is_the_references_encode_prompt():
+    prompt = si.instruction_prompt(["Write a poem.", "Sort  these\nnumbers:"])
+    assert prompt.render(None) == "Come up with a series of tasks:\n1. Write a poem.\n2. Sort these numbers\n3."
+    assert prompt.render(CHAT) == "<user>Come up with a series of tasks:</user><assistant>1. Write a poem.\n2. Sort these numbers\n3."
+    assert si.instruction_prompt(["Label it."], classification=True).ask.startswith("Come up with a series of classification tasks.")
+
+
+def test_instruction_sampling_is_the_references():
+    params = si.instruction_params(si.SelfInstructConfig(), seed=7)
+    assert (params.temperature, params.top_p, params.presence_penalty, params.max_tokens) == (0.7, 0.5, 2.0, 1024)
+    assert params.stop == ("\n\n", "\n16", "16.", "16 .")  # 8 examples, "9." given: at most 7 new instructions
+
+
+def test_classification_prompt_ends_with_the_question():
+    prompt = si.classification_prompt("Is this email spam?").render(None)
+    assert prompt.startswith("Can the following task be regarded as a classification task with finite output labels?\n\nTask: ")
+    assert prompt.endswith("Is it classification? No\n\nTask: Is this email spam?\nIs it classification?")
+    assert (si.CLASSIFICATION_PARAMS.temperature, si.CLASSIFICATION_PARAMS.max_tokens) == (0, 3)
+    assert [si.parse_yes_no(t) for t in (" Yes", " yes.", " No", "", " Maybe")] == [True, True, False, False, False]
+
+
+def test_instance_prompts_input_first_and_label_first():
+    sort = SeedTask("s1", "Sort the list.", (SeedInstance("3 1 2", "1 2 3"),), False)
+    joke = SeedTask("s2", "Tell a joke.", (SeedInstance("", "Why did the chicken cross the road?"),), False)
+    sentiment = SeedTask("s3", "Is the review positive or negative?", (SeedInstance("Great film!", "Positive"),), True)
+    assert si.instance_prompt("Reverse the word.", [sort, joke], False).render(None) == (
+        si.INPUT_FIRST_HEADER + "\n\n"
+        "Task: Sort the list.\nExample 1\nInput: 3 1 2\nOutput: 1 2 3\n\n"
+        "Task: Tell a joke.\nExample 1\nOutput: Why did the chicken cross the road?\n\n"
+        "Task: Reverse the word.\nExample 1\n"
     )
+    assert si.instance_prompt("Is the email spam?", [sentiment], True).render(None) == (
+        si.OUTPUT_FIRST_HEADER + "\n\n"
+        "Task: Is the review positive or negative?\nClass label: Positive\nInput: Great film!\n\n"
+        "Task: Is the email spam?\nClass label:"
+    )
+    assert si.instance_params(si.SelfInstructConfig()).stop == ("Example 6", "Task:")
 
 
-def test_parse_raw_and_chat_completions():
-    raw = " Plan a trip to Rome.\n10. Explain gravity to a child.\n11. Summarize"
-    assert parse_instructions(raw, chat=False, truncated=True) == ["Plan a trip to Rome.", "Explain gravity to a child."]
-    chat = "Here you go:\n9. Plan a trip.\n10) Explain\n   gravity simply.\n- Name a color."
-    assert parse_instructions(chat, chat=True, truncated=False) == ["Plan a trip.", "Explain gravity simply.", "Name a color."]
+# ---- parsing and filters --------------------------------------------------------------------------------------
+
+
+def test_parse_instructions_continues_the_list():
+    completion = " plan a trip to Rome.\n10. Explain gravity\nto a child.\n11.Summarize the text below.\n\n"
+    assert si.parse_instructions(completion, 9) == ["Plan a trip to Rome.", "Explain gravity to a child.", "Summarize the text below."]
+    assert si.parse_instructions("", 9) == []
+    assert si.parse_instructions(" \n", 9) == []
 
 
 @pytest.mark.parametrize(
     "instruction, reason",
     [
         ("Sort these numbers.", "too_short"),
+        (" ".join(["word"] * 151), "too_long"),
         ("Describe the image below in detail.", "blacklist:image"),
         ("Please Go To the store and buy milk today.", "blacklist:go to"),
+        ("Plot the data points on a chart.", "blacklist:plot"),
         ("Write a program that sorts a list.", "write_a_program"),
         ('"Quote this sentence back to me please."', "starts_with_punctuation"),
         ("Éxplain how a bicycle gear works.", "non_ascii_start"),
         ("Explain how a bicycle gear works.", None),
         ("Explain the mapping between keys and values.", None),  # whole words only: 'mapping' is not 'map'
-        (" ".join(["word"] * 151), "too_long"),
     ],
 )
 def test_filters(instruction, reason):
-    assert rejection_reason(instruction, SelfInstructConfig()) == reason
+    assert si.rejection_reason(instruction) == reason
 
 
-def test_instance_parsing_and_verdicts():
+def test_non_ascii_start_can_be_allowed():
+    assert si.rejection_reason("Élabore une liste de courses pour la semaine.", require_ascii_start=False) is None
+
+
+def test_instance_parsing():
     text = "Input: 2, 1\nOutput: 1, 2\nExample 2\nInput: b a\nOutput: a b\nExample 3\nInput: x:\nOutput: y\nExample 4\nInput: q"
-    pairs = parse_instances(text, classification=False, truncated=True)
-    assert pairs == [("2, 1", "1, 2"), ("b a", "a b"), ("x:", "y")]
-    assert instance_verdicts(pairs, 5) == [None, None, "ends_with_colon"]
-    assert instance_verdicts([("a", "1"), ("a", "2")], 5) == ["conflicting_outputs"] * 2
-    assert instance_verdicts([("a", "1"), ("a", "1"), ("", ""), ("z", "z")], 5) == [None, "duplicate", "empty_output", "input_equals_output"]
+    assert si.parse_instances(text, classification=False) == [("2, 1", "1, 2"), ("b a", "a b"), ("x:", "y"), ("q", "")]
+    assert si.parse_instances("Output: A haiku.\n", classification=False) == [("", "A haiku.")]
+    assert si.parse_instances("A haiku about rain.", classification=False) == [("", "A haiku about rain.")]
     label_first = " Positive\nInput: I loved it.\nClass label: Negative\nInput: Awful."
-    assert parse_instances(label_first, classification=True, truncated=False) == [("I loved it.", "Positive"), ("Awful.", "Negative")]
+    assert si.parse_instances(label_first, classification=True) == [("I loved it.", "Positive"), ("Awful.", "Negative")]
+
+
+def test_instance_verdicts_in_the_references_order():
+    pairs = [("2, 1", "1, 2"), ("b a", "a b"), ("x:", "y"), ("q", "")]
+    assert si.instance_verdicts(pairs, 5, cut_by_length=True) == [None, None, "ends_with_colon", "cut_by_length"]
+    assert si.instance_verdicts([("a", "1"), ("a", "2"), ("b", "b")], 5, False) == ["conflicting_outputs", "conflicting_outputs", "input_equals_output"]
+    # No input: two different outputs are two examples, not a conflict (the reference skips empty inputs).
+    assert si.instance_verdicts([("", "A poem."), ("", "Another poem.")], 5, False) == [None, None]
+    assert si.instance_verdicts([("a", "1"), ("a", "1"), ("", "")], 5, False) == [None, "duplicate", "input_equals_output"]
+    assert si.instance_verdicts([("", "x")], 5, False) == [None]
+    assert si.instance_verdicts([(str(i), "y") for i in range(7)], 5, False)[5:] == ["over_max_instances"] * 2
+
+
+# ---- the run's bookkeeping, with a scripted backend ----------------------------------------------------------
+
+
+class ScriptedBackend:
+    """Answers like a model would, from scripts: instruction lists in turn, "No" to classification, one instance.
+
+    `fail_at`: the generate call (1-based) that raises, like a server going away."""
+
+    name = "scripted"
+    model = "scripted"
+
+    def __init__(self, lists: list[str], fail_at: int | None = None):
+        self.lists, self.calls, self.fail_at = list(lists), 0, fail_at
+
+    def render_chat(self, messages):
+        raise RuntimeError("no chat template")
+
+    def generate(self, requests):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise ConnectionError("server went away")
+        results = []
+        for request in requests:
+            prompt = request.prompt
+            if prompt.endswith("Is it classification?"):
+                text = " No"
+            elif prompt.endswith("Example 1\n"):
+                text = "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
+            else:
+                text = self.lists.pop(0) if self.lists else " Say nothing new at all today.\n"
+            results.append(Result(prompt, len(prompt.split()), (Completion(text, "stop", len(text.split())),), 0.0))
+        return results
+
+    def close(self):
+        pass
+
+
+def new_run(session: Session, seeds: list[SeedTask], config) -> Run:
+    run = Run(name="t", pipeline="self-instruct", config=si.config_dict(config), model="scripted", backend="scripted")
+    session.add(run)
+    session.flush()
+    si.store_seeds(session, run, seeds)
+    session.commit()
+    return run
+
+
+SEED_TASKS = read_seeds(SEEDS)[:20]
+NOVEL = [
+    "Name three rivers that flow through Germany and describe one.",
+    "Compose a limerick about a cat who loves cheese.",
+    "Convert the temperature from Fahrenheit to Kelvin and explain the steps.",
+    "List five ways to save water at home during a drought.",
+    "Explain why the sky looks red at sunset to a ten year old.",
+    "Suggest a weekend itinerary for a family visiting Lisbon.",
+]
+
+
+def listing(*items: str) -> str:
+    return "".join(f"{' ' if i == 0 else f'{9 + i}. '}{text}\n" for i, text in enumerate(items))
+
+
+def test_run_records_every_decision(db_url):
+    lists = [
+        listing(NOVEL[0], SEED_TASKS[3].instruction, "Draw a map of your town.", NOVEL[1]),
+        listing(NOVEL[0] + " Now.", "Hi there."),  # near-copy of an accepted instruction; too short
+        listing(NOVEL[2], NOVEL[3], NOVEL[4]),
+    ]
+    config = si.SelfInstructConfig(num_instructions=4, request_batch_size=2)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        totals = si.run(session, run, ScriptedBackend(lists), config)
+        assert (run.status, run.accepted, totals.accepted) == ("completed", 4, 4)
+        tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
+        verdicts = [(t.instruction, t.status, t.reason) for t in tasks]
+        assert verdicts[:4] == [
+            (NOVEL[0], "accepted", None),
+            (SEED_TASKS[3].instruction, "rejected", "rouge_similarity"),
+            ("Draw a map of your town.", "rejected", "blacklist:map"),  # the first blacklisted word in the list's order
+            (NOVEL[1], "accepted", None),
+        ]
+        assert (NOVEL[0] + " Now.", "rejected", "rouge_similarity") in verdicts
+        assert ("Hi there.", "rejected", "too_short") in verdicts
+        assert (NOVEL[4], "rejected", "target_reached") in verdicts  # passed the filter after the 4th: no calls spent
+        copy = tasks[1]
+        assert (copy.nearest, copy.similarity) == (SEED_TASKS[3].instruction, 1.0)
+        assert all(t.generation_id for t in tasks)
+        accepted = [t for t in tasks if t.status == "accepted"]
+        assert all(t.is_classification is False for t in accepted)
+        for task in accepted:
+            instances = session.exec(select(Instance).where(Instance.task_id == task.id)).all()
+            assert [(i.input, i.status) for i in instances] == [("some input", "accepted")]
+        purposes = [g.purpose for g in session.exec(select(Generation).order_by(Generation.id)).all()]
+        assert purposes.count("classification") == purposes.count("instances") == 4
+        assert run.instances == 4 and run.rejected == len(tasks) - 4
+
+
+def test_backend_failure_marks_nothing_lost_and_rerun_resumes(db_url):
+    config = si.SelfInstructConfig(num_instructions=3, request_batch_size=1)
+    lists = [listing(NOVEL[0]), listing(NOVEL[1]), listing(NOVEL[2])]
+    engine = open_engine(db_url)
+    with Session(engine) as session:
+        run = new_run(session, SEED_TASKS, config)
+        backend = ScriptedBackend(lists, fail_at=4)  # batch 1 is 3 calls; batch 2 fails at its first
+        with pytest.raises(ConnectionError):
+            si.run(session, run, backend, config)
+    with Session(engine) as session:
+        run = get_run(session, "t")
+        assert run.accepted == 1  # batch 1 committed, batch 2 lost whole
+        backend.fail_at = None
+        si.run(session, run, backend, config)
+        assert (run.status, run.accepted) == ("completed", 3)
+        generated = session.exec(select(Task.instruction).where(Task.source == "generated", Task.status == "accepted")).all()
+        assert sorted(generated) == sorted(NOVEL[:3])
+        batches = session.exec(select(Generation.batch).where(Generation.purpose == "instructions").order_by(Generation.id)).all()
+        assert batches == [1, 2, 3]
+
+
+def test_stall_guard_and_request_budget(db_url):
+    config = si.SelfInstructConfig(num_instructions=5, request_batch_size=2, max_stalled_batches=2)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([listing(SEED_TASKS[0].instruction)] * 10), config)
+        assert run.status == "stopped" and "2 batches in a row accepted nothing" in run.error
+        assert run.requests == 4
+    with Session(open_engine(db_url.replace(".db", "2.db"))) as session:
+        config = si.SelfInstructConfig(num_instructions=5, request_batch_size=2, max_requests=3)
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([]), config)
+        assert run.status == "stopped" and "--max-requests 3" in run.error
+        assert session.exec(select(Generation).where(Generation.purpose == "instructions")).all().__len__() == 3
+
+
+def test_resume_rebuilds_the_pool_from_the_store(db_url):
+    """An instruction without valid instances stays in the similarity pool: a near-copy of it is still rejected."""
+    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1)
+    engine = open_engine(db_url)
+    with Session(engine) as session:
+        run = new_run(session, SEED_TASKS, config)
+        backend = ScriptedBackend([listing(NOVEL[0], NOVEL[1])])
+        si.run(session, run, backend, config)
+        assert [t.reason for t in session.exec(select(Task).where(Task.source == "generated")).all()] == [None, "target_reached"]
+    with Session(engine) as session:
+        run = get_run(session, "t")
+        assert si.load_pool(session, run) == NOVEL[:2]
+        assert [s.instances for s in si.load_seeds(session, run)] == [s.instances for s in SEED_TASKS]
+        config = si.SelfInstructConfig(num_instructions=2, request_batch_size=1)
+        si.run(session, run, ScriptedBackend([listing(NOVEL[1] + " Please.", NOVEL[2])]), config)
+        tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
+        assert [(t.instruction, t.reason) for t in tasks][2:] == [(NOVEL[1] + " Please.", "rouge_similarity"), (NOVEL[2], None)]
+
+
+# ---- real runs on the embedded model -------------------------------------------------------------------------
+
+SMALL = ["--backend", "transformers", "--request-batch-size", "8", "--max-tokens", "160", "--instance-max-tokens", "96"]
 
 
 def check_store_independently(db_url: str, run_name: str, target: int) -> None:
-    """Every accepted instruction: ROUGE-L (rouge-score itself) <= 0.7 against seeds and every earlier accepted
-    one, and at least one instance; every rejected one has a reason; no duplicates."""
+    """With rouge-score itself: every instruction that passed the filter scores <= 0.7 against the seeds and every
+    earlier one; accepted ones are unique and have an accepted instance; every rejected one has a reason."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     with Session(open_engine(db_url)) as session:
         run = get_run(session, run_name)
         tasks = session.exec(select(Task).where(Task.run_id == run.id).order_by(Task.id)).all()
-        seeds = [t.instruction for t in tasks if t.source == "seed"]
-        pool = [t for t in tasks if t.source == "generated" and (t.status == "accepted" or t.reason == "no_valid_instances")]
+        earlier = [t.instruction for t in tasks if t.source == "seed"]
+        passed = [t for t in tasks if t.source == "generated" and (t.status == "accepted" or t.reason in si.POOL_REASONS)]
         accepted = [t for t in tasks if t.source == "generated" and t.status == "accepted"]
         assert len(accepted) == run.accepted == target
         assert len({t.instruction for t in accepted}) == len(accepted)
-        earlier = list(seeds)
-        for task in pool:
+        for task in passed:
             best = max(scorer.score(other, task.instruction)["rougeL"].fmeasure for other in earlier)
             assert best <= 0.7, (task.instruction, best)
             earlier.append(task.instruction)
+        for task in tasks:
+            if task.source == "generated" and task.reason == "rouge_similarity":
+                assert task.similarity > 0.7 and task.nearest
         for task in accepted:
             instances = session.exec(select(Instance).where(Instance.task_id == task.id, Instance.status == "accepted")).all()
             assert instances, task.instruction
             assert task.generation_id is not None
         assert all(t.reason for t in tasks if t.status == "rejected")
+        assert run.rejected == sum(t.status == "rejected" for t in tasks if t.source == "generated")
 
 
-@pytest.mark.slow
 def test_real_run_on_the_embedded_model(db_url):
-    result = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "-n", "3", "--run", "real", "--db", db_url,
-                                 "--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "160", "--json"])
+    result = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "-n", "5", "--run", "real", "--db", db_url, *SMALL, "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["accepted"] == 3 and summary["status"] == "completed"
-    check_store_independently(db_url, "real", 3)
+    assert (summary["accepted"], summary["status"]) == (5, "completed")
+    assert summary["instances"] >= 5 and summary["generated"] == summary["accepted"] + summary["rejected"]
+    check_store_independently(db_url, "real", 5)
+    with Session(open_engine(db_url)) as session:
+        run = get_run(session, "real")
+        prompts = session.exec(select(Generation.prompt).where(Generation.purpose == "instructions")).all()
+        assert all(p.startswith("<|im_start|>system") and p.endswith("\n9.") for p in prompts)  # chat: auto-chosen
+        assert run.config["max_tokens"] == 160 and run.config["seeds"] == str(SEEDS)
+    again = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "-n", "5", "--run", "real", "--db", db_url, *SMALL, "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout.strip().splitlines()[-1])["accepted_this_session"] == 0
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'kill.db'}"
     command = [sys.executable, "-m", "datagen.cli", "self-instruct", "--seeds", str(SEEDS), "-n", "6", "--run", "k",
-               "--db", db_url, "--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "160"]
+               "--db", db_url, *SMALL, "--request-batch-size", "3"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     engine = open_engine(db_url)
     deadline = time.time() + 600
-    accepted_before = 0
-    while time.time() < deadline and proc.poll() is None:  # kill once the first batch has landed
-        time.sleep(2)
-        with Session(engine) as session:
-            run = get_run(session, "k") if session.exec(select(Task)).first() else None
-            accepted_before = run.accepted if run else 0
-        if accepted_before:
-            break
-    assert proc.poll() is None, "the run finished before it could be killed; raise -n"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while time.time() < deadline and proc.poll() is None:  # kill once a first batch has landed
+            time.sleep(1)
+            with Session(engine) as session:
+                if session.exec(select(Task).where(Task.source == "generated")).first():
+                    break
+        time.sleep(3)  # into the next batch
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     with Session(engine) as session:
-        before = {t.instruction for t in session.exec(select(Task).where(Task.status == "accepted", Task.source == "generated")).all()}
-    assert proc.returncode == -signal.SIGKILL and 0 < len(before) < 6
+        before = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
+        assert before and get_run(session, "k").status == "running"
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     check_store_independently(db_url, "k", 6)
     with Session(engine) as session:
-        after = {t.instruction for t in session.exec(select(Task).where(Task.status == "accepted", Task.source == "generated")).all()}
-    assert before <= after  # nothing accepted before the kill was lost
+        after = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
+        assert set(before) <= set(after)  # every row from before the kill kept, unchanged
+        assert get_run(session, "k").status == "completed"
+
+
+# ---- bad input and config files ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    "content, args, message",
     [
-        ('{"instruction": "Sort a list of numbers.", "instances": []}\n{"name": "x"}\n', "seeds.jsonl:2: missing field 'instruction'"),
-        ('{"instruction": "   "}\n', "seeds.jsonl:1: field 'instruction' is empty"),
-        ('{"instruction": "Sort numbers well.", "is_classification": "no"}\n', "seeds.jsonl:1: field 'is_classification' must be true or false"),
-        ("[]", "seeds.jsonl: no seed tasks"),
-        ('{"instruction": "ok"\n', "seeds.jsonl:1: invalid JSON"),
+        ('{"instruction": "Sort a list of numbers.", "instances": []}\n{"name": "x"}\n', [], "seeds.jsonl:2: missing field 'instruction'"),
+        ('{"instruction": "   "}\n', [], "seeds.jsonl:1: field 'instruction' is empty"),
+        ('{"instruction": "Sort numbers well.", "is_classification": "no"}\n', [], "seeds.jsonl:1: field 'is_classification' must be true or false"),
+        ("[]", [], "seeds.jsonl: no seed tasks"),
+        ('{"instruction": "ok"\n', [], "seeds.jsonl:1: invalid JSON"),
+        ('{"instruction": "Sort a list of numbers."}\n', [], "seeds.jsonl: no seed task has instances"),
+        ('{"instruction": "Sort it.", "output": "x"}\n', ["-n", "0"], "--num-instructions must be at least 1"),
+        ('{"instruction": "Sort it.", "output": "x"}\n', ["--rouge-threshold", "1.5"], "--rouge-threshold must be in [0, 1]"),
     ],
 )
-def test_bad_seeds_exit_2_and_write_nothing(tmp_path, content, message):
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, content, args, message):
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text(content)
-    result = runner.invoke(app, ["self-instruct", "--seeds", str(seeds), "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    result = runner.invoke(app, ["self-instruct", "--seeds", str(seeds), "--db", f"sqlite:///{tmp_path / 'x.db'}", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "x.db").exists()
 
 
-def test_num_instructions_below_one_is_exit_2(tmp_path):
-    result = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "-n", "0", "--db", f"sqlite:///{tmp_path / 'x.db'}"])
-    assert result.exit_code == 2 and "--num-instructions must be at least 1" in result.output
-    assert not (tmp_path / "x.db").exists()
+def test_the_example_config_loads(tmp_path):
+    from datagen.commands.self_instruct import load_config
+
+    path = REPO / "examples" / "self_instruct.yaml"
+    values = yaml.safe_load(path.read_text())
+    config = load_config(si.SelfInstructConfig, path, {"num_instructions": 7})
+    assert config.num_instructions == 7  # flags win
+    assert all(getattr(config, key.replace("-", "_")) == value for key, value in values.items() if key != "num_instructions")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_tokens: 64\nmax_tokenz: 3\n")
+    result = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "--config", str(bad), "--db", f"sqlite:///{tmp_path / 'x.db'}"])
+    assert result.exit_code == 2 and "unknown option 'max_tokenz'" in result.output
+
+
+def test_resume_refuses_other_seeds_or_pipeline(tmp_path, db_url):
+    with Session(open_engine(db_url)) as session:
+        new_run(session, SEED_TASKS, si.SelfInstructConfig())
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"instruction": "Sort the numbers please.", "output": "1 2"}\n')
+    result = runner.invoke(app, ["self-instruct", "--seeds", str(other), "--run", "t", "--db", db_url, "--model", "scripted"])
+    assert result.exit_code == 2 and "other seed tasks" in result.output
+    result = runner.invoke(app, ["alpaca", "--seeds", str(other), "--run", "t", "--db", db_url])
+    assert result.exit_code == 2 and "is a self-instruct run" in result.output
+
+
+# ---- other backends ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_self_instruct_on_vllm(vllm_llm, db_url):
+    config = si.SelfInstructConfig(num_instructions=3, request_batch_size=8, max_tokens=160, instance_max_tokens=96)
+    with Session(open_engine(db_url)) as session:
+        run = Run(name="v", pipeline="self-instruct", config=si.config_dict(config), model="smollm2-135m", backend="vllm")
+        session.add(run)
+        session.flush()
+        si.store_seeds(session, run, read_seeds(SEEDS))
+        session.commit()
+        si.run(session, run, vllm_llm, config)
+        assert (run.status, run.accepted) == ("completed", 3)
+    check_store_independently(db_url, "v", 3)
+
+
+@pytest.mark.vllm
+def test_self_instruct_through_vllm_serve(vllm_server, db_url):
+    result = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "-n", "3", "--run", "o", "--db", db_url,
+                                 "--backend", "openai", "--base-url", vllm_server, "--model", "smollm2-135m",
+                                 "--request-batch-size", "8", "--max-tokens", "160", "--instance-max-tokens", "96", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    check_store_independently(db_url, "o", 3)
+    with Session(open_engine(db_url)) as session:
+        generation = session.exec(select(Generation).where(Generation.purpose == "instructions")).first()
+        assert generation.backend == "openai" and generation.sampling["presence_penalty"] == 2.0

@@ -1,14 +1,19 @@
-"""`datagen self-instruct`: Self-Instruct bootstrapping from seed tasks (pipelines/self_instruct.py)."""
+"""`datagen self-instruct`: Self-Instruct bootstrapping from seed tasks (pipelines/self_instruct.py).
+
+`execute` is shared with `datagen alpaca`: open or resume the run, run the pipeline under a progress bar, summarize.
+"""
 
 from __future__ import annotations
 
+import enum
 import time
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 import yaml
-from sqlmodel import Session
+from sqlmodel import Session, func, select
 
 from datagen.backends import BackendName
 from datagen.console import err_console, print_json, progress, summary_table
@@ -16,122 +21,190 @@ from datagen.errors import BadInput
 from datagen.models import DEFAULT_MODEL
 from datagen.options import BackendOption, BaseUrlOption, ConfigOption, DbOption, JsonOption, ModelOption, make_backend
 from pipelines import self_instruct
-from pipelines.seeds import read_seeds
-from storage.store import find_run, open_engine, touch
-from storage.tables import Run, utcnow
+from pipelines.seeds import SeedTask, read_seeds
+from storage.store import add_generations, find_run, open_engine, touch
+from storage.tables import Run, Task, utcnow
 
 
-def load_config_file(path: Path | None, cls, overrides: dict):
-    """A YAML file of config fields, then the flags that were given on the command line."""
-    values: dict = {}
-    if path is not None:
-        if not path.is_file():
-            raise BadInput(f"{path}: no such config file")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise BadInput(f"{path}: invalid YAML ({err})") from None
-        if not isinstance(values, dict):
-            raise BadInput(f"{path}: expected a mapping of option names to values")
-        known = set(cls.__dataclass_fields__)
-        for key in values:
-            if key.replace("-", "_") not in known:
-                raise BadInput(f"{path}: unknown option '{key}'")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(**values)
+class PromptStyle(str, enum.Enum):
+    auto = "auto"
+    raw = "raw"
+    chat = "chat"
+
+
+class RougeTokenizer(str, enum.Enum):
+    rouge = "rouge"
+    unicode = "unicode"
+
+
+SeedsOption = Annotated[Path, typer.Option("--seeds", help="Seed tasks: Self-Instruct or Alpaca records, JSONL or a JSON array.")]
+NumOption = Annotated[Optional[int], typer.Option("--num-instructions", "-n", help="Accepted instructions to reach (default: 100).")]
+RunOption = Annotated[Optional[str], typer.Option("--run", help="Run name; an existing run of that name is resumed (default: PIPELINE-TIMESTAMP).")]
+StyleOption = Annotated[Optional[PromptStyle], typer.Option(help="raw: the paper's completion prompt; chat: the same request through the chat template; auto: chat when the model has one (default: auto).")]
 
 
 def self_instruct_command(
-    seeds: Annotated[Path, typer.Option("--seeds", help="Seed tasks: Self-Instruct or Alpaca format, JSONL or JSON array.")],
-    num_instructions: Annotated[Optional[int], typer.Option("--num-instructions", "-n", help="Accepted instructions to reach (default: 100).")] = None,
-    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name; an existing run is resumed.")] = None,
+    seeds: SeedsOption,
+    num_instructions: NumOption = None,
+    run_name: RunOption = None,
     model: ModelOption = DEFAULT_MODEL,
     backend: BackendOption = BackendName.auto,
     base_url: BaseUrlOption = None,
-    prompt_style: Annotated[Optional[str], typer.Option(help="raw, chat, or auto (chat if the model has a chat template).")] = None,
-    request_batch_size: Annotated[Optional[int], typer.Option(help="Requests per backend call (default: 16).")] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Token budget per instruction request (default: 1024).")] = None,
+    prompt_style: StyleOption = None,
+    request_batch_size: Annotated[Optional[int], typer.Option(help="Instruction requests per batch (default: 16).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per instruction request (default: 1024, the reference's).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="(default: 0.7)")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="(default: 0.5)")] = None,
-    rouge_threshold: Annotated[Optional[float], typer.Option(help="Reject above this ROUGE-L F (default: 0.7).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="ROUGE tokenizer: rouge or unicode (non-English data).")] = None,
+    instance_max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per instance request (default: 300).")] = None,
+    rouge_threshold: Annotated[Optional[float], typer.Option(help="Reject above this ROUGE-L F-measure (default: 0.7).")] = None,
+    tokenizer: Annotated[Optional[RougeTokenizer], typer.Option(help="ROUGE tokenizer: rouge (rouge-score's) or unicode (non-English data).")] = None,
+    allow_non_ascii: Annotated[Optional[bool], typer.Option("--allow-non-ascii", help="Keep instructions that start with a non-ASCII character (non-English data).")] = None,
     generate_classification: Annotated[Optional[bool], typer.Option("--generate-classification", help="Generate classification tasks only.")] = None,
     max_requests: Annotated[Optional[int], typer.Option(help="Stop after this many instruction requests.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: 0).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of example sampling and generation (default: 0).")] = None,
     config: ConfigOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Grow seed tasks into new instructions with instances (Self-Instruct, Wang et al. 2023)."""
-    settings = load_config_file(config, self_instruct.SelfInstructConfig, dict(
-        num_instructions=num_instructions, prompt_style=prompt_style, request_batch_size=request_batch_size,
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, rouge_threshold=rouge_threshold,
-        tokenizer=tokenizer, generate_classification=generate_classification, max_requests=max_requests, seed=seed))
-    seed_tasks = read_seeds(seeds)  # every line checked before anything is written
-    self_instruct.check_seeds(seed_tasks)
-    execute("self-instruct", seed_tasks, settings, self_instruct.run, run_name, model, backend, base_url, seeds, db, as_json)
+    flags = dict(num_instructions=num_instructions, prompt_style=prompt_style, request_batch_size=request_batch_size,
+                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, instance_max_tokens=instance_max_tokens,
+                 rouge_threshold=rouge_threshold, tokenizer=tokenizer, generate_classification=generate_classification,
+                 require_ascii_start=None if allow_non_ascii is None else not allow_non_ascii, max_requests=max_requests,
+                 seed=seed)  # fmt: skip
+    execute("self-instruct", self_instruct.SelfInstructConfig, self_instruct.run, seeds, flags, config, run_name,
+            model, backend, base_url, db, as_json)  # fmt: skip
 
 
-def execute(pipeline, seed_tasks, settings, run_fn, run_name, model, backend, base_url, seeds_path, db, as_json) -> None:
-    """Shared by self-instruct and alpaca: open or resume the run, run the loop with a progress bar, summarize."""
+def load_config(cls, path: Path | None, flags: dict[str, Any], base: dict[str, Any] | None = None):
+    """The config from, in increasing priority: a resumed run's stored config, the YAML file, the flags given."""
+    values = {k: v for k, v in (base or {}).items() if k in {f.name for f in fields(cls)}}
+    if path is not None:
+        if not path.is_file():
+            raise BadInput(f"{path}: no such config file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise BadInput(f"{path}: invalid YAML ({err})") from None
+        if not isinstance(loaded, dict):
+            raise BadInput(f"{path}: expected a mapping of option names to values")
+        known = {f.name for f in fields(cls)}
+        for key in loaded:
+            if str(key).replace("-", "_") not in known:
+                raise BadInput(f"{path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v.value if isinstance(v, enum.Enum) else v for k, v in flags.items() if v is not None})
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise BadInput(f"{path or 'options'}: {err}") from None
+
+
+def execute(
+    pipeline: str,
+    config_cls,
+    run_pipeline: Callable,
+    seeds_path: Path,
+    flags: dict[str, Any],
+    config_file: Path | None,
+    run_name: str | None,
+    model: str,
+    backend: BackendName,
+    base_url: list[str] | None,
+    db: str | None,
+    as_json: bool,
+) -> None:
+    """Check everything, then open or resume the run, run the pipeline under a progress bar, and summarize."""
+    settings = load_config(config_cls, config_file, flags)  # bad options fail before anything is written
+    seeds = read_seeds(seeds_path)  # every line checked before anything is written
+    self_instruct.check_seeds(seeds, str(seeds_path), needs_instances=True)
     engine = open_engine(db)
     with Session(engine) as session:
-        existing = find_run(session, run_name) if run_name else None
-        if existing and existing.pipeline != pipeline:
-            raise BadInput(f"run '{run_name}' is a {existing.pipeline} run, not {pipeline}")
+        run = find_run(session, run_name) if run_name else None
+        if run is not None:
+            settings = check_resume(session, run, pipeline, config_cls, config_file, flags, seeds, seeds_path, model)
     llm = make_backend(backend, model, base_url)
     started = time.perf_counter()
     with Session(engine) as session:
-        run_row = find_run(session, run_name) if run_name else None
-        if run_row is None:
-            if pipeline == "self-instruct":
-                seed_tasks = self_instruct.label_seeds(llm, seed_tasks)
-            run_row = Run(name=run_name or f"{pipeline}-{utcnow():%Y%m%d-%H%M%S}", pipeline=pipeline,
-                          config={"seeds": str(seeds_path), **self_instruct.config_dict(settings)}, model=model, backend=llm.name)
-            session.add(run_row)
-            session.flush()
-            self_instruct.store_seeds(session, run_row, seed_tasks)
-            session.commit()
-        else:
-            touch(run_row, status="running", error=None, config=run_row.config | {"num_instructions": settings.num_instructions})
-            session.add(run_row)
-            session.commit()
-        start_accepted = run_row.accepted
-        with progress("instructions") as bar:
-            task = bar.add_task(pipeline, total=settings.num_instructions, completed=run_row.accepted, status="")
-
-            def on_batch(run: Run, stats) -> None:
-                seen = run.accepted + run.rejected
-                rate = run.completion_tokens / max(time.perf_counter() - started, 1e-9)
-                bar.update(task, completed=run.accepted,
-                           status=f"keep {run.accepted / seen if seen else 0:.0%} · {rate:.0f} tok/s")
-
-            try:
-                totals = run_fn(session, run_row, llm, seed_tasks, settings, on_batch)
-            except Exception as err:
-                session.rollback()
-                touch(run_row, status="failed", error=str(err))
-                session.add(run_row)
+        run = find_run(session, run_name) if run_name else None
+        config = {"seeds": str(seeds_path), **self_instruct.config_dict(settings)}
+        try:
+            if run is None:
+                run = Run(name=run_name or f"{pipeline}-{utcnow():%Y%m%d-%H%M%S}", pipeline=pipeline, config=config,
+                          model=model, backend=llm.name)  # fmt: skip
+                session.add(run)
                 session.commit()
-                raise
-            finally:
-                llm.close()
-        elapsed = time.perf_counter() - started
-        summary = {
-            "run": run_row.name, "status": run_row.status, "message": run_row.error,
-            "accepted": run_row.accepted, "accepted_this_session": run_row.accepted - start_accepted,
-            "rejected": run_row.rejected, "rejected_by_reason": totals.rejected, "instances": run_row.instances,
-            "candidates": run_row.accepted + run_row.rejected, "keep_rate": run_row.accepted / max(run_row.accepted + run_row.rejected, 1),
-            "requests": run_row.requests, "prompt_tokens": run_row.prompt_tokens, "completion_tokens": run_row.completion_tokens,
-            "seconds": round(elapsed, 1), "generate_seconds": round(totals.generate_seconds, 1),
-        }
+            if not session.exec(select(Task.id).where(Task.run_id == run.id, Task.source == "seed")).first():
+                start_run(session, run, llm, seeds, settings, pipeline)  # committed with the status below
+            touch(run, status="running", error=None, config=config)
+            session.add(run)
+            session.commit()
+            start_accepted, start_tokens = run.accepted, run.completion_tokens
+            with progress("instructions") as bar:
+                bar_task = bar.add_task(pipeline, total=settings.num_instructions, completed=run.accepted, status="")
+
+                def on_batch(run: Run, stats: self_instruct.BatchStats) -> None:
+                    seen = run.accepted + run.rejected
+                    rate = (run.completion_tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
+                    bar.update(bar_task, completed=run.accepted, status=f"keep {run.accepted / max(seen, 1):.0%} · {rate:.0f} tok/s")
+
+                totals = run_pipeline(session, run, llm, settings, on_batch)
+        except BaseException as err:
+            session.rollback()
+            if run is not None and run.id is not None:
+                touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=str(err) or type(err).__name__)
+                session.add(run)
+                session.commit()
+            raise
+        finally:
+            llm.close()
+        summary = summarize(session, run, totals, time.perf_counter() - started, run.accepted - start_accepted)
     if as_json:
         print_json(summary)
     else:
-        rows = [(k, v) for k, v in summary.items() if k != "rejected_by_reason" and v is not None]
-        rows += [(f"rejected: {k}", v) for k, v in sorted(totals.rejected.items(), key=lambda kv: -kv[1])]
-        err_console.print(summary_table(f"{pipeline} run {run_row.name}", rows))
-    if run_row.status == "stopped":
-        err_console.print(f"stopped early: {run_row.error}")
+        rows = [(k.replace("_", " "), v) for k, v in summary.items() if k not in ("rejected_by_reason", "message")]
+        rows += [(f"  rejected: {k}", v) for k, v in summary["rejected_by_reason"].items()]
+        err_console.print(summary_table(f"{pipeline} run {run.name}", rows))
+    if run.status == "stopped":
+        err_console.print(f"stopped before the target: {run.error}", markup=False)
         raise typer.Exit(1)
+
+
+def check_resume(session, run: Run, pipeline, config_cls, config_file, flags, seeds: list[SeedTask], seeds_path, model):
+    """The resumed run's stored config under the file and flags given now; same pipeline, model and seeds."""
+    if run.pipeline != pipeline:
+        raise BadInput(f"run '{run.name}' is a {run.pipeline} run, not {pipeline}: choose another --run name")
+    if run.model != model:
+        raise BadInput(f"run '{run.name}' was started with --model {run.model}; resume it with the same model")
+    stored = session.exec(select(Task.instruction).where(Task.run_id == run.id, Task.source == "seed").order_by(Task.id)).all()
+    if stored and list(stored) != [s.instruction for s in seeds]:
+        raise BadInput(f"run '{run.name}' was started with other seed tasks than {seeds_path}; resume it with the same file")
+    return load_config(config_cls, config_file, flags, base=run.config)
+
+
+def start_run(session: Session, run: Run, llm, seeds: list[SeedTask], settings, pipeline: str) -> None:
+    """A new run's seeds go to the store first; seeds that do not say whether they are classification tasks are
+    labelled by the classification step (Self-Instruct only: Alpaca has none)."""
+    if pipeline == "self-instruct":
+        chat = self_instruct.uses_chat(llm, settings.prompt_style)
+        seeds, requests, results = self_instruct.label_seeds(llm, seeds, chat)
+        add_generations(session, run, llm, "classification", 0, requests, results)
+    self_instruct.store_seeds(session, run, seeds)
+
+
+def summarize(session: Session, run: Run, totals: self_instruct.BatchStats, seconds: float, new: int) -> dict[str, Any]:
+    """The whole run's figures from the store (earlier sessions included), and this session's time."""
+    reasons = session.exec(
+        select(Task.reason, func.count()).where(Task.run_id == run.id, Task.source == "generated", Task.status == "rejected")
+        .group_by(Task.reason).order_by(func.count().desc())
+    ).all()  # fmt: skip
+    generated = run.accepted + run.rejected
+    return {
+        "run": run.name, "status": run.status, "message": run.error,
+        "generated": generated, "accepted": run.accepted, "accepted_this_session": new, "rejected": run.rejected,
+        "keep_rate": round(run.accepted / max(generated, 1), 3), "instances": run.instances, "requests": run.requests,
+        "empty_responses_this_session": totals.empty_responses,
+        "prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
+        "seconds": round(seconds, 1), "generate_seconds": round(totals.generate_seconds, 1),
+        "rejected_by_reason": dict(reasons),
+    }  # fmt: skip

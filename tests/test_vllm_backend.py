@@ -75,3 +75,13 @@ def test_prompt_longer_than_the_context_is_bad_input(vllm_llm):
     too_long = list(range(100, 100 + vllm_llm.max_model_len + 1))
     with pytest.raises(BadInput, match="vLLM refused"):
         vllm_llm.score([too_long])
+
+
+def test_seeded_prompts_longer_than_one_step_budget(vllm_llm):
+    """4 seeded 2.7k-token prompts exceed vLLM's default 4,096 tokens per step on CPU; split across steps, the
+    CPU engine used to die rewinding their generators (vllm_backend.CPU_ENGINE_DEFAULTS)."""
+    text = " ".join(f"word{i}" for i in range(700))
+    requests = [Request(prompt=f"{i} {text}", params=SamplingParams(temperature=0.7, max_tokens=4, seed=i)) for i in range(4)]
+    first, again = vllm_llm.generate(requests), vllm_llm.generate(requests)
+    assert all(r.prompt_tokens > 2500 for r in first)
+    assert [r.completions[0].text for r in first] == [r.completions[0].text for r in again]

@@ -39,6 +39,13 @@ CPU_KV_CACHE_BYTES = 1 << 30
 (issue 2, "vLLM on CPU"); 1 GiB holds 23,296 tokens of the embedded 135M model in float32 (vLLM's log line
 "CPU KV cache size"), nearly 3 full 8k contexts."""
 
+CPU_ENGINE_DEFAULTS = {"enable_chunked_prefill": False}
+"""vLLM rewinds a seeded request's random generator after each partial (chunked) prefill step with
+`Generator.set_offset`, which only CUDA generators have (vllm-project/vllm#10097: "relies on cuda-specific
+torch-internal impl details"). On CPU the engine dies with "CPU Generator does not use offset" as soon as a
+seeded prompt is split across steps: 4 seeded 2.7k-token prompts do it. Whole prompts per step avoid the
+rewind; vLLM then raises the step's token budget to the context length."""
+
 
 class VLLMBackend:
     name = "vllm"
@@ -71,6 +78,7 @@ class VLLMBackend:
             enforce_eager = True if enforce_eager is None else enforce_eager
             kv_cache_memory_bytes = kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
             dtype = "float32" if dtype == "auto" else dtype
+            engine_kwargs = {**CPU_ENGINE_DEFAULTS, **engine_kwargs}
         options = dict(dtype=dtype, seed=seed, kv_cache_memory_bytes=kv_cache_memory_bytes, max_model_len=max_model_len)
         if enforce_eager is not None:
             options["enforce_eager"] = enforce_eager

@@ -409,3 +409,33 @@ def test_exports_feed_the_trainer_without_conversion(store, tmp_path, format):
     if format == "alpaca":
         first = opened.splits["train"][0]
         assert train[0]["prompt"] == alpaca_prompt(first["instruction"], first["input"]) and train[0]["completion"] == first["output"]
+
+
+def test_a_real_self_instruct_run_of_the_embedded_model_exports_and_reports(db_url, tmp_path, embedded_model_path):
+    """End to end on the real model: `datagen self-instruct` (tiny), then export every instruction format and report."""
+    from tests.conftest import SEEDS
+
+    tiny = ["--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "128", "--instance-max-tokens", "64"]
+    result = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "-n", "2", "--run", "tiny", "--db", db_url, *tiny, "--json"])
+    assert result.exit_code == 0, result.output
+    expected = expected_rows(db_url, "tiny")
+    assert len({r[0] for r in expected}) == 2  # two accepted instructions, each with its instances
+
+    for format in COLUMNS:
+        out = tmp_path / format
+        result = export(db_url, out, "--run", "tiny", "--format", format, "--test-size", "0.5", "--with-provenance")
+        assert result.exit_code == 0, result.output
+        saved = datasets.load_from_disk(str(out))
+        assert sorted(rows_of(r, format) for split in saved.values() for r in split) == expected
+        assert len({rows_of(r, format)[0] for r in saved["test"]}) == 1
+        with Session(open_engine(db_url)) as session:
+            for row in (r for split in saved.values() for r in split):
+                generation = session.get(Generation, row["generation_id"])
+                assert generation.purpose == "instances" and generation.model == row["model"] == "smollm2-135m"
+    card = (tmp_path / "alpaca" / "README.md").read_text()
+    assert "175 seed tasks from" in card and "exceeds 0.7" in card and "| instructions | `{\"temperature\": 0.7" in card
+
+    result = runner.invoke(app, ["report", "--run", "tiny", "--out", str(tmp_path / "report"), "--db", db_url, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accepted"] == 2
+    assert (tmp_path / "report" / "seed_similarity.png").read_bytes()[:4] == b"\x89PNG"

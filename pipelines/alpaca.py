@@ -33,6 +33,7 @@ from pipelines.self_instruct import (
     BLACKLIST,
     BatchStats,
     bootstrap,
+    check_bootstrap_config,
     instance_verdicts,
     load_pool,
     load_seeds,
@@ -83,21 +84,9 @@ class AlpacaConfig:
     """Seeds the sampling of seed records and the backend's sampling."""
 
     def __post_init__(self) -> None:
-        if self.num_instructions < 1:
-            raise BadInput(f"--num-instructions must be at least 1, got {self.num_instructions}")
-        if not 0 <= self.rouge_threshold <= 1:
-            raise BadInput(f"--rouge-threshold must be in [0, 1], got {self.rouge_threshold}")
-        if self.prompt_style not in ("auto", "raw", "chat"):
-            raise BadInput(f"--prompt-style must be raw, chat or auto, got {self.prompt_style}")
-        if self.tokenizer not in ("rouge", "unicode"):
-            raise BadInput(f"--tokenizer must be rouge or unicode, got {self.tokenizer}")
-        for name in ("request_batch_size", "max_tokens", "num_prompt_instructions", "max_stalled_batches"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_bootstrap_config(self)
         if self.num_tasks <= self.num_prompt_instructions + 1:
             raise BadInput("--num-tasks must exceed --num-prompt-instructions + 1")
-        if self.max_requests is not None and self.max_requests < 1:
-            raise BadInput(f"--max-requests must be at least 1, got {self.max_requests}")
         self.blacklist = tuple(self.blacklist)
 
 

@@ -107,23 +107,27 @@ class SelfInstructConfig:
     """Seeds the sampling of in-context examples and the backend's sampling (reference: random.seed(42))."""
 
     def __post_init__(self) -> None:
-        if self.num_instructions < 1:
-            raise BadInput(f"--num-instructions must be at least 1, got {self.num_instructions}")
-        if not 0 <= self.rouge_threshold <= 1:
-            raise BadInput(f"--rouge-threshold must be in [0, 1], got {self.rouge_threshold}")
-        if self.prompt_style not in ("auto", "raw", "chat"):
-            raise BadInput(f"--prompt-style must be raw, chat or auto, got {self.prompt_style}")
-        if self.tokenizer not in ("rouge", "unicode"):
-            raise BadInput(f"--tokenizer must be rouge or unicode, got {self.tokenizer}")
-        for name in ("request_batch_size", "max_instances", "max_tokens", "instance_max_tokens", "num_prompt_instructions",
-                     "max_new_instructions", "max_stalled_batches", "instance_demonstrations"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        check_bootstrap_config(self, ("max_instances", "instance_max_tokens", "max_new_instructions", "instance_demonstrations"))
         if not 0 <= self.num_machine_instructions <= self.num_prompt_instructions:
             raise BadInput("--num-machine-instructions must be between 0 and --num-prompt-instructions")
-        if self.max_requests is not None and self.max_requests < 1:
-            raise BadInput(f"--max-requests must be at least 1, got {self.max_requests}")
         self.blacklist = tuple(self.blacklist)
+
+
+def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
+    """The checks Self-Instruct's and Alpaca's configs share; `positive` names further fields that must be >= 1."""
+    if config.num_instructions < 1:
+        raise BadInput(f"--num-instructions must be at least 1, got {config.num_instructions}")
+    if not 0 <= config.rouge_threshold <= 1:
+        raise BadInput(f"--rouge-threshold must be in [0, 1], got {config.rouge_threshold}")
+    if config.prompt_style not in ("auto", "raw", "chat"):
+        raise BadInput(f"--prompt-style must be raw, chat or auto, got {config.prompt_style}")
+    if config.tokenizer not in ("rouge", "unicode"):
+        raise BadInput(f"--tokenizer must be rouge or unicode, got {config.tokenizer}")
+    for name in ("request_batch_size", "max_tokens", "num_prompt_instructions", "max_stalled_batches", *positive):
+        if getattr(config, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.max_requests is not None and config.max_requests < 1:
+        raise BadInput(f"--max-requests must be at least 1, got {config.max_requests}")
 
 
 # ---- prompts (pure) -------------------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+import yaml
 
 from datagen.backends import Backend, BackendName, load_backend
+from datagen.errors import BadInput
 
 DbOption = Annotated[
     Optional[str],
@@ -27,6 +29,21 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable
 ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML file of options; flags given on the command line win.")
 ]
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A --config YAML file as a mapping of option names to values; a missing, invalid or non-mapping file is BadInput."""
+    if not path.is_file():
+        raise BadInput(f"{path}: no such config file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise BadInput(f"{path}: invalid YAML: {err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise BadInput(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+    return loaded
 
 
 def make_backend(backend: BackendName, model: str, base_url: list[str] | None) -> Backend:

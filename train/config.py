@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from datagen.errors import BadInput
+from datagen.options import read_config_file
 
 
 class Method(str, enum.Enum):
@@ -197,23 +198,9 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
     return values
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise BadInput(f"{path}: no such config file")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise BadInput(f"{path}: invalid YAML: {err}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise BadInput(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
-    return loaded
-
-
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Defaults < YAML file < overrides (only keys whose value is not None). Errors name the field and the fix."""
-    values = read_yaml(path) if path else {}
+    values = read_config_file(path) if path else {}
     values.update({key: value for key, value in (overrides or {}).items() if value is not None})
     source = f"{path}: " if path else ""
     try:

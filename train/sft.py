@@ -50,7 +50,8 @@ from transformers import TrainerCallback  # noqa: E402
 
 from datagen import models
 from datagen.errors import BadInput
-from train.config import Method, Precision, TrainConfig, read_yaml
+from datagen.options import read_config_file
+from train.config import Method, Precision, TrainConfig
 from train.data import Export, has_prompt, open_export, training_split
 
 SUMMARY_FILE = "train_summary.json"
@@ -276,7 +277,7 @@ def check_output(out: Path, config: TrainConfig) -> Path | None:
         last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
         if last is None:
             raise BadInput(f"--resume: no checkpoint in {checkpoints} to continue from; drop --resume to start afresh")
-        saved = read_yaml(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else {}
+        saved = read_config_file(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else {}
         current = config.model_dump(mode="json")
         changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != current[k]]
         if changed:
@@ -291,7 +292,7 @@ def check_output(out: Path, config: TrainConfig) -> Path | None:
 def run_name(out: Path, config: TrainConfig) -> str:
     if config.name:
         return config.name
-    if config.resume and (out / CONFIG_FILE).is_file() and (saved := read_yaml(out / CONFIG_FILE).get("name")):
+    if config.resume and (out / CONFIG_FILE).is_file() and (saved := read_config_file(out / CONFIG_FILE).get("name")):
         return str(saved)
     from storage.tables import utcnow
 

@@ -12,14 +12,22 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-import yaml
 from sqlmodel import Session, func, select
 
 from datagen.backends import BackendName
 from datagen.console import err_console, print_json, progress, summary_table
 from datagen.errors import BadInput
 from datagen.models import DEFAULT_MODEL
-from datagen.options import BackendOption, BaseUrlOption, ConfigOption, DbOption, JsonOption, ModelOption, make_backend
+from datagen.options import (
+    BackendOption,
+    BaseUrlOption,
+    ConfigOption,
+    DbOption,
+    JsonOption,
+    ModelOption,
+    make_backend,
+    read_config_file,
+)
 from pipelines import self_instruct
 from pipelines.seeds import SeedTask, read_seeds
 from storage.store import add_generations, find_run, open_engine, touch
@@ -80,14 +88,7 @@ def load_config(cls, path: Path | None, flags: dict[str, Any], base: dict[str, A
     """The config from, in increasing priority: a resumed run's stored config, the YAML file, the flags given."""
     values = {k: v for k, v in (base or {}).items() if k in {f.name for f in fields(cls)}}
     if path is not None:
-        if not path.is_file():
-            raise BadInput(f"{path}: no such config file")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise BadInput(f"{path}: invalid YAML ({err})") from None
-        if not isinstance(loaded, dict):
-            raise BadInput(f"{path}: expected a mapping of option names to values")
+        loaded = read_config_file(path)
         known = {f.name for f in fields(cls)}
         for key in loaded:
             if str(key).replace("-", "_") not in known:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-import yaml
 from pydantic import ValidationError
 from rich.table import Table
 from sqlmodel import Session
@@ -17,7 +16,16 @@ from datagen.backends import BackendName
 from datagen.console import err_console, print_json, progress
 from datagen.errors import BadInput
 from datagen.models import DEFAULT_MODEL
-from datagen.options import BackendOption, BaseUrlOption, ConfigOption, DbOption, JsonOption, ModelOption, make_backend
+from datagen.options import (
+    BackendOption,
+    BaseUrlOption,
+    ConfigOption,
+    DbOption,
+    JsonOption,
+    ModelOption,
+    make_backend,
+    read_config_file,
+)
 from pipelines import toolformer as tf
 from pipelines.tools import build_tools
 from storage.store import find_run, open_engine, touch
@@ -86,16 +94,7 @@ def toolformer(
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> tf.ToolformerConfig:
     """The YAML file's options, then the flags given on the command line; errors name the field."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise BadInput(f"{path}: no such file")
-        try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise BadInput(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(values, dict):
-            raise BadInput(f"{path}: expected a mapping of options")
+    values = read_config_file(path) if path is not None else {}
     try:
         return tf.ToolformerConfig.model_validate(values | overrides)
     except ValidationError as err:

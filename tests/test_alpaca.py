@@ -4,11 +4,7 @@ checked independently with rouge-score, kill -9 and resume, and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 from sqlmodel import Session, select
@@ -19,10 +15,10 @@ from datagen.cli import app
 from pipelines import alpaca
 from pipelines import self_instruct as si
 from pipelines.seeds import read_seeds
-from storage.store import get_run, open_engine
+from storage.store import open_engine
 from storage.tables import Instance, Run, Task
 from tests.conftest import SEEDS
-from tests.test_self_instruct import NOVEL, check_store_independently
+from tests.test_self_instruct import NOVEL, check_store_independently, kill_9_then_resume
 
 runner = CliRunner()
 
@@ -142,29 +138,7 @@ def test_alpaca_kill_9_then_resume(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'kill.db'}"
     command = [sys.executable, "-m", "datagen.cli", "alpaca", "--seeds", str(SEEDS), "-n", "5", "--run", "k", "--db", db_url,
                *SMALL, "--request-batch-size", "2"]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    engine = open_engine(db_url)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
-            with Session(engine) as session:
-                if session.exec(select(Task).where(Task.source == "generated")).first():
-                    break
-        time.sleep(3)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    with Session(engine) as session:
-        before = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    check_store_independently(db_url, "k", 5)
-    with Session(engine) as session:
-        after = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
-        assert set(before) <= set(after)
-        assert get_run(session, "k").status == "completed"
+    kill_9_then_resume(command, db_url, "k", 5)
 
 
 @pytest.mark.parametrize(

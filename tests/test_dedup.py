@@ -491,7 +491,7 @@ def test_cli_run_reports_against_store_and_leaves_the_store_alone(store, tmp_pat
 def test_cli_run_apply_marks_duplicates_rejected_and_keeps_counters(store):
     from sqlmodel import Session, func, select
 
-    from storage.tables import Instance, Task
+    from storage.tables import Instance
 
     db_url, engine = store
     result = runner.invoke(app, ["--run", "si-b", "--against", "run:si-a", "--db", db_url, "--apply", "--json"])

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
@@ -323,16 +322,14 @@ def test_real_run_on_the_embedded_model(db_url):
     assert again.exit_code == 0 and json.loads(again.stdout.strip().splitlines()[-1])["accepted_this_session"] == 0
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume(tmp_path):
-    db_url = f"sqlite:///{tmp_path / 'kill.db'}"
-    command = [sys.executable, "-m", "datagen.cli", "self-instruct", "--seeds", str(SEEDS), "-n", "6", "--run", "k",
-               "--db", db_url, *SMALL, "--request-batch-size", "3"]  # fmt: skip
+def kill_9_then_resume(command: list[str], db_url: str, run_name: str, target: int) -> None:
+    """Start the CLI command, `kill -9` its process group once a first batch is stored and the next is under way,
+    rerun it: every row from before the kill is kept unchanged, the target is reached, the store checks out."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     engine = open_engine(db_url)
     deadline = time.time() + 600
     try:
-        while time.time() < deadline and proc.poll() is None:  # kill once a first batch has landed
+        while time.time() < deadline and proc.poll() is None:
             time.sleep(1)
             with Session(engine) as session:
                 if session.exec(select(Task).where(Task.source == "generated")).first():
@@ -344,14 +341,22 @@ def test_kill_9_then_resume(tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     with Session(engine) as session:
         before = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
-        assert before and get_run(session, "k").status == "running"
+        assert before and get_run(session, run_name).status == "running"
     done = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
-    check_store_independently(db_url, "k", 6)
+    check_store_independently(db_url, run_name, target)
     with Session(engine) as session:
         after = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
-        assert set(before) <= set(after)  # every row from before the kill kept, unchanged
-        assert get_run(session, "k").status == "completed"
+        assert set(before) <= set(after)
+        assert get_run(session, run_name).status == "completed"
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'kill.db'}"
+    command = [sys.executable, "-m", "datagen.cli", "self-instruct", "--seeds", str(SEEDS), "-n", "6", "--run", "k",
+               "--db", db_url, *SMALL, "--request-batch-size", "3"]  # fmt: skip
+    kill_9_then_resume(command, db_url, "k", 6)
 
 
 # ---- bad input and config files ------------------------------------------------------------------------------

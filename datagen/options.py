@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -94,7 +95,10 @@ def server_options(command: Callable) -> Callable:
     `base_url` argument then arrives as `Servers`, which `make_backend` reads. One place for every command
     that talks to a server (generate, self-instruct, alpaca, toolformer): applied where datagen/cli.py
     registers them."""
+    # Typer reads the signature and the resolved annotations (strings under `from __future__ import annotations`).
+    hints = typing.get_type_hints(command, include_extras=True)
     signature = inspect.signature(command)
+    parameters = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
     extra = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
         for name, annotation in (("timeout", TimeoutOption), ("concurrency", ConcurrencyOption), ("api_key", ApiKeyOption))
@@ -115,7 +119,9 @@ def server_options(command: Callable) -> Callable:
             kwargs["base_url"] = servers
         return command(*args, **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])
+    wrapper.__signature__ = signature.replace(parameters=[*parameters, *extra])
+    wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in extra}}
+    del wrapper.__wrapped__  # else inspect and typing would read the command's own, shorter, signature
     return wrapper
 
 

@@ -32,12 +32,15 @@ def datagen(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: f
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-def assert_one_line(result: subprocess.CompletedProcess, code: int, text: str) -> None:
+def assert_one_line(result: subprocess.CompletedProcess, code: int, text: str, mid_run: bool = False) -> None:
+    """The exit code, no traceback, and the error as one line: the only line, or (mid_run) the last line, after
+    the progress bar's final state."""
     assert result.returncode == code, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert text in lines[0], lines[0]
+    assert len(lines) == 1 or mid_run, result.stderr
+    assert lines[-1].startswith("error: ") and text in lines[-1], lines[-1]
+    assert not any(line.startswith("error: ") for line in lines[:-1])
 
 
 def _free_port() -> int:
@@ -210,6 +213,24 @@ def test_many_processes_open_one_new_postgres_database(postgres_url):
         assert _schema_rows(url) == [("schema_version", "1")]
 
 
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime, all threads
+
+
+def _wait_until_idle(pid: int, window: float = 1.5) -> None:
+    """Until the process used (almost) no CPU for `window` seconds: a generating process keeps the CPU busy, one
+    in SQLite's busy handler sleeps. On a loaded machine a batch takes seconds, so a fixed sleep would not do."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        before = _cpu_ticks(pid)
+        time.sleep(window)
+        if _cpu_ticks(pid) - before <= 1:
+            return
+    raise AssertionError("the run never waited for the lock")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's CPU time from /proc")
 def test_a_locked_database_fails_the_run_in_one_line_and_keeps_its_rows(tmp_path, embedded_model_path):
     """Another process holds the write lock mid-run for longer than DATAGEN_DB_LOCK_TIMEOUT: the batch's write
     waits that long (SQLite's busy handler retries it), then fails; once the lock is released the run is marked
@@ -238,16 +259,16 @@ def test_a_locked_database_fails_the_run_in_one_line_and_keeps_its_rows(tmp_path
             time.sleep(0.05)
         holder = sqlite3.connect(db, timeout=30, isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")  # the write lock, as another writer (or a sqlite3 shell) would hold it
-        time.sleep(6)  # > the run's 4 s wait; its next batch (~0.1 s) is waiting, then gives up; marking failed waits
+        _wait_until_idle(process.pid)  # its next batch is generated and its write waits for the lock
+        time.sleep(4 + 1)  # past the 4 s it waits: the write fails, and marking the run failed waits for the lock
         holder.execute("ROLLBACK")
         holder.close()
-        _, stderr = process.communicate(timeout=120)
+        _, stderr = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 1, stderr
-    assert "Traceback" not in stderr
-    assert "error: the database is locked: another process held its write lock for more than 4 s" in stderr
+    assert_one_line(subprocess.CompletedProcess(command, process.returncode, "", stderr), 1,
+                    "the database is locked: another process held its write lock for more than 4 s", mid_run=True)  # fmt: skip
     from storage.store import open_engine
 
     with Session(open_engine(f"sqlite:///{db}")) as session:
@@ -314,7 +335,7 @@ def test_credentials_and_api_key_are_never_stored(tmp_path, embedded_model_path)
     url = f"http://user:secret@127.0.0.1:{_free_port()}"
     result = datagen("generate", "prompts.jsonl", "--backend", "openai", "--base-url", url, "--timeout", "2",
                      "--concurrency", "1", "--run", "masked", cwd=tmp_path, env={"OPENAI_API_KEY": "sk-very-secret-key"})  # fmt: skip
-    assert_one_line(result, 1, "no usable answer from the OpenAI-compatible server")
+    assert_one_line(result, 1, "no usable answer from the OpenAI-compatible server", mid_run=True)
     assert "secret" not in result.stderr
     from storage.store import open_engine
     from storage.tables import Run

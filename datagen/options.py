@@ -147,4 +147,4 @@ def _notify(message: str) -> None:
     """Backend notices (a server taken out of rotation, back in): one line above the progress bar."""
     from datagen.console import err_console
 
-    err_console.print(f"note: {message}", markup=False, highlight=False)
+    err_console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ server per data-parallel replica; a request that fails with 429, 5xx, a timeout 
 error is retried with exponential backoff and jitter on the next server. A server that fails with a
 timeout, a connection error or a 5xx is taken out of rotation for a while (a circuit breaker: 30 s, then
 doubling up to 5 min while it keeps failing), and the request goes at once to another server; when the
-time is up one request tries it again. Credentials in a base URL (http://user:password@host) are sent but
+time is up it is tried again. Credentials in a base URL (http://user:password@host) are sent but
 never shown: messages name servers by `mask_url`. `score` asks the completions
 endpoint to echo token-id prompts with their log-probabilities, so tokens align exactly with the ids.
 """

@@ -26,6 +26,8 @@ ModelOption = Annotated[
 BackendOption = Annotated[
     BackendName, typer.Option("--backend", "-b", help="auto: vllm if installed and a GPU is present, else transformers.")
 ]
+
+
 def _check_base_urls(urls: list[str] | None) -> list[str] | None:
     """Each --base-url is checked while the command line is parsed: before any file is read or store opened."""
     from datagen.backends.openai_backend import server_root

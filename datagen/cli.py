@@ -1,23 +1,33 @@
 """The `datagen` command: one Typer app composed of one module per area (datagen/commands/).
 
-Exit codes: 0 ok, 1 failure, 2 bad usage or bad input. A DatagenError prints one line, no traceback.
+Exit codes: 0 ok, 1 failure, 2 bad usage or bad input. A DatagenError, or a database failure in the middle
+of a command (a lock held too long, a lost connection), prints one line, no traceback.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from datagen.models import set_offline_environment
 
-import typer
+# Before anything imports huggingface_hub, transformers or datasets: they read HF_HUB_OFFLINE and friends
+# once, at import, so setting them later (in a backend) has no effect.
+set_offline_environment()
+
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+from sqlalchemy.exc import OperationalError  # noqa: E402
 from typer.core import TyperGroup
 
-from datagen import __version__
-from datagen.commands import export, generate, models, report, runs, train
-from datagen.commands.toolformer import toolformer
-from datagen.commands.self_instruct import self_instruct_command
-from datagen.commands.alpaca import alpaca_command
-from datagen.console import print_error
-from datagen.commands.dedup import dedup
-from datagen.errors import DatagenError
+from datagen import __version__  # noqa: E402
+from datagen.commands import export, generate, models, report, runs, train  # noqa: E402
+from datagen.commands.toolformer import toolformer  # noqa: E402
+from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
+from datagen.commands.alpaca import alpaca_command  # noqa: E402
+from datagen.console import print_error  # noqa: E402
+from datagen.commands.dedup import dedup  # noqa: E402
+from datagen.errors import DatagenError  # noqa: E402
+from datagen.options import server_options  # noqa: E402
+from storage.store import operational_error_message  # noqa: E402
 
 class DatagenGroup(TyperGroup):
     """Turns a DatagenError raised anywhere below into one line on stderr and its exit code."""
@@ -28,6 +38,9 @@ class DatagenGroup(TyperGroup):
         except DatagenError as err:
             print_error(str(err))
             raise typer.Exit(err.exit_code) from None
+        except OperationalError as err:
+            print_error(operational_error_message(err))
+            raise typer.Exit(1) from None
 
 
 app = typer.Typer(
@@ -38,13 +51,14 @@ app = typer.Typer(
 )
 app.add_typer(models.app, name="models")
 app.add_typer(runs.app, name="runs")
-app.command("generate")(generate.generate)
-app.command("self-instruct")(self_instruct_command)
-app.command("alpaca")(alpaca_command)
+# Commands that generate get --timeout, --concurrency and --api-key beside --base-url (datagen/options.py).
+app.command("generate")(server_options(generate.generate))
+app.command("self-instruct")(server_options(self_instruct_command))
+app.command("alpaca")(server_options(alpaca_command))
 app.command("export")(export.export_command)
 app.command("report")(report.report_command)
 app.command("dedup")(dedup)
-app.command("toolformer")(toolformer)
+app.command("toolformer")(server_options(toolformer))
 app.command("train")(train.train)
 
 

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlmodel import Session
 
-from datagen.backends import Backend, Request, Result, SamplingParams
+from datagen.backends import MAX_COUNT, Backend, Request, Result, SamplingParams, check_int
 from datagen.errors import BadInput
 from datagen.jsonl import read_records, require_str
 from storage.store import add_generations
 from storage.tables import Run
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything `datagen generate` runs with, checked on construction (before a model loads or a run is stored)."""
+
+    sampling: SamplingParams
+    batch_size: int = 16
+    """Prompts per backend call, 1 to MAX_COUNT; each batch is committed in one transaction."""
+
+    def __post_init__(self) -> None:
+        check_int("batch_size", self.batch_size, 1, MAX_COUNT)
 
 
 def read_requests(path: Path, params: SamplingParams) -> list[Request]:

@@ -149,12 +149,20 @@ def resolve(model: str) -> str:
     return model
 
 
-def configure_offline() -> None:
-    """Keep transformers and datasets off the network unless the user allowed the hub, and quiet their
-    per-tensor loading bars (datagen draws its own progress)."""
+def set_offline_environment() -> None:
+    """Keep huggingface_hub, transformers and datasets off the network unless the user allowed the hub
+    (DATAGEN_ALLOW_HUB=1). The libraries read these variables once, when first imported, so the CLI calls
+    this at the top of its entry point (datagen/cli.py), before any of them is imported."""
     if not hub_allowed():
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(variable, "1")
+
+
+def configure_offline() -> None:
+    """Before a backend loads a model: the offline variables (effective only if no Hugging Face library is
+    imported yet, as when datagen is used as a library), and transformers' per-tensor loading bars off
+    (datagen draws its own progress)."""
+    set_offline_environment()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

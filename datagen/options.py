@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -21,9 +26,40 @@ ModelOption = Annotated[
 BackendOption = Annotated[
     BackendName, typer.Option("--backend", "-b", help="auto: vllm if installed and a GPU is present, else transformers.")
 ]
+
+
+def _check_base_urls(urls: list[str] | None) -> list[str] | None:
+    """Each --base-url is checked while the command line is parsed: before any file is read or store opened."""
+    from datagen.backends.openai_backend import server_root
+
+    for url in urls or ():
+        server_root(url)
+    return urls
+
+
 BaseUrlOption = Annotated[
     Optional[list[str]],
-    typer.Option("--base-url", help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1; repeat for data-parallel servers."),
+    typer.Option(
+        "--base-url",
+        callback=_check_base_urls,
+        help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1; repeat for data-parallel servers.",
+    ),
+]
+TimeoutOption = Annotated[
+    Optional[float], typer.Option("--timeout", help="openai backend: seconds for one HTTP request (default: 120).")
+]
+ConcurrencyOption = Annotated[
+    Optional[int], typer.Option("--concurrency", help="openai backend: requests in flight at once, over all servers (default: 8).")
+]
+ApiKeyOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--api-key",
+        envvar="OPENAI_API_KEY",
+        show_default=False,
+        help="openai backend: the servers' API key (sent as a Bearer token, never stored); default $OPENAI_API_KEY. "
+        "Prefer the variable: a flag is visible to other users in `ps`.",
+    ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 ConfigOption = Annotated[
@@ -46,16 +82,71 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def make_backend(backend: BackendName, model: str, base_url: list[str] | None) -> Backend:
-    """Build the backend the flags ask for; the openai backend needs --base-url."""
+class Servers(tuple):
+    """The --base-url values of a command, with the other settings of talking to those servers
+    (--timeout, --concurrency, --api-key), as `server_options` collects them. A tuple of the URLs, so a
+    command passes it wherever it passed its base_url list."""
+
+    timeout: float | None = None
+    concurrency: int | None = None
+    api_key: str | None = None
+
+
+def server_options(command: Callable) -> Callable:
+    """Give a generating command --timeout, --concurrency and --api-key next to its --base-url; the command's
+    `base_url` argument then arrives as `Servers`, which `make_backend` reads. One place for every command
+    that talks to a server (generate, self-instruct, alpaca, toolformer): applied where datagen/cli.py
+    registers them."""
+    # Typer reads the signature and the resolved annotations (strings under `from __future__ import annotations`).
+    hints = typing.get_type_hints(command, include_extras=True)
+    signature = inspect.signature(command)
+    parameters = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+        for name, annotation in (("timeout", TimeoutOption), ("concurrency", ConcurrencyOption), ("api_key", ApiKeyOption))
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args, timeout=None, concurrency=None, api_key=None, **kwargs):
+        urls = kwargs.get("base_url")
+        if not urls and (timeout is not None or concurrency is not None):
+            raise BadInput("--timeout and --concurrency are for --backend openai with --base-url")
+        if urls:
+            if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+                raise BadInput(f"--timeout must be a number of seconds > 0, got {timeout}")
+            if concurrency is not None and not 1 <= concurrency <= 4096:
+                raise BadInput(f"--concurrency must be from 1 to 4096, got {concurrency}")
+            servers = Servers(urls)
+            servers.timeout, servers.concurrency, servers.api_key = timeout, concurrency, api_key
+            kwargs["base_url"] = servers
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*parameters, *extra])
+    wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in extra}}
+    del wrapper.__wrapped__  # else inspect and typing would read the command's own, shorter, signature
+    return wrapper
+
+
+def make_backend(backend: BackendName, model: str, base_url: Sequence[str] | None) -> Backend:
+    """Build the backend the flags ask for; the openai backend needs --base-url. The API key is passed to the
+    backend only, never stored; a run's config and errors show base URLs with their credentials masked."""
     from datagen.backends import resolve_backend_name
-    from datagen.errors import BadInput
 
     name = resolve_backend_name(backend)
     if name is BackendName.openai:
         if not base_url:
             raise BadInput("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-        return load_backend(name, model, base_urls=base_url)
+        options = {}
+        if isinstance(base_url, Servers):
+            options = {k: v for k in ("timeout", "concurrency", "api_key") if (v := getattr(base_url, k)) is not None}
+        return load_backend(name, model, base_urls=list(base_url), notify=_notify, **options)
     if base_url:
         raise BadInput("--base-url is only for --backend openai")
     return load_backend(name, model)
+
+
+def _notify(message: str) -> None:
+    """Backend notices (a server taken out of rotation, back in): one line above the progress bar."""
+    from datagen.console import err_console
+
+    err_console.print(f"note: {message}", markup=False, highlight=False, soft_wrap=True)

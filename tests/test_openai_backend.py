@@ -183,3 +183,74 @@ def test_bad_requests_fail_at_once(openai_backend):
     wrong_model.close()
     with pytest.raises(BadInput, match="http://"):
         OpenAIBackend("m", base_urls="localhost:8000")
+
+
+@contextlib.contextmanager
+def dead_server():
+    """A loopback port that accepts connections and closes them at once (a crashed server behind a live
+    socket); yields (url, number of connections so far)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    connections = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(1)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", lambda: len(connections)
+    finally:
+        listener.close()
+
+
+def test_a_dead_server_goes_out_of_rotation(vllm_server):
+    """One of two servers is dead: it gets one request (two if both threads pick it before the first fails), is
+    out of rotation after that, and every request is answered by the live one without waiting (a retry after a
+    backoff would take >= 10 s here)."""
+    notes = []
+    with dead_server() as (dead, connections):
+        backend = OpenAIBackend("smollm2-135m", base_urls=[dead, vllm_server], concurrency=2, max_retries=1,
+                                retry_backoff=20, notify=notes.append)  # fmt: skip
+        try:
+            started = time.perf_counter()
+            results = backend.generate([Request(prompt=f"{i} + {i} =", params=SamplingParams(temperature=0, max_tokens=2)) for i in range(12)])
+            elapsed = time.perf_counter() - started
+        finally:
+            backend.close()
+        assert 1 <= connections() <= 2
+    assert len(results) == 12 and all(r.completions[0].completion_tokens == 2 for r in results)
+    (note,) = notes  # the reason is httpx's: a RemoteProtocolError, or a ReadError if the reset comes first
+    assert note.startswith(f"{dead} is out of rotation for 30 s (") and note.endswith("); its requests go to the other servers")
+    assert elapsed < 10 + 60  # 60: 12 short generations on a loaded CPU
+
+
+def test_the_progress_line_says_a_server_is_out(vllm_server, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{i} + {i} ="}) + "\n" for i in range(3)))
+    with dead_server() as (dead, connections):
+        result = subprocess.run(
+            [sys.executable, "-m", "datagen.cli", "generate", "prompts.jsonl", "--backend", "openai", "--model", "smollm2-135m",
+             "--base-url", dead.replace("http://", "http://user:pw@"), "--base-url", vllm_server, "--concurrency", "1",
+             "--max-tokens", "2", "--json"],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert connections() == 1
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3
+    port = dead.rpartition(":")[2]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    (note,) = notes
+    assert note.startswith(f"note: http://***:***@127.0.0.1:{port} is out of rotation for 30 s (")
+    assert note.endswith("); its requests go to the other servers") and "pw" not in result.stderr

@@ -8,7 +8,7 @@ from sqlmodel import Session, select
 
 from datagen.backends import Completion, Request, Result, SamplingParams
 from datagen.errors import BadInput, StoreError
-from storage.store import add_generations, get_run, open_engine
+from storage.store import add_generations, check_store, get_run, open_engine
 from storage.tables import SCHEMA_VERSION, Generation, Instance, Run, SchemaInfo, Task
 
 
@@ -96,6 +96,28 @@ def test_unreachable_database_is_one_clear_error():
         open_engine("postgresql+psycopg://u:secret@127.0.0.1:1/x")
 
 
-def test_unwritable_sqlite_path_is_one_clear_error(tmp_path):
-    with pytest.raises(StoreError, match="cannot open the database"):
+def test_sqlite_path_in_a_missing_folder_is_bad_input(tmp_path):
+    with pytest.raises(BadInput, match="the folder .*no/such/dir does not exist"):
         open_engine(f"sqlite:///{tmp_path}/no/such/dir/x.db")
+    assert not (tmp_path / "no").exists()
+
+
+def test_reading_never_creates_a_database(tmp_path):
+    url = f"sqlite:///{tmp_path / 'datagen.db'}"
+    with pytest.raises(BadInput, match="no database at .*datagen.db: nothing is stored there yet"):
+        open_engine(url, create=False)
+    check_store(url)  # a new file would be fine: nothing is made yet
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(BadInput, match="the folder .*nowhere does not exist"):
+        check_store(f"sqlite:///{tmp_path / 'nowhere' / 'x.db'}")
+    open_engine(url).dispose()
+    with Session(open_engine(url, create=False)) as session:
+        assert session.exec(select(Run)).all() == []
+
+
+def test_schema_creation_is_idempotent(tmp_path, postgres_url):
+    for url in (f"sqlite:///{tmp_path / 'datagen.db'}", postgres_url):
+        for _ in range(3):
+            open_engine(url).dispose()
+        with Session(open_engine(url, create=False)) as session:
+            assert session.exec(select(SchemaInfo.key, SchemaInfo.value)).all() == [("schema_version", str(SCHEMA_VERSION))]

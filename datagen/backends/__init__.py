@@ -14,6 +14,7 @@ Heavy imports (torch, vllm, httpx) live inside the implementation modules.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -21,35 +22,60 @@ from typing import Literal, Protocol
 from datagen.errors import BadInput, MissingExtra
 
 
+MAX_COUNT = 2**31 - 1
+"""Largest max_tokens a backend can take: a C int in torch, vLLM and the servers behind the openai backend."""
+MAX_N = 128
+"""Most completions per request: the OpenAI API's limit for `n`, far above the papers' needs."""
+MAX_SEED = 2**63 - 1
+"""Seeds go to torch.manual_seed and vLLM's per-request generators, which take a signed 64-bit integer."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings shared by all backends (names follow vLLM's SamplingParams)."""
+    """Sampling settings shared by all backends (names follow vLLM's SamplingParams).
+
+    Every value is checked here, on construction, so a bad option fails before a model loads or a run is stored."""
 
     temperature: float = 1.0
-    """0 means greedy decoding."""
+    """0 means greedy decoding; finite and >= 0."""
     top_p: float = 1.0
+    """In (0, 1]."""
     max_tokens: int = 256
-    """Most new tokens per completion."""
+    """Most new tokens per completion, 1 to MAX_COUNT."""
     stop: tuple[str, ...] = ()
     """Generation ends before the first of these strings; the string itself is not returned."""
     n: int = 1
-    """Completions per request."""
+    """Completions per request, 1 to MAX_N."""
     seed: int | None = None
-    """Makes sampling repeatable on the same backend and hardware."""
+    """Makes sampling repeatable on the same backend and hardware; 0 to MAX_SEED."""
     presence_penalty: float = 0.0
-    """Used by vllm and openai; transformers has no such penalty and ignores it."""
+    """In [-2, 2] (OpenAI API and vLLM); used by vllm and openai; transformers has no such penalty and ignores it."""
     frequency_penalty: float = 0.0
-    """Used by vllm and openai; transformers has no such penalty and ignores it."""
+    """In [-2, 2] (OpenAI API and vLLM); used by vllm and openai; transformers has no such penalty and ignores it."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise BadInput(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise BadInput(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise BadInput(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.n < 1:
-            raise BadInput(f"n must be >= 1, got {self.n}")
+        if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise BadInput(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise BadInput(f"top_p must be in (0, 1], got {self.top_p!r}")
+        check_int("max_tokens", self.max_tokens, 1, MAX_COUNT)
+        check_int("n", self.n, 1, MAX_N)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0, MAX_SEED)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (_is_number(value) and -2 <= value <= 2):
+                raise BadInput(f"{name} must be in [-2, 2], got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, low: int, high: int) -> None:
+    """BadInput naming the option unless value is an integer in [low, high]."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise BadInput(f"{name} must be an integer from {low} to {high:,}, got {value!r}")
 
 
 Message = dict[str, str]
@@ -177,3 +203,17 @@ def apply_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut text before the earliest stop string; True if one was found."""
     cut = min((i for s in stop if (i := text.find(s)) >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password (and a user name that may be a token) replaced by ***: what messages and the
+    store show. "http://user:secret@host:8000" -> "http://***:***@host:8000"."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # "user:pw@host:8000" without a scheme, as a user may mistype it
+        scheme, rest = "", url
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return url
+    userinfo, _, host = authority.rpartition("@")
+    masked = "***:***" if ":" in userinfo else "***"
+    return f"{scheme}{sep}{masked}@{host}{slash}{path}"

@@ -32,7 +32,7 @@ from sqlmodel import Session, select
 from datagen.console import err_console, print_error, print_json, progress, summary_table
 from datagen.dedup import SELF_INSTRUCT_THRESHOLD, STORE, Decision, FuzzyScorer, Method, Tokenizer, make_index, stored_instructions
 from datagen.errors import BadInput, DatagenError
-from datagen.jsonl import read_records, require_str, write_records
+from datagen.jsonl import check_output_file, read_records, require_str, write_records
 from datagen.options import DbOption, JsonOption
 from storage.store import get_run, open_engine, touch
 from storage.tables import Instance, Run, Task
@@ -143,9 +143,13 @@ def dedup(
             raise BadInput("give a JSONL FILE or --run NAME (a stored run)")
         if apply and run is None:
             raise BadInput("--apply marks the rows of a stored run: use it with --run NAME")
+        for path, option in ((out, "--out"), (pairs, "--pairs")):
+            if path is not None:
+                check_output_file(path, option)
         against = against or []
         uses_store = run is not None or any(is_store_source(spec) for spec in against)
-        with Session(open_engine(db)) if uses_store else nullcontext() as session:
+        # Only --apply writes to the store; reading a database that does not exist must not create it.
+        with Session(open_engine(db, create=False)) if uses_store else nullcontext() as session:
             summary = _dedup(session, file, run, field, index, method, threshold, tokenizer, against, out, pairs, apply, as_json)
     except DatagenError as err:  # also handled by the main CLI; here so the command works on its own
         print_error(str(err))

@@ -10,12 +10,13 @@ from typing import Annotated, Optional
 import typer
 from sqlmodel import Session
 
-from datagen.backends import BackendName, SamplingParams
+from datagen.backends import BackendName, SamplingParams, mask_url
 from datagen.console import err_console, progress, summary_table
-from datagen.generate import read_requests, run_generate
+from datagen.generate import GenerateConfig, read_requests, run_generate
+from datagen.jsonl import check_output_file
 from datagen.models import DEFAULT_MODEL
 from datagen.options import BackendOption, BaseUrlOption, DbOption, JsonOption, ModelOption, make_backend
-from storage.store import open_engine, touch
+from storage.store import check_store, error_text, open_engine, touch
 from storage.tables import Run, utcnow
 
 
@@ -37,19 +38,31 @@ def generate(
     as_json: JsonOption = False,
 ) -> None:
     """Complete every prompt of a JSONL file with the chosen backend and model."""
-    params = SamplingParams(
-        temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n, seed=seed, stop=tuple(stop or ())
+    # Options, output path and every prompt line are checked before a model loads or the store is touched;
+    # the store is opened (a new SQLite file created) only once there is something to write.
+    config = GenerateConfig(
+        SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=n, seed=seed, stop=tuple(stop or ())),
+        batch_size=batch_size,
     )
-    requests = read_requests(prompts, params)  # every line checked before anything is written
-    engine = open_engine(db)
+    params = config.sampling
+    if out is not None:
+        check_output_file(out, "--out")
+    requests = read_requests(prompts, params)
+    check_store(db)  # an unreachable database fails before the model loads
     llm = make_backend(backend, model, base_url)
+    try:
+        engine = open_engine(db)
+    except BaseException:
+        llm.close()
+        raise
     started = time.perf_counter()
     output = out.open("w", encoding="utf-8") if out else None
     with Session(engine) as session:
         run = Run(
             name=run_name or f"generate-{utcnow():%Y%m%d-%H%M%S}",
             pipeline="generate",
-            config={"prompts": str(prompts), "sampling": params.__dict__ | {"stop": list(params.stop)}, "batch_size": batch_size},
+            config={"prompts": str(prompts), "sampling": params.__dict__ | {"stop": list(params.stop)}, "batch_size": config.batch_size,
+                    "base_urls": [mask_url(url) for url in base_url or ()]},
             model=model,
             backend=llm.name,
         )
@@ -75,10 +88,10 @@ def generate(
                 bar.update(task, advance=len(batch), status=f"{run.completion_tokens / (time.perf_counter() - started):.0f} tok/s")
 
             try:
-                run_generate(session, run, llm, requests, batch_size, emit)
+                run_generate(session, run, llm, requests, config.batch_size, emit)
             except Exception as err:
                 session.rollback()
-                touch(run, status="failed", error=str(err))
+                touch(run, status="failed", error=error_text(err))
                 session.add(run)
                 session.commit()
                 raise

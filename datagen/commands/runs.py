@@ -37,7 +37,7 @@ def run_summary(run: Run) -> dict:
 @app.command("list")
 def list_runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """List runs, newest first."""
-    with Session(open_engine(db)) as session:
+    with Session(open_engine(db, create=False)) as session:
         runs = session.exec(select(Run).order_by(Run.id.desc())).all()
         rows = [run_summary(r) for r in runs]
     if as_json:
@@ -58,7 +58,7 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one run: its configuration, counters, and rejections by reason."""
-    with Session(open_engine(db)) as session:
+    with Session(open_engine(db, create=False)) as session:
         found = get_run(session, run)
         summary = run_summary(found)
         summary["config"] = found.config

@@ -23,8 +23,8 @@ This module gives the same decisions, bit for bit, in seconds:
   block, so every decision equals the one the sequential reference loop makes.
 
 What differs from scoring every pair: the score and nearest text reported for a *kept* candidate are the best among
-the texts that share enough tokens with it to have exceeded the threshold (usually its true nearest, but not always;
-0.0 and None when there is none). A dropped candidate's are exact. Self-Instruct's own script records the most
+the texts that share enough tokens with it to have exceeded the threshold (0.0 and None when there is none, which is
+common: a kept instruction's true nearest usually shares fewer tokens). A dropped candidate's are exact. Self-Instruct's own script records the most
 similar instructions of every kept one; finding the true nearest of each kept candidate needs every pair, which is
 what the index avoids (`RougeIndex.filter`).
 

@@ -239,7 +239,7 @@ def min_overlaps(size: int, threshold: float) -> np.ndarray:
     n = np.arange(size)[:, None]
     m = np.arange(size)[None, :]
     guess = np.floor(threshold * (n + m) / 2).astype(np.int64)
-    alpha = np.full((size, size), UNREACHABLE, dtype=np.int64)
+    alpha = np.full((size, size), UNREACHABLE, dtype=np.int32)
     for offset in range(3, -3, -1):  # the smallest last: it is the one kept
         lcs = guess + offset
         above = (lcs >= 1) & (lcs <= np.minimum(n, m)) & (rouge_l_fmeasure(lcs, n, m) > threshold)
@@ -291,7 +291,7 @@ class _Postings(NamedTuple):
         width = int(lengths.max(initial=0)) + 1
         keys = elements * width + lengths
         order = np.argsort(keys, kind="stable")
-        return cls(keys[order], width, ids[order], lengths[order], positions[order])
+        return cls(keys[order], width, *(column[order].astype(np.int32) for column in (ids, lengths, positions)))
 
     def merge(self, other: _Postings) -> _Postings:
         return _Postings.build(np.concatenate([self.ids, other.ids]),
@@ -517,7 +517,7 @@ class RougeIndex:
         `earlier_only`: in a block, only targets before the row matter.
         """
         rows, positions = probe.rows, probe.positions
-        n = probe.lengths[rows]
+        n = probe.lengths[rows].astype(np.int32)
         base = probe.elements * postings.width
         shortest = self._partner_lo[n, n - positions]
         longest = np.minimum(self._partner_hi[n, n - positions], postings.width - 1)
@@ -531,11 +531,12 @@ class RougeIndex:
             total = int(chunk_counts.sum())
             if not total:
                 continue
-            entry = np.repeat(starts[low:high] - (np.cumsum(chunk_counts) - chunk_counts), chunk_counts) + np.arange(total)
+            entry = np.repeat(starts[low:high] - (np.cumsum(chunk_counts) - chunk_counts), chunk_counts)
+            entry += np.arange(total)
             hit_rows = np.repeat(rows[low:high], chunk_counts)
             hit_n = np.repeat(n[low:high], chunk_counts)
             targets, m = postings.ids[entry], postings.lengths[entry]
-            alpha = self._alpha[hit_n, m]
+            alpha = self._alpha.ravel()[hit_n * len(self._alpha) + m]
             keep = (hit_n - np.repeat(positions[low:high], chunk_counts) >= alpha) & (m - postings.positions[entry] >= alpha)
             if earlier_only:
                 keep &= targets < hit_rows

@@ -101,7 +101,7 @@ def make_corpus(seed_tasks: list[dict], n: int, seed: int = 0, near_duplicates: 
     vocabulary = sorted({w for s in sentences for w in s})
     corpus: list[list[str]] = []
     for _ in range(n):
-        if corpus and rng.random() < near_duplicates:
+        if near_duplicates and corpus and rng.random() < near_duplicates:  # (no draw at 0: the corpus of (a)-(c) is unchanged)
             corpus.append(near_copy(rng.choice(corpus), vocabulary, rng))
         else:
             corpus.append(perturb(rng.choice(sentences), rng.choice(sentences), vocabulary, rng))

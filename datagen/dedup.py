@@ -110,7 +110,8 @@ class Match(NamedTuple):
 
 @dataclass(frozen=True)
 class Decision:
-    """What the filter decided for one candidate, and why: the most similar text kept before it and the score.
+    """What the filter decided for one candidate, and why: the most similar text kept before it and the score
+    (for a candidate that ROUGE-L keeps, the most similar among those sharing enough tokens: `RougeIndex.filter`).
 
     `nearest_index` counts every text in the index in insertion order (texts added with `add` first, then the
     candidates kept by `filter`); it is None when nothing scored above 0.
@@ -232,9 +233,10 @@ BUCKETS = 64
 def min_overlaps(size: int, threshold: float) -> np.ndarray:
     """alpha[n, m]: the smallest LCS with which texts of n and m tokens score above the threshold (UNREACHABLE if none).
 
-    rouge-score's floats decide (rouge_l_fmeasure), not the algebra F = 2·LCS/(n+m): at a tie such as LCS 7 for
-    10 + 10 tokens at 0.7, the float 2·0.7·0.7/1.4 is what rouge-score compares. The algebra only picks which LCS
-    values to try: floor(t·(n+m)/2) - 2 to + 3, around the crossing (tests check every n, m < 160 against all).
+    rouge-score's floats decide (rouge_l_fmeasure), not the algebra F = 2·LCS/(n+m): LCS 7 of 8 + 12 tokens is
+    2·7/20 = 0.7 exactly, yet rouge-score's float is 0.7000000000000001 > 0.7, so alpha(8, 12) is 7 at 0.7, not 8.
+    The algebra only picks which LCS values to try: floor(t·(n+m)/2) - 2 to + 3, around the crossing (a test checks
+    every n, m < 120 at 13 thresholds against trying all).
     """
     n = np.arange(size)[:, None]
     m = np.arange(size)[None, :]
@@ -251,7 +253,7 @@ def prefix_lengths(alpha: np.ndarray) -> np.ndarray:
     """For each token count n, how many of a text's first elements (in the global order) go into the inverted index.
 
     A pair with multiset overlap o >= alpha[n, m] shares an element among the first n - o + 1 of each text (the
-    prefix principle: All-Pairs, Bayardo et al. 2007, section 4; PPJoin, Xiao et al. 2008, section 3). The index
+    prefix filtering principle of All-Pairs, Bayardo et al. 2007, and PPJoin, Xiao et al. 2008). The index
     cannot know the length of a later candidate, so it keeps n - min_m alpha[n, m] + 1, the longest any partner
     needs; the minimum lies at m <= n, since alpha grows with the other length beyond n.
     """
@@ -331,7 +333,7 @@ class _Texts(NamedTuple):
         starts = np.cumsum(lengths) - lengths
         for low in range(0, len(codes), 1 << 14):  # bincount's memory stays small
             high = min(low + (1 << 14), len(codes))
-            chunk = elements[starts[low] : starts[high - 1] + lengths[high - 1]] if high > low else elements[:0]
+            chunk = elements[starts[low] : starts[high - 1] + lengths[high - 1]]
             rows = np.repeat(np.arange(high - low), lengths[low:high])
             counts = np.bincount(rows * BUCKETS + chunk % BUCKETS, minlength=(high - low) * BUCKETS)
             buckets[low:high] = np.minimum(counts, 255).reshape(high - low, BUCKETS)

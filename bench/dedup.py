@@ -32,6 +32,7 @@ import multiprocessing
 import random
 import re
 import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -227,7 +228,7 @@ def main() -> None:
     seed_tasks = [json.loads(line) for line in SEEDS.read_text().splitlines()]
     seeds = [task["instruction"] for task in seed_tasks]
     corpus = make_corpus(seed_tasks, args.n)
-    print(f"command: python bench/dedup.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"command: python bench/dedup.py {shlex.join(sys.argv[1:])}".rstrip())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, "
           f"load average at start {os.getloadavg()[0]:.1f} (other work on the machine slows both sides)")
     print(f"corpus: {len(seeds)} seed instructions (the starting pool) + {len(corpus)} perturbed real sentences")

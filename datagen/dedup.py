@@ -367,9 +367,11 @@ class RougeIndex:
     inverted index finds all texts that can (All-Pairs, Bayardo et al. 2007; PPJoin, Xiao et al. 2008): each text
     is a set of elements (token, k-th occurrence), sorted rarest first in one global order; only the first
     elements of each (`prefix_lengths`) are indexed and probed, and a shared element is kept only if both texts
-    have at least alpha elements from it on (PPJoin's positional filter). Each pair found is verified exactly:
-    multiset overlap (rapidfuzz LCS of the two sorted code strings) >= alpha, then the token LCS and rouge-score's
-    float F-measure. Pruning uses only bounds read from that float table, so it cannot change a decision.
+    have at least alpha elements from it on (PPJoin's positional filter). A pair found is then bounded by its
+    texts' element counts per hash bucket (sum of minima >= overlap), and the rest verified exactly: multiset
+    overlap (rapidfuzz LCS of the two sorted code strings) >= alpha, then the token LCS and rouge-score's float
+    F-measure. Pruning uses only upper bounds compared with alpha, read from that float table, so it cannot change a
+    decision.
 
     The global order is by element frequency over the index and the candidates of the `filter` call; it is re-fit,
     and the index rebuilt, whenever the number of texts has doubled since (elements seen in between count as the

@@ -1,7 +1,7 @@
 """Benchmark: datagen's ROUGE-L filter against rouge-score's reference loop, on the same sequential 0.7 filter.
 
-    python bench/dedup.py                      # full run: ~1-2 minutes on 2 cores
-    python bench/dedup.py --n 5000 --reference-seconds 10   # a quick look
+    python bench/dedup.py                      # full run: ~10 minutes on 2 cores, most of it the 1M series entry
+    python bench/dedup.py --n 5000 --reference-seconds 10 --scale 10000,50000   # a quick look
 
 Corpus: the 175 Self-Instruct seed instructions are the starting pool (as in Self-Instruct); candidates are real
 sentences (seed instructions, and sentences of the seed instances' inputs and outputs) perturbed by word drops,
@@ -16,7 +16,10 @@ spent; ours runs on exactly those candidates too, and the decisions and scores a
 
 Printed: (a) decision mismatches on the common subset (must be 0), (b) pair throughput of both and the ratio
 (pairs = candidate x every text kept before it, the work the reference does, whether or not we prune it),
-(c) our sequential filter over all candidates, on all cores and on one.
+(c) our sequential filter over all candidates, on all cores and on one, (d) the scale series: the same filter over
+10k, 50k, 200k and 1M candidates, each in a fresh process (wall and CPU seconds, peak memory), with the growth
+exponent fitted from it. Its corpus adds near-duplicates: a share of candidates are light edits (one word changed,
+dropped or swapped, or case and punctuation) of an earlier candidate, as a generator repeating itself produces.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import argparse
 import json
 import os
 import platform
+import multiprocessing
 import random
 import re
+import resource
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,6 +46,8 @@ from datagen.dedup import RougeIndex, make_tokenizer, rouge_l_fmeasure  # noqa: 
 
 SEEDS = Path(__file__).resolve().parents[1] / "examples" / "seed_tasks.jsonl"
 THRESHOLD = 0.7
+NEAR_DUPLICATES = 0.1
+"""Share of the scale series' candidates that are light edits of an earlier candidate."""
 
 
 def real_sentences(seed_tasks: list[dict]) -> list[str]:
@@ -74,11 +82,31 @@ def perturb(words: list[str], other: list[str], vocabulary: list[str], rng: rand
     return words
 
 
-def make_corpus(seed_tasks: list[dict], n: int, seed: int = 0) -> list[str]:
+def near_copy(words: list[str], vocabulary: list[str], rng: random.Random) -> list[str]:
+    """One light edit: a word substituted, dropped or swapped with its neighbour, or case and punctuation changed."""
+    words, op, at = list(words), rng.random(), rng.randrange(len(words))
+    if op < 0.25:
+        words[at] = rng.choice(vocabulary)
+    elif op < 0.5 and len(words) > 2:
+        del words[at]
+    elif op < 0.75 and at + 1 < len(words):
+        words[at], words[at + 1] = words[at + 1], words[at]
+    else:
+        words = [w.upper() for w in words] if rng.random() < 0.5 else words[:-1] + [words[-1] + rng.choice("!?.")]
+    return words
+
+
+def make_corpus(seed_tasks: list[dict], n: int, seed: int = 0, near_duplicates: float = 0.0) -> list[str]:
     rng = random.Random(seed)
     sentences = [s.split() for s in real_sentences(seed_tasks)]
     vocabulary = sorted({w for s in sentences for w in s})
-    return [" ".join(perturb(rng.choice(sentences), rng.choice(sentences), vocabulary, rng)) for _ in range(n)]
+    corpus: list[list[str]] = []
+    for _ in range(n):
+        if near_duplicates and corpus and rng.random() < near_duplicates:  # (no draw at 0: the corpus of (a)-(c) is unchanged)
+            corpus.append(near_copy(rng.choice(corpus), vocabulary, rng))
+        else:
+            corpus.append(perturb(rng.choice(sentences), rng.choice(sentences), vocabulary, rng))
+    return [" ".join(words) for words in corpus]
 
 
 def reference_filter(seeds: list[str], candidates: list[str], budget_s: float) -> tuple[list[tuple[bool, float]], int, float, float]:
@@ -141,6 +169,47 @@ def pairs_within_length_bound(seeds: list[str], candidates: list[str], decisions
     return total
 
 
+def scale_run(n: int) -> dict:
+    """The sequential filter over n candidates of the near-duplicate corpus, in this (fresh) process."""
+    seed_tasks = [json.loads(line) for line in SEEDS.read_text().splitlines()]
+    seeds = [task["instruction"] for task in seed_tasks]
+    corpus = make_corpus(seed_tasks, n, near_duplicates=NEAR_DUPLICATES)
+    corpus_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started, cpu_started = time.perf_counter(), time.process_time()
+    index = RougeIndex(THRESHOLD)
+    index.add(seeds)
+    decisions = index.filter(corpus)
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    kept = sum(d.kept for d in decisions)
+    pairs, pool = 0, len(seeds)
+    for decision in decisions:
+        pairs += pool
+        pool += decision.kept
+    return {"n": n, "kept": kept, "wall": wall, "cpu": cpu, "pairs": pairs,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "corpus_mib": corpus_kib / 1024}  # fmt: skip
+
+
+def scale_series(sizes: list[int], reference_rate: float) -> None:
+    print(f"\n(d) scale series: sequential {THRESHOLD} filter, {len(SEEDS.read_text().splitlines())} seeds + n candidates "
+          f"({NEAR_DUPLICATES:.0%} of them near copies of an earlier one), a fresh process per size, workers=-1")
+    print(f"    {'n':>10} {'kept':>9} {'dropped':>9} {'wall s':>8} {'CPU s':>8} {'peak MiB':>9} {'before filter':>13}"
+          f" {'rouge-score pairs':>18} {'at its rate':>12}")
+    results = []
+    for n in sizes:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            r = pool.apply(scale_run, (n,))
+        results.append(r)
+        print(f"    {r['n']:>10,} {r['kept']:>9,} {r['n'] - r['kept']:>9,} {r['wall']:>8.1f} {r['cpu']:>8.1f} {r['peak_mib']:>9,.0f}"
+              f" {r['corpus_mib']:>13,.0f} {r['pairs']:>18,} {r['pairs'] / reference_rate / 3600:>10,.1f} h", flush=True)
+    if len(results) > 1:
+        n = np.log([r["n"] for r in results])
+        fits = {key: np.polyfit(n, np.log([r[key] for r in results]), 1)[0] for key in ("wall", "cpu")}
+        steps = ", ".join(f"{a['n']:,}->{b['n']:,}: {np.log(b['cpu'] / a['cpu']) / np.log(b['n'] / a['n']):.2f}"
+                          for a, b in zip(results, results[1:]))  # fmt: skip
+        print(f"    growth exponent (least squares of log time on log n): wall {fits['wall']:.2f}, CPU {fits['cpu']:.2f};"
+              f" CPU between sizes: {steps}")
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         if line.startswith("model name"):
@@ -153,12 +222,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50_000, help="candidates in the full run")
     parser.add_argument("--reference-seconds", type=float, default=45.0, help="time budget of rouge-score's loop")
     parser.add_argument("--single-core", action=argparse.BooleanOptionalAction, default=True, help="also time workers=1")
+    parser.add_argument("--scale", default="10000,50000,200000,1000000", help="sizes of the scale series ('' to skip)")
     args = parser.parse_args()
 
     seed_tasks = [json.loads(line) for line in SEEDS.read_text().splitlines()]
     seeds = [task["instruction"] for task in seed_tasks]
     corpus = make_corpus(seed_tasks, args.n)
-    print(f"command: python bench/dedup.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"command: python bench/dedup.py {shlex.join(sys.argv[1:])}".rstrip())
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, "
           f"load average at start {os.getloadavg()[0]:.1f} (other work on the machine slows both sides)")
     print(f"corpus: {len(seeds)} seed instructions (the starting pool) + {len(corpus)} perturbed real sentences")
@@ -178,8 +248,8 @@ def main() -> None:
     print(f"    datagen, workers=-1: {pairs:,} pairs in {seconds:.1f} s (CPU {cpu_seconds:.1f} s) = {pairs / seconds:,.0f} pairs/s"
           f" = {pairs / seconds / reference_rate:,.0f}x")
     scored = pairs_within_length_bound(seeds, corpus, full)
-    print(f"    of those, {scored:,} ({scored / pairs:.0%}) are within the length bound and scored by rapidfuzz:"
-          f" {scored / seconds:,.0f} LCS pairs/s")
+    print(f"    of those, {scored:,} ({scored / pairs:.0%}) are within the length bound (all that length-only pruning,"
+          f" before the prefix index, left to score)")
     print(f"    (Self-Instruct's scorer.score, re-tokenizing each pair: {score_pair_rate(seeds + corpus, 5.0):,.0f} pairs/s on 1 core)")
     if args.single_core:
         _, pairs_1, seconds_1, cpu_1 = ours(seeds, corpus, workers=1)
@@ -191,6 +261,8 @@ def main() -> None:
     kept = sum(d.kept for d in full)
     print(f"\n(c) sequential {THRESHOLD} filter over {len(corpus):,} candidates (+{len(seeds)} seeds), {os.cpu_count()} cores:"
           f" {seconds:.1f} s; kept {kept:,}, dropped {len(corpus) - kept:,}")
+    if args.scale:
+        scale_series([int(size) for size in args.scale.split(",")], reference_rate)
     if mismatches or score_mismatches:
         sys.exit(1)
 

@@ -14,10 +14,19 @@ This module gives the same decisions, bit for bit, in seconds:
   bit-parallel `LCSseq` run by `process.cdist` over many pairs at once, on all cores;
 - the F-measure is computed from the LCS with rouge-score's float operations in rouge-score's order, so scores are
   identical floats, not merely close ones;
-- a pair whose token lengths alone cap the F-measure at or below the threshold is never scored (the length bound
-  F <= 2·min(|a|,|b|)/(|a|+|b|), taken from the exact float table, so pruning cannot change a decision);
+- a pair is scored only if it shares enough tokens to exceed the threshold: F <= 2·o/(|a|+|b|) for the token-multiset
+  overlap o, and an inverted index of each text's rarest tokens (prefix filtering: All-Pairs, Bayardo et al. 2007;
+  PPJoin, Xiao et al. 2008) finds every such pair without looking at the others, so the filter stays
+  sub-quadratic (1M instructions: bench/results/dedup.txt); the minimal overlaps come from the exact float table, so
+  pruning cannot change a decision (`RougeIndex`, `min_overlaps`);
 - candidates are scored in blocks against everything kept before the block, then resolved one by one inside the
   block, so every decision equals the one the sequential reference loop makes.
+
+What differs from scoring every pair: the score and nearest text reported for a *kept* candidate are the best among
+the texts that share enough tokens with it to have exceeded the threshold (0.0 and None when there is none, which is
+common: a kept instruction's true nearest usually shares fewer tokens). A dropped candidate's are exact. Self-Instruct's own script records the most
+similar instructions of every kept one; finding the true nearest of each kept candidate needs every pair, which is
+what the index avoids (`RougeIndex.filter`).
 
 rouge-score's tokenizer drops every character outside [a-z0-9], so two identical Chinese instructions score 0 and the
 filter does nothing for non-English data; `Tokenizer.unicode` keeps words of every script and makes each CJK character
@@ -43,10 +52,8 @@ import functools
 import hashlib
 import itertools
 import math
-import os
 import unicodedata
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -103,7 +110,8 @@ class Match(NamedTuple):
 
 @dataclass(frozen=True)
 class Decision:
-    """What the filter decided for one candidate, and why: the most similar text kept before it and the score.
+    """What the filter decided for one candidate, and why: the most similar text kept before it and the score
+    (for a candidate that ROUGE-L keeps, the most similar among those sharing enough tokens: `RougeIndex.filter`).
 
     `nearest_index` counts every text in the index in insertion order (texts added with `add` first, then the
     candidates kept by `filter`); it is None when nothing scored above 0.
@@ -212,8 +220,163 @@ def rouge_l(target: str, prediction: str, tokenizer: Tokenizer | str = Tokenizer
     return rouge_l_fmeasure(LCSseq.similarity(a, b), len(a), len(b))
 
 
+UNREACHABLE = 1 << 30
+"""`min_overlaps` for two lengths that cannot score above the threshold: more than any text's token count."""
+
+POSTINGS_CHUNK = 1 << 22
+"""Index entries visited at once when probing (bounds the memory of one probe)."""
+
+BUCKETS = 64
+"""Element counts per hash bucket kept for each text: sum(min) over buckets bounds the multiset overlap from above."""
+
+
+def min_overlaps(size: int, threshold: float) -> np.ndarray:
+    """alpha[n, m]: the smallest LCS with which texts of n and m tokens score above the threshold (UNREACHABLE if none).
+
+    rouge-score's floats decide (rouge_l_fmeasure), not the algebra F = 2·LCS/(n+m): LCS 7 of 8 + 12 tokens is
+    2·7/20 = 0.7 exactly, yet rouge-score's float is 0.7000000000000001 > 0.7, so alpha(8, 12) is 7 at 0.7, not 8.
+    The algebra only picks which LCS values to try: floor(t·(n+m)/2) - 2 to + 3, around the crossing (a test checks
+    every n, m < 120 at 13 thresholds against trying all).
+    """
+    n = np.arange(size)[:, None]
+    m = np.arange(size)[None, :]
+    guess = np.floor(threshold * (n + m) / 2).astype(np.int64)
+    alpha = np.full((size, size), UNREACHABLE, dtype=np.int32)
+    for offset in range(3, -3, -1):  # the smallest last: it is the one kept
+        lcs = guess + offset
+        above = (lcs >= 1) & (lcs <= np.minimum(n, m)) & (rouge_l_fmeasure(lcs, n, m) > threshold)
+        alpha = np.where(above, lcs, alpha)
+    return alpha
+
+
+def prefix_lengths(alpha: np.ndarray) -> np.ndarray:
+    """For each token count n, how many of a text's first elements (in the global order) go into the inverted index.
+
+    A pair with multiset overlap o >= alpha[n, m] shares an element among the first n - o + 1 of each text (the
+    prefix filtering principle of All-Pairs, Bayardo et al. 2007, and PPJoin, Xiao et al. 2008). The index
+    cannot know the length of a later candidate, so it keeps n - min_m alpha[n, m] + 1, the longest any partner
+    needs; the minimum lies at m <= n, since alpha grows with the other length beyond n.
+    """
+    smallest = alpha.min(axis=1)
+    return np.where(smallest < UNREACHABLE, np.arange(len(alpha)) - smallest + 1, 0)
+
+
+def partner_lengths(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """lo[n, b], hi[n, b]: the lengths m with alpha[n, m] <= b lie in lo..hi (none: lo > hi).
+
+    A probe of n tokens whose shared element has b elements from it on can only pair with those lengths; the index
+    keeps each element's texts sorted by length, so a probe visits just that range.
+    """
+    size = len(alpha)
+    n, m = np.indices((size, size))
+    reachable = alpha < size
+    lo = np.full((size, size), size, dtype=np.int64)
+    hi = np.full((size, size), -1, dtype=np.int64)
+    np.minimum.at(lo, (n[reachable], alpha[reachable]), m[reachable])
+    np.maximum.at(hi, (n[reachable], alpha[reachable]), m[reachable])
+    return np.minimum.accumulate(lo, axis=1), np.maximum.accumulate(hi, axis=1)
+
+
+class _Postings(NamedTuple):
+    """One segment of the inverted index: for each element, the texts whose prefix holds it, by length, and where."""
+
+    keys: np.ndarray
+    """element * width + the text's token count, ascending: an element's texts of lengths lo..hi are one slice."""
+    width: int
+    ids: np.ndarray
+    lengths: np.ndarray
+    positions: np.ndarray
+    """The element's position in its text's global order."""
+
+    @classmethod
+    def build(cls, ids: np.ndarray, elements: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> _Postings:
+        width = int(lengths.max(initial=0)) + 1
+        keys = elements * width + lengths
+        order = np.argsort(keys, kind="stable")
+        return cls(keys[order], width, *(column[order].astype(np.int32) for column in (ids, lengths, positions)))
+
+    def merge(self, other: _Postings) -> _Postings:
+        return _Postings.build(np.concatenate([self.ids, other.ids]),
+                               np.concatenate([self.keys // self.width, other.keys // other.width]),
+                               np.concatenate([self.positions, other.positions]),
+                               np.concatenate([self.lengths, other.lengths]))  # fmt: skip
+
+
+class _Prefixes(NamedTuple):
+    """Texts' prefix elements, sorted by text: (row, element, position) per entry, and each text's token count."""
+
+    rows: np.ndarray
+    elements: np.ndarray
+    positions: np.ndarray
+    lengths: np.ndarray
+
+    def select(self, start: int, stop: int) -> _Prefixes:
+        """The entries of rows start..stop-1, renumbered from 0."""
+        low, high = np.searchsorted(self.rows, [start, stop])
+        return _Prefixes(self.rows[low:high] - start, self.elements[low:high], self.positions[low:high],
+                         self.lengths[start:stop])  # fmt: skip
+
+
+class _Texts(NamedTuple):
+    """Texts as the filter verifies them: token codes, the same sorted (LCS of two sorted strings is their multiset
+    overlap), token counts, and element counts per bucket (a bound on the overlap that costs one vector min)."""
+
+    codes: np.ndarray
+    multisets: np.ndarray
+    lengths: np.ndarray
+    buckets: np.ndarray
+
+    @classmethod
+    def of(cls, codes: list[str], elements: np.ndarray) -> _Texts:
+        lengths = np.fromiter(map(len, codes), dtype=np.int64, count=len(codes))
+        buckets = np.zeros((len(codes), BUCKETS), dtype=np.uint8)  # a text of > 255 tokens is never pruned by them
+        starts = np.cumsum(lengths) - lengths
+        for low in range(0, len(codes), 1 << 14):  # bincount's memory stays small
+            high = min(low + (1 << 14), len(codes))
+            chunk = elements[starts[low] : starts[high - 1] + lengths[high - 1]]
+            rows = np.repeat(np.arange(high - low), lengths[low:high])
+            counts = np.bincount(rows * BUCKETS + chunk % BUCKETS, minlength=(high - low) * BUCKETS)
+            buckets[low:high] = np.minimum(counts, 255).reshape(high - low, BUCKETS)
+        return cls(_objects(codes), _objects(["".join(sorted(code)) for code in codes]), lengths, buckets)
+
+    def select(self, start: int, stop: int) -> _Texts:
+        return _Texts(*(column[start:stop] for column in self))
+
+
+def _objects(items: list) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+def _grown(array: np.ndarray, needed: int) -> np.ndarray:
+    """`array` with room for `needed` rows (capacity doubles, so appends cost O(1) each)."""
+    if needed <= len(array):
+        return array
+    bigger = np.empty((max(needed, 2 * len(array), 1024), *array.shape[1:]), dtype=array.dtype)
+    bigger[: len(array)] = array
+    return bigger
+
+
 class RougeIndex:
-    """Texts as token-code strings, grouped by token count, for ROUGE-L nearest-text queries and the sequential filter."""
+    """Texts as token-code strings, with an inverted index of their rarest tokens, for the exact sequential filter.
+
+    The filter must find every kept text whose ROUGE-L F-measure with a candidate is above the threshold. F is at
+    most 2·o/(n+m) for the token-multiset overlap o (the LCS is a common sub-multiset), so such a text shares at
+    least alpha(n, m) tokens, counted with repeats, with the candidate (`min_overlaps`). Prefix filtering on an
+    inverted index finds all texts that can (All-Pairs, Bayardo et al. 2007; PPJoin, Xiao et al. 2008): each text
+    is a set of elements (token, k-th occurrence), sorted rarest first in one global order; only the first
+    elements of each (`prefix_lengths`) are indexed and probed, and a shared element is kept only if both texts
+    have at least alpha elements from it on (PPJoin's positional filter). A pair found is then bounded by its
+    texts' element counts per hash bucket (sum of minima >= overlap), and the rest verified exactly: multiset
+    overlap (rapidfuzz LCS of the two sorted code strings) >= alpha, then the token LCS and rouge-score's float
+    F-measure. Pruning uses only upper bounds compared with alpha, read from that float table, so it cannot change a
+    decision.
+
+    The global order is by element frequency over the index and the candidates of the `filter` call; it is re-fit,
+    and the index rebuilt, whenever the number of texts has doubled since (elements seen in between count as the
+    rarest). The index is kept in segments merged like a binary counter, so adding costs O(log n) per entry.
+    """
 
     def __init__(
         self,
@@ -228,12 +391,19 @@ class RougeIndex:
         self._tokenize = make_tokenizer(tokenizer, use_stemmer)
         self._vocabulary: dict[str, str] = {}
         self._codes: list[str] = []
-        self._lengths: list[int] = []
-        self._length_array = np.zeros(0, dtype=np.int64)  # _lengths as an array, for nearest()
+        self._stored = _Texts(np.empty(0, dtype=object), np.empty(0, dtype=object), np.zeros(0, dtype=np.int64),
+                              np.zeros((0, BUCKETS), dtype=np.uint8))  # with spare capacity: see _indexed  # fmt: skip
         self._max_length = 0
-        self._by_length: dict[int, tuple[list[str], list[int]]] = {}  # token count -> (codes, ids in insertion order)
-        self._ids_by_length: dict[int, np.ndarray] = {}  # _by_length's ids as arrays, rebuilt after adds
         self._tables: dict[int, np.ndarray] = {}
+        self._element_of: dict[int, int] = {}  # token code | occurrence << 21 -> element id
+        self._rank = np.zeros(0, dtype=np.int64)  # element id -> place in the global order, rarest first
+        self._element_chunks: list[np.ndarray] = []  # the elements of every text, row-major, to rebuild the index
+        self._ordered_texts = 0  # texts counted when the global order was last fitted
+        self._index_threshold = self.threshold  # the threshold the index's prefixes are long enough for
+        self._alpha = min_overlaps(64, self._index_threshold)
+        self._prefix_lengths = prefix_lengths(self._alpha)
+        self._partner_lo, self._partner_hi = partner_lengths(self._alpha)
+        self._segments: list[_Postings] = []
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -258,16 +428,76 @@ class RougeIndex:
         texts = list(texts)
         self._extend(texts, [self.encode(text) for text in texts])
 
+    def _elements(self, codes: list[str]) -> np.ndarray:
+        """The texts' tokens as elements (token, k-th occurrence in its text), as ids, row-major (in token order).
+
+        Set overlap of elements is multiset overlap of tokens. A new element is ranked before all known ones: it
+        is rare so far, and the order of known elements must not change while the index uses it.
+        """
+        tokens = np.frombuffer("".join(codes).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        lengths = np.fromiter(map(len, codes), dtype=np.int64, count=len(codes))
+        rows = np.repeat(np.arange(len(codes)), lengths)
+        order = np.lexsort((tokens, rows))
+        tokens, rows = tokens[order], rows[order]
+        first = np.ones(len(tokens), dtype=bool)
+        first[1:] = (tokens[1:] != tokens[:-1]) | (rows[1:] != rows[:-1])
+        starts = np.flatnonzero(first)
+        occurrence = np.arange(len(tokens)) - np.repeat(starts, np.diff(np.append(starts, len(tokens))))
+        keys, inverse = np.unique(tokens | (occurrence << 21), return_inverse=True)
+        known = len(self._element_of)
+        element_of = self._element_of
+        ids = np.fromiter((element_of.setdefault(key, len(element_of)) for key in keys.tolist()), np.int64, len(keys))
+        self._rank = np.concatenate([self._rank, -1 - np.arange(known, len(element_of))])
+        return ids[inverse.reshape(-1)]
+
+    def _prefixes(self, elements: np.ndarray, lengths: np.ndarray) -> _Prefixes:
+        """Each text's first prefix_lengths[n] elements in the global order, with their positions."""
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        order = np.lexsort((self._rank[elements], rows))
+        positions = np.arange(len(rows)) - (np.cumsum(lengths) - lengths)[rows]
+        keep = positions < self._prefix_lengths[lengths][rows]
+        return _Prefixes(rows[keep], elements[order][keep], positions[keep], lengths)
+
+    def _limits(self, threshold: float, longest: int) -> bool:
+        """Make the overlap table cover `longest` tokens at `threshold`; True if the index must be rebuilt for it."""
+        if threshold == self._index_threshold and longest < len(self._alpha):
+            return False
+        rebuild = threshold != self._index_threshold
+        self._index_threshold = threshold
+        self._alpha = min_overlaps(max(longest + 1, 64 if rebuild else 2 * len(self._alpha)), threshold)
+        self._prefix_lengths = prefix_lengths(self._alpha)  # unchanged for known lengths when only the size grows
+        self._partner_lo, self._partner_hi = partner_lengths(self._alpha)
+        return rebuild
+
+    def _reindex(self) -> None:
+        elements = np.concatenate(self._element_chunks) if self._element_chunks else np.zeros(0, dtype=np.int64)
+        self._element_chunks = [elements]
+        prefixes = self._prefixes(elements, self._indexed().lengths)
+        self._segments = [_Postings.build(prefixes.rows, prefixes.elements, prefixes.positions, prefixes.lengths[prefixes.rows])]
+
     def _extend(self, texts: list[str], codes: list[str]) -> None:
-        for text, code in zip(texts, codes):
-            codes_of_length, ids = self._by_length.setdefault(len(code), ([], []))
-            codes_of_length.append(code)
-            ids.append(len(self.texts))
-            self._ids_by_length.pop(len(code), None)
-            self.texts.append(text)
-            self._codes.append(code)
-            self._lengths.append(len(code))
-            self._max_length = max(self._max_length, len(code))
+        start, stop = len(self.texts), len(self.texts) + len(texts)
+        elements = self._elements(codes)
+        new = _Texts.of(codes, elements)
+        lengths = new.lengths
+        self._max_length = max(self._max_length, int(lengths.max(initial=0)))
+        self.texts.extend(texts)
+        self._codes.extend(codes)
+        self._stored = _Texts(*(_grown(column, stop) for column in self._stored))
+        for column, values in zip(self._stored, new):
+            column[start:stop] = values
+        self._element_chunks.append(elements)
+        if self._limits(self._index_threshold, self._max_length):
+            self._reindex()
+            return
+        prefixes = self._prefixes(elements, lengths)
+        self._segments.append(_Postings.build(prefixes.rows + start, prefixes.elements, prefixes.positions, lengths[prefixes.rows]))
+        while len(self._segments) > 1 and len(self._segments[-2].ids) <= 2 * len(self._segments[-1].ids):
+            last = self._segments.pop()
+            self._segments[-1] = self._segments[-1].merge(last)
+
+    def _indexed(self) -> _Texts:
+        return self._stored.select(0, len(self.texts))
 
     def _table(self, length: int) -> np.ndarray:
         """F-measure of a text of `length` tokens against every (LCS, other length): table[lcs, other_length].
@@ -281,86 +511,97 @@ class RougeIndex:
             table = self._tables[length] = rouge_l_fmeasure(lcs, length, other)
         return table
 
-    def _reachable_lengths(self, length: int, threshold: float) -> list[int]:
-        """Token counts of kept texts that can score above the threshold with a text of `length` tokens, ascending.
+    def _pairs(self, postings: _Postings, probe: _Prefixes, texts: _Texts, target: _Texts, earlier_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, targets): the texts of `postings` that may score above the threshold with a probed row, once each.
 
-        The highest F-measure a pair can reach is at LCS = the shorter length (the bound 2·min/(|a|+|b|)); it is
-        read from the exact float table, so no pair that could exceed the threshold is skipped.
+        A pair above the threshold has overlap o >= alpha(n, m), and its first shared element (in the global order)
+        lies in both prefixes at positions i, j with n - i >= o and m - j >= o (PPJoin's positional filter); a
+        shared element that fails this cannot be the first, so a pair is kept if one of its shared elements passes
+        (and its bucket bound reaches alpha). Pairs kept this way may still fall short: `_verify` is exact.
+        `earlier_only`: in a block, only targets before the row matter.
         """
-        table = self._table(length)
-        return sorted(other for other in self._by_length if table[min(length, other), other] > threshold)
-
-    def _ids(self, length: int) -> np.ndarray:
-        ids = self._ids_by_length.get(length)
-        if ids is None:
-            ids = self._ids_by_length[length] = np.asarray(self._by_length[length][1], dtype=np.int64)
-        return ids
-
-    def _best_in_index(self, codes: list[str], threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """For each candidate: the highest F-measure against the index and the earliest id reaching it (-1: none above 0).
-
-        Candidates are grouped by token count, and each group is scored only against the lengths it can exceed the
-        threshold with. Those columns come sorted by length, and for a fixed pair of lengths F grows with the LCS,
-        so the best score is found from the highest LCS of each length instead of scoring every pair. rapidfuzz's
-        score_cutoff is not used: the nearest text's score is wanted even below the threshold, and it did not speed
-        up bit-parallel LCS on instruction-length strings.
-
-        Groups run on a thread each: cdist releases the GIL, and one group of a block is often too small for
-        cdist's own workers to split.
-        """
-        best = np.zeros(len(codes))
-        best_at = np.full(len(codes), -1, dtype=np.int64)
-        lengths = np.fromiter(map(len, codes), dtype=np.int64, count=len(codes))
-        tasks = []
-        for length in np.unique(lengths).tolist():
-            others = self._reachable_lengths(length, threshold) if length else []  # no tokens: rouge-score gives 0
-            if not others:
+        rows, positions = probe.rows, probe.positions
+        n = probe.lengths[rows].astype(np.int32)
+        base = probe.elements * postings.width
+        shortest = self._partner_lo[n, n - positions]
+        longest = np.minimum(self._partner_hi[n, n - positions], postings.width - 1)
+        starts = np.searchsorted(postings.keys, base + shortest)
+        counts = np.maximum(np.searchsorted(postings.keys, base + longest, side="right") - starts, 0)
+        chunk = (np.cumsum(counts) - counts) // POSTINGS_CHUNK  # about POSTINGS_CHUNK index entries a chunk
+        cuts = np.flatnonzero(chunk[1:] != chunk[:-1]) + 1
+        found = [np.zeros(0, dtype=np.int64)]
+        for low, high in itertools.pairwise([0, *cuts.tolist(), len(rows)]):
+            chunk_counts = counts[low:high]
+            total = int(chunk_counts.sum())
+            if not total:
                 continue
-            choices = list(itertools.chain.from_iterable(self._by_length[m][0] for m in others))
-            ids = [self._ids(m) for m in others]
-            rows = np.flatnonzero(lengths == length)
-            for chunk in np.array_split(rows, -(-len(rows) // 256)):  # bounds each LCS matrix's memory
-                tasks.append((self._table(length), others, choices, ids, chunk))
+            entry = np.repeat(starts[low:high] - (np.cumsum(chunk_counts) - chunk_counts), chunk_counts)
+            entry += np.arange(total)
+            hit_rows = np.repeat(rows[low:high], chunk_counts)
+            hit_n = np.repeat(n[low:high], chunk_counts)
+            targets, m = postings.ids[entry], postings.lengths[entry]
+            alpha = self._alpha.ravel()[hit_n * len(self._alpha) + m]
+            keep = (hit_n - np.repeat(positions[low:high], chunk_counts) >= alpha) & (m - postings.positions[entry] >= alpha)
+            if earlier_only:
+                keep &= targets < hit_rows
+            hit_rows, targets, hit_n, m, alpha = hit_rows[keep], targets[keep], hit_n[keep], m[keep], alpha[keep]
+            # each element is in one bucket, so a shared element counts in both texts' bucket: sum(min) >= overlap
+            shared = np.minimum(texts.buckets[hit_rows], target.buckets[targets]).sum(axis=1, dtype=np.int64)
+            keep = (shared >= alpha) | (hit_n > 255) | (m > 255)  # longer texts: bucket counts are capped at 255
+            found.append(hit_rows[keep] * len(target.lengths) + targets[keep])
+        keys = np.unique(np.concatenate(found))
+        return keys // len(target.lengths), keys % len(target.lengths)
 
-        def score(task) -> None:
-            table, others, choices, ids, chunk = task
-            lcs = process.cdist([codes[r] for r in chunk], choices, scorer=LCSseq.similarity, dtype=np.int32, workers=1)
-            sizes = np.array([len(i) for i in ids])
-            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-            top_lcs = np.maximum.reduceat(lcs, starts, axis=1)  # rows x lengths
-            top_scores = table[top_lcs, others]
-            row_best = top_scores.max(axis=1)
-            best[chunk] = row_best
-            for i in np.flatnonzero(row_best > 0).tolist():
-                best_at[chunk[i]] = min(
-                    int(ids[j][np.argmax(lcs[i, starts[j] : starts[j] + sizes[j]] == top_lcs[i, j])])
-                    for j in np.flatnonzero(top_scores[i] == row_best[i]).tolist()
-                )
+    def _verify(self, rows: np.ndarray, targets: np.ndarray, texts: _Texts, target: _Texts):
+        """The pairs whose multiset overlap reaches alpha, with their exact F-measure: (rows, targets, scores)."""
+        n, m = texts.lengths[rows], target.lengths[targets]
+        if len(rows):
+            overlap = process.cpdist(texts.multisets[rows], target.multisets[targets], scorer=LCSseq.similarity,
+                                     dtype=np.int32, workers=self.workers)  # fmt: skip
+            keep = overlap >= self._alpha[n, m]
+            rows, targets, n, m = rows[keep], targets[keep], n[keep], m[keep]
+        if not len(rows):
+            return rows, targets, np.zeros(0)
+        lcs = process.cpdist(texts.codes[rows], target.codes[targets], scorer=LCSseq.similarity, dtype=np.int32,
+                             workers=self.workers)  # fmt: skip
+        return rows, targets, rouge_l_fmeasure(lcs.astype(np.int64), n, m)
 
-        threads = min(len(tasks), (os.cpu_count() or 1) if self.workers < 1 else self.workers)
-        if threads > 1:
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(score, tasks))
-        else:
-            for task in tasks:
-                score(task)
+    def _best_in_index(self, probe: _Prefixes, texts: _Texts) -> tuple[np.ndarray, np.ndarray]:
+        """For each probed row: the highest F-measure among the index texts it shares enough tokens with to exceed the
+        threshold, and the earliest id reaching it (0 and -1: none)."""
+        indexed = self._indexed()
+        found = [self._pairs(postings, probe, texts, indexed, earlier_only=False) for postings in self._segments]
+        rows = np.concatenate([np.zeros(0, dtype=np.int64)] + [r for r, _ in found])
+        targets = np.concatenate([np.zeros(0, dtype=np.int64)] + [t for _, t in found])
+        rows, targets, scores = self._verify(rows, targets, texts, indexed)
+        best = np.zeros(len(texts.lengths))
+        best_at = np.full(len(texts.lengths), -1, dtype=np.int64)
+        order = np.lexsort((targets, -scores, rows))  # per row: highest score, then earliest text
+        rows, targets, scores = rows[order], targets[order], scores[order]
+        first = np.append(True, rows[1:] != rows[:-1]) if len(rows) else np.zeros(0, dtype=bool)
+        best[rows[first]] = scores[first]
+        best_at[rows[first]] = targets[first]
         return best, best_at
 
-    def _scores(self, rows: list[str], columns: list[str]) -> np.ndarray:
-        lcs = process.cdist(rows, columns, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)
-        row_lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        column_lengths = np.fromiter(map(len, columns), dtype=np.int64, count=len(columns))
-        return rouge_l_fmeasure(lcs, row_lengths[:, None], column_lengths[None, :])
+    def _in_block(self, probe: _Prefixes, texts: _Texts, survivors: list[int]) -> np.ndarray:
+        """F-measure of each row with each survivor before it in the block, for pairs sharing enough tokens (else 0)."""
+        chosen = np.isin(probe.rows, survivors)
+        postings = _Postings.build(probe.rows[chosen], probe.elements[chosen], probe.positions[chosen], probe.lengths[probe.rows[chosen]])
+        rows, targets = self._pairs(postings, probe, texts, texts, earlier_only=True)
+        rows, targets, scores = self._verify(rows, targets, texts, texts)
+        column_of = np.zeros(len(texts.lengths), dtype=np.int64)
+        column_of[survivors] = np.arange(len(survivors))
+        within = np.zeros((len(texts.lengths), len(survivors)))
+        within[rows, column_of[targets]] = scores
+        return within
 
     def nearest(self, text: str) -> Match | None:
         """The text with the highest ROUGE-L F-measure (the earliest on ties), over the whole index; None if all score 0."""
         code = self.encode(text)
         if not self._codes or not code:
             return None
-        if len(self._length_array) != len(self._lengths):
-            self._length_array = np.asarray(self._lengths)
         lcs = process.cdist([code], self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)[0]
-        scores = self._table(len(code))[lcs, self._length_array]
+        scores = self._table(len(code))[lcs, self._indexed().lengths]
         at = int(scores.argmax())
         return Match(at, self.texts[at], float(scores[at])) if scores[at] > 0 else None
 
@@ -370,15 +611,34 @@ class RougeIndex:
         """Keep each candidate iff its ROUGE-L F-measure with every text kept before it is <= threshold; add the kept ones.
 
         Decisions equal the sequential loop of Self-Instruct and Alpaca. A dropped candidate's score and nearest text
-        are exact; a kept candidate's are the best among texts whose length lets them exceed the threshold (others
-        are pruned unscored), None when no such text shares a token.
+        are exact. A kept candidate's are the best among the texts that share enough tokens with it (multiset
+        overlap >= alpha, `min_overlaps`) to exceed the threshold had their order allowed it; None when there is
+        none. (Before the prefix index, the best among texts whose length alone allowed it: exact nearest texts for
+        kept candidates would need every pair again, which is what the index avoids.)
         """
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         candidates = list(candidates)
         codes = [self.encode(text) for text in candidates]
-        return _sequential_filter(
-            self, candidates, codes, threshold, lambda block: self._best_in_index(block, threshold), self._scores, progress
-        )
+        elements = self._elements(codes)
+        texts = _Texts.of(codes, elements)
+        rebuild = self._limits(threshold, max(self._max_length, int(texts.lengths.max(initial=0))))
+        if len(self.texts) + len(codes) > 2 * self._ordered_texts:  # re-fit the global order to what is known now
+            counts = np.bincount(np.concatenate([*self._element_chunks, elements]), minlength=len(self._element_of))
+            self._rank = np.empty(len(counts), dtype=np.int64)
+            self._rank[np.argsort(counts, kind="stable")] = np.arange(len(counts))
+            self._ordered_texts = len(self.texts) + len(codes)
+            rebuild = True
+        if rebuild:
+            self._reindex()
+        probes = self._prefixes(elements, texts.lengths)
+
+        def best_in_index(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+            return self._best_in_index(probes.select(start, stop), texts.select(start, stop))
+
+        def in_block(start: int, stop: int, survivors: list[int]) -> np.ndarray:
+            return self._in_block(probes.select(start, stop), texts.select(start, stop), survivors)
+
+        return _sequential_filter(self, candidates, codes, threshold, best_in_index, in_block, progress)
 
 
 def _sequential_filter(
@@ -386,33 +646,35 @@ def _sequential_filter(
     candidates: list[str],
     keys: list[str],
     threshold: float,
-    best_in_index: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
-    scores: Callable[[list[str], list[str]], np.ndarray],
+    best_in_index: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
+    scores: Callable[[int, int, list[int]], np.ndarray],
     progress: Callable[[int], None] | None,
 ) -> list[Decision]:
     """The reference loop (keep iff the max score against everything kept so far is <= threshold), in blocks.
 
-    `keys` are what the index compares (token codes, normalized text). Each block is scored at once against the
-    index as it stood before the block: the bulk of the pairs, on all cores. Only the candidates that pass that
-    check can be kept, so every candidate of the block is then scored against those few, and the block is resolved
-    in order: a candidate is also compared with the ones of its block kept before it. On ties the earliest kept
-    text is the nearest.
+    `keys` are what the index compares (token codes, normalized text). Each block (candidates start..stop-1) is
+    scored at once against the index as it stood before the block: the bulk of the pairs. Only the candidates that
+    pass that check can be kept, so every candidate of the block is then scored against those few (`scores`: block
+    rows x survivors, 0 where a pair cannot matter), and the block is resolved in order: a candidate is also
+    compared with the ones of its block kept before it. On ties the earliest kept text is the nearest.
     """
     decisions: list[Decision] = []
     for start in range(0, len(candidates), BLOCK_SIZE):
-        block_texts = candidates[start : start + BLOCK_SIZE]
-        block_keys = keys[start : start + BLOCK_SIZE]
-        best, best_at = best_in_index(block_keys)
+        stop = min(start + BLOCK_SIZE, len(candidates))
+        block_texts = candidates[start:stop]
+        block_keys = keys[start:stop]
+        best, best_at = best_in_index(start, stop)
         survivors = np.flatnonzero(best <= threshold).tolist()
-        within = scores(block_keys, [block_keys[r] for r in survivors]) if survivors else None
+        within = scores(start, stop, survivors) if survivors else None
         column_of = {row: column for column, row in enumerate(survivors)}
         first_new_id = len(index.texts)
         kept_rows: list[int] = []
         kept_columns: list[int] = []
         block_decisions = []
+        paired = within.any(axis=1) if within is not None else np.zeros(len(block_keys), dtype=bool)
         for row in range(len(block_keys)):
             score, at = float(best[row]), int(best_at[row])
-            if kept_columns:
+            if kept_columns and paired[row]:
                 row_scores = within[row, kept_columns]
                 j = int(row_scores.argmax())
                 if row_scores[j] > score:
@@ -531,7 +793,12 @@ class FuzzyIndex:
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         candidates = list(candidates)
         normalized = [normalize(text) for text in candidates]
-        return _sequential_filter(self, candidates, normalized, threshold, self._best_in_index, self._scores, progress)
+        return _sequential_filter(
+            self, candidates, normalized, threshold,
+            lambda start, stop: self._best_in_index(normalized[start:stop]),
+            lambda start, stop, survivors: self._scores(normalized[start:stop], [normalized[start + r] for r in survivors]),
+            progress,
+        )  # fmt: skip
 
 
 # --- MinHash-LSH ---------------------------------------------------------------------------------------------------

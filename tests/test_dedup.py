@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rapidfuzz import fuzz
+from rapidfuzz.distance import LCSseq
 from rouge_score import rouge_scorer, scoring
 from typer.testing import CliRunner
 
@@ -201,6 +203,145 @@ def test_threshold_bounds():
     assert all(d.kept for d in index.filter(["same text", "same text"]))
     index = RougeIndex(0.0)  # anything sharing a token is dropped
     assert [d.kept for d in index.filter(["one two", "two three", "four"])] == [True, False, True]
+
+
+# --- The prefix-filtered index: exact against brute force ------------------------------------------------------------
+
+
+def brute_force_filter(pool: list[str], candidates: list[str], threshold: float, tokenizer: str = "rouge", use_stemmer: bool = False):
+    """Every pair scored: the reference loop's decisions, with the documented score and nearest text of each Decision.
+
+    Dropped: the best F-measure over everything kept before, the earliest text reaching it. Kept: the best over the
+    texts sharing at least alpha(n, m) tokens (multiset overlap), the smallest LCS that could exceed the threshold.
+    """
+    tokenize = dedup.make_tokenizer(tokenizer, use_stemmer)
+    kept = [tokenize(text) for text in pool]
+    texts = list(pool)
+    decisions = []
+    for text in candidates:
+        tokens = tokenize(text)
+        scores = [rouge_l_fmeasure(LCSseq.similarity(tokens, other), len(tokens), len(other)) for other in kept]
+        best = max(scores, default=0.0)
+        if best > threshold:
+            at = scores.index(best)
+            decisions.append(Decision(False, best, at, texts[at]))
+            continue
+        alpha = [min((lcs for lcs in range(1, min(len(tokens), len(other)) + 1)
+                      if rouge_l_fmeasure(lcs, len(tokens), len(other)) > threshold), default=None) for other in kept]  # fmt: skip
+        reachable = [(score, -at) for at, (score, other, a) in enumerate(zip(scores, kept, alpha))
+                     if a is not None and sum((Counter(tokens) & Counter(other)).values()) >= a]  # fmt: skip
+        score, at = max(reachable, default=(0.0, None))
+        decisions.append(Decision(True, score, -at if at is not None else None, texts[-at] if at is not None else None))
+        kept.append(tokens)
+        texts.append(text)
+    return decisions
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.25, 1 / 3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0,
+                                       math.nextafter(0.7, 0), math.nextafter(0.7, 1)])  # fmt: skip
+def test_min_overlaps_is_the_first_lcs_whose_float_score_is_above_the_threshold(threshold):
+    size = 120
+    alpha = dedup.min_overlaps(size, threshold)
+    n, m = np.indices((size, size))
+    expected = np.full((size, size), dedup.UNREACHABLE)
+    for lcs in range(size - 1, 0, -1):  # every LCS, not only the ones around the algebraic crossing
+        expected = np.where((lcs <= np.minimum(n, m)) & (rouge_l_fmeasure(np.full((size, size), lcs), n, m) > threshold), lcs, expected)
+    assert (alpha == expected).all()
+    # prefix_lengths relies on the smallest alpha of a length lying at a partner no longer than it
+    within = np.where(m <= n, alpha, dedup.UNREACHABLE).min(axis=1)
+    assert (within == alpha.min(axis=1)).all()
+    lo, hi = dedup.partner_lengths(alpha)
+    for length in range(size):
+        for budget in range(size):
+            partners = np.flatnonzero(alpha[length] <= budget)
+            assert (lo[length, budget], hi[length, budget]) == ((partners.min(), partners.max()) if len(partners) else (size, -1))
+
+
+def test_borderline_ties_are_decided_by_rouge_scores_floats():
+    """F = 0.7 exactly in real numbers: rouge-score's float is 0.7000000000000001 for LCS 7 of 8 + 12 tokens, and of
+    7 + 13 (where the algebra, F > 0.7 iff LCS > 7, would prune the pair), so those pairs are dropped; for LCS 7 of
+    10 + 10 it is 0.7, kept. A kept one's score only counts texts sharing alpha(10, 10) = 8 tokens: none here."""
+    words = [f"w{i}" for i in range(40)]
+    seven, eight = " ".join(words[:7]), " ".join(words[:8])
+    for pool, candidate, score in [
+        (eight, " ".join(words[:7] + words[20:25]), 0.7000000000000001),
+        (seven, " ".join(words[:7] + words[30:36]), 0.7000000000000001),
+        (" ".join(words[:7] + words[30:36]), seven, 0.7000000000000001),
+        (" ".join(words[:7] + words[10:13]), " ".join(words[:7] + words[13:16]), 0.7),
+    ]:
+        assert reference_score(pool, candidate) == score
+        kept = score <= 0.7
+        assert [k for k, _, _ in reference_filter([pool], [candidate])] == [kept]
+        index = RougeIndex(0.7)
+        index.add([pool])
+        assert index.filter([candidate]) == [Decision(True, 0.0, None, None) if kept else Decision(False, score, 0, pool)]
+
+
+small_text = st.lists(st.sampled_from(["a", "b", "c", "d", "e", "f", "running", "runs", "中", "文", "!"]), max_size=14).map(" ".join)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    pool=st.lists(small_text, max_size=8),
+    candidates=st.lists(small_text, max_size=24),
+    threshold=st.sampled_from([0.3, 0.5, 0.6, 0.7, 0.75, 0.8, math.nextafter(0.7, 0)]),
+    options=st.sampled_from([("rouge", False), ("rouge", True), ("unicode", False)]),
+    block_size=st.sampled_from([1, 3, 1024]),
+)
+def test_prefix_filter_equals_brute_force(pool, candidates, threshold, options, block_size):
+    """Few distinct tokens, many repeats, empty texts, ties: every Decision field equals scoring every pair."""
+    tokenizer, use_stemmer = options
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dedup, "BLOCK_SIZE", block_size)
+        index = RougeIndex(threshold, tokenizer=tokenizer, use_stemmer=use_stemmer)
+        index.add(pool)
+        decisions = index.filter(candidates)
+    assert decisions == brute_force_filter(pool, candidates, threshold, tokenizer, use_stemmer)
+    if tokenizer == "rouge":
+        assert [d.kept for d in decisions] == [k for k, _, _ in reference_filter(pool, candidates, threshold, use_stemmer)]
+
+
+def test_prefix_filter_prunes_and_stays_exact_on_seed_tasks(reference_decisions, monkeypatch):
+    """On real instructions the index verifies a small share of the pairs, with every Decision as brute force gives."""
+    verified = []
+    verify = RougeIndex._verify
+    monkeypatch.setattr(RougeIndex, "_verify", lambda self, rows, *rest: verified.append(len(rows)) or verify(self, rows, *rest))
+    index = RougeIndex(0.7)
+    index.add(POOL)
+    decisions = index.filter(CANDIDATES)
+    assert decisions == brute_force_filter(POOL, CANDIDATES, 0.7)
+    assert [d.kept for d in decisions] == [kept for kept, _, _ in reference_decisions]
+    all_pairs = sum(len(POOL) + sum(d.kept for d in decisions[:i]) for i in range(len(decisions)))
+    assert sum(verified) < all_pairs / 10
+
+
+def test_filter_in_small_batches_gives_the_same_decisions_as_one_call():
+    """Batches re-fit the global token order and rebuild the index as it doubles; no field of any Decision changes."""
+    one = RougeIndex()
+    one.add(POOL[:10])
+    expected = one.filter(CANDIDATES)
+    batched = RougeIndex()
+    batched.add(POOL[:10])
+    decisions = []
+    for start in range(0, len(CANDIDATES), 7):
+        decisions += batched.filter(CANDIDATES[start : start + 7])
+    assert decisions == expected
+    assert batched.texts == one.texts
+
+
+def test_filter_at_another_threshold_than_the_index_was_built_for():
+    index = RougeIndex(0.9)
+    index.add(POOL[:40])
+    candidates = CANDIDATES[:120]
+    assert index.filter(candidates, threshold=0.5) == brute_force_filter(POOL[:40], candidates, 0.5)
+
+
+def test_empty_and_tokenless_texts_are_kept_with_nothing_near():
+    index = RougeIndex()
+    index.add(["", "!!!", "Write a poem."])
+    assert index.filter(["", "...", "write a poem"]) == [
+        Decision(True, 0.0, None, None), Decision(True, 0.0, None, None), Decision(False, 1.0, 2, "Write a poem.")]  # fmt: skip
+    assert index.nearest("") is None
 
 
 # --- Unicode ---------------------------------------------------------------------------------------------------------

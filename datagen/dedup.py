@@ -606,7 +606,11 @@ class RougeIndex:
         return Match(at, self.texts[at], float(scores[at])) if scores[at] > 0 else None
 
     def filter(
-        self, candidates: Sequence[str], threshold: float | None = None, progress: Callable[[int], None] | None = None
+        self,
+        candidates: Sequence[str],
+        threshold: float | None = None,
+        progress: Callable[[int], None] | None = None,
+        exact_nearest: bool = False,
     ) -> list[Decision]:
         """Keep each candidate iff its ROUGE-L F-measure with every text kept before it is <= threshold; add the kept ones.
 
@@ -615,6 +619,11 @@ class RougeIndex:
         overlap >= alpha, `min_overlaps`) to exceed the threshold had their order allowed it; None when there is
         none. (Before the prefix index, the best among texts whose length alone allowed it: exact nearest texts for
         kept candidates would need every pair again, which is what the index avoids.)
+
+        `exact_nearest=True` scores each kept candidate against every text before it, so its score and nearest text
+        are exact too (the earliest on ties): what Self-Instruct's script records for every kept instruction
+        (`most_similar_instructions`). One full scan per kept candidate: cheap for a pipeline's batch of a few dozen,
+        not for `datagen dedup` over a million texts, which leaves it off.
         """
         threshold = self.threshold if threshold is None else check_threshold(threshold)
         candidates = list(candidates)
@@ -638,7 +647,29 @@ class RougeIndex:
         def in_block(start: int, stop: int, survivors: list[int]) -> np.ndarray:
             return self._in_block(probes.select(start, stop), texts.select(start, stop), survivors)
 
-        return _sequential_filter(self, candidates, codes, threshold, best_in_index, in_block, progress)
+        first_id = len(self.texts)
+        decisions = _sequential_filter(self, candidates, codes, threshold, best_in_index, in_block, progress)
+        if exact_nearest:
+            decisions = self._with_exact_nearest(decisions, first_id)
+        return decisions
+
+    def _with_exact_nearest(self, decisions: list[Decision], first_id: int) -> list[Decision]:
+        """Kept decisions rescored against every text added before each (kept texts get ids in order from first_id)."""
+        exact = []
+        kept_id = first_id
+        for decision in decisions:
+            if decision.kept:
+                code = self._codes[kept_id]
+                before = self._codes[:kept_id]
+                if code and before:
+                    lcs = process.cdist([code], before, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)[0]
+                    scores = self._table(len(code))[lcs, self._indexed().lengths[:kept_id]]
+                    at = int(scores.argmax())  # the earliest of the best
+                    if scores[at] > 0:
+                        decision = Decision(True, float(scores[at]), at, self.texts[at])
+                kept_id += 1
+            exact.append(decision)
+        return exact
 
 
 def _sequential_filter(

@@ -169,6 +169,18 @@ def test_filter_equals_reference_loop_on_seed_tasks(reference_decisions, block_s
     assert index.texts == POOL + [c for c, d in zip(CANDIDATES, decisions) if d.kept]
 
 
+def test_exact_nearest_gives_kept_candidates_their_exact_nearest_text(reference_decisions):
+    """What the pipelines store for an accepted instruction: its true nearest earlier text and ROUGE-L."""
+    index = RougeIndex(0.7)
+    index.add(POOL)
+    decisions = index.filter(CANDIDATES, exact_nearest=True)
+    assert [d.kept for d in decisions] == [kept for kept, _, _ in reference_decisions]
+    assert sum(d.kept and d.score > 0 for d in decisions) > 10  # kept ones with a nearest text exist
+    for d, (kept, score, at) in zip(decisions, reference_decisions):
+        assert (d.kept, d.score, d.nearest_index) == (kept, score, at)
+        assert d.nearest_text == (index.texts[at] if at is not None else None)
+
+
 def test_filter_in_batches_equals_one_batch(reference_decisions):
     index = RougeIndex()
     index.add(POOL)

@@ -17,7 +17,7 @@ from datagen.commands.self_instruct import self_instruct_command
 from datagen.commands.alpaca import alpaca_command
 from datagen.console import print_error
 from datagen.commands.dedup import dedup
-from datagen.commands import long_data
+from datagen.commands import eval_long, long_data
 from datagen.errors import DatagenError
 
 class DatagenGroup(TyperGroup):
@@ -48,6 +48,7 @@ app.command("dedup")(dedup)
 app.command("toolformer")(toolformer)
 app.command("train")(train.train)
 app.command("long-data")(long_data.long_data)
+app.command("eval-long")(eval_long.eval_long)
 
 
 def _version(value: bool) -> None:

@@ -47,7 +47,7 @@ def angles(config, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def test_linear_position_i_gets_the_angles_of_i_over_s():
     config = scaled(RopeType.linear)
     assert config.rope_parameters == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
-    assert config.max_position_embeddings == LONG
+    assert config.max_position_embeddings == NATIVE  # vLLM serves NATIVE x factor
     positions = torch.arange(0, LONG, 7)
     cos, sin = angles(config, positions)
     cos_ref, sin_ref = angles(tiny_config(), positions.float() / 4)

@@ -39,10 +39,12 @@ def scaled_rope(rope_parameters: dict[str, Any], original_length: int, context_l
                 factor: float | None = None) -> tuple[dict[str, Any], int]:  # fmt: skip
     """The new `rope_parameters` and `max_position_embeddings` for `context_length` tokens.
 
-    factor defaults to context_length / original_length. max_position_embeddings becomes context_length for
-    linear and YaRN. Dynamic NTK keeps the original length there: transformers' dynamic RoPE reads
-    max_position_embeddings as the pretraining length and leaves every sequence shorter than it unscaled
-    (modeling_rope_utils.py, _compute_dynamic_ntk_parameters), so raising it would switch the scaling off up to L.
+    factor defaults to context_length / original_length. max_position_embeddings becomes original x factor for
+    YaRN, and stays the original length for linear and dynamic, which is what both readers of the field expect:
+    vLLM takes the context length of a linear or dynamic model to be max_position_embeddings x factor and of a YaRN
+    model to be max_position_embeddings (vllm/config/model.py, _get_and_verify_max_len), and transformers' dynamic
+    NTK reads max_position_embeddings as the pretraining length, leaving every shorter sequence unscaled
+    (modeling_rope_utils.py, _compute_dynamic_ntk_parameters); its linear scaling does not read the field.
     """
     current = rope_parameters.get("rope_type", "default")
     if current != "default":
@@ -62,7 +64,7 @@ def scaled_rope(rope_parameters: dict[str, Any], original_length: int, context_l
         scaled["partial_rotary_factor"] = rope_parameters["partial_rotary_factor"]
     if rope is RopeType.yarn:
         scaled["original_max_position_embeddings"] = original_length
-    return scaled, original_length if rope is RopeType.dynamic else max(context_length, original_length)
+    return scaled, round(original_length * factor) if rope is RopeType.yarn else original_length
 
 
 def scaled_config(model_path: str, context_length: int | None, rope: RopeType, factor: float | None = None):

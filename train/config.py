@@ -149,7 +149,7 @@ class TrainConfig(BaseModel):
     s2_attn: bool = False
     """Train with LongLoRA's shifted sparse attention (full attention at evaluation and in the saved model)."""
     s2_group_size_ratio: float = Field(0.25, gt=0.0, le=1.0)
-    """S²-Attn group size as a share of the sequence length (LongLoRA: 1/4)."""
+    """S²-Attn group size as a share of the sequence length (LongLoRA: group_size_ratio = 1/4, llama_attn_replace.py)."""
     trainable: list[Literal["embed", "norm"]] = []
     """Adapter methods: also train the input embeddings and/or every norm layer in full (LongLoRA's LoRA+, needed
     for long contexts: section 3.3, Table 2). peft modules_to_save "embed_tokens" and every module named *norm."""

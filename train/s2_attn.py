@@ -33,10 +33,6 @@ import torch
 S2_ATTN = "s2_attn"
 """The attn_implementation name under which S²-Attn and its mask are registered."""
 
-GROUP_SIZE_RATIO = 0.25
-"""Group size as a share of the sequence length (LongLoRA: group_size_ratio = 1/4, llama_attn_replace.py)."""
-
-
 def s2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                  group_size: int, *, shift: bool = True, scaling: float | None = None,
                  dropout: float = 0.0) -> torch.Tensor:  # fmt: skip
@@ -44,27 +40,38 @@ def s2_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     as the query. mask: boolean (batch or 1, 1, length, length), True where a query may see a key, or None for
     plain causal attention. Returns (batch, heads, length, head_dim)."""
     batch, heads, length, head_dim = query.shape
-    groups = math.ceil(length / group_size)
-    padded = groups * group_size
-    positions = torch.arange(padded, device=query.device)
+    padded = math.ceil(length / group_size) * group_size
     allowed = _full_mask(mask, batch, length, padded, query.device)
-    halves = [(slice(0, heads // 2 if shift else heads), positions)]
+    half = heads // 2 if shift else heads
+    outputs = [_grouped_attention(query[:, :half], key[:, :half], value[:, :half], allowed, group_size, 0, scaling, dropout)]
     if shift:
-        halves.append((slice(heads // 2, heads), positions.roll(-(group_size // 2))))
-    outputs = []
-    for head_slice, order in halves:
-        q, k, v = (_grouped(t[:, head_slice], order, groups, group_size) for t in (query, key, value))
-        slots = order.view(groups, group_size)
-        block = allowed[:, slots[:, :, None], slots[:, None, :]]  # (batch, groups, G, G)
-        block = block | torch.eye(group_size, dtype=torch.bool, device=query.device)  # padding-only rows stay finite
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=block.reshape(batch * groups, 1, group_size, group_size), dropout_p=dropout, scale=scaling
-        )
-        out = out.view(batch, groups, -1, group_size, head_dim).transpose(1, 2).reshape(batch, -1, padded, head_dim)
-        restored = torch.empty_like(out)
-        restored[:, :, order] = out  # the token in slot j is the token at position order[j]
-        outputs.append(restored[:, :, :length])
-    return torch.cat(outputs, dim=1)
+        # LongLoRA's shift: the second half of the heads sees the sequence rolled back by half a group
+        outputs.append(_grouped_attention(query[:, half:], key[:, half:], value[:, half:], allowed, group_size,
+                                          group_size // 2, scaling, dropout))  # fmt: skip
+    return torch.cat(outputs, dim=1)[:, :, :length]
+
+
+def _grouped_attention(query, key, value, allowed, group_size: int, shift: int, scaling, dropout) -> torch.Tensor:
+    """Attention within consecutive groups of the sequence rolled by -shift (slot j holds position j + shift),
+    each group masked by its block of `allowed` at the tokens' original positions; returned in position order."""
+    batch, heads, length, head_dim = query.shape
+    padded = allowed.shape[-1]
+    groups = padded // group_size
+
+    def grouped(states: torch.Tensor) -> torch.Tensor:
+        states = torch.nn.functional.pad(states, (0, 0, 0, padded - length)).roll(-shift, dims=2)
+        return states.view(batch, heads, groups, group_size, head_dim).transpose(1, 2).reshape(-1, heads, group_size, head_dim)
+
+    rolled = allowed.roll((-shift, -shift), dims=(1, 2)) if shift else allowed
+    # the diagonal blocks, (batch, groups, G, G)
+    blocks = rolled.view(batch, groups, group_size, groups, group_size).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+    blocks = blocks | torch.eye(group_size, dtype=torch.bool, device=query.device)  # padding-only rows stay finite
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped(query), grouped(key), grouped(value), attn_mask=blocks.reshape(-1, 1, group_size, group_size),
+        dropout_p=dropout, scale=scaling,
+    )  # fmt: skip
+    out = out.view(batch, groups, heads, group_size, head_dim).transpose(1, 2).reshape(batch, heads, padded, head_dim)
+    return out.roll(shift, dims=2)
 
 
 def _full_mask(mask: torch.Tensor | None, batch: int, length: int, padded: int, device) -> torch.Tensor:
@@ -77,16 +84,9 @@ def _full_mask(mask: torch.Tensor | None, batch: int, length: int, padded: int, 
     return allowed
 
 
-def _grouped(states: torch.Tensor, order: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
-    """(batch, heads, length, dim) in slot order, padded, as (batch * groups, heads, group_size, dim)."""
-    batch, heads, length, dim = states.shape
-    padded = torch.nn.functional.pad(states, (0, 0, 0, groups * group_size - length))[:, :, order]
-    return padded.view(batch, heads, groups, group_size, dim).transpose(1, 2).reshape(batch * groups, heads, group_size, dim)
-
-
 def s2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         group_size_ratio: float = GROUP_SIZE_RATIO, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
+                         *, group_size_ratio: float, **kwargs) -> tuple[torch.Tensor, None]:  # fmt: skip
     """The AttentionInterface function: S²-Attn while the module trains on a whole sequence, transformers' sdpa
     attention otherwise (evaluation, generation with a cache). Returns (batch, length, heads, head_dim)."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -102,9 +102,9 @@ def s2_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     return out.transpose(1, 2).contiguous(), None
 
 
-def register(group_size_ratio: float = GROUP_SIZE_RATIO) -> str:
-    """Register S²-Attn with this group size ratio, and its mask, with transformers under S2_ATTN (a later call
-    replaces the ratio); returns the name to pass as `attn_implementation`."""
+def register(group_size_ratio: float) -> str:
+    """Register S²-Attn with this group size ratio (TrainConfig.s2_group_size_ratio: LongLoRA's 1/4) and its mask
+    with transformers under S2_ATTN (a later call replaces the ratio); returns the name for `attn_implementation`."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 

@@ -12,9 +12,10 @@ process on CPU, max allocated on a GPU.
 
 The default model is a 4-layer Llama built here from a config (hidden 256, 8 heads of 32, 4 KV heads, a 512-token
 vocabulary, random weights): small enough for 4k-token steps on a shared 2-core CPU, and a model whose step
-time is mostly attention, which is what S²-Attn changes. With the group count fixed (4), S²-Attn's attention
-costs 1/4 of full attention's at every length, so its advantage grows with the share of attention in the step,
-i.e. with the length.
+time is mostly attention, which is what S²-Attn changes. Attention arithmetic: full attention costs ~N² per
+head; S²-Attn with groups of G costs ~N·G. With LongLoRA's G = N/4 that is N²/4 at every length (quadratic, a
+quarter of full), so the step-time gain grows only with attention's share of the step; with a fixed G
+(--group-size) it is linear in N and the gain grows with N/G.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def build_model(name: str, length: int):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), config.vocab_size
 
 
-def measure(name: str, length: int, attention: str, steps: int) -> dict:
+def measure(name: str, length: int, attention: str, steps: int, group_size: int | None) -> dict:
     """One point, in this process."""
     import torch
 
@@ -63,7 +64,8 @@ def measure(name: str, length: int, attention: str, steps: int) -> dict:
     device = "cuda" if on_gpu else "cpu"
     model, vocab = build_model(name, length)
     model.to(device).train()
-    model.set_attn_implementation(register(0.25) if attention == "s2" else "sdpa")
+    ratio = min(1.0, group_size / length) if group_size else 0.25
+    model.set_attn_implementation(register(ratio) if attention == "s2" else "sdpa")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(0, vocab, (1, length), device=device)
     times = []
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--model", default=TINY, help="'tiny' (built here) or a datagen model name / folder")
     parser.add_argument("--lengths", default="1024,2048,4096")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--group-size", type=int, help="a fixed S²-Attn group size in tokens (default: a quarter of the length)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
     parser.add_argument("--save", type=Path, help="also write the report to this file")
     parser.add_argument("--point", help=argparse.SUPPRESS)  # internal: LENGTH,ATTENTION in a child process
@@ -103,7 +106,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.point:
         length, attention = args.point.split(",")
-        print(json.dumps(measure(args.model, int(length), attention, args.steps)))
+        print(json.dumps(measure(args.model, int(length), attention, args.steps, args.group_size)))
         return
 
     started = time.perf_counter()
@@ -113,7 +116,7 @@ def main() -> None:
     for length in [int(n) for n in args.lengths.split(",")]:
         for attention in ("full", "s2"):
             command = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--threads", str(args.threads),
-                       "--point", f"{length},{attention}"]  # fmt: skip
+                       "--point", f"{length},{attention}", *(["--group-size", str(args.group_size)] if args.group_size else [])]  # fmt: skip
             output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
             points.append(json.loads(output.strip().splitlines()[-1]))
             print(f"  {length} {attention}: {points[-1]['step_s']:.2f} s", file=sys.stderr)
@@ -122,7 +125,8 @@ def main() -> None:
     lines = [
         f"$ python bench/long_context.py {' '.join(sys.argv[1:])}",
         f"commit {commit}; {device}, load average {load:.2f} at start; torch {torch.__version__}; "
-        f"{args.threads} torch thread(s); model {args.model}; {args.steps} timed steps per point; {time.perf_counter() - started:.0f} s in all",
+        f"{args.threads} torch thread(s); model {args.model}; S²-Attn groups: {f'{args.group_size} tokens' if args.group_size else 'a quarter of the length'}; "
+        f"{args.steps} timed steps per point; {time.perf_counter() - started:.0f} s in all",
         "",
         f"{'length':>6} {'full s/step':>12} {'S2 s/step':>10} {'speed-up':>9} {'full peak GB':>13} {'S2 peak GB':>11} {'memory ratio':>13}",
     ]

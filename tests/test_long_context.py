@@ -163,13 +163,15 @@ def _model_outputs(model_cls, config, ids, attention_mask=None):
 @pytest.mark.parametrize("model_cls,config_cls", [(LlamaForCausalLM, LlamaConfig), (Qwen2ForCausalLM, Qwen2Config)])
 def test_one_group_with_shift_is_full_attention_in_the_model(model_cls, config_cls):
     """group_size_ratio 1: the shifted heads' single group is the whole sequence, gathered at the tokens' own
-    positions, so S²-Attn must equal the model's own sdpa attention (Llama, and Qwen2 with grouped KV heads)."""
+    positions, so S²-Attn must equal the model's own sdpa attention (Llama, and Qwen2 with grouped KV heads).
+    Row 1 is left-padded: its tokens must not see the padding, which only the registered mask function tells the
+    attention (an unregistered name gets attention_mask=None)."""
     ids = torch.randint(0, 128, (2, 40))
     padding = torch.ones(2, 40, dtype=torch.long)
-    padding[1, 30:] = 0
+    padding[1, :10] = 0
     model, reference, output = _model_outputs(model_cls, tiny_config(config_cls), ids, padding)
     torch.testing.assert_close(output[0], reference[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(output[1, :30], reference[1, :30], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output[1, 10:], reference[1, 10:], atol=1e-5, rtol=1e-5)
 
 
 def test_s2_attn_is_for_training_only():

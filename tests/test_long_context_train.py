@@ -191,6 +191,35 @@ def test_long_data_export(long_data, tiny_llama):
     assert documents and all(r["tokens"] == LONG and r["prompt"] == "" for r in documents)
 
 
+def test_long_instructions_from_a_stored_run_mixed_with_short_rows(tiny_llama, tmp_path):
+    """--runs: long rows built from the run's accepted tasks; --short: an export's rows mixed in at the share."""
+    import datasets
+
+    from tests.example_runs import build_run
+
+    url = f"sqlite:///{tmp_path / 'datagen.db'}"
+    with Session(open_engine(url)) as session:
+        build_run(session, "si-long", tasks=40)
+        session.commit()
+    short = tmp_path / "short"
+    assert runner.invoke(app, ["export", "--run", "si-long", "--format", "prompt-completion", "--out", str(short), "--db", url]).exit_code == 0
+    out = tmp_path / "long"
+    result = runner.invoke(app, ["long-data", "--out", str(out), "--length", str(LONG), "--model", str(tiny_llama), "--runs", "si-long",
+                                 "--instructions", "6", "--short", str(short), "--short-share", "0.25", "--db", url, "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    splits = datasets.load_from_disk(str(out))
+    rows = [*splits["train"], *splits["test"]]
+    long = [r for r in rows if r["kind"] == "instruction"]
+    assert len(long) == 6 and sum(r["kind"] == "short" for r in rows) == 2
+    with Session(open_engine(url)) as session:
+        from datagen.export import select_examples
+        from storage.store import get_run
+
+        outputs = {e.output for e in select_examples(session, get_run(session, "si-long"))[0]}
+    for row in long:
+        assert row["completion"] in outputs and row["tokens"] <= LONG and row["prompt"].count("Task ") >= 2
+
+
 def test_long_data_bad_input_exits_2(tmp_path, corpus):
     cases = [
         (["--corpus", str(tmp_path / "missing.jsonl")], "--corpus"),

@@ -109,8 +109,8 @@ class StoredTask:
 
 def instruction_sample(tasks: Sequence[StoredTask], count_tokens: Callable[[str], int], length: int,
                        rng: random.Random) -> LongSample | None:  # fmt: skip
-    """Tasks in random order, numbered, until the next would pass `length`; the question asks for one of them and
-    the completion is its stored output. None when not even two tasks fit."""
+    """Tasks in random order, numbered, as many as fit in `length`; the question asks for one of them and the
+    completion is its stored output. None when not even two tasks fit."""
     order = rng.sample(range(len(tasks)), len(tasks))
     header = "Below are several tasks, each with its input. Read them all, then answer the task you are asked about.\n\n"
     blocks: list[str] = []
@@ -119,10 +119,10 @@ def instruction_sample(tasks: Sequence[StoredTask], count_tokens: Callable[[str]
     for index in order:
         task = tasks[index]
         block = f"Task {len(blocks) + 1}: {task.instruction}\n" + (f"Input: {task.input}\n" if task.input else "") + "\n"
-        cost = count_tokens(block) + count_tokens(task.output)
-        if cost > budget:
-            break
-        budget -= count_tokens(block)
+        cost = count_tokens(block)
+        if cost + count_tokens(task.output) > budget:
+            continue  # a task too long for what is left; a shorter one may still fit
+        budget -= cost
         blocks.append(block)
         chosen.append(task)
     while len(chosen) >= 2:

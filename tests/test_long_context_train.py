@@ -258,6 +258,17 @@ def test_tiny_llama_extends_4x_and_the_loss_falls(rope, s2, trained):
     assert {"embed_tokens", "norm"} <= set(adapter["modules_to_save"])
 
 
+def test_s2_attn_trains_sparse_and_evaluates_full(trained):
+    """Same seed, data and weights: the eval loss before training (full attention either way) is the same, the
+    first training step's loss is not (S²-Attn's groups were in use)."""
+    runs = [json.loads(sorted((trained("linear", s2) / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+            for s2 in (False, True)]  # fmt: skip
+    first_eval = [next(e["eval_loss"] for e in r["log_history"] if "eval_loss" in e) for r in runs]
+    first_loss = [next(e["loss"] for e in r["log_history"] if "loss" in e) for r in runs]
+    assert first_eval[0] == pytest.approx(first_eval[1], abs=1e-5)
+    assert abs(first_loss[0] - first_loss[1]) > 1e-4
+
+
 def test_eval_long_before_and_after_with_a_store_row(trained, tiny_llama, corpus, store, tmp_path):
     out = tmp_path / "eval"
     result = runner.invoke(app, ["eval-long", "--model", str(trained("yarn", True) / "merged"), "--baseline", str(tiny_llama),

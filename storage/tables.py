@@ -207,3 +207,19 @@ class TrainingRunSource(SQLModel, table=True):
     __tablename__ = "training_run_source"
     training_run_id: int = Field(foreign_key="training_run.id", primary_key=True)
     run_id: int = Field(foreign_key="run.id", primary_key=True)
+
+
+class LongContextEval(SQLModel, table=True):
+    """One `datagen eval-long`: perplexity by length and passkey accuracy by length and depth of a model (and of
+    its baseline, before the extension), linked to the training run that made it when one was named."""
+
+    __tablename__ = "long_context_eval"
+    id: int | None = Field(default=None, primary_key=True)
+    model: str
+    baseline: str | None = None
+    training_run_id: int | None = Field(default=None, foreign_key="training_run.id", index=True)
+    out: str = Field(sa_column=Column(Text, nullable=False))
+    """The folder holding eval_long.json and the plots."""
+    results: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """eval_long.json: per model, perplexity by length and passkey accuracy by length and depth; the table."""
+    created_at: datetime = Field(default_factory=utcnow)

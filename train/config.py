@@ -11,6 +11,8 @@ Sources of the defaults:
   needed to match full fine-tuning; learning rate 2e-4, LoRA dropout 0.05 and batch size 16 for 7B-13B models;
   NF4 weights with double quantization and bf16 compute.
 - TRL 1.16 SFTConfig: max_length 1024, packing strategy "bfd", gradient checkpointing on.
+- LongLoRA (Chen et al. 2024, section 3.2-3.3 and dvlab-research/LongLoRA llama_attn_replace.py, fine-tune.py):
+  S²-Attn group size a quarter of the sequence; LoRA+ trains the embeddings and norms beside the adapters.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from datagen.errors import BadInput
 from datagen.options import read_config_file
+from train.rope import RopeType
 
 
 class Method(str, enum.Enum):
@@ -135,6 +138,22 @@ class TrainConfig(BaseModel):
     seed: int = 42
     """Seeds adapter initialization, shuffling and dropout."""
 
+    # --- Long context (train/rope.py, train/s2_attn.py) ----------------------------------------------------------------
+    context_length: int | None = Field(None, gt=0)
+    """Extend the model to this many positions by RoPE scaling, written into its config (and so into the saved and
+    merged model); max_length defaults to it. None: the model's own positions."""
+    rope: RopeType = RopeType.linear
+    """How positions are scaled: linear (Position Interpolation), dynamic (dynamic NTK) or yarn."""
+    rope_factor: float | None = Field(None, ge=1.0)
+    """None: context_length / the model's max_position_embeddings."""
+    s2_attn: bool = False
+    """Train with LongLoRA's shifted sparse attention (full attention at evaluation and in the saved model)."""
+    s2_group_size_ratio: float = Field(0.25, gt=0.0, le=1.0)
+    """S²-Attn group size as a share of the sequence length (LongLoRA: group_size_ratio = 1/4, llama_attn_replace.py)."""
+    trainable: list[Literal["embed", "norm"]] = []
+    """Adapter methods: also train the input embeddings and/or every norm layer in full (LongLoRA's LoRA+, needed
+    for long contexts: section 3.3, Table 2). peft modules_to_save "embed_tokens" and every module named *norm."""
+
     # --- Logging, evaluation, checkpoints ------------------------------------------------------------------------------
     logging_steps: int = Field(1, gt=0)
     """Steps between loss records (the loss curve's resolution)."""
@@ -168,12 +187,24 @@ class TrainConfig(BaseModel):
             values = {**values, "learning_rate": FULL_LEARNING_RATE if full else LORA_LEARNING_RATE}
         return values
 
+    @model_validator(mode="before")
+    @classmethod
+    def _max_length_follows_context(cls, values: Any) -> Any:
+        """With --context-length and no --max-length, train on rows as long as the new context."""
+        if isinstance(values, dict) and values.get("context_length") and values.get("max_length") is None:
+            values = {**values, "max_length": values["context_length"]}
+        return values
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in OUT and --overwrite deletes it: pass one of them")
         if self.merge and self.method is Method.full:
             raise ValueError("--merge is for adapter methods (lora, qlora, dora); a full fine-tune already writes the whole model to OUT")
+        if self.trainable and self.method is Method.full:
+            raise ValueError("--trainable is for adapter methods (lora, qlora, dora); a full fine-tune trains every weight")
+        if self.rope_factor is not None and self.context_length is None:
+            raise ValueError("--rope-factor needs --context-length (the new number of positions)")
         return self
 
     @property

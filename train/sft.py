@@ -29,6 +29,7 @@ store row, the plot, the summary and merged/.
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
 import json
@@ -60,7 +61,8 @@ LOSS_CURVE_FILE = "loss_curve.png"
 CHECKPOINTS = "checkpoints"
 MERGED = "merged"
 
-RESUME_MUST_MATCH = ("method", "model", "lora_r", "lora_alpha", "lora_target_modules", "packing", "max_length")
+RESUME_MUST_MATCH = ("method", "model", "lora_r", "lora_alpha", "lora_target_modules", "packing", "max_length",
+                     "context_length", "rope", "rope_factor", "trainable")
 """Options a resumed run must share with the run that wrote the checkpoint (others, like max_steps, may change)."""
 
 
@@ -80,6 +82,10 @@ class SFTRecipe:
         self.last_checkpoint = check_output(self.out, config)
         self.name = run_name(self.out, config)
         self.model_path = models.resolve(config.model)
+        from train.rope import scaled_config
+
+        # the base's config with RoPE scaled for --context-length (None: as it is); read now so a bad option exits 2
+        self.model_config = scaled_config(self.model_path, config.context_length, config.rope, config.rope_factor)
 
         from storage.store import open_engine
 
@@ -98,7 +104,7 @@ class SFTRecipe:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / CONFIG_FILE).write_text(self.resolved_config().to_yaml(), encoding="utf-8")
         self.state.wait_for_everyone()
-        self.model = load_model(self.model_path, self.config, self.precision, self.state)
+        self.model = load_model(self.model_path, self.config, self.precision, self.state, self.model_config)
         self.tokenizer = load_tokenizer(self.model_path)
         self.trainer = build_trainer(
             self.model, self.tokenizer, self.train_rows, self.eval_rows, self.config, self.precision, self.export.format,
@@ -122,6 +128,8 @@ class SFTRecipe:
             meter = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, ThroughputMeter))
             result = self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
             eval_loss = self.trainer.evaluate()["eval_loss"] if self.trainer.eval_dataset is not None else None
+            if self.config.s2_attn:
+                self.trainer.model.set_attn_implementation("sdpa")  # S²-Attn is for training; the saved model attends fully
             self.trainer.save_model(str(self.out))  # adapter or full model, plus the tokenizer; main process only
             summary = self._summary(result, eval_loss, meter)
             log_history = list(self.trainer.state.log_history)
@@ -129,7 +137,7 @@ class SFTRecipe:
             self.state.wait_for_everyone()
             if self.state.is_main_process:
                 if self.config.merge:
-                    summary["merged"] = str(merge_adapter(self.model_path, self.out, self.out / MERGED, self.config.merged_dtype))
+                    summary["merged"] = str(merge_adapter(self.model_path, self.out, self.out / MERGED, self.config.merged_dtype, self.model_config))
                 from train.plots import plot_loss_curve
 
                 plot_loss_curve(log_history, self.out / LOSS_CURVE_FILE, f"{self.config.method.value} on {self.data_path.name}")
@@ -335,15 +343,20 @@ def locate_data(config: TrainConfig, out: Path, engine, state) -> tuple[Path, bo
 # --- Building the pieces ------------------------------------------------------------------------------------------------
 
 
-def load_model(path: str, config: TrainConfig, precision: Precision, state):
+def load_model(path: str, config: TrainConfig, precision: Precision, state, model_config=None):
     """fp32 weights for full fine-tuning (the optimizer needs full-precision masters); a bf16 frozen base for
-    adapters under bf16; a 4-bit NF4 base for QLoRA (QLoRA, section 3)."""
+    adapters under bf16; a 4-bit NF4 base for QLoRA (QLoRA, section 3). model_config: the base's config with
+    scaled RoPE (train/rope.py), or None; with --s2-attn the model trains with S²-Attn (train/s2_attn.py)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     models.configure_offline()
     on_gpu = torch.cuda.is_available()
-    options: dict[str, Any] = {"dtype": torch.float32}
+    options: dict[str, Any] = {"dtype": torch.float32, "config": copy.deepcopy(model_config)}
+    if config.s2_attn:
+        from train.s2_attn import register
+
+        options["attn_implementation"] = register(config.s2_group_size_ratio)
     if config.method is not Method.full and precision is Precision.bf16:
         options["dtype"] = torch.bfloat16
     if config.method is Method.qlora:
@@ -391,6 +404,11 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
+TRAINABLE_MODULES = {"embed": "embed_tokens", "norm": "norm"}
+"""--trainable names → peft modules_to_save suffixes: the input embeddings and every *norm module (the names in
+transformers' Llama, Qwen2, Mistral and SmolLM2 code)."""
+
+
 def lora_config(config: TrainConfig):
     from peft import LoraConfig
 
@@ -400,6 +418,8 @@ def lora_config(config: TrainConfig):
         lora_dropout=config.lora_dropout,
         target_modules=config.lora_target_modules,
         use_dora=config.method is Method.dora,
+        modules_to_save=[TRAINABLE_MODULES[name] for name in config.trainable] or None,
+        ensure_weight_tying="embed" in config.trainable,  # a tied LM head trains with the embeddings
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -462,14 +482,17 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, 
     return trainer
 
 
-def merge_adapter(base_path: str, adapter_dir: Path, merged_dir: Path, dtype: str) -> Path:
+def merge_adapter(base_path: str, adapter_dir: Path, merged_dir: Path, dtype: str, model_config=None) -> Path:
     """Merge the adapter into a fresh load of the base in `dtype` (never into 4-bit weights: a QLoRA adapter
-    merges into the bf16/fp32 base) and save a plain model folder with the tokenizer."""
+    merges into the bf16/fp32 base) and save a plain model folder with the tokenizer. model_config: the base's
+    config with scaled RoPE, so merged/config.json carries the scaling."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
+    base = AutoModelForCausalLM.from_pretrained(
+        base_path, dtype="auto" if dtype == "auto" else getattr(torch, dtype), config=copy.deepcopy(model_config)
+    )
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     if merged_dir.exists():
         shutil.rmtree(merged_dir)

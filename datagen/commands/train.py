@@ -13,6 +13,7 @@ import typer
 
 from datagen.options import ConfigOption, DbOption, JsonOption
 from train.config import Method, Precision, load_config, parse_set
+from train.rope import RopeType
 
 
 def train(
@@ -36,6 +37,11 @@ def train(
     precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 on a GPU that has it, else fp32.")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward: less memory, ~30% slower (default: on).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for adapter init, shuffling and dropout (default: 42).")] = None,
+    context_length: Annotated[Optional[int], typer.Option(help="Extend the model to this many positions by RoPE scaling; --max-length defaults to it.")] = None,
+    rope: Annotated[Optional[RopeType], typer.Option(help="RoPE scaling with --context-length: linear, dynamic or yarn (default: linear).")] = None,
+    rope_factor: Annotated[Optional[float], typer.Option(help="RoPE scaling factor (default: context length / the model's positions).")] = None,
+    s2_attn: Annotated[Optional[bool], typer.Option("--s2-attn/--no-s2-attn", help="Train with LongLoRA's shifted sparse attention (full attention after).")] = None,
+    trainable: Annotated[Optional[str], typer.Option(help="Adapters: also train these in full, comma-separated: embed,norm (LongLoRA's LoRA+).")] = None,
     merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="Also write OUT/merged (adapter merged into the base).")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue from the last checkpoint in OUT/checkpoints.")] = None,
     overwrite: Annotated[Optional[bool], typer.Option("--overwrite", help="Replace an existing OUT.")] = None,
@@ -49,7 +55,9 @@ def train(
         batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length,
         packing=packing, completion_only_loss=completion_only_loss, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, precision=precision, gradient_checkpointing=gradient_checkpointing, seed=seed,
-        merge=merge, resume=resume, overwrite=overwrite, name=name,
+        merge=merge, resume=resume, overwrite=overwrite, name=name, context_length=context_length, rope=rope,
+        rope_factor=rope_factor, s2_attn=s2_attn,
+        trainable=[part.strip() for part in trainable.split(",") if part.strip()] if trainable is not None else None,
     )  # fmt: skip
     settings = load_config(config, {**parse_set(set_), **{k: v for k, v in flags.items() if v is not None}})
 

@@ -1,0 +1,47 @@
+"""`datagen ui`: serve the run viewer (datagen/ui/) over the store."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated
+
+import typer
+
+from datagen.console import err_console
+from datagen.errors import BadInput, MissingExtra
+from datagen.options import DbOption
+from storage.store import _safe, database_url, open_engine
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def ui(
+    db: DbOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on. Anything but 127.0.0.1/localhost exposes the store to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
+) -> None:
+    """Browse runs, items, rejections with their reasons, lineage and plots in a web browser (read-only)."""
+    try:
+        import uvicorn
+
+        from datagen.ui.app import create_app
+    except ModuleNotFoundError as err:
+        raise MissingExtra(err.name or "fastapi", "ui") from None
+    if not 0 < port < 65536:
+        raise BadInput(f"--port must be between 1 and 65535, not {port}")
+    engine = open_engine(db)
+    local = is_loopback(host)
+    if not local:
+        err_console.print(
+            f"[bold yellow]warning:[/] listening on {host}: anyone who can reach this machine can read the store "
+            "(prompts, completions, configs); use --host 127.0.0.1 to keep it local"
+        )
+    err_console.print(f"datagen ui: {_safe(database_url(db))} at http://{'127.0.0.1' if local else host}:{port}/ (Ctrl+C stops)")
+    uvicorn.run(create_app(engine, local_only=local), host=host, port=port, log_level="warning")

@@ -41,8 +41,10 @@ def rejected_by_reason(session: Session, run: Run) -> dict[str, int]:
 
 
 def accepted_instances(session: Session, run: Run) -> int:
+    """Accepted instances of the run's generated instructions (seed tasks' own instances are not counted)."""
     return session.exec(
-        select(func.count()).select_from(Instance).join(Task).where(Task.run_id == run.id, Instance.status == "accepted")
+        select(func.count()).select_from(Instance).join(Task)
+        .where(Task.run_id == run.id, Task.source == "generated", Instance.status == "accepted")
     ).one()
 
 

@@ -243,6 +243,7 @@ def test_run_page_filters_match_the_store(store):
     html = web.get(f"/runs/{run.id}").text
     assert item_ids(html) == [t.id for t in tasks][:50]
     assert f"{len(tasks)} matching instructions" in page_text(html)
+    assert f"accepted instances {run.instances}" in page_text(html)  # the seed tasks' own instances are not counted
     reasons = {t.reason for t in tasks if t.status == "rejected"}
     assert reasons, "the real run rejected nothing"
     for reason in reasons:
@@ -261,7 +262,8 @@ def test_run_page_filters_match_the_store(store):
 def test_item_page_shows_the_lineage(store):
     with Session(open_engine(store)) as session:
         run = get_run(session, "real")
-        task = session.exec(select(Task).where(Task.run_id == run.id, Task.status == "accepted").order_by(Task.id)).first()
+        accepted = select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted")
+        task = session.exec(accepted.order_by(Task.id)).first()
         generation = session.get(Generation, task.generation_id)
         instances = session.exec(select(Instance).where(Instance.task_id == task.id)).all()
         instance_call = session.get(Generation, instances[0].generation_id)

@@ -207,3 +207,17 @@ class TrainingRunSource(SQLModel, table=True):
     __tablename__ = "training_run_source"
     training_run_id: int = Field(foreign_key="training_run.id", primary_key=True)
     run_id: int = Field(foreign_key="run.id", primary_key=True)
+
+
+class ManualVerdict(SQLModel, table=True):
+    """A verdict given by hand in `datagen ui --allow-edits`: who rejected which instruction, when and why. The pipeline's
+    own verdict on the task stays as it was; export leaves out every task with a manual rejection."""
+
+    __tablename__ = "manual_verdict"
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: int = Field(foreign_key="task.id", index=True)
+    verdict: str = "rejected"
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    curator: str
+    """Who gave the verdict (the name in the form; the server's user by default)."""
+    created_at: datetime = Field(default_factory=utcnow)

@@ -31,7 +31,7 @@ from datagen.ui.queries import Verdict, filter_verdicts
 from datagen.ui.sparkline import keep_rate_sparkline
 from pipelines import self_instruct as si
 from storage.store import get_run, open_engine
-from storage.tables import Generation, Instance, Run, Task, TrainingRun, TrainingRunSource
+from storage.tables import Generation, Instance, ManualVerdict, Run, Task, TrainingRun, TrainingRunSource
 from tests.conftest import SEEDS
 from tests.example_runs import build_run, build_toolformer_run
 from tests.test_self_instruct import SEED_TASKS, SMALL, ScriptedBackend, listing
@@ -475,3 +475,39 @@ def test_runs_show_and_the_run_page_count_rejections_alike(db_url):
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.stdout)["rejected_by_reason"] == {"blacklist": 1, "rouge_similarity": 1, "too_short": 1}
     assert "Rejected by reason: blacklist 1, rouge_similarity 1, too_short 1" in page_text(client(db_url).get(f"/runs/{run.id}").text)
+
+
+def test_manual_rejection_needs_allow_edits_and_export_honours_it(db_url):
+    from datagen.export import select_examples
+
+    with Session(open_engine(db_url)) as session:
+        run = build_run(session, "si", tasks=8)
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted")).first()
+        before, _ = select_examples(session, run)
+    form = {"reason": "  not a real task  ", "curator": ""}
+    path = f"/runs/{run.id}/items/{task.id}/verdicts"
+    read_only = client(db_url)
+    assert read_only.post(path, data=form, headers={"origin": LOCAL}).status_code == 404  # no write route at all
+    assert 'action="' + path not in read_only.get(f"/runs/{run.id}/items/{task.id}").text
+    web = TestClient(create_app(open_engine(db_url), curator="ana"), base_url=LOCAL, follow_redirects=False)
+    assert web.post(path, data=form).status_code == 403  # no Origin: not from the viewer's own page
+    assert web.post(path, data=form, headers={"origin": "http://evil.example"}).status_code == 403
+    assert web.post(path, data={"reason": " "}, headers={"origin": LOCAL}).status_code == 400
+    with Session(open_engine(db_url)) as session:
+        assert session.exec(select(ManualVerdict)).all() == []
+    done = web.post(path, data=form, headers={"origin": LOCAL})
+    assert done.status_code == 303 and done.headers["location"] == f"/runs/{run.id}/items/{task.id}"
+    with Session(open_engine(db_url)) as session:
+        verdict = session.exec(select(ManualVerdict)).one()
+        assert (verdict.task_id, verdict.verdict, verdict.reason, verdict.curator) == (task.id, "rejected", "not a real task", "ana")
+        after, without_instances = select_examples(session, session.get(Run, run.id))
+        assert session.get(Task, task.id).status == "accepted"  # the pipeline's verdict stays as it was
+    assert [e for e in before if e.task_id != task.id] == after and any(e.task_id == task.id for e in before)
+    assert without_instances == 1  # build_run's task 2 has no accepted instance; the hand-rejected one is not counted
+    shown = page_text(web.get(f"/runs/{run.id}/items/{task.id}").text)
+    assert "by hand who when reason rejected ana " in shown and " not a real task Rejected by hand: datagen export leaves" in shown
+
+
+def test_curator_needs_allow_edits(db_url):
+    result = runner.invoke(cli, ["ui", "--db", db_url, "--curator", "ana"])
+    assert result.exit_code == 2 and "--curator names who edits: it needs --allow-edits" in result.output

@@ -1,6 +1,6 @@
 """The viewer's routes: each reads through storage.queries or datagen.ui.queries and renders one template.
 
-Read-only: there are only GET routes. Errors are pages, never tracebacks: an unknown run or item is a 404,
+Read-only unless started with --allow-edits, which adds one POST route: reject an item by hand (a ManualVerdict row). Errors are pages, never tracebacks: an unknown run or item is a 404,
 a bad filter or path a 400 naming the parameter, anything else a 500 that names only the error's type.
 When bound to 127.0.0.1 the app refuses requests whose Host header is not local (a DNS-rebinding page in the
 browser could otherwise read the store through it).
@@ -12,11 +12,12 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qs, urlsplit
 
 import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import Engine
@@ -42,14 +43,18 @@ templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoade
 """autoescape on every template: instructions and completions are model output and may contain HTML."""
 
 
-def create_app(engine: Engine, local_only: bool = True) -> FastAPI:
-    """The viewer over `engine`. local_only: accept only requests addressed to 127.0.0.1 or localhost."""
+def create_app(engine: Engine, local_only: bool = True, curator: str | None = None) -> FastAPI:
+    """The viewer over `engine`. local_only: accept only requests addressed to 127.0.0.1 or localhost. curator: allow
+    edits (manual rejections), recorded under this name unless the form gives another; None keeps the viewer read-only."""
     app = FastAPI(title="datagen ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    app.state.curator = curator
     if local_only:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=LOCAL_HOSTS)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _routes(app)
+    if curator is not None:
+        _edit_routes(app)
     _error_pages(app)
     return app
 
@@ -118,7 +123,7 @@ def _routes(app: FastAPI) -> None:
         lineage = queries.item_lineage(db, run, item_id)
         if lineage is None:
             raise HTTPException(404, f"run '{run.name}' has no item {item_id}")
-        return _page(request, "item.html", run=run, item=lineage, threshold=report._threshold(run.config))
+        return _page(request, "item.html", run=run, item=lineage, threshold=report._threshold(run.config), curator=request.app.state.curator)
 
     @app.get("/runs/{ref}/report", response_class=HTMLResponse)
     def report_page(request: Request, ref: str, db: Db):
@@ -152,6 +157,28 @@ def _routes(app: FastAPI) -> None:
         if not path.is_file():
             raise HTTPException(404, f"no loss curve at {path} (the run has not finished, or its folder moved)")
         return FileResponse(path, media_type="image/png")
+
+
+def _edit_routes(app: FastAPI) -> None:
+    """Only with --allow-edits. A form post must come from the viewer's own pages (its Origin is this host): any other
+    web page the browser has open could otherwise post here, since the server is on the user's own machine."""
+
+    @app.post("/runs/{ref}/items/{item_id}/verdicts")
+    async def reject_item(request: Request, ref: str, item_id: int, db: Db):
+        origin = request.headers.get("origin")
+        if origin is None or urlsplit(origin).netloc != request.headers.get("host"):
+            raise HTTPException(403, "edits are accepted only from the viewer's own pages (the Origin header must be this server)")
+        form = parse_qs((await request.body()).decode("utf-8", errors="replace"))
+        reason = " ".join(form.get("reason", [""])[0].split())
+        curator = " ".join(form.get("curator", [""])[0].split()) or request.app.state.curator
+        if not reason:
+            raise HTTPException(400, "a manual rejection needs a reason")
+        run = _run_or_404(db, ref)
+        lineage = queries.item_lineage(db, run, item_id)
+        if lineage is None:
+            raise HTTPException(404, f"run '{run.name}' has no item {item_id}")
+        queries.reject_by_hand(db, lineage.task, reason, curator)
+        return RedirectResponse(f"/runs/{run.id}/items/{item_id}", status_code=303)
 
 
 def _toolformer(request: Request, db: Session, run: Run) -> HTMLResponse:

@@ -9,7 +9,7 @@ from sqlalchemy import and_, func
 from sqlmodel import Session, select
 
 from datagen.ui.filters import PAGE_SIZE, ItemFilter
-from storage.tables import ApiCall, Generation, Instance, Run, Task, ToolformerText, TrainingRun, TrainingRunSource
+from storage.tables import ApiCall, Generation, Instance, ManualVerdict, Run, Task, ToolformerText, TrainingRun, TrainingRunSource
 
 
 @dataclass
@@ -142,6 +142,8 @@ class Lineage:
     classification: Generation | None
     instances: list[Instance] = field(default_factory=list)
     instance_generation: Generation | None = None
+    by_hand: list[ManualVerdict] = field(default_factory=list)
+    """Verdicts given in `datagen ui --allow-edits`, oldest first."""
 
 
 def item_lineage(session: Session, run: Run, task_id: int) -> Lineage | None:
@@ -168,7 +170,16 @@ def item_lineage(session: Session, run: Run, task_id: int) -> Lineage | None:
         classification=_classification_call(session, run, task, generation),
         instances=instances,
         instance_generation=instance_generation,
+        by_hand=list(session.exec(select(ManualVerdict).where(ManualVerdict.task_id == task.id).order_by(ManualVerdict.id)).all()),
     )
+
+
+def reject_by_hand(session: Session, task: Task, reason: str, curator: str) -> ManualVerdict:
+    """Record a manual rejection of one instruction (the viewer's only write); export leaves the task out from now on."""
+    verdict = ManualVerdict(task_id=task.id, verdict="rejected", reason=reason, curator=curator)
+    session.add(verdict)
+    session.commit()
+    return verdict
 
 
 def _classification_call(session: Session, run: Run, task: Task, generation: Generation | None) -> Generation | None:

@@ -16,7 +16,7 @@ import pytest
 from sqlmodel import Session, select
 
 from storage.store import get_run, open_engine
-from storage.tables import Generation, Run, Task
+from storage.tables import Generation, ManualVerdict, Run, Task
 from tests.test_ui import XSS, add_script_run, copy_store, fill_items, free_port, real_run_store
 
 pytestmark = pytest.mark.slow
@@ -35,11 +35,11 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    """A real `datagen ui` process on a free loopback port; yields its base URL."""
+    """A real `datagen ui --allow-edits` process on a free loopback port; yields its base URL."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("ui_server") / "server.log"
     log = log_path.open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "datagen.cli", "ui", "--db", store, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "datagen.cli", "ui", "--db", store, "--port", str(port), "--allow-edits", "--curator", "tester"], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -207,3 +207,19 @@ def test_running_run_updates_live(page, server, store, tmp_path):
         session.commit()
     page.wait_for_function("!document.body.dataset.poll")  # reloaded once the run stopped running
     assert page.locator(f'dd[data-run="{run.id}"][data-field="status"]').inner_text() == "completed"
+
+
+def test_reject_an_item_by_hand(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        run = get_run(session, "real")
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted")).first()
+    page.goto(f"{server}/runs/{run.id}/items/{task.id}")
+    page.fill('form.curate input[name="reason"]', "answers itself: not an instruction")
+    page.click('form.curate button[type="submit"]')
+    page.wait_for_selector("#by-hand")
+    verdict_cell, who, _when, why = page.locator("#by-hand tbody td").all_inner_texts()
+    assert (verdict_cell, who, why) == ("rejected", "tester", "answers itself: not an instruction")
+    with Session(open_engine(store)) as session:
+        verdict = session.exec(select(ManualVerdict).where(ManualVerdict.task_id == task.id)).one()
+    assert (verdict.curator, verdict.reason) == ("tester", "answers itself: not an instruction")
+    page.screenshot(path=tmp_path / "rejected_by_hand.png", full_page=False)

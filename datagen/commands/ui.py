@@ -15,12 +15,15 @@ from storage.store import _safe, database_url, open_engine
 
 
 def is_loopback(host: str) -> bool:
+    """127.x or localhost: served with the Host check. (IPv6 ::1 is served as non-local: Starlette's Host check cannot
+    parse a bracketed IPv6 Host header.)"""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return address.version == 4 and address.is_loopback
 
 
 def ui(

@@ -1,7 +1,8 @@
 """The viewer's routes: each reads through storage.queries or datagen.ui.queries and renders one template.
 
-Read-only unless started with --allow-edits, which adds one POST route: reject an item by hand (a ManualVerdict row). Errors are pages, never tracebacks: an unknown run or item is a 404,
-a bad filter or path a 400 naming the parameter, anything else a 500 that names only the error's type.
+Read-only unless started with --allow-edits, which adds one POST route: reject an item by hand (a ManualVerdict
+row). Errors are pages, never tracebacks: an unknown run or item is a 404, a bad filter or path a 400 naming the
+parameter, anything else a 500 that names only the error's type.
 When bound to 127.0.0.1 the app refuses requests whose Host header is not local (a DNS-rebinding page in the
 browser could otherwise read the store through it).
 """
@@ -35,7 +36,7 @@ from storage.store import get_run
 from storage.tables import Run, TrainingRun
 
 HERE = Path(__file__).parent
-LOCAL_HOSTS = ["127.0.0.1", "localhost", "::1", "[::1]"]
+LOCAL_HOSTS = ["127.0.0.1", "localhost"]
 POLL_SECONDS = 2
 """How often a page showing a running run asks for fresh counters."""
 

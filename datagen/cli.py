@@ -29,6 +29,8 @@ from datagen.commands import eval_long, long_data  # noqa: E402
 from datagen.errors import DatagenError  # noqa: E402
 from datagen.options import server_options  # noqa: E402
 from storage.store import operational_error_message  # noqa: E402
+from datagen.commands.ui import ui  # noqa: E402
+
 
 class DatagenGroup(TyperGroup):
     """Turns a DatagenError raised anywhere below into one line on stderr and its exit code."""
@@ -63,6 +65,7 @@ app.command("toolformer")(server_options(toolformer))
 app.command("train")(train.train)
 app.command("long-data")(long_data.long_data)
 app.command("eval-long")(eval_long.eval_long)
+app.command("ui")(ui)
 
 
 def _version(value: bool) -> None:

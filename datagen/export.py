@@ -35,7 +35,7 @@ from datagen import __version__
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records
 from storage.store import get_run
-from storage.tables import ApiCall, Generation, Instance, Run, Task, ToolformerText
+from storage.tables import ApiCall, Generation, Instance, ManualVerdict, Run, Task, ToolformerText
 
 if TYPE_CHECKING:
     from datasets import DatasetDict, Features
@@ -174,13 +174,15 @@ class ExportResult:
 def select_examples(session: Session, run: Run) -> tuple[list[Example], int]:
     """The run's exportable rows, in task then instance order, and the number of accepted tasks with no accepted instance.
 
-    Seeds are not exported: like Self-Instruct's and Alpaca's released data, the dataset is the generated part.
+    Seeds are not exported: like Self-Instruct's and Alpaca's released data, the dataset is the generated part; nor are
+    tasks rejected by hand in `datagen ui --allow-edits`.
     """
+    not_rejected_by_hand = Task.id.not_in(select(ManualVerdict.task_id).where(ManualVerdict.verdict == "rejected"))
     rows = session.exec(
         select(Task, Instance, Generation.model)
         .join(Instance, Instance.task_id == Task.id)
         .join(Generation, Generation.id == Instance.generation_id, isouter=True)
-        .where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Instance.status == "accepted")
+        .where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Instance.status == "accepted", not_rejected_by_hand)
         .order_by(Task.id, Instance.id)
     ).all()
     examples = [
@@ -197,7 +199,7 @@ def select_examples(session: Session, run: Run) -> tuple[list[Example], int]:
         for task, instance, model in rows
     ]
     accepted_tasks = session.exec(
-        select(func.count()).select_from(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted")
+        select(func.count()).select_from(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", not_rejected_by_hand)
     ).one()
     return examples, accepted_tasks - len({e.task_id for e in examples})
 

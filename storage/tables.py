@@ -222,4 +222,17 @@ class LongContextEval(SQLModel, table=True):
     """The folder holding eval_long.json and the plots."""
     results: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     """eval_long.json: per model, perplexity by length and passkey accuracy by length and depth; the table."""
+
+
+class ManualVerdict(SQLModel, table=True):
+    """A verdict given by hand in `datagen ui --allow-edits`: who rejected which instruction, when and why. The pipeline's
+    own verdict on the task stays as it was; export leaves out every task with a manual rejection."""
+
+    __tablename__ = "manual_verdict"
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: int = Field(foreign_key="task.id", index=True)
+    verdict: str = "rejected"
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    curator: str
+    """Who gave the verdict (the name in the form; the server's user by default)."""
     created_at: datetime = Field(default_factory=utcnow)

@@ -6,40 +6,22 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from datagen.console import err_console, print_json, summary_table
 from datagen.options import DbOption, JsonOption
+from storage import queries
+from storage.queries import accepted_instances, rejected_by_reason, run_summary
 from storage.store import get_run, open_engine
-from storage.tables import Instance, Run, Task
 
 app = typer.Typer(help="List and inspect runs in the store.", no_args_is_help=True)
-
-COUNTERS = ("requests", "generated", "accepted", "rejected", "instances", "prompt_tokens", "completion_tokens")
-
-
-def run_summary(run: Run) -> dict:
-    return {
-        "id": run.id,
-        "name": run.name,
-        "pipeline": run.pipeline,
-        "model": run.model,
-        "backend": run.backend,
-        "status": run.status,
-        "error": run.error,
-        "created_at": run.created_at.isoformat(),
-        "updated_at": run.updated_at.isoformat(),
-        **{c: getattr(run, c) for c in COUNTERS},
-    }
 
 
 @app.command("list")
 def list_runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """List runs, newest first."""
     with Session(open_engine(db, create=False)) as session:
-        runs = session.exec(select(Run).order_by(Run.id.desc())).all()
-        rows = [run_summary(r) for r in runs]
+        rows = [run_summary(r) for r in queries.list_runs(session)]
     if as_json:
         print_json(rows)
         return
@@ -62,13 +44,8 @@ def show(
         found = get_run(session, run)
         summary = run_summary(found)
         summary["config"] = found.config
-        reasons = session.exec(
-            select(Task.reason, func.count()).where(Task.run_id == found.id, Task.status == "rejected").group_by(Task.reason)
-        ).all()
-        summary["rejected_by_reason"] = {reason: count for reason, count in reasons}
-        summary["accepted_instances"] = session.exec(
-            select(func.count()).select_from(Instance).join(Task).where(Task.run_id == found.id, Instance.status == "accepted")
-        ).one()
+        summary["rejected_by_reason"] = rejected_by_reason(session, found)
+        summary["accepted_instances"] = accepted_instances(session, found)
     if as_json:
         print_json(summary)
         return

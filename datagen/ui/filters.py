@@ -1,0 +1,86 @@
+"""The run page's item filters and paging, parsed from the query string (pure; a bad value is a BadFilter → 400)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+PAGE_SIZE = 50
+"""Items per page; paging is keyset (id > last seen), so page 2,000 of 100k items costs what page 1 does."""
+STATUSES = ("all", "accepted", "rejected")
+CLASSIFICATIONS = ("all", "yes", "no", "unknown")
+
+
+class BadFilter(ValueError):
+    """A filter value that cannot be used; the message names the parameter and is shown on the 400 page."""
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    status: str = "all"
+    reason: str | None = None
+    min_similarity: float | None = None
+    max_similarity: float | None = None
+    classification: str = "all"
+    search: str | None = None
+    after: int | None = None
+    """Show items with id greater than this (the next page)."""
+    before: int | None = None
+    """Show the items just before this id (the previous page)."""
+
+    def query(self, **changes) -> dict[str, str]:
+        """The filter as query parameters (paging left out unless given), for links that keep the filter."""
+        values = {
+            "status": None if self.status == "all" else self.status,
+            "reason": self.reason,
+            "min_similarity": _number(self.min_similarity),
+            "max_similarity": _number(self.max_similarity),
+            "classification": None if self.classification == "all" else self.classification,
+            "q": self.search,
+        } | changes
+        return {key: str(value) for key, value in values.items() if value is not None}
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
+def parse_filter(params: Mapping[str, str]) -> ItemFilter:
+    """ItemFilter from query parameters; empty values mean "no filter" (what an HTML form sends for a blank field)."""
+    given = {key: value.strip() for key, value in params.items() if value.strip()}
+    unknown = sorted(set(given) - {"status", "reason", "min_similarity", "max_similarity", "classification", "q", "after", "before"})
+    if unknown:
+        raise BadFilter(f"unknown filter '{unknown[0]}'")
+    status = given.get("status", "all")
+    if status not in STATUSES:
+        raise BadFilter(f"status must be one of {', '.join(STATUSES)}, not '{status}'")
+    classification = given.get("classification", "all")
+    if classification not in CLASSIFICATIONS:
+        raise BadFilter(f"classification must be one of {', '.join(CLASSIFICATIONS)}, not '{classification}'")
+    low, high = _similarity(given, "min_similarity"), _similarity(given, "max_similarity")
+    if low is not None and high is not None and low > high:
+        raise BadFilter(f"min_similarity {low:g} is above max_similarity {high:g}")
+    after, before = _item_id(given, "after"), _item_id(given, "before")
+    if after is not None and before is not None:
+        raise BadFilter("give after or before, not both")
+    return ItemFilter(status, given.get("reason"), low, high, classification, given.get("q"), after, before)
+
+
+def _similarity(given: Mapping[str, str], key: str) -> float | None:
+    if key not in given:
+        return None
+    try:
+        value = float(given[key])
+    except ValueError:
+        raise BadFilter(f"{key} must be a number between 0 and 1, not '{given[key]}'") from None
+    if not 0 <= value <= 1:
+        raise BadFilter(f"{key} must be between 0 and 1 (ROUGE-L F), not {value:g}")
+    return value
+
+
+def _item_id(given: Mapping[str, str], key: str) -> int | None:
+    if key not in given:
+        return None
+    if not given[key].isdigit():
+        raise BadFilter(f"{key} must be an item id (a whole number), not '{given[key]}'")
+    return int(given[key])

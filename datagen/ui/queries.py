@@ -1,0 +1,229 @@
+"""What the viewer's pages read from the store, beyond the shared storage.queries: one run's items under a filter
+(keyset paging), one item's lineage, a Toolformer run's texts and calls, training runs and their sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import and_, func
+from sqlmodel import Session, select
+
+from datagen.ui.filters import PAGE_SIZE, ItemFilter
+from storage.tables import ApiCall, Generation, Instance, ManualVerdict, Run, Task, ToolformerText, TrainingRun, TrainingRunSource
+
+
+@dataclass
+class Page:
+    """One page of rows in id order, and whether rows match before and after it."""
+
+    rows: list
+    total: int
+    has_previous: bool
+    has_next: bool
+
+    @property
+    def first_id(self) -> int | None:
+        return self.rows[0].id if self.rows else None
+
+    @property
+    def last_id(self) -> int | None:
+        return self.rows[-1].id if self.rows else None
+
+
+def _like(text: str) -> str:
+    """A LIKE pattern matching `text` anywhere, with LIKE's own wildcards taken literally (escape character \\)."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def item_conditions(run: Run, item_filter: ItemFilter) -> list:
+    """SQL conditions on Task for a run's generated instructions under the filter."""
+    conditions = [Task.run_id == run.id, Task.source == "generated"]
+    if item_filter.status != "all":
+        conditions.append(Task.status == item_filter.status)
+    if item_filter.reason:
+        conditions.append(Task.reason == item_filter.reason)
+    if item_filter.min_similarity is not None:
+        conditions.append(Task.similarity >= item_filter.min_similarity)
+    if item_filter.max_similarity is not None:
+        conditions.append(Task.similarity <= item_filter.max_similarity)
+    if item_filter.classification == "yes":
+        conditions.append(Task.is_classification == True)  # noqa: E712 (SQL, not Python truth)
+    elif item_filter.classification == "no":
+        conditions.append(Task.is_classification == False)  # noqa: E712
+    elif item_filter.classification == "unknown":
+        conditions.append(Task.is_classification.is_(None))
+    if item_filter.search:
+        conditions.append(Task.instruction.ilike(_like(item_filter.search), escape="\\"))
+    return conditions
+
+
+def keyset_page(session: Session, model, conditions: list, after: int | None, before: int | None, size: int = PAGE_SIZE) -> Page:
+    """Rows of `model` matching `conditions`, `size` at a time in id order: after an id, before one, or from the start.
+    Each page is an indexed range scan (id > x ORDER BY id LIMIT n), never an OFFSET that reads every earlier row."""
+    where = and_(*conditions)
+    if before is not None:
+        rows = list(session.exec(select(model).where(where, model.id < before).order_by(model.id.desc()).limit(size + 1)).all())
+        has_previous, rows = len(rows) > size, rows[:size][::-1]
+        has_next = True
+    else:
+        query = select(model).where(where)
+        if after is not None:
+            query = query.where(model.id > after)
+        rows = list(session.exec(query.order_by(model.id).limit(size + 1)).all())
+        has_next, rows = len(rows) > size, rows[:size]
+        has_previous = after is not None and rows != [] and _exists(session, model, where, model.id < rows[0].id)
+    total = session.exec(select(func.count()).select_from(model).where(where)).one()
+    return Page(rows, total, has_previous, has_next)
+
+
+def _exists(session: Session, model, *conditions) -> bool:
+    return session.exec(select(model.id).where(*conditions).limit(1)).first() is not None
+
+
+def item_page(session: Session, run: Run, item_filter: ItemFilter) -> Page:
+    return keyset_page(session, Task, item_conditions(run, item_filter), item_filter.after, item_filter.before)
+
+
+# --- one item's lineage ---------------------------------------------------------------------------------------------
+
+STAGES = {
+    "self-instruct": [
+        ("parse", ("cut_by_length",)),
+        ("heuristic filters", ("too_short", "too_long", "blacklist", "write_a_program", "starts_with_punctuation", "non_ascii_start")),
+        ("ROUGE-L similarity", ("rouge_similarity",)),
+        ("target not yet reached", ("target_reached",)),
+        ("instances", ("no_valid_instances",)),
+    ],
+    "alpaca": [
+        ("parse", ("cut_by_length", "malformed_record")),
+        ("heuristic filters", ("too_short", "too_long", "blacklist", "write_a_program", "starts_with_punctuation", "non_ascii_start")),
+        ("ROUGE-L similarity", ("rouge_similarity",)),
+        ("instances", ("no_valid_instances",)),
+        ("target not yet reached", ("target_reached",)),
+    ],
+}
+"""Each pipeline's filters in the order it applies them (pipelines/self_instruct.py process_batch, pipelines/alpaca.py),
+with the reasons each can give. The store keeps the first failing filter's reason, so the stages after it did not run."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    stage: str
+    outcome: str
+    """passed, failed or not run."""
+    reason: str | None = None
+
+
+def filter_verdicts(pipeline: str, status: str, reason: str | None) -> list[Verdict]:
+    """Each filter's verdict on one instruction, from its stored status and first failing reason."""
+    stages = STAGES.get(pipeline, STAGES["self-instruct"])
+    if status == "accepted":
+        return [Verdict(stage, "passed") for stage, _ in stages]
+    code = (reason or "").split(":", 1)[0]
+    failed = next((i for i, (_, reasons) in enumerate(stages) if code in reasons), None)
+    if failed is None:  # a reason no pipeline stage gives (e.g. set by hand): it overrides every stage
+        return [Verdict("other", "failed", reason)]
+    return [
+        Verdict(stage, "passed" if i < failed else "failed" if i == failed else "not run", reason if i == failed else None)
+        for i, (stage, _) in enumerate(stages)
+    ]
+
+
+@dataclass
+class Lineage:
+    task: Task
+    generation: Generation | None
+    """The call whose completion this instruction was parsed from (exact prompt and raw text)."""
+    parsed: list[Task]
+    """Every instruction parsed out of that completion, in order, this one included."""
+    verdicts: list[Verdict]
+    nearest: Task | None
+    """The earlier instruction (seed or generated) the similarity filter found closest, when it is in the store."""
+    classification: Generation | None
+    instances: list[Instance] = field(default_factory=list)
+    instance_generation: Generation | None = None
+    by_hand: list[ManualVerdict] = field(default_factory=list)
+    """Verdicts given in `datagen ui --allow-edits`, oldest first."""
+
+
+def item_lineage(session: Session, run: Run, task_id: int) -> Lineage | None:
+    task = session.get(Task, task_id)
+    if task is None or task.run_id != run.id:
+        return None
+    generation = session.get(Generation, task.generation_id) if task.generation_id else None
+    parsed = list(session.exec(select(Task).where(Task.generation_id == task.generation_id).order_by(Task.id)).all()) if generation else [task]
+    nearest = None
+    if task.nearest is not None:
+        nearest = session.exec(
+            select(Task).where(Task.run_id == run.id, Task.instruction == task.nearest, Task.id < task.id).order_by(Task.id).limit(1)
+        ).first()
+    instances = list(session.exec(select(Instance).where(Instance.task_id == task.id).order_by(Instance.id)).all())
+    instance_generation = session.get(Generation, instances[0].generation_id) if instances and instances[0].generation_id else None
+    if instance_generation is not None and instance_generation.id == task.generation_id:
+        instance_generation = None  # Alpaca: the instance came in the same completion as the instruction
+    return Lineage(
+        task=task,
+        generation=generation,
+        parsed=parsed,
+        verdicts=filter_verdicts(run.pipeline, task.status, task.reason),
+        nearest=nearest,
+        classification=_classification_call(session, run, task, generation),
+        instances=instances,
+        instance_generation=instance_generation,
+        by_hand=list(session.exec(select(ManualVerdict).where(ManualVerdict.task_id == task.id).order_by(ManualVerdict.id)).all()),
+    )
+
+
+def reject_by_hand(session: Session, task: Task, reason: str, curator: str) -> ManualVerdict:
+    """Record a manual rejection of one instruction (the viewer's only write); export leaves the task out from now on."""
+    verdict = ManualVerdict(task_id=task.id, verdict="rejected", reason=reason, curator=curator)
+    session.add(verdict)
+    session.commit()
+    return verdict
+
+
+def _classification_call(session: Session, run: Run, task: Task, generation: Generation | None) -> Generation | None:
+    """The "Is it classification?" call about this instruction (Self-Instruct asks it of the instructions that passed the
+    filters, in the same batch); found by its prompt, which ends with the instruction on one line."""
+    if generation is None or task.is_classification is None:
+        return None
+    question = f"Task: {' '.join(task.instruction.split())}\nIs it classification?"
+    calls = session.exec(
+        select(Generation).where(Generation.run_id == run.id, Generation.purpose == "classification", Generation.batch == generation.batch)
+    ).all()
+    return next((call for call in calls if question in call.prompt[-len(question) - 200 :]), None)
+
+
+# --- Toolformer and training runs ----------------------------------------------------------------------------------
+
+
+def toolformer_page(session: Session, run: Run, after: int | None, before: int | None) -> tuple[Page, dict[int, list[ApiCall]]]:
+    """A page of the run's texts, and every sampled call of those texts (kept first, then by position)."""
+    page = keyset_page(session, ToolformerText, [ToolformerText.run_id == run.id], after, before, size=20)
+    calls: dict[int, list[ApiCall]] = {row.id: [] for row in page.rows}
+    if calls:
+        for call in session.exec(select(ApiCall).where(ApiCall.text_id.in_(list(calls))).order_by(ApiCall.position, ApiCall.id)).all():
+            calls[call.text_id].append(call)
+        for text_calls in calls.values():
+            text_calls.sort(key=lambda c: (not c.kept, c.position))
+    return page, calls
+
+
+def api_call_counts(session: Session, run: Run) -> dict[str, int]:
+    rows = session.exec(select(ApiCall.status, func.count()).where(ApiCall.run_id == run.id).group_by(ApiCall.status)).all()
+    return dict(sorted(rows, key=lambda kv: -kv[1]))
+
+
+def training_runs(session: Session, run: Run | None = None) -> list[TrainingRun]:
+    """Training runs newest first; with `run`, only those that trained on its data."""
+    query = select(TrainingRun).order_by(TrainingRun.id.desc())
+    if run is not None:
+        query = query.join(TrainingRunSource).where(TrainingRunSource.run_id == run.id)
+    return list(session.exec(query).all())
+
+
+def training_sources(session: Session, training_run: TrainingRun) -> list[Run]:
+    return list(
+        session.exec(select(Run).join(TrainingRunSource).where(TrainingRunSource.training_run_id == training_run.id).order_by(Run.id)).all()
+    )
+

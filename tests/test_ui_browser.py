@@ -1,0 +1,225 @@
+"""`datagen ui` in a real browser: Playwright driving Debian's chromium against a real `datagen ui` process over a store
+holding a real Self-Instruct run of the embedded model, a 10k-item run, a run whose instruction carries <script>, and a
+running run. Screenshots go to each test's temp folder (a few are committed under examples/ui/)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlmodel import Session, select
+
+from storage.store import get_run, open_engine
+from storage.tables import Generation, ManualVerdict, Run, Task
+from tests.test_ui import XSS, add_script_run, copy_store, fill_items, free_port, real_run_store
+
+pytestmark = pytest.mark.slow
+CHROMIUM = os.environ.get("DATAGEN_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('ui_browser') / 'datagen.db'}"
+    copy_store(real_run_store(tmp_path_factory.getbasetemp()), url)
+    add_script_run(url)
+    fill_items(url, "ten-thousand", 10_000)
+    fill_items(url, "live", 30, status="running")
+    return url
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    """A real `datagen ui --allow-edits` process on a free loopback port; yields its base URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("ui_server") / "server.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "datagen.cli", "ui", "--db", store, "--port", str(port), "--allow-edits", "--curator", "tester"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"datagen ui exited with {process.returncode}: {log_path.read_text()}")
+            try:
+                if httpx.get(url + "/", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"datagen ui not answering after 60 s; log: {log_path}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("playwright is not installed: pip install 'datagen[dev]'")
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            raise RuntimeError(f"no chromium at {CHROMIUM}: apt-get install -y chromium")
+        pytest.skip("chromium is not installed: apt-get install -y chromium")
+    with sync_playwright() as playwright:
+        # Chromium's sandbox refuses to start as root (CI runs as root).
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"] if os.geteuid() == 0 else [])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    opened = context.new_page()
+    opened.set_default_timeout(20_000)
+    yield opened
+    context.close()
+
+
+def test_runs_list(page, server, store, tmp_path):
+    page.goto(server + "/")
+    with Session(open_engine(store)) as session:
+        run = get_run(session, "real")
+    row = page.locator(f'tr[data-run="{run.id}"]')
+    assert row.locator("td").nth(1).inner_text() == "real"
+    assert row.locator('[data-field="status"]').inner_text() == "completed"
+    assert row.locator('[data-field="accepted"]').inner_text() == str(run.accepted)
+    assert row.locator("svg.spark polyline").count() == 1
+    assert page.locator("tbody tr").count() == 4  # real, xss, ten-thousand, live
+    page.screenshot(path=tmp_path / "runs.png", full_page=True)
+
+
+def test_filter_rejections_by_reason(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        run = get_run(session, "real")
+        rejected = session.exec(select(Task).where(Task.run_id == run.id, Task.status == "rejected").order_by(Task.id)).all()
+    reason = rejected[0].reason
+    page.goto(f"{server}/runs/{run.id}")
+    page.select_option('select[name="status"]', "rejected")
+    page.select_option('select[name="reason"]', reason)
+    page.click('button[type="submit"]')
+    page.wait_for_url(f"**reason={reason}**")
+    expected = [t for t in rejected if t.reason == reason]
+    assert page.locator("table.items tbody tr td:nth-child(4)").all_inner_texts() == [reason] * len(expected)
+    assert page.locator("table.items tbody tr td:nth-child(1)").all_inner_texts() == [str(t.id) for t in expected]
+    assert page.inner_text("#count").startswith(f"{len(expected)} matching instruction")
+    page.screenshot(path=tmp_path / "run_rejected.png", full_page=True)
+
+
+def test_item_shows_raw_completion_and_nearest_neighbour(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        run = get_run(session, "real")
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.nearest.is_not(None)).order_by(Task.id)).first()
+        completion = session.get(Generation, task.generation_id).completion
+    page.goto(f"{server}/runs/{run.id}")
+    page.click(f'table.items a[href="/runs/{run.id}/items/{task.id}"]')
+    page.wait_for_url(f"**/items/{task.id}")
+    assert page.locator("pre.completion").first.text_content() == completion
+    assert page.locator("pre.nearest").text_content() == task.nearest
+    assert f"ROUGE-L F {task.similarity:.3f}" in page.inner_text("#nearest")
+    assert page.locator("pre.instruction").text_content() == task.instruction
+    page.screenshot(path=tmp_path / "item.png", full_page=True)
+
+
+def test_report_page_shows_the_plots(page, server, tmp_path):
+    page.goto(server + "/runs/real/report")
+    images = page.locator("figure img")
+    assert images.count() == 6
+    page.wait_for_function("[...document.images].every(image => image.complete && image.naturalWidth > 400)")
+    page.screenshot(path=tmp_path / "report.png", full_page=True)
+
+
+def test_page_through_10k_items(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        run = get_run(session, "ten-thousand")
+        expected = [str(i) for i in session.exec(select(Task.id).where(Task.run_id == run.id).order_by(Task.id)).all()]
+    page.goto(f"{server}/runs/{run.id}")
+    seen, pages = [], 0
+    started = time.perf_counter()
+    while True:
+        seen += page.locator("table.items tbody tr td:nth-child(1)").all_inner_texts()
+        pages += 1
+        if pages == 100:
+            page.screenshot(path=tmp_path / "ten_thousand_page_100.png", full_page=False)
+        following = page.locator('a[rel="next"]')
+        if following.count() == 0:
+            break
+        following.click()
+        page.wait_for_url(f"**after={seen[-1]}")
+    print(f"\n{pages} pages of 10,000 items in {time.perf_counter() - started:.1f} s")
+    assert seen == expected and pages == 200
+    page.click('a[rel="prev"]')
+    page.wait_for_url(f"**before={expected[-50]}")
+    assert page.locator("table.items tbody tr td:nth-child(1)").all_inner_texts() == expected[-100:-50]
+
+
+def test_script_in_an_instruction_is_shown_as_text(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        run = get_run(session, "xss")
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.instruction == XSS)).one()
+    dialogs = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    for path in (f"/runs/{run.id}", f"/runs/{run.id}/items/{task.id}"):
+        page.goto(server + path)
+        assert XSS in page.inner_text("main")
+        assert page.evaluate("window.__pwned") is None and page.locator("main script").count() == 0
+    assert page.locator("pre.instruction").text_content() == XSS
+    assert not dialogs
+    page.screenshot(path=tmp_path / "script_as_text.png", full_page=True)
+
+
+def test_non_local_host_header_is_refused(server):
+    assert httpx.get(server + "/", headers={"Host": "localhost"}).status_code == 200
+    refused = httpx.get(server + "/", headers={"Host": "rebind.attacker.example"})
+    assert refused.status_code == 400 and refused.text == "Invalid host header"
+
+
+def test_running_run_updates_live(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        run = get_run(session, "live")
+    page.goto(f"{server}/runs/{run.id}")
+    cell = page.locator(f'dd[data-run="{run.id}"][data-field="accepted"]')
+    assert cell.inner_text() == str(run.accepted)
+    with Session(open_engine(store)) as session:
+        row = session.get(Run, run.id)
+        row.accepted += 7
+        row.updated_at += timedelta(seconds=1)
+        session.add(row)
+        session.commit()
+    page.wait_for_function(f"document.querySelector('dd[data-run=\"{run.id}\"][data-field=\"accepted\"]').textContent === '{run.accepted + 7}'")
+    with Session(open_engine(store)) as session:
+        row = session.get(Run, run.id)
+        row.status = "completed"
+        session.add(row)
+        session.commit()
+    page.wait_for_function("!document.body.dataset.poll")  # reloaded once the run stopped running
+    assert page.locator(f'dd[data-run="{run.id}"][data-field="status"]').inner_text() == "completed"
+
+
+def test_reject_an_item_by_hand(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        run = get_run(session, "real")
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted")).first()
+    page.goto(f"{server}/runs/{run.id}/items/{task.id}")
+    page.fill('form.curate input[name="reason"]', "answers itself: not an instruction")
+    page.click('form.curate button[type="submit"]')
+    page.wait_for_selector("#by-hand")
+    verdict_cell, who, _when, why = page.locator("#by-hand tbody td").all_inner_texts()
+    assert (verdict_cell, who, why) == ("rejected", "tester", "answers itself: not an instruction")
+    with Session(open_engine(store)) as session:
+        verdict = session.exec(select(ManualVerdict).where(ManualVerdict.task_id == task.id)).one()
+    assert (verdict.curator, verdict.reason) == ("tester", "answers itself: not an instruction")
+    page.screenshot(path=tmp_path / "rejected_by_hand.png", full_page=False)

@@ -148,9 +148,11 @@ def test_method_lowers_eval_loss_and_its_result_generates(method, trained, store
     finally:
         backend.close()
 
+    assert summary["export_seed"] == 0 and summary["library_versions"]["peft"]
     with Session(open_engine(store)) as session:
         row = session.exec(select(TrainingRun).where(TrainingRun.name == f"test-{method}")).one()
         assert (row.status, row.steps, row.dataset_runs) == ("completed", STEPS, ["si-test"])
+        assert row.summary["dataset_fingerprint"] == summary["dataset_fingerprint"] and set(summary["dataset_fingerprint"]) == {"train", "test"}
         assert row.eval_loss == pytest.approx(summary["eval_loss"])
         run = session.exec(select(Run).where(Run.name == "si-test")).one()
         links = session.exec(select(TrainingRunSource).where(TrainingRunSource.training_run_id == row.id)).all()
@@ -200,6 +202,7 @@ def test_not_an_export_folder(tmp_path, db_url, no_model_load):
     assert "is not a datagen export (no datagen.json)" in result.output
     result = _train(["--data", str(tmp_path / "nowhere/data"), "--out", str(tmp_path / "out"), "--db", db_url])
     assert result.exit_code == 2 and "no such folder" in result.output
+    assert not (tmp_path / "datagen.db").exists()  # the data was checked before the store was opened
 
 
 def test_export_missing_a_column(exports, tmp_path, db_url, no_model_load):
@@ -239,10 +242,50 @@ def test_existing_output_needs_overwrite_or_resume(exports, tmp_path, db_url, no
     result = _train(["--data", str(exports["alpaca"]), "--out", str(out), "--db", db_url])
     assert result.exit_code == 2 and "pass --overwrite to replace it or --resume" in result.output
     result = _train(["--data", str(exports["alpaca"]), "--out", str(out), "--resume", "--db", db_url])
-    assert result.exit_code == 2 and "no checkpoint in" in result.output
+    assert result.exit_code == 2 and "no complete checkpoint in" in result.output
     result = _train(["--data", str(exports["alpaca"]), "--out", str(out), "--resume", "--overwrite"])
     assert result.exit_code == 2 and "pass one of them" in result.output
-    assert (out / "something").exists()
+    result = _train(["--data", str(exports["alpaca"]), "--out", str(out), "--overwrite", "--db", db_url])
+    assert result.exit_code == 2 and "was not written by `datagen train`" in result.output
+    (out / "train_config.yaml").write_text("a: user file of the same name\n")
+    result = _train(["--data", "si-test", "--out", str(out), "--overwrite", "--db", db_url])
+    assert result.exit_code == 2 and "was not written by `datagen train`" in result.output
+    assert (out / "something").read_text() == "x"
+
+
+def test_reused_name_rewrites_its_row_and_records_provenance(exports, tmp_path, store, no_model_load):
+    """A run's row says what that run trained on: nothing stays from an earlier run of the same --name."""
+    import datasets
+    import trl
+
+    from train.config import load_config
+    from train.sft import CONFIG_FILE, SFTRecipe
+
+    out = tmp_path / "out"
+    first = SFTRecipe(load_config(None, dict(data=str(exports["alpaca"]), out=str(out), name="test-reuse")), db_url=store)
+    row_id = first._record_start()
+    out.mkdir()
+    (out / CONFIG_FILE).write_text(first.resolved_config().to_yaml())  # what setup() writes first
+    with Session(open_engine(store)) as session:
+        row = session.get(TrainingRun, row_id)
+        row.status, row.steps, row.eval_loss, row.summary = "completed", 4, 1.5, {"eval_loss": 1.5}
+        session.add(row)
+        session.commit()
+
+    second = SFTRecipe(load_config(None, dict(data=str(exports["messages"]), out=str(out), name="test-reuse", overwrite=True)), db_url=store)
+    assert second._record_start() == row_id
+    with Session(open_engine(store)) as session:
+        row = session.get(TrainingRun, row_id)
+        assert (row.dataset, row.dataset_format, row.status, row.steps, row.eval_loss) == (str(exports["messages"]), "messages", "running", 0, None)
+        assert row.config["data"] == str(exports["messages"]) and row.config["overwrite"] is True
+        saved = datasets.load_from_disk(str(exports["messages"]))
+        assert row.summary["dataset_fingerprint"] == {name: split._fingerprint for name, split in saved.items()}
+        assert row.summary["dataset_fingerprint"] != first.provenance()["dataset_fingerprint"]
+        assert row.summary["export_seed"] == 0 and row.summary["library_versions"]["trl"] == trl.__version__
+        assert len(session.exec(select(TrainingRunSource).where(TrainingRunSource.training_run_id == row_id)).all()) == 1
+
+    result = _train(["--data", str(exports["alpaca"]), "--out", str(tmp_path / "elsewhere"), "--name", "test-reuse", "--db", store])
+    assert result.exit_code == 2 and "a training run of that name wrote" in result.output
 
 
 def test_unknown_run_name(tmp_path, db_url, no_model_load):
@@ -358,12 +401,29 @@ def test_crashed_run_resumes_from_its_last_checkpoint(tmp_path, store, embedded_
         recipe.train()
     assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "train_summary.json").exists()
     assert json.loads((out / "data" / "datagen.json").read_text())["runs"] == ["si-test"]
-    exported_at = (out / "data" / "datagen.json").stat().st_mtime_ns
     with Session(open_engine(store)) as session:
         assert session.exec(select(TrainingRun).where(TrainingRun.name == "test-resume")).one().status == "failed"
 
+    # A kill -9 during a save: checkpoint-3's weights cut short (its trainer_state.json is whole), checkpoint-5 empty.
+    broken = out / "checkpoints" / "checkpoint-3"
+    shutil.copytree(out / "checkpoints" / "checkpoint-2", broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (out / "checkpoints" / "checkpoint-5").mkdir()
+    # OUT/data without its marker: --resume must refuse, and delete nothing (not OUT, not its checkpoints).
+    marker = out / "data" / "datagen.json"
+    meta = marker.read_bytes()
+    marker.unlink()
+    result = runner.invoke(app, ["train", *args, "--resume"])
+    assert result.exit_code == 2 and "is not a datagen export" in result.output, result.output
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file() and (out / "data" / "dataset_dict.json").is_file()
+    marker.write_bytes(meta)
+    exported_at = marker.stat().st_mtime_ns
+
     result = runner.invoke(app, ["train", *args, "--resume"])
     assert result.exit_code == 0, result.output
+    assert "checkpoint-5 is incomplete" in result.output and "checkpoint-3 is incomplete" in result.output
+    assert not broken.exists() and not (out / "checkpoints" / "checkpoint-5").exists()
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["format"] == "messages"
     assert (out / "data" / "datagen.json").stat().st_mtime_ns == exported_at  # the resumed run reused the export

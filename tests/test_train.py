@@ -25,7 +25,7 @@ from datagen.cli import app
 from storage.store import open_engine
 from storage.tables import Run, TrainingRun, TrainingRunSource
 from tests.conftest import REPO
-from tests.example_runs import build_run
+from tests.example_runs import build_run, build_toolformer_run
 
 runner = CliRunner()
 
@@ -337,6 +337,49 @@ def test_record_builders_reject_bad_rows():
     with pytest.raises(BadInput, match="'text' does not end with 'output'"):
         alpaca_record({"text": "prompt answer", "output": "other"}, "x")
     assert text_record({"text": "2 + 2 = [Calculator(2 + 2) → 4] 4"}, "x") == {"text": "2 + 2 = [Calculator(2 + 2) → 4] 4"}
+
+
+def test_trl_labels_mask_exactly_the_prompt_of_every_format(exports, store, tmp_path, embedded_model_path):
+    """The labels TRL builds (its tokenization, then its collator), per export format: -100 on every prompt token
+    and on padding; the completion's tokens, and the end-of-sequence token after them, are learned. Toolformer
+    texts have no prompt: every token is learned."""
+    from accelerate import PartialState
+
+    from train.config import Precision, load_config
+    from train.data import open_export, training_split
+    from train.sft import build_trainer, load_model, load_tokenizer
+
+    with Session(open_engine(store)) as session:
+        if session.exec(select(Run).where(Run.name == "tf-labels")).first() is None:
+            build_toolformer_run(session, "tf-labels")
+    toolformer = tmp_path / "toolformer"
+    assert runner.invoke(app, ["export", "--run", "tf-labels", "--format", "toolformer", "--out", str(toolformer), "--db", store]).exit_code == 0
+
+    config = load_config(None, dict(data="unused", out=str(tmp_path / "o"), max_length=1024, max_steps=1, gradient_checkpointing=False))
+    model = load_model(str(embedded_model_path), config, Precision.fp32, PartialState())
+    tokenizer = load_tokenizer(str(embedded_model_path))
+    for format, folder in {**exports, "toolformer": toolformer}.items():
+        records = training_split(open_export(folder), "train")
+        trainer = build_trainer(model, tokenizer, records, None, config, Precision.fp32, format, tmp_path / format, resuming=False)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        for i in range(4):
+            ids, labels, real = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i].bool()
+            learned = labels != -100
+            assert (labels[learned] == ids[learned]).all() and not (learned & ~real).any(), format  # padding is never learned
+            if format == "toolformer":
+                assert learned[real].all()
+                assert tokenizer.decode(ids[real]).startswith(records[i]["text"])
+                continue
+            first = int(learned.nonzero()[0])
+            assert learned[first:].tolist() == real[first:].tolist(), format  # one masked prefix, then all learned
+            prompt, completion = tokenizer.decode(ids[:first]), tokenizer.decode(ids[real][first:])
+            if format == "messages":
+                user = records[i]["prompt"][-1]["content"]
+                assert prompt.endswith(f"{user}<|im_end|>\n<|im_start|>assistant\n"), prompt[-200:]  # SmolLM2's chat template
+                assert completion == records[i]["completion"][0]["content"] + "<|im_end|>" + "\n" * completion.endswith("\n")
+            else:
+                assert prompt == records[i]["prompt"] and prompt.endswith("### Response:\n")
+                assert completion == records[i]["completion"] + tokenizer.eos_token
 
 
 def test_packing_resets_positions_and_blocks_attention(exports, tmp_path, db_url, embedded_model_path):

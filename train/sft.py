@@ -125,6 +125,9 @@ class SFTRecipe:
             self.out, resuming=self.last_checkpoint is not None, callbacks=self.callbacks,
         )  # fmt: skip
 
+    def quantization(self):
+        return quantization_config(self.config, self.precision)
+
     def resolved_config(self) -> TrainConfig:
         return self.config.model_copy(update={"name": self.name, "data": str(self.data_path), "out": self.out})
 
@@ -145,11 +148,26 @@ class SFTRecipe:
             self.trainer.save_model(str(self.out))  # adapter or full model, plus the tokenizer; main process only
             summary = self._summary(result, eval_loss, meter)
             log_history = list(self.trainer.state.log_history)
+            measure = self.config.merge and self.state.is_main_process and self.trainer.eval_dataset is not None
+            batch_size = self.config.eval_batch_size or self.config.batch_size
+            if measure:  # the model that was trained and evaluated, on the same metric as the merged model below
+                adapter_loss = token_eval_loss(self.trainer.model, self.trainer.eval_dataset, self.trainer.data_collator, batch_size)
             self._release_training_model()
             self.state.wait_for_everyone()
             if self.state.is_main_process:
                 if self.config.merge:
-                    summary["merged"] = str(merge_adapter(self.model_path, self.out, self.out / MERGED, self.config.merged_dtype))
+                    into = self.config.merge_base if self.config.method is Method.qlora else "original"
+                    dtype = merged_dtype(self.config, self.precision)
+                    merged = merge_adapter(self.model_path, self.out, dtype, self.quantization() if into == "dequantized" else None)
+                    save_merged(merged, self.out, self.out / MERGED)
+                    summary["merged"] = str(self.out / MERGED)
+                    summary["merge"] = {"into": into, "dtype": dtype}
+                    if measure:
+                        merged_loss = token_eval_loss(merged, self.trainer.eval_dataset, self.trainer.data_collator, batch_size)
+                        summary["merge"] |= {"adapter_eval_loss": adapter_loss, "merged_eval_loss": merged_loss,
+                                             "gap": merged_loss - adapter_loss}  # fmt: skip
+                    del merged
+                    gc.collect()
                 from train.plots import plot_loss_curve
 
                 plot_loss_curve(log_history, self.out / LOSS_CURVE_FILE, f"{self.config.method.value} on {self.data_path.name}")
@@ -458,7 +476,7 @@ def load_model(path: str, config: TrainConfig, precision: Precision, state):
     """fp32 weights for full fine-tuning (the optimizer needs full-precision masters); a bf16 frozen base for
     adapters under bf16; a 4-bit NF4 base for QLoRA (QLoRA, section 3)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     models.configure_offline()
     on_gpu = torch.cuda.is_available()
@@ -466,14 +484,7 @@ def load_model(path: str, config: TrainConfig, precision: Precision, state):
     if config.method is not Method.full and precision is Precision.bf16:
         options["dtype"] = torch.bfloat16
     if config.method is Method.qlora:
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
-            # QLoRA computes in bf16; the compute dtype follows --precision, so CPUs (fp32 by default) run fp32
-            # matmuls on the dequantized weights: 2x faster than bf16 on the test CPU, same 4-bit storage.
-            bnb_4bit_compute_dtype={Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(precision, torch.float32),
-        )
+        options["quantization_config"] = quantization_config(config, precision)
         # each process holds its own copy of the quantized base on its own device
         options["device_map"] = {"": state.local_process_index} if on_gpu else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, **options)
@@ -486,6 +497,25 @@ def load_model(path: str, config: TrainConfig, precision: Precision, state):
         # freezes the base, keeps norms and embeddings in fp32, and enables input gradients for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     return model
+
+
+def compute_dtype(precision: Precision) -> str:
+    """The dtype of the frozen base's matmuls: an adapter learns against it (bf16 or fp16 mixed precision, else fp32)."""
+    return {Precision.bf16: "bfloat16", Precision.fp16: "float16"}.get(precision, "float32")
+
+
+def quantization_config(config: TrainConfig, precision: Precision):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+        # QLoRA computes in bf16; the compute dtype follows --precision, so CPUs (fp32 by default) run fp32
+        # matmuls on the dequantized weights: 2x faster than bf16 on the test CPU, same 4-bit storage.
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype(precision)),
+    )
 
 
 def keep_4bit_weights_trainable_on_cpu(model) -> None:
@@ -581,22 +611,64 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, 
     return trainer
 
 
-def merge_adapter(base_path: str, adapter_dir: Path, merged_dir: Path, dtype: str) -> Path:
-    """Merge the adapter into a fresh load of the base in `dtype` (never into 4-bit weights: a QLoRA adapter
-    merges into the bf16/fp32 base) and save a plain model folder with the tokenizer."""
+def merged_dtype(config: TrainConfig, precision: Precision) -> str:
+    """--merged-dtype, with auto resolved to the dtype the adapter was trained against (compute_dtype): the base's
+    dtype under lora/dora, the 4-bit layers' compute dtype under qlora."""
+    if config.merged_dtype != "auto":
+        return config.merged_dtype
+    if config.method is Method.qlora:
+        return compute_dtype(precision)
+    return "bfloat16" if precision is Precision.bf16 else "float32"
+
+
+def merge_adapter(base_path: str, adapter_dir: Path, dtype: str, quantization=None):
+    """The adapter merged into the base in `dtype`: a fresh load of the original checkpoint, or, given the QLoRA
+    quantization config, the same 4-bit NF4 base the adapter was trained on, dequantized (peft issues #2105 and
+    #1080: an adapter trained on NF4 weights partly corrects their quantization error, so merging it into the
+    original weights gives a model that differs from the one trained and evaluated). Never merged into 4-bit
+    weights: rounding the merged weights back to NF4 would lose most of the update."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto" if dtype == "auto" else getattr(torch, dtype))
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if quantization is None:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization, dtype=getattr(torch, dtype),
+                                                    device_map="cuda:0" if torch.cuda.is_available() else "cpu")  # fmt: skip
+        base = base.dequantize(dtype=getattr(torch, dtype))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def save_merged(merged, adapter_dir: Path, merged_dir: Path) -> None:
+    """A plain model folder with the tokenizer, for `datagen generate --model OUT/merged` and vLLM."""
+    from transformers import AutoTokenizer
+
     if merged_dir.exists():
         shutil.rmtree(merged_dir)
     merged.save_pretrained(str(merged_dir))
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(merged_dir))
-    del base, merged
-    gc.collect()
-    return merged_dir
+
+
+def token_eval_loss(model, dataset, collator, batch_size: int) -> float:
+    """Mean cross-entropy per learned token (labels != -100) of TRL's tokenized eval split, in order: one metric for
+    the trained model and its merge, independent of how the batches fall."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            logits = model(**inputs).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(logits.device)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum").item()
+            tokens += int((labels != -100).sum())
+    model.train(was_training)
+    return total / tokens
 
 
 def peak_memory_bytes() -> int:

@@ -519,7 +519,7 @@ def test_two_processes_on_gloo(exports, tmp_path, store):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(port), str(datagen), "train", "--data", str(exports["alpaca"]), "--out", str(out),
-        "--max-steps", "2", "--batch-size", "1", "--grad-accum", "1", "--max-length", "64", "--no-gradient-checkpointing",
+        "--max-steps", "2", "--batch-size", "1", "--grad-accum", "1", "--max-length", "128", "--no-gradient-checkpointing",
         "--set", "max_eval_samples=2", "--set", "eval_at_start=false", "--name", "test-ddp", "--db", store, "--json",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

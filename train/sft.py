@@ -52,7 +52,7 @@ import yaml  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from datagen import models
-from datagen.errors import BadInput
+from datagen.errors import BadInput, DatagenError
 from datagen.export import is_export
 from datagen.options import read_config_file
 from train.config import Method, Precision, TrainConfig
@@ -144,7 +144,7 @@ class SFTRecipe:
                 torch.cuda.reset_peak_memory_stats()
             meter = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, ThroughputMeter))
             result = self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
-            eval_loss = self.trainer.evaluate()["eval_loss"] if self.trainer.eval_dataset is not None else None
+            eval_loss = self._final_eval_loss() if self.trainer.eval_dataset is not None else None
             self.trainer.save_model(str(self.out))  # adapter or full model, plus the tokenizer; main process only
             summary = self._summary(result, eval_loss, meter)
             log_history = list(self.trainer.state.log_history)
@@ -183,6 +183,15 @@ class SFTRecipe:
             if row_id is not None:
                 self._record_end(row_id, None, error=f"{type(err).__name__}: {err}")
             raise
+
+    def _final_eval_loss(self) -> float:
+        metrics = self.trainer.evaluate()
+        if "eval_loss" not in metrics:  # no eval row kept a learned token after truncation
+            raise DatagenError(
+                f"no eval loss: every eval row's completion lies beyond --max-length {self.config.max_length} tokens "
+                f"(split '{self.config.eval_split}'); raise --max-length or --set max_eval_samples=N for more rows"
+            )
+        return metrics["eval_loss"]
 
     def _summary(self, result, eval_loss: float | None, meter: ThroughputMeter) -> dict[str, Any]:
         import torch

@@ -24,7 +24,14 @@ SIZE_CATEGORIES = [
     (100_000, "10K<n<100K"),
     (1_000_000, "100K<n<1M"),
     (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+    (1_000_000_000, "100M<n<1B"),
+    (10_000_000_000, "1B<n<10B"),
+    (100_000_000_000, "10B<n<100B"),
+    (1_000_000_000_000, "100B<n<1T"),
 ]
+"""The Hub's size_categories values (huggingface_hub: the dataset card metadata spec, size_categories), upper bounds
+exclusive; above the last one: n>1T."""
 
 COLUMN_DOCS = {
     "instruction": "the task, as the model wrote it",
@@ -67,6 +74,9 @@ CITATIONS = {
 }""",
 }
 
+DEFAULT_LICENSE_NAME = "synthetic-seed-and-model-terms"
+"""license_name of a `license: other` card: the terms follow from the seeds' license and the generating model's."""
+
 METHOD_OF_PIPELINE = {"self-instruct": "Self-Instruct", "alpaca": "Alpaca", "toolformer": "Toolformer"}
 
 
@@ -74,13 +84,16 @@ def size_category(rows: int) -> str:
     for limit, name in SIZE_CATEGORIES:
         if rows < limit:
             return name
-    return "n>10M"
+    return "n>1T"
 
 
 def front_matter(config: ExportConfig, result: ExportResult, splits: list[str]) -> dict[str, Any]:
     pipelines = sorted({f.pipeline for f in result.runs})
+    license: dict[str, str] = {"license": config.license}
+    if config.license == "other":  # the Hub's card spec: `license: other` needs an id in license_name
+        license["license_name"] = config.license_name or DEFAULT_LICENSE_NAME
     return {
-        "license": config.license,
+        **license,
         "language": [config.language],
         "task_categories": ["text-generation"],
         "size_categories": [size_category(result.counts["rows"])],
@@ -135,6 +148,7 @@ def render_card(config: ExportConfig, result: ExportResult, splits: list[str]) -
         lines += _run_section(facts)
     lines += ["## Decontamination", "", _decontamination_text(config, counts), ""]
     lines += ["## Known limitations", "", *_limitations(result), ""]
+    lines += ["## License", "", _license_text(config), ""]
     lines += _citation_section(result)
     return "\n".join(lines) + "\n"
 
@@ -292,6 +306,16 @@ def _decontamination_text(config: ExportConfig, counts: dict[str, Any]) -> str:
         f"evaluation item exceeded {config.decontamination_threshold} ({dropped.get('rougeL', 0)} rows), or when the row shared a "
         f"{config.ngram}-word sequence with one (the GPT-3 paper's contamination test; "
         f"{dropped.get(f'{config.ngram}-gram', 0)} rows)."
+    )
+
+
+def _license_text(config: ExportConfig) -> str:
+    if config.license != "other":
+        return f"Released under `{config.license}` (set with `datagen export --license`)."
+    return (
+        f"`license: other` (`{config.license_name or DEFAULT_LICENSE_NAME}`): no license was chosen at export. The terms "
+        "that apply follow from the seed tasks' license and the terms of use of the model that wrote the data; check "
+        "both, then re-export with `--license ID` (a Hub license id, e.g. apache-2.0)."
     )
 
 

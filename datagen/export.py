@@ -7,10 +7,14 @@ the same splits as data/{split}.parquet and data/{split}.jsonl, the dataset card
 datagen.json ({"format", "runs", "columns", "counts", "datagen_version"}) for `datagen train`.
 
 The flow, top to bottom: select the accepted instances of accepted generated tasks → drop rows that overlap an
-evaluation set (decontamination) → split by task (all instances of one instruction on one side, so the held-out loss
-is not flattered by near-copies of training rows) → one record per row in the chosen format → a DatasetDict with
-explicit Features → write everything into a temporary folder beside DIR and rename it into place, so a failure
-never leaves a partial export.
+evaluation set (decontamination) → split by instruction text (all rows of one normalized instruction on one side,
+across runs too, so the held-out loss is not flattered by copies of training rows) → one record per row in the
+chosen format → a DatasetDict with explicit Features → write everything into a temporary folder beside DIR, fsync
+it and rename it into place, so a failure (or kill -9) never leaves a partial export at DIR.
+
+`--overwrite` replaces only a folder datagen exported (its datagen.json, the marker, names a format and a datagen
+version) and holding nothing but what an export writes: a user's folder, or a file dropped into an export, is never
+deleted. Temporary folders of a killed export (`.DIR.partial-PID`, `.DIR.old-PID`) are cleaned up by the next one.
 """
 
 from __future__ import annotations
@@ -81,9 +85,9 @@ class ExportConfig:
     format: Format
     out: Path
     test_size: float = 0.05
-    """Share of tasks held out as the test split (at least one task); 0 writes a train split only."""
+    """Share of instructions held out as the test split (at least one task); 0 writes a train split only."""
     seed: int = 0
-    """Seed of the task shuffle that makes the split; the same seed gives the same split."""
+    """Seed of the instruction shuffle that makes the split (0 or more); the same seed gives the same split."""
     with_provenance: bool = False
     """Add run, model, generation_id (the generation that wrote the output) and similarity (the instruction's
     ROUGE-L F to its nearest kept neighbour when the filter accepted it) columns."""
@@ -95,6 +99,9 @@ class ExportConfig:
     """System turn for --format messages (none by default)."""
     license: str = "other"
     """License in the card's front matter (a Hub license id); it depends on the seeds and the model's terms."""
+    license_name: str | None = None
+    """With license "other", the card's license_name (an id, e.g. my-license-1.0), which the Hub requires;
+    None: synthetic-seed-and-model-terms."""
     language: str = "en"
     """Language code in the card's front matter."""
     overwrite: bool = False
@@ -104,10 +111,14 @@ class ExportConfig:
             raise BadInput("give at least one --run")
         if not 0.0 <= self.test_size < 1.0:
             raise BadInput(f"--test-size must be in [0, 1), got {self.test_size}")
+        if self.seed < 0:
+            raise BadInput(f"--seed must be 0 or more (numpy's generator seeds), got {self.seed}")
         if not 0.0 <= self.decontamination_threshold <= 1.0:
             raise BadInput(f"--decontamination-threshold must be in [0, 1], got {self.decontamination_threshold}")
         if self.ngram < 1:
             raise BadInput(f"--ngram must be at least 1, got {self.ngram}")
+        if self.license_name is not None and self.license != "other":
+            raise BadInput(f"--license-name applies to --license other only (got --license {self.license})")
         if self.system is not None and self.format is not Format.messages:
             raise BadInput("--system applies to --format messages only")
 
@@ -119,7 +130,7 @@ class Example:
     run: str
     model: str
     task_id: int
-    """The task (or Toolformer text) id: the unit the split keeps on one side."""
+    """The task (or Toolformer text) id."""
     instruction: str
     """For Toolformer: the plain corpus text (what decontamination compares)."""
     input: str
@@ -335,22 +346,29 @@ def decontaminate(
 # --- Splitting and formatting -------------------------------------------------------------------------------------------
 
 
-def split_by_task(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Shuffle tasks with the seed; the first ceil(test_size × tasks) form the test split (at least one, never all).
+def split_key(instruction: str) -> str:
+    """What the split keeps on one side: the instruction, case-folded, with whitespace runs collapsed. Two runs (or
+    two tasks of one run) that hold the same instruction put all its rows on the same side."""
+    return " ".join(instruction.casefold().split())
 
-    Rows come out in the shuffled task order, so a trainer that does not shuffle still sees mixed tasks.
+
+def split_by_instruction(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Shuffle the distinct normalized instructions with the seed; the first ceil(test_size × instructions) form the
+    test split (at least one, never all).
+
+    Rows come out in the shuffled instruction order, so a trainer that does not shuffle still sees mixed tasks.
     """
-    tasks = sorted({(e.run, e.task_id) for e in examples})
-    order = [tasks[i] for i in np.random.default_rng(seed).permutation(len(tasks))]
+    keys = sorted({split_key(e.instruction) for e in examples})
+    order = [keys[i] for i in np.random.default_rng(seed).permutation(len(keys))]
     n_test = 0
     if test_size > 0:
-        if len(tasks) < 2:
-            raise BadInput(f"only {len(tasks)} task to export: a test split needs at least 2 (or pass --test-size 0)")
-        n_test = min(max(1, math.ceil(test_size * len(tasks))), len(tasks) - 1)
-    rank = {task: i for i, task in enumerate(order)}
-    ordered = sorted(examples, key=lambda e: rank[(e.run, e.task_id)])
-    test = [e for e in ordered if rank[(e.run, e.task_id)] < n_test]
-    train = [e for e in ordered if rank[(e.run, e.task_id)] >= n_test]
+        if len(keys) < 2:
+            raise BadInput(f"only {len(keys)} distinct instruction to export: a test split needs at least 2 (or pass --test-size 0)")
+        n_test = min(max(1, math.ceil(test_size * len(keys))), len(keys) - 1)
+    rank = {key: i for i, key in enumerate(order)}
+    ordered = sorted(examples, key=lambda e: rank[split_key(e.instruction)])
+    test = [e for e in ordered if rank[split_key(e.instruction)] < n_test]
+    train = [e for e in ordered if rank[split_key(e.instruction)] >= n_test]
     return train, test
 
 
@@ -409,16 +427,96 @@ def build_dataset(splits: dict[str, list[dict[str, Any]]], features: Features) -
 # --- Writing ------------------------------------------------------------------------------------------------------------
 
 
+EXPORT_ENTRIES = frozenset({"dataset_dict.json", "data", "README.md", "datagen.json"})
+"""What an export folder holds besides one folder per split (datasets' save_to_disk and write_export)."""
+MARKER = "datagen.json"
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is one datagen exported: its datagen.json is a JSON object naming a format and a datagen version."""
+    try:
+        meta = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "format" in meta and "datagen_version" in meta
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of an export folder that no export writes (a split folder holds a dataset_info.json)."""
+    return sorted(
+        p.name for p in folder.iterdir()
+        if p.name not in EXPORT_ENTRIES and not (p.is_dir() and (p / "dataset_info.json").is_file())
+    )  # fmt: skip
+
+
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output that exists and holds something, unless --overwrite; checked before any work and again at the end."""
+    """Refuse an output datagen must not write: under a file, a file itself, or a folder that holds something,
+    unless --overwrite and the folder is an export datagen wrote with nothing else in it. Checked before any work
+    and again at the end."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise BadInput(f"--out {out}: {parent} is a file, not a folder")
+            break
     if out.exists() and not out.is_dir():
-        raise BadInput(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise BadInput(f"{out} exists and is not empty: pass --overwrite to replace it")
+        raise BadInput(f"--out {out} exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise BadInput(f"--out {out} exists and is not empty: pass --overwrite to replace an earlier export")
+    if not is_export(out):
+        raise BadInput(f"--out {out} is not a datagen export (no {MARKER} written by datagen): --overwrite replaces only those")
+    if foreign := foreign_entries(out):
+        raise BadInput(f"--out {out} holds {', '.join(foreign)}, which no export writes: move it away, then rerun with --overwrite")
+
+
+def clean_leftovers(out: Path) -> None:
+    """Remove the temporary folders of exports to `out` that were killed: `.NAME.partial-PID` (a half-written export)
+    and `.NAME.old-PID` (the previous export, moved aside just before the new one was renamed into place; put back
+    when `out` is missing). Folders of a live process are left alone."""
+    if not out.parent.is_dir():
+        return
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)")
+    for path in sorted(out.parent.iterdir()):
+        match = pattern.fullmatch(path.name)
+        if match is None or _alive(int(match[2])):
+            continue
+        if match[1] == "old" and not out.exists() and is_export(path):
+            path.rename(out)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk, so the rename that publishes it never exposes a folder
+    whose files a power cut would lose."""
+    for path in [*folder.rglob("*"), folder]:
+        _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_export(dataset: DatasetDict, card: str, meta: dict[str, Any], out: Path, overwrite: bool) -> None:
-    """Write into a temporary folder beside `out`, then rename it into place; on any failure nothing is left behind."""
+    """Write into a temporary folder beside `out`, fsync it, then rename it into place; on any failure nothing is left
+    behind, and a kill -9 leaves only temporary folders that the next export cleans up."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -433,11 +531,13 @@ def write_export(dataset: DatasetDict, card: str, meta: dict[str, Any], out: Pat
             split.to_parquet(str(tmp / "data" / f"{name}.parquet"))
             split.to_json(str(tmp / "data" / f"{name}.jsonl"), lines=True, force_ascii=False)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        (tmp / "datagen.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        fsync_tree(tmp)
         check_out(out, overwrite)
         if out.exists():
             out.rename(old)
         tmp.rename(out)
+        _fsync(out.parent)  # the renames themselves
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
@@ -453,22 +553,28 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def push_to_hub(dataset: DatasetDict, out: Path, repo_id: str, private: bool) -> str:
-    """Upload the splits with `DatasetDict.push_to_hub` (Parquet shards under data/), then the card and datagen.json.
+    """Create the repository, upload the card and datagen.json, then the splits with `DatasetDict.push_to_hub`.
 
-    The card's configs point at data/{split}*.parquet, which matches both the local files and the Hub's shards.
+    In this order the card survives whole: push_to_hub reads the README.md already in the repository and adds its
+    `dataset_info` (features, split sizes) and `configs` to that card's metadata (datasets 5.2:
+    arrow_dataset.py, _get_updated_dataset_card). Uploading the card after push_to_hub would replace the card it
+    wrote and drop dataset_info. The card's configs point at data/{split}*.parquet, which matches both the local
+    files and the Hub's shards.
     """
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
     try:
-        dataset.push_to_hub(repo_id, private=private, commit_message="datagen export: data")
-        HfApi().upload_folder(
+        api = HfApi()
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(
             repo_id=repo_id,
             folder_path=str(out),
             repo_type="dataset",
-            allow_patterns=["README.md", "datagen.json"],
+            allow_patterns=["README.md", MARKER],
             commit_message="datagen export: dataset card",
         )
+        dataset.push_to_hub(repo_id, private=private, commit_message="datagen export: data")
     except Exception as err:  # network, auth and Hub errors all end the same way: the local export stands
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise DatagenError(
@@ -496,6 +602,7 @@ def export(session: Session, config: ExportConfig) -> ExportResult:
     """Select, decontaminate, split, format and write; returns what was written and the counts."""
     from datagen.card import render_card
 
+    clean_leftovers(config.out)
     check_out(config.out, config.overwrite)
     eval_set = read_eval_set(config.decontaminate, config.ngram) if config.decontaminate else None
     runs = [get_run(session, name) for name in dict.fromkeys(config.runs)]
@@ -519,7 +626,7 @@ def export(session: Session, config: ExportConfig) -> ExportResult:
         examples, decontaminated = decontaminate(examples, eval_set, config.decontamination_threshold, config.ngram)
         if not examples:
             raise BadInput(f"decontamination against {config.decontaminate} dropped every row: nothing left to export")
-    train, test = split_by_task(examples, config.test_size, config.seed)
+    train, test = split_by_instruction(examples, config.test_size, config.seed)
     splits = {"train": train, "test": test} if test else {"train": train}
     features = features_for(config.format, config.with_provenance)
     dataset = build_dataset(
@@ -528,7 +635,7 @@ def export(session: Session, config: ExportConfig) -> ExportResult:
     )
     counts = {
         "rows": len(examples),
-        "tasks": len({(e.run, e.task_id) for e in examples}),
+        "tasks": len({split_key(e.instruction) for e in examples}),
         **{name: len(rows) for name, rows in splits.items()},
         "tasks_without_instances": sum(f.tasks_without_instances for f in facts),
         "decontaminated": decontaminated,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -19,6 +23,7 @@ from datagen.cli import app
 from datagen.export import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt, max_rouge_l, word_ngrams
 from storage.store import open_engine
 from storage.tables import Generation, Instance, Run, Task
+from tests.conftest import REPO
 from tests.example_runs import SEED_RECORDS, TOOLFORMER_TEXTS, build_run, build_toolformer_run
 
 runner = CliRunner()
@@ -190,7 +195,7 @@ def test_card_front_matter_and_prose(store, tmp_path):
     text = (out / "README.md").read_text()
     _, front, prose = text.split("---\n", 2)
     meta = yaml.safe_load(front)
-    assert meta["license"] == "apache-2.0" and meta["language"] == ["en"]
+    assert meta["license"] == "apache-2.0" and "license_name" not in meta and meta["language"] == ["en"]
     assert meta["task_categories"] == ["text-generation"] and meta["size_categories"] == ["n<1K"]
     for data_file in meta["configs"][0]["data_files"]:
         assert fnmatch(f"data/{data_file['split']}.parquet", data_file["path"])  # the local file
@@ -298,22 +303,123 @@ def test_toolformer_texts_with_kept_calls(store, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_existing_folder_needs_overwrite(store, tmp_path):
+def test_existing_folder_needs_overwrite_and_only_an_export_is_replaced(store, tmp_path):
+    """--overwrite replaces an earlier export, never a folder datagen did not write nor a file dropped into an export."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (out / "keep").mkdir(parents=True)
+    (out / "keep" / "notes.txt").write_text("mine")
     result = export(store, out, "--run", "si-test", "--format", "alpaca")
     assert result.exit_code == 2 and "--overwrite" in result.output
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-
     result = export(store, out, "--run", "si-test", "--format", "alpaca", "--overwrite")
+    assert result.exit_code == 2 and "is not a datagen export" in result.output
+    (out / "datagen.json").write_text('{"note": "a file of the same name, not an export marker"}')
+    assert export(store, out, "--run", "si-test", "--format", "alpaca", "--overwrite").exit_code == 2
+    assert (out / "keep" / "notes.txt").read_text() == "mine"
+
+    exported = tmp_path / "exported"
+    assert export(store, exported, "--run", "si-test", "--format", "alpaca").exit_code == 0
+    result = export(store, exported, "--run", "si-second", "--format", "alpaca", "--overwrite")
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "dataset_dict.json").exists()
+    assert json.loads((exported / "datagen.json").read_text())["runs"] == ["si-second"]
+    (exported / "keep.txt").write_text("mine")
+    result = export(store, exported, "--run", "si-test", "--format", "alpaca", "--overwrite")
+    assert result.exit_code == 2 and "holds keep.txt, which no export writes" in result.output
+    assert (exported / "keep.txt").read_text() == "mine" and json.loads((exported / "datagen.json").read_text())["runs"] == ["si-second"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
     empty = tmp_path / "empty"
     empty.mkdir()
     assert export(store, empty, "--run", "si-test", "--format", "alpaca").exit_code == 0  # an empty folder is fine
+
+
+KILL_DURING = {
+    # where the export is killed: after a split's files are half-written, or between moving the old export aside and
+    # renaming the new one into place
+    "writing": "datasets.Dataset.to_json = lambda self, *a, **k: os.kill(os.getpid(), signal.SIGKILL)",
+    "renaming": (
+        "rename = pathlib.Path.rename\n"
+        "def kill_on_publish(self, target):\n"
+        "    if '.partial-' in self.name: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return rename(self, target)\n"
+        "pathlib.Path.rename = kill_on_publish"
+    ),
+}
+
+
+@pytest.mark.parametrize("moment", list(KILL_DURING))
+def test_kill_9_during_an_export_leaves_the_old_one_and_the_next_export_cleans_up(store, tmp_path, moment):
+    out = tmp_path / "out"
+    assert export(store, out, "--run", "si-test", "--format", "alpaca").exit_code == 0
+    script = (
+        "import os, pathlib, signal, sys\nimport datasets\n" + KILL_DURING[moment] + "\n"
+        "from datagen.cli import app\nsys.argv = ['datagen'] + sys.argv[1:]\napp()"
+    )
+    command = [sys.executable, "-c", script, "export", "--run", "si-second", "--format", "alpaca", "--out", str(out),
+               "--overwrite", "--db", store]  # fmt: skip
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out."))
+    assert leftovers and all(re.fullmatch(r"\.out\.(partial|old)-\d+", name) for name in leftovers)
+    if moment == "renaming":
+        assert not out.exists()  # the previous export sits in .out.old-PID
+
+    assert export(store, tmp_path / "other", "--run", "si-test", "--format", "alpaca").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == leftovers  # not its business
+    result = export(store, out, "--run", "si-second", "--format", "alpaca", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert json.loads((out / "datagen.json").read_text())["runs"] == ["si-second"]
+
+
+def test_an_export_killed_while_renaming_is_put_back(store, tmp_path):
+    """Without --overwrite the next export finds the previous one restored from .NAME.old-PID, and refuses to replace it."""
+    out = tmp_path / "out"
+    assert export(store, out, "--run", "si-test", "--format", "alpaca").exit_code == 0
+    old = tmp_path / f".out.old-{2**22 + 12345}"  # above Linux's default pid_max: no such process
+    out.rename(old)
+    result = export(store, out, "--run", "si-second", "--format", "alpaca")
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert not old.exists() and json.loads((out / "datagen.json").read_text())["runs"] == ["si-test"]
+
+
+def test_bad_seed_and_out_under_a_file_are_one_line_exit_2(store, tmp_path):
+    """Run as a process: CliRunner would hide a traceback."""
+    (tmp_path / "afile").write_text("x")
+    for args, message in (
+        (["--seed", "-1", "--out", str(tmp_path / "o")], "--seed must be 0 or more"),
+        (["--out", str(tmp_path / "afile" / "sub")], "afile is a file, not a folder"),
+        (["--out", str(tmp_path / "afile")], "exists and is not a folder"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "datagen.cli", "export", "--run", "si-test", "--format", "alpaca", "--db", store, *args],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "o").exists() and (tmp_path / "afile").read_text() == "x"
+
+
+def test_split_keeps_an_instruction_of_several_runs_on_one_side(store, tmp_path):
+    """Two runs that generated the same instructions: each instruction's rows are all in train or all in test."""
+    with Session(open_engine(store)) as session:
+        build_run(session, "si-overlap", tasks=16, first=100)  # the same instructions as si-test's first 16
+        session.commit()
+    for seed in range(4):
+        out = tmp_path / f"s{seed}"
+        result = export(store, out, "--run", "si-test", "--run", "si-overlap", "--format", "alpaca", "--test-size", "0.3",
+                        "--seed", str(seed))  # fmt: skip
+        assert result.exit_code == 0, result.output
+        saved = datasets.load_from_disk(str(out))
+        train, test = ({r["instruction"] for r in saved[split]} for split in ("train", "test"))
+        assert test and not train & test
+        assert json.loads((out / "datagen.json").read_text())["counts"]["tasks"] == len(train | test)
+
+
+def test_split_key_normalizes_case_and_spacing():
+    from datagen.export import split_key
+
+    assert split_key("  Write a\n poem  about   the SEA.") == split_key("write a poem about the sea.") == "write a poem about the sea."
+    assert split_key("Write a poem.") != split_key("Write a poem!")
 
 
 def test_a_failure_while_writing_leaves_nothing_behind(store, tmp_path, monkeypatch):
@@ -342,25 +448,71 @@ def test_push_to_hub_hands_the_dataset_and_card_to_the_hub_clients(store, tmp_pa
 
     calls = {}
 
+    def fake_create_repo(self, repo_id, **kwargs):
+        calls["create"] = {"repo_id": repo_id, **kwargs}
+
     def fake_push(self, repo_id, **kwargs):
-        calls["push"] = {"repo_id": repo_id, "splits": {k: v.to_list() for k, v in self.items()}, **kwargs}
+        calls["push"] = {"repo_id": repo_id, "splits": {k: v.to_list() for k, v in self.items()}, "after": list(calls), **kwargs}
 
     def fake_upload_folder(self, **kwargs):
         folder = Path(kwargs["folder_path"])
         calls["upload"] = kwargs | {"files": {p: (folder / p).read_text() for p in kwargs["allow_patterns"]}}
 
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(datasets.DatasetDict, "push_to_hub", fake_push)
     monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
     out = tmp_path / "hub"
     result = export(store, out, "--run", "si-test", "--format", "alpaca", "--push-to-hub", "someone/si-test", "--private", "--json")
     assert result.exit_code == 0, result.output
     saved = datasets.load_from_disk(str(out))
+    assert calls["create"] == {"repo_id": "someone/si-test", "repo_type": "dataset", "private": True, "exist_ok": True}
     assert calls["push"]["repo_id"] == "someone/si-test" and calls["push"]["private"] is True
+    assert calls["push"]["after"] == ["create", "upload"]  # the card is in the repository before push_to_hub updates it
     assert calls["push"]["splits"] == {k: v.to_list() for k, v in saved.items()}
     assert calls["upload"]["repo_id"] == "someone/si-test" and calls["upload"]["repo_type"] == "dataset"
     assert calls["upload"]["files"]["README.md"] == (out / "README.md").read_text()
     assert json.loads(calls["upload"]["files"]["datagen.json"])["format"] == "alpaca"
     assert json.loads(result.stdout)["hub"] == "https://huggingface.co/datasets/someone/si-test"
+
+
+def test_push_to_hub_keeps_the_uploaded_card_and_adds_dataset_info(store, tmp_path):
+    """What DatasetDict.push_to_hub does with the card already in the repository, run on the export folder itself
+    (datasets' own _get_updated_dataset_card, over a local file system instead of the Hub's)."""
+    from datasets.arrow_dataset import _get_updated_dataset_card
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    out = tmp_path / "hub"
+    assert export(store, out, "--run", "si-test", "--format", "alpaca").exit_code == 0
+    saved = datasets.load_from_disk(str(out))
+    card, _ = _get_updated_dataset_card(
+        fs=DirFileSystem(fs=LocalFileSystem(), path=str(out)), config_name="default",
+        splits_info=[datasets.SplitInfo(name, num_bytes=1000, num_examples=len(split)) for name, split in saved.items()],
+        features=saved["train"].features, data_dir="data", set_default=None, uploaded_sizes=[500, 50], deleted_sizes=[0, 0],
+        remove_other_splits=False,
+    )  # fmt: skip
+    ours = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    hub = card.data.to_dict()
+    assert {s["name"]: s["num_examples"] for s in hub["dataset_info"]["splits"]} == {k: len(v) for k, v in saved.items()}
+    assert [f["name"] for f in hub["dataset_info"]["features"]] == COLUMNS["alpaca"]
+    for key in ("license", "license_name", "language", "size_categories", "task_categories", "pretty_name", "tags"):
+        assert hub[key] == ours[key], key
+    assert str(card).split("\n---\n", 1)[1] == (out / "README.md").read_text().split("\n---\n", 1)[1]  # the prose, whole
+
+
+def test_card_size_categories_and_license_name(store, tmp_path):
+    from datagen.card import size_category
+
+    assert [size_category(n) for n in (999, 1_000, 9_999_999, 10_000_000, 99_999_999, 100_000_000, 10**12)] == [
+        "n<1K", "1K<n<10K", "1M<n<10M", "10M<n<100M", "10M<n<100M", "100M<n<1B", "n>1T"]  # fmt: skip
+    assert export(store, tmp_path / "o", "--run", "si-test", "--format", "alpaca").exit_code == 0
+    front = yaml.safe_load((tmp_path / "o" / "README.md").read_text().split("---")[1])
+    assert (front["license"], front["license_name"]) == ("other", "synthetic-seed-and-model-terms")
+    assert "## License" in (tmp_path / "o" / "README.md").read_text()
+    assert export(store, tmp_path / "n", "--run", "si-test", "--format", "alpaca", "--license-name", "my-terms-1.0").exit_code == 0
+    assert yaml.safe_load((tmp_path / "n" / "README.md").read_text().split("---")[1])["license_name"] == "my-terms-1.0"
+    result = export(store, tmp_path / "x", "--run", "si-test", "--format", "alpaca", "--license", "mit", "--license-name", "x")
+    assert result.exit_code == 2 and "--license-name applies to --license other" in result.output
 
 
 def test_push_to_hub_failure_keeps_the_local_export(store, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from datagen.cli import app
 from storage.store import open_engine
 from storage.tables import Run, TrainingRun, TrainingRunSource
 from tests.conftest import REPO
-from tests.example_runs import build_run
+from tests.example_runs import build_run, build_toolformer_run
 
 runner = CliRunner()
 
@@ -148,9 +148,11 @@ def test_method_lowers_eval_loss_and_its_result_generates(method, trained, store
     finally:
         backend.close()
 
+    assert summary["export_seed"] == 0 and summary["library_versions"]["peft"]
     with Session(open_engine(store)) as session:
         row = session.exec(select(TrainingRun).where(TrainingRun.name == f"test-{method}")).one()
         assert (row.status, row.steps, row.dataset_runs) == ("completed", STEPS, ["si-test"])
+        assert row.summary["dataset_fingerprint"] == summary["dataset_fingerprint"] and set(summary["dataset_fingerprint"]) == {"train", "test"}
         assert row.eval_loss == pytest.approx(summary["eval_loss"])
         run = session.exec(select(Run).where(Run.name == "si-test")).one()
         links = session.exec(select(TrainingRunSource).where(TrainingRunSource.training_run_id == row.id)).all()
@@ -172,6 +174,34 @@ def test_merged_model_matches_base_plus_adapter(trained, embedded_model_path):
         adapted = PeftModel.from_pretrained(base, str(out))(ids).logits
     assert (merged - adapted).abs().max() < 1e-3
     assert (merged - before).abs().max() > 1e-2
+
+
+def test_qlora_merge_is_the_model_that_was_evaluated(trained, exports, embedded_model_path):
+    """OUT/merged of a QLoRA run is the dequantized NF4 base plus the adapter (the default merge_base), saved in the
+    compute dtype: its eval loss is the trained model's. Merging into the original weights (peft issues #2105,
+    #1080) gives a different model. Tolerances from measurement: the gap was 1.3e-5 (float32), 1.4e-3 and more in
+    bfloat16; the original merge was 0.28-0.32 away."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train.config import Precision, load_config
+    from train.data import open_export, training_split
+    from train.sft import build_trainer, load_tokenizer, merge_adapter, token_eval_loss
+
+    out = trained("qlora")
+    merge = json.loads((out / "train_summary.json").read_text())["merge"]
+    assert (merge["into"], merge["dtype"]) == ("dequantized", "float32")
+    assert abs(merge["gap"]) < 5e-4, merge
+
+    # the same metric, on TRL's own tokenization of the same eval rows, for the saved folder and the original merge
+    config = load_config(None, dict(data="unused", out=str(out), method="full", max_length=128, max_steps=1, gradient_checkpointing=False))
+    rows = training_split(open_export(exports["prompt-completion"]), "test", limit=6)
+    saved = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    trainer = build_trainer(saved, load_tokenizer(str(out / "merged")), rows, rows, config, Precision.fp32, "prompt-completion",
+                            out / "unused", resuming=False)  # fmt: skip
+    assert token_eval_loss(saved, trainer.eval_dataset, trainer.data_collator, 6) == pytest.approx(merge["merged_eval_loss"], abs=1e-5)
+    original = merge_adapter(str(embedded_model_path), out, "float32")
+    assert abs(token_eval_loss(original, trainer.eval_dataset, trainer.data_collator, 6) - merge["adapter_eval_loss"]) > 0.05
 
 
 def test_generate_command_on_the_merged_model(trained, tmp_path, db_url):
@@ -200,6 +230,7 @@ def test_not_an_export_folder(tmp_path, db_url, no_model_load):
     assert "is not a datagen export (no datagen.json)" in result.output
     result = _train(["--data", str(tmp_path / "nowhere/data"), "--out", str(tmp_path / "out"), "--db", db_url])
     assert result.exit_code == 2 and "no such folder" in result.output
+    assert not (tmp_path / "datagen.db").exists()  # the data was checked before the store was opened
 
 
 def test_export_missing_a_column(exports, tmp_path, db_url, no_model_load):
@@ -239,10 +270,50 @@ def test_existing_output_needs_overwrite_or_resume(exports, tmp_path, db_url, no
     result = _train(["--data", str(exports["alpaca"]), "--out", str(out), "--db", db_url])
     assert result.exit_code == 2 and "pass --overwrite to replace it or --resume" in result.output
     result = _train(["--data", str(exports["alpaca"]), "--out", str(out), "--resume", "--db", db_url])
-    assert result.exit_code == 2 and "no checkpoint in" in result.output
+    assert result.exit_code == 2 and "no complete checkpoint in" in result.output
     result = _train(["--data", str(exports["alpaca"]), "--out", str(out), "--resume", "--overwrite"])
     assert result.exit_code == 2 and "pass one of them" in result.output
-    assert (out / "something").exists()
+    result = _train(["--data", str(exports["alpaca"]), "--out", str(out), "--overwrite", "--db", db_url])
+    assert result.exit_code == 2 and "was not written by `datagen train`" in result.output
+    (out / "train_config.yaml").write_text("a: user file of the same name\n")
+    result = _train(["--data", "si-test", "--out", str(out), "--overwrite", "--db", db_url])
+    assert result.exit_code == 2 and "was not written by `datagen train`" in result.output
+    assert (out / "something").read_text() == "x"
+
+
+def test_reused_name_rewrites_its_row_and_records_provenance(exports, tmp_path, store, no_model_load):
+    """A run's row says what that run trained on: nothing stays from an earlier run of the same --name."""
+    import datasets
+    import trl
+
+    from train.config import load_config
+    from train.sft import CONFIG_FILE, SFTRecipe
+
+    out = tmp_path / "out"
+    first = SFTRecipe(load_config(None, dict(data=str(exports["alpaca"]), out=str(out), name="test-reuse")), db_url=store)
+    row_id = first._record_start()
+    out.mkdir()
+    (out / CONFIG_FILE).write_text(first.resolved_config().to_yaml())  # what setup() writes first
+    with Session(open_engine(store)) as session:
+        row = session.get(TrainingRun, row_id)
+        row.status, row.steps, row.eval_loss, row.summary = "completed", 4, 1.5, {"eval_loss": 1.5}
+        session.add(row)
+        session.commit()
+
+    second = SFTRecipe(load_config(None, dict(data=str(exports["messages"]), out=str(out), name="test-reuse", overwrite=True)), db_url=store)
+    assert second._record_start() == row_id
+    with Session(open_engine(store)) as session:
+        row = session.get(TrainingRun, row_id)
+        assert (row.dataset, row.dataset_format, row.status, row.steps, row.eval_loss) == (str(exports["messages"]), "messages", "running", 0, None)
+        assert row.config["data"] == str(exports["messages"]) and row.config["overwrite"] is True
+        saved = datasets.load_from_disk(str(exports["messages"]))
+        assert row.summary["dataset_fingerprint"] == {name: split._fingerprint for name, split in saved.items()}
+        assert row.summary["dataset_fingerprint"] != first.provenance()["dataset_fingerprint"]
+        assert row.summary["export_seed"] == 0 and row.summary["library_versions"]["trl"] == trl.__version__
+        assert len(session.exec(select(TrainingRunSource).where(TrainingRunSource.training_run_id == row_id)).all()) == 1
+
+    result = _train(["--data", str(exports["alpaca"]), "--out", str(tmp_path / "elsewhere"), "--name", "test-reuse", "--db", store])
+    assert result.exit_code == 2 and "a training run of that name wrote" in result.output
 
 
 def test_unknown_run_name(tmp_path, db_url, no_model_load):
@@ -294,6 +365,49 @@ def test_record_builders_reject_bad_rows():
     with pytest.raises(BadInput, match="'text' does not end with 'output'"):
         alpaca_record({"text": "prompt answer", "output": "other"}, "x")
     assert text_record({"text": "2 + 2 = [Calculator(2 + 2) → 4] 4"}, "x") == {"text": "2 + 2 = [Calculator(2 + 2) → 4] 4"}
+
+
+def test_trl_labels_mask_exactly_the_prompt_of_every_format(exports, store, tmp_path, embedded_model_path):
+    """The labels TRL builds (its tokenization, then its collator), per export format: -100 on every prompt token
+    and on padding; the completion's tokens, and the end-of-sequence token after them, are learned. Toolformer
+    texts have no prompt: every token is learned."""
+    from accelerate import PartialState
+
+    from train.config import Precision, load_config
+    from train.data import open_export, training_split
+    from train.sft import build_trainer, load_model, load_tokenizer
+
+    with Session(open_engine(store)) as session:
+        if session.exec(select(Run).where(Run.name == "tf-labels")).first() is None:
+            build_toolformer_run(session, "tf-labels")
+    toolformer = tmp_path / "toolformer"
+    assert runner.invoke(app, ["export", "--run", "tf-labels", "--format", "toolformer", "--out", str(toolformer), "--db", store]).exit_code == 0
+
+    config = load_config(None, dict(data="unused", out=str(tmp_path / "o"), max_length=1024, max_steps=1, gradient_checkpointing=False))
+    model = load_model(str(embedded_model_path), config, Precision.fp32, PartialState())
+    tokenizer = load_tokenizer(str(embedded_model_path))
+    for format, folder in {**exports, "toolformer": toolformer}.items():
+        records = training_split(open_export(folder), "train")
+        trainer = build_trainer(model, tokenizer, records, None, config, Precision.fp32, format, tmp_path / format, resuming=False)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        for i in range(4):
+            ids, labels, real = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i].bool()
+            learned = labels != -100
+            assert (labels[learned] == ids[learned]).all() and not (learned & ~real).any(), format  # padding is never learned
+            if format == "toolformer":
+                assert learned[real].all()
+                assert tokenizer.decode(ids[real]).startswith(records[i]["text"])
+                continue
+            first = int(learned.nonzero()[0])
+            assert learned[first:].tolist() == real[first:].tolist(), format  # one masked prefix, then all learned
+            prompt, completion = tokenizer.decode(ids[:first]), tokenizer.decode(ids[real][first:])
+            if format == "messages":
+                user = records[i]["prompt"][-1]["content"]
+                assert prompt.endswith(f"{user}<|im_end|>\n<|im_start|>assistant\n"), prompt[-200:]  # SmolLM2's chat template
+                assert completion == records[i]["completion"][0]["content"] + "<|im_end|>" + "\n" * completion.endswith("\n")
+            else:
+                assert prompt == records[i]["prompt"] and prompt.endswith("### Response:\n")
+                assert completion == records[i]["completion"] + tokenizer.eos_token
 
 
 def test_packing_resets_positions_and_blocks_attention(exports, tmp_path, db_url, embedded_model_path):
@@ -358,12 +472,29 @@ def test_crashed_run_resumes_from_its_last_checkpoint(tmp_path, store, embedded_
         recipe.train()
     assert (out / "checkpoints" / "checkpoint-2").is_dir() and not (out / "train_summary.json").exists()
     assert json.loads((out / "data" / "datagen.json").read_text())["runs"] == ["si-test"]
-    exported_at = (out / "data" / "datagen.json").stat().st_mtime_ns
     with Session(open_engine(store)) as session:
         assert session.exec(select(TrainingRun).where(TrainingRun.name == "test-resume")).one().status == "failed"
 
+    # A kill -9 during a save: checkpoint-3's weights cut short (its trainer_state.json is whole), checkpoint-5 empty.
+    broken = out / "checkpoints" / "checkpoint-3"
+    shutil.copytree(out / "checkpoints" / "checkpoint-2", broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (out / "checkpoints" / "checkpoint-5").mkdir()
+    # OUT/data without its marker: --resume must refuse, and delete nothing (not OUT, not its checkpoints).
+    marker = out / "data" / "datagen.json"
+    meta = marker.read_bytes()
+    marker.unlink()
+    result = runner.invoke(app, ["train", *args, "--resume"])
+    assert result.exit_code == 2 and "is not a datagen export" in result.output, result.output
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file() and (out / "data" / "dataset_dict.json").is_file()
+    marker.write_bytes(meta)
+    exported_at = marker.stat().st_mtime_ns
+
     result = runner.invoke(app, ["train", *args, "--resume"])
     assert result.exit_code == 0, result.output
+    assert "checkpoint-5 is incomplete" in result.output and "checkpoint-3 is incomplete" in result.output
+    assert not broken.exists() and not (out / "checkpoints" / "checkpoint-5").exists()
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["steps"] == 4 and summary["format"] == "messages"
     assert (out / "data" / "datagen.json").stat().st_mtime_ns == exported_at  # the resumed run reused the export
@@ -388,7 +519,7 @@ def test_two_processes_on_gloo(exports, tmp_path, store):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(port), str(datagen), "train", "--data", str(exports["alpaca"]), "--out", str(out),
-        "--max-steps", "2", "--batch-size", "1", "--grad-accum", "1", "--max-length", "64", "--no-gradient-checkpointing",
+        "--max-steps", "2", "--batch-size", "1", "--grad-accum", "1", "--max-length", "128", "--no-gradient-checkpointing",
         "--set", "max_eval_samples=2", "--set", "eval_at_start=false", "--name", "test-ddp", "--db", store, "--json",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

@@ -43,6 +43,8 @@ class Export:
     runs: list[Any]
     """datagen.json "runs": the names of the generation runs the rows came from."""
     splits: DatasetDict
+    seed: int | None = None
+    """datagen.json "seed": the seed of the export's train/test split."""
 
 
 def open_export(path: Path) -> Export:
@@ -81,7 +83,8 @@ def open_export(path: Path) -> Export:
                 f"(it has {', '.join(split.column_names)}); re-export with `datagen export --format {format}`"
             )
     runs = meta.get("runs") or []
-    return Export(path=path, format=format, runs=list(runs) if isinstance(runs, list) else [runs], splits=splits)
+    seed = meta.get("seed") if isinstance(meta.get("seed"), int) else None
+    return Export(path=path, format=format, runs=list(runs) if isinstance(runs, list) else [runs], splits=splits, seed=seed)
 
 
 # --- One exported row → one training record (pure functions) -----------------------------------------------------------

@@ -33,10 +33,12 @@ import copy
 import gc
 import importlib.util
 import json
+import re
 import resource
 import shutil
 import sys
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,10 +49,12 @@ import logging
 # a kernel from the Hugging Face hub) is missing; training works without it (issue 7), so the warning is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
+import yaml  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from datagen import models
-from datagen.errors import BadInput
+from datagen.errors import BadInput, DatagenError
+from datagen.export import is_export
 from datagen.options import read_config_file
 from train.config import Method, Precision, TrainConfig
 from train.data import Export, has_prompt, open_export, training_split
@@ -69,7 +73,8 @@ RESUME_MUST_MATCH = ("method", "model", "lora_r", "lora_alpha", "lora_target_mod
 class SFTRecipe:
     def __init__(self, config: TrainConfig, db_url: str | None = None, callbacks: Sequence[Any] = ()):
         """Check everything that needs no model, in the order a user would fix it; nothing is loaded or written
-        here except an on-the-fly export of a run into OUT/data."""
+        here except an on-the-fly export of a run into OUT/data. An export folder given as --data is checked
+        before the store is opened, so a data error leaves no database behind."""
         self.config = config
         self.callbacks = list(callbacks)
         require_packages(config.method)
@@ -79,7 +84,7 @@ class SFTRecipe:
         self.state = PartialState()  # under torchrun/accelerate this joins the process group
         self.precision = resolve_precision(config.precision)
         self.out = config.out.expanduser().resolve()
-        self.last_checkpoint = check_output(self.out, config)
+        self.last_checkpoint, self.incomplete_checkpoints = check_output(self.out, config)
         self.name = run_name(self.out, config)
         self.model_path = models.resolve(config.model)
         from train.rope import scaled_config
@@ -87,22 +92,37 @@ class SFTRecipe:
         # the base's config with RoPE scaled for --context-length (None: as it is); read now so a bad option exits 2
         self.model_config = scaled_config(self.model_path, config.context_length, config.rope, config.rope_factor)
 
+        folder = export_folder(config.data)
+        if folder is not None:
+            self._open_data(folder, exported_here=False)
+
         from storage.store import open_engine
 
         self.engine = open_engine(db_url) if self.state.is_main_process else None
-        self.data_path, self.exported_here = locate_data(config, self.out, self.engine, self.state)
-        self.export: Export = open_export(self.data_path)
-        self.train_rows = training_split(self.export, "train", config.max_train_samples)
-        self.eval_rows = training_split(self.export, config.eval_split, config.max_eval_samples)
+        if self.engine is not None:
+            check_name(self.engine, self.name, self.out)
+        if folder is None:
+            self._open_data(export_run(config, self.out, self.engine, self.state), exported_here=True)
+
+    def _open_data(self, path: Path, exported_here: bool) -> None:
+        self.data_path, self.exported_here = path, exported_here
+        self.export: Export = open_export(path)
+        self.train_rows = training_split(self.export, "train", self.config.max_train_samples)
+        self.eval_rows = training_split(self.export, self.config.eval_split, self.config.max_eval_samples)
 
     # --- setup: model → tokenizer → data → trainer ---------------------------------------------------------------------
 
     def setup(self) -> None:
         if self.state.is_main_process and self.last_checkpoint is None:
             if self.config.overwrite and self.out.exists() and not self.exported_here:
-                shutil.rmtree(self.out)
+                shutil.rmtree(self.out)  # check_output made sure it is a datagen training output
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / CONFIG_FILE).write_text(self.resolved_config().to_yaml(), encoding="utf-8")
+        if self.state.is_main_process:
+            for folder in self.incomplete_checkpoints:  # half-written by a killed save; the Trainer would count them
+                print(f"--resume: {folder.name} is incomplete (a save was interrupted); removed it, continuing from "
+                      f"{self.last_checkpoint.name}", file=sys.stderr)  # fmt: skip
+                shutil.rmtree(folder)
         self.state.wait_for_everyone()
         self.model = load_model(self.model_path, self.config, self.precision, self.state, self.model_config)
         self.tokenizer = load_tokenizer(self.model_path)
@@ -110,6 +130,9 @@ class SFTRecipe:
             self.model, self.tokenizer, self.train_rows, self.eval_rows, self.config, self.precision, self.export.format,
             self.out, resuming=self.last_checkpoint is not None, callbacks=self.callbacks,
         )  # fmt: skip
+
+    def quantization(self):
+        return quantization_config(self.config, self.precision)
 
     def resolved_config(self) -> TrainConfig:
         return self.config.model_copy(update={"name": self.name, "data": str(self.data_path), "out": self.out})
@@ -127,17 +150,33 @@ class SFTRecipe:
                 torch.cuda.reset_peak_memory_stats()
             meter = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, ThroughputMeter))
             result = self.trainer.train(resume_from_checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
-            eval_loss = self.trainer.evaluate()["eval_loss"] if self.trainer.eval_dataset is not None else None
+            eval_loss = self._final_eval_loss() if self.trainer.eval_dataset is not None else None
             if self.config.s2_attn:
                 self.trainer.model.set_attn_implementation("sdpa")  # S²-Attn is for training; the saved model attends fully
             self.trainer.save_model(str(self.out))  # adapter or full model, plus the tokenizer; main process only
             summary = self._summary(result, eval_loss, meter)
             log_history = list(self.trainer.state.log_history)
+            measure = self.config.merge and self.state.is_main_process and self.trainer.eval_dataset is not None
+            batch_size = self.config.eval_batch_size or self.config.batch_size
+            if measure:  # the model that was trained and evaluated, on the same metric as the merged model below
+                adapter_loss = token_eval_loss(self.trainer.model, self.trainer.eval_dataset, self.trainer.data_collator, batch_size)
             self._release_training_model()
             self.state.wait_for_everyone()
             if self.state.is_main_process:
                 if self.config.merge:
-                    summary["merged"] = str(merge_adapter(self.model_path, self.out, self.out / MERGED, self.config.merged_dtype, self.model_config))
+                    into = self.config.merge_base if self.config.method is Method.qlora else "original"
+                    dtype = merged_dtype(self.config, self.precision)
+                    merged = merge_adapter(self.model_path, self.out, dtype, self.quantization() if into == "dequantized" else None,
+                                           self.model_config)  # fmt: skip
+                    save_merged(merged, self.out, self.out / MERGED)
+                    summary["merged"] = str(self.out / MERGED)
+                    summary["merge"] = {"into": into, "dtype": dtype}
+                    if measure:
+                        merged_loss = token_eval_loss(merged, self.trainer.eval_dataset, self.trainer.data_collator, batch_size)
+                        summary["merge"] |= {"adapter_eval_loss": adapter_loss, "merged_eval_loss": merged_loss,
+                                             "gap": merged_loss - adapter_loss}  # fmt: skip
+                    del merged
+                    gc.collect()
                 from train.plots import plot_loss_curve
 
                 plot_loss_curve(log_history, self.out / LOSS_CURVE_FILE, f"{self.config.method.value} on {self.data_path.name}")
@@ -153,6 +192,15 @@ class SFTRecipe:
             if row_id is not None:
                 self._record_end(row_id, None, error=f"{type(err).__name__}: {err}")
             raise
+
+    def _final_eval_loss(self) -> float:
+        metrics = self.trainer.evaluate()
+        if "eval_loss" not in metrics:  # no eval row kept a learned token after truncation
+            raise DatagenError(
+                f"no eval loss: every eval row's completion lies beyond --max-length {self.config.max_length} tokens "
+                f"(split '{self.config.eval_split}'); raise --max-length or --set max_eval_samples=N for more rows"
+            )
+        return metrics["eval_loss"]
 
     def _summary(self, result, eval_loss: float | None, meter: ThroughputMeter) -> dict[str, Any]:
         import torch
@@ -191,6 +239,7 @@ class SFTRecipe:
             "final_train_loss": train_losses[-1] if train_losses else None,
             "mean_train_loss": result.training_loss,
             "out": str(self.out),
+            **self.provenance(),
         }
 
     def _release_training_model(self) -> None:
@@ -205,28 +254,41 @@ class SFTRecipe:
 
     # --- the store ----------------------------------------------------------------------------------------------------------
 
+    def provenance(self) -> dict[str, Any]:
+        """What the data and the software were: datasets' fingerprint of each split (from the export's state.json;
+        a re-export with other rows or columns changes it), the export's split seed, and the library versions."""
+        return {
+            "dataset_fingerprint": {name: split._fingerprint for name, split in self.export.splits.items()},
+            "export_seed": self.export.seed,
+            "library_versions": library_versions(self.config.method),
+        }
+
     def _record_start(self) -> int:
-        from sqlmodel import Session, select
+        """The run's row, written afresh: a reused --name (on the same OUT, see check_name) keeps nothing of the
+        earlier run but its id."""
+        from sqlmodel import Session, delete, select
 
         from storage.store import find_run, touch
         from storage.tables import TrainingRun, TrainingRunSource
 
         with Session(self.engine) as session:
             row = session.exec(select(TrainingRun).where(TrainingRun.name == self.name)).first()
+            fields = dict(
+                method=self.config.method.value, model=self.config.model, dataset=str(self.data_path),
+                dataset_format=self.export.format, dataset_runs=self.export.runs, out=str(self.out),
+                config=self.resolved_config().model_dump(mode="json"), status="running", error=None,
+                summary=self.provenance(), steps=0, train_loss=None, eval_loss=None, tokens_per_s=None, peak_memory_bytes=None,
+            )  # fmt: skip
             if row is None:
-                row = TrainingRun(
-                    name=self.name, method=self.config.method.value, model=self.config.model, dataset=str(self.data_path),
-                    dataset_format=self.export.format, dataset_runs=self.export.runs, out=str(self.out),
-                    config=self.resolved_config().model_dump(mode="json"),
-                )  # fmt: skip
-                session.add(row)
-                session.flush()
-                for name in dict.fromkeys(str(r) for r in self.export.runs):
-                    if (run := find_run(session, name)) is not None:
-                        session.add(TrainingRunSource(training_run_id=row.id, run_id=run.id))
+                row = TrainingRun(name=self.name, **fields)
             else:
-                touch(row, status="running", error=None)
-                session.add(row)
+                touch(row, **fields)
+                session.exec(delete(TrainingRunSource).where(TrainingRunSource.training_run_id == row.id))
+            session.add(row)
+            session.flush()
+            for name in dict.fromkeys(str(r) for r in self.export.runs):
+                if (run := find_run(session, name)) is not None:
+                    session.add(TrainingRunSource(training_run_id=row.id, run_id=run.id))
             session.commit()
             return row.id
 
@@ -272,29 +334,113 @@ def resolve_precision(precision: Precision) -> Precision:
     return precision
 
 
-def check_output(out: Path, config: TrainConfig) -> Path | None:
-    """The last checkpoint to resume from (with --resume), else None. An existing, non-empty OUT needs
-    --overwrite (delete it) or --resume (continue it)."""
+def is_training_output(out: Path) -> bool:
+    """Whether datagen wrote `out`: its train_config.yaml (written before training starts) is a datagen training
+    config, or it holds nothing but the export of a run made on the fly (a run stopped before training began)."""
+    try:
+        saved = yaml.safe_load((out / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if isinstance(saved, dict) and {"data", "out", "method"} <= set(saved):
+        return True
+    return [p.name for p in out.iterdir()] == ["data"] and is_export(out / "data")
+
+
+def check_output(out: Path, config: TrainConfig) -> tuple[Path | None, list[Path]]:
+    """The last complete checkpoint to resume from (with --resume, else None) and the incomplete ones after it.
+    An existing, non-empty OUT needs --resume (continue it) or --overwrite (delete it: only a folder datagen
+    wrote)."""
     if out.exists() and not out.is_dir():
         raise BadInput(f"{out} exists and is not a folder")
     exists = out.is_dir() and any(out.iterdir())
     if config.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
         checkpoints = out / CHECKPOINTS
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        last, incomplete = last_complete_checkpoint(checkpoints)
         if last is None:
-            raise BadInput(f"--resume: no checkpoint in {checkpoints} to continue from; drop --resume to start afresh")
+            found = f" ({', '.join(p.name for p in incomplete)} incomplete)" if incomplete else ""
+            raise BadInput(f"--resume: no complete checkpoint in {checkpoints}{found} to continue from; drop --resume to start afresh")
         saved = read_config_file(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else {}
         current = config.model_dump(mode="json")
         changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != current[k]]
         if changed:
             pairs = ", ".join(f"{k}: {saved[k]!r} then, {current[k]!r} now" for k in changed)
             raise BadInput(f"--resume with different options than the checkpoint's run ({pairs}): pass the same ones")
-        return Path(last)
+        return last, incomplete
     if exists and not config.overwrite:
         raise BadInput(f"{out} exists and is not empty: pass --overwrite to replace it or --resume to continue its last checkpoint")
-    return None
+    if exists and not is_training_output(out):
+        raise BadInput(f"--out {out} was not written by `datagen train` (no {CONFIG_FILE}): --overwrite replaces only those")
+    return None, []
+
+
+def last_complete_checkpoint(checkpoints: Path) -> tuple[Path | None, list[Path]]:
+    """The newest checkpoint-N that a resume can load, and the newer ones it cannot (a kill -9 during a save)."""
+    found = sorted(
+        (p for p in checkpoints.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
+        key=lambda p: int(p.name.split("-")[1]),
+        reverse=True,
+    ) if checkpoints.is_dir() else []  # fmt: skip
+    incomplete = []
+    for folder in found:
+        if checkpoint_complete(folder):
+            return folder, incomplete
+        incomplete.append(folder)
+    return None, incomplete
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """transformers' Trainer saves the weights, then optimizer.pt and scheduler.pt, then trainer_state.json
+    (trainer.py: _save_checkpoint). Complete: trainer_state.json parses, every weights file (adapter or model,
+    sharded or not) loads, and the optimizer and scheduler files are whole zip archives (torch.save's format;
+    a truncated one has no central directory). The Trainer itself would start a fresh optimizer silently when
+    optimizer.pt is missing."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return False
+        weights = [folder / n for n in ("adapter_model.safetensors", "model.safetensors") if (folder / n).is_file()]
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weights += [folder / shard for shard in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        if not weights:
+            return False
+        for path in weights:
+            with safe_open(str(path), framework="pt") as tensors:
+                for key in tensors.keys():
+                    tensors.get_tensor(key)
+        return all(zipfile.is_zipfile(folder / name) for name in ("optimizer.pt", "scheduler.pt"))
+    except Exception:  # any unreadable piece (truncated JSON or safetensors, a missing file) means incomplete
+        return False
+
+
+def check_name(engine, name: str, out: Path) -> None:
+    """A training run's name belongs to one OUT: reusing it there (--resume, --overwrite) rewrites its row; reusing it
+    for another OUT would silently replace the record of a model that still exists."""
+    from sqlmodel import Session, select
+
+    from storage.tables import TrainingRun
+
+    with Session(engine) as session:
+        row = session.exec(select(TrainingRun).where(TrainingRun.name == name)).first()
+    if row is not None and Path(row.out) != out:
+        raise BadInput(f"--name {name}: a training run of that name wrote {row.out}; pick another --name")
+
+
+def library_versions(method: Method) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from datagen import __version__
+
+    names = ["torch", "transformers", "trl", "peft", "accelerate", "datasets"] + (["bitsandbytes"] if method is Method.qlora else [])
+    versions = {"datagen": __version__}
+    for name in names:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 def run_name(out: Path, config: TrainConfig) -> str:
@@ -307,37 +453,38 @@ def run_name(out: Path, config: TrainConfig) -> str:
     return f"train-{config.method.value}-{utcnow():%Y%m%d-%H%M%S}"
 
 
-def locate_data(config: TrainConfig, out: Path, engine, state) -> tuple[Path, bool]:
-    """The export folder, and whether it was exported here. A folder is used as it is; anything else is a run name
-    or id, exported into OUT/data as messages (a resumed run reuses its export). check_output has run, so OUT is
-    new, empty, or --overwrite: the old OUT is deleted before the export, on the main process."""
-    data = config.data
+def export_folder(data: str) -> Path | None:
+    """--data as an export folder, or None when it names a run. A path that does not exist is an error."""
     path = Path(data).expanduser()
     if path.exists():
-        return path.resolve(), False
+        return path.resolve()
     if "/" in data or data.startswith("."):
         raise BadInput(f"--data {data}: no such folder (make one with `datagen export --run RUN --out {data}`)")
+    return None
+
+
+def export_run(config: TrainConfig, out: Path, engine, state) -> Path:
+    """Export the run --data names into OUT/data as messages, on the main process. A resumed run reuses its export
+    and never deletes OUT (it holds the checkpoints); with --overwrite the old OUT (a datagen training output,
+    check_output made sure) goes first."""
     target = out / "data"
     if state.is_main_process:
-        if config.overwrite or not (target / "datagen.json").is_file():
+        if config.resume and target.exists() and not is_export(target):
+            raise BadInput(f"--resume: {target} is not a datagen export (no datagen.json); restore it, or delete the folder "
+                           "to export the run again")  # fmt: skip
+        if config.overwrite or not target.exists():
             from sqlmodel import Session
 
+            from datagen.export import ExportConfig, Format, export
             from storage.store import get_run
 
             with Session(engine) as session:
-                run = get_run(session, data)  # BadInput when there is no such run
-                try:
-                    from datagen.export import ExportConfig, Format, export
-                except ImportError:
-                    raise BadInput(
-                        f"--data {data}: this datagen cannot export runs yet; export it first "
-                        f"(`datagen export --run {data} --out DIR`) and pass --data DIR"
-                    ) from None
-                if out.exists():
-                    shutil.rmtree(out)  # only reached with --overwrite or an empty folder (check_output)
+                run = get_run(session, config.data)  # BadInput when there is no such run
+                if config.overwrite and out.exists():
+                    shutil.rmtree(out)
                 export(session, ExportConfig(runs=(run.name,), format=Format.messages, out=target))
     state.wait_for_everyone()
-    return target, True
+    return target
 
 
 # --- Building the pieces ------------------------------------------------------------------------------------------------
@@ -348,7 +495,7 @@ def load_model(path: str, config: TrainConfig, precision: Precision, state, mode
     adapters under bf16; a 4-bit NF4 base for QLoRA (QLoRA, section 3). model_config: the base's config with
     scaled RoPE (train/rope.py), or None; with --s2-attn the model trains with S²-Attn (train/s2_attn.py)."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     models.configure_offline()
     on_gpu = torch.cuda.is_available()
@@ -360,14 +507,7 @@ def load_model(path: str, config: TrainConfig, precision: Precision, state, mode
     if config.method is not Method.full and precision is Precision.bf16:
         options["dtype"] = torch.bfloat16
     if config.method is Method.qlora:
-        options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=config.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
-            # QLoRA computes in bf16; the compute dtype follows --precision, so CPUs (fp32 by default) run fp32
-            # matmuls on the dequantized weights: 2x faster than bf16 on the test CPU, same 4-bit storage.
-            bnb_4bit_compute_dtype={Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}.get(precision, torch.float32),
-        )
+        options["quantization_config"] = quantization_config(config, precision)
         # each process holds its own copy of the quantized base on its own device
         options["device_map"] = {"": state.local_process_index} if on_gpu else "cpu"
     model = AutoModelForCausalLM.from_pretrained(path, **options)
@@ -380,6 +520,25 @@ def load_model(path: str, config: TrainConfig, precision: Precision, state, mode
         # freezes the base, keeps norms and embeddings in fp32, and enables input gradients for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     return model
+
+
+def compute_dtype(precision: Precision) -> str:
+    """The dtype of the frozen base's matmuls: an adapter learns against it (bf16 or fp16 mixed precision, else fp32)."""
+    return {Precision.bf16: "bfloat16", Precision.fp16: "float16"}.get(precision, "float32")
+
+
+def quantization_config(config: TrainConfig, precision: Precision):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+        # QLoRA computes in bf16; the compute dtype follows --precision, so CPUs (fp32 by default) run fp32
+        # matmuls on the dequantized weights: 2x faster than bf16 on the test CPU, same 4-bit storage.
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype(precision)),
+    )
 
 
 def keep_4bit_weights_trainable_on_cpu(model) -> None:
@@ -482,25 +641,66 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, config: TrainConfig, 
     return trainer
 
 
-def merge_adapter(base_path: str, adapter_dir: Path, merged_dir: Path, dtype: str, model_config=None) -> Path:
-    """Merge the adapter into a fresh load of the base in `dtype` (never into 4-bit weights: a QLoRA adapter
-    merges into the bf16/fp32 base) and save a plain model folder with the tokenizer. model_config: the base's
-    config with scaled RoPE, so merged/config.json carries the scaling."""
+def merged_dtype(config: TrainConfig, precision: Precision) -> str:
+    """--merged-dtype, with auto resolved to the dtype the adapter was trained against (compute_dtype): the base's
+    dtype under lora/dora, the 4-bit layers' compute dtype under qlora."""
+    if config.merged_dtype != "auto":
+        return config.merged_dtype
+    if config.method is Method.qlora:
+        return compute_dtype(precision)
+    return "bfloat16" if precision is Precision.bf16 else "float32"
+
+
+def merge_adapter(base_path: str, adapter_dir: Path, dtype: str, quantization=None, model_config=None):
+    """The adapter merged into the base in `dtype`: a fresh load of the original checkpoint, or, given the QLoRA
+    quantization config, the same 4-bit NF4 base the adapter was trained on, dequantized (peft issues #2105 and
+    #1080: an adapter trained on NF4 weights partly corrects their quantization error, so merging it into the
+    original weights gives a model that differs from the one trained and evaluated). Never merged into 4-bit
+    weights: rounding the merged weights back to NF4 would lose most of the update. model_config: the base's config
+    with scaled RoPE (train/rope.py), so merged/config.json carries the scaling."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(
-        base_path, dtype="auto" if dtype == "auto" else getattr(torch, dtype), config=copy.deepcopy(model_config)
-    )
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    if quantization is None:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype), config=copy.deepcopy(model_config))
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization, dtype=getattr(torch, dtype),
+                                                    config=copy.deepcopy(model_config),
+                                                    device_map="cuda:0" if torch.cuda.is_available() else "cpu")  # fmt: skip
+        base = base.dequantize(dtype=getattr(torch, dtype))
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+def save_merged(merged, adapter_dir: Path, merged_dir: Path) -> None:
+    """A plain model folder with the tokenizer, for `datagen generate --model OUT/merged` and vLLM."""
+    from transformers import AutoTokenizer
+
     if merged_dir.exists():
         shutil.rmtree(merged_dir)
     merged.save_pretrained(str(merged_dir))
     AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(merged_dir))
-    del base, merged
-    gc.collect()
-    return merged_dir
+
+
+def token_eval_loss(model, dataset, collator, batch_size: int) -> float:
+    """Mean cross-entropy per learned token (labels != -100) of TRL's tokenized eval split, in order: one metric for
+    the trained model and its merge, independent of how the batches fall."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            logits = model(**inputs).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(logits.device)
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum").item()
+            tokens += int((labels != -100).sum())
+    model.train(was_training)
+    return total / tokens
 
 
 def peak_memory_bytes() -> int:

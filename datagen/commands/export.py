@@ -19,7 +19,7 @@ def export_command(
     format: Annotated[Format, typer.Option("--format", "-f", help="Columns trainers read (see the dataset card).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (save_to_disk + data/*.parquet, *.jsonl + README.md).")],
     test_size: Annotated[float, typer.Option(help="Share of instructions held out as the test split; 0: train only.")] = 0.05,
-    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split (0 or more).")] = 0,
     with_provenance: Annotated[bool, typer.Option(help="Add run, model, generation_id and similarity columns.")] = False,
     decontaminate: Annotated[
         Optional[Path], typer.Option(help="JSONL evaluation set (instruction, question or text field): drop overlapping rows.")
@@ -28,8 +28,9 @@ def export_command(
     ngram: Annotated[int, typer.Option(help="Shared word n-gram length that marks contamination.")] = CONTAMINATION_NGRAM,
     system: Annotated[Optional[str], typer.Option(help="System turn for --format messages.")] = None,
     license: Annotated[str, typer.Option(help="License id for the card, e.g. apache-2.0 (check the seeds' and the model's terms).")] = "other",
+    license_name: Annotated[Optional[str], typer.Option(help="With --license other: the card's license_name id.")] = None,
     language: Annotated[str, typer.Option(help="Language code for the card.")] = "en",
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out (only a folder datagen exported).")] = False,
     push_to_hub_repo: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also upload to the Hub as OWNER/NAME.")] = None,
     private: Annotated[bool, typer.Option(help="Make the Hub repository private.")] = False,
     db: DbOption = None,
@@ -39,7 +40,7 @@ def export_command(
     config = ExportConfig(
         runs=tuple(runs), format=format, out=out, test_size=test_size, seed=seed, with_provenance=with_provenance,
         decontaminate=decontaminate, decontamination_threshold=decontamination_threshold, ngram=ngram, system=system,
-        license=license, language=language, overwrite=overwrite,
+        license=license, license_name=license_name, language=language, overwrite=overwrite,
     )  # fmt: skip
     if push_to_hub_repo:
         check_repo_id(push_to_hub_repo)

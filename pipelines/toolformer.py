@@ -58,7 +58,7 @@ from sqlmodel import Session, select
 from datagen.backends import PROBE_TOP_K, Backend, Completion, Request, SamplingParams
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records, require_str
-from pipelines.tools import TOOL_NAMES, CallContext, Tool, ToolError, execute
+from pipelines.tools import TOOL_NAMES, CallContext, Executed, Tool, ToolError, execute
 from storage.store import add_generations, touch
 from storage.tables import ApiCall, Generation, Run, ToolformerText
 
@@ -604,18 +604,13 @@ def sample_calls(
     return candidates
 
 
-def execute_calls(
-    session: Session, run: Run, backend: Backend, tool_name: str, tool: Tool, batch: Batch, candidates: Sequence[Candidate],
-    batch_number: int, config: ToolformerConfig,
-) -> None:  # fmt: skip
-    """Step 3: run every parsed call of one tool once (equal calls on equal dates share the run), store the tool's
-    own generations (QA's), and clean each result for insertion (`clean_result`)."""
+def execute_calls(tool_name: str, tool: Tool, batch: Batch, candidates: Sequence[Candidate], config: ToolformerConfig) -> Executed:
+    """Step 3: run every parsed call of one tool once (equal calls on equal dates share the run) and clean each
+    result for insertion (`clean_result`). Returns what the tool did, with its own model calls (QA's) to store."""
     todo = [c for c in candidates if c.tool == tool_name and c.status == "parsed"]
     contexts = {c.text: CallContext(date=document_date(batch.texts[c.text], config)) for c in todo}
     unique = list(dict.fromkeys((c.argument, contexts[c.text]) for c in todo))
     executed = execute(tool, unique)
-    if executed.requests:
-        add_generations(session, run, backend, f"tool:{tool_name}", batch_number, executed.requests, executed.results)
     outcomes = dict(zip(unique, executed.outcomes))
     for candidate in todo:
         outcome = outcomes[(candidate.argument, contexts[candidate.text])]
@@ -625,6 +620,7 @@ def execute_calls(
             candidate.status, candidate.result = "executed", clean_result(outcome, config)
         except ToolError as err:
             candidate.status, candidate.reason = "failed", str(err)
+    return executed
 
 
 def filter_calls(backend: Backend, batch: Batch, config: ToolformerConfig) -> int:
@@ -773,7 +769,9 @@ def run(
                 continue
             positions = sample_positions(backend, name, [batch.texts[j] for j in indices], api_token, config)  # 1
             candidates = sample_calls(session, run, backend, name, tool, batch, indices, positions, batch_number, config)  # 2
-            execute_calls(session, run, backend, name, tool, batch, candidates, batch_number, config)  # 3
+            executed = execute_calls(name, tool, batch, candidates, config)  # 3
+            if executed.requests:
+                add_generations(session, run, backend, f"tool:{name}", batch_number, executed.requests, executed.results)
             batch.candidates += candidates
         filter_calls(backend, batch, config)  # 4
         store_batch(session, run, batch, annotated_texts(batch, config), config)  # 5

@@ -70,6 +70,32 @@ def test_next_token_logprobs_on_openai_agrees_with_transformers(vllm_server, hf_
     _agree_where_seen(exact, top_k)
 
 
+def _positions_agree(backend, hf_backend):
+    """The calculator's paper settings (tau_s 0, k 20): every word of TEXT but the first, with the same p_i."""
+    api = tf.api_token_id(hf_backend.tokenize, CONFIG)
+    (exact,) = tf.sample_positions(hf_backend, "calculator", [tf.CorpusText(1, TEXT)], api, CONFIG)
+    (seen,) = tf.sample_positions(backend, "calculator", [tf.CorpusText(1, TEXT)], api, CONFIG)
+    assert [w for w, _ in seen] == [w for w, _ in exact] == list(range(1, 10))
+    assert [p for _, p in seen] == pytest.approx([p for _, p in exact], rel=1e-2)
+    assert min(p for _, p in exact) < 1 / 20  # some of them the top-20 pass alone did not see
+
+
+@pytest.mark.vllm
+def test_positions_on_vllm_are_those_of_transformers(vllm_llm, hf_backend):
+    _positions_agree(vllm_llm, hf_backend)
+
+
+@pytest.mark.vllm
+def test_positions_on_openai_are_those_of_transformers(vllm_server, hf_backend):
+    from datagen.backends.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend("smollm2-135m", base_urls=[vllm_server])
+    try:
+        _positions_agree(backend, hf_backend)
+    finally:
+        backend.close()
+
+
 # --- Pure functions ------------------------------------------------------------------------------------------
 
 def test_paper_defaults():
@@ -676,3 +702,80 @@ def test_pipeline_runs_on_openai(vllm_server, tmp_path):
         _run_one_text(backend, tmp_path)
     finally:
         backend.close()
+
+
+# --- Bad input and kill -9, through the CLI in a subprocess -------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "datagen.cli", "toolformer", *args]
+
+
+def test_a_missing_search_corpus_exits_2_with_one_line_and_stores_nothing(tmp_path):
+    import subprocess
+
+    db = tmp_path / "store.db"
+    done = subprocess.run(_cli("--corpus", str(CORPUS), "--tools", "calculator,wikisearch", "--search-corpus",
+                               str(tmp_path / "MISSING"), "--run", "x", "--db", f"sqlite:///{db}"),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "MISSING" in line and "folder" in line
+    assert not db.exists()  # no run row, no store
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(tmp_path):
+    """kill -9 once a first batch is stored and the next is under way, rerun: the rows from before are kept
+    unchanged, every text is stored once, and every generation belongs to a stored call (no half batch)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from sqlmodel import Session, select
+
+    from storage.store import get_run, open_engine
+    from storage.tables import ApiCall, Generation, ToolformerText
+
+    config = tmp_path / "small.yaml"
+    config.write_text("settings:\n  calculator: {k: 1, m: 2}\n  calendar: {tau_s: 0.0, k: 1, m: 2}\nmax_call_tokens: 12\n")
+    db_url = f"sqlite:///{tmp_path / 'kill.db'}"
+    command = _cli("--corpus", str(CORPUS), "--limit", "4", "--batch-size", "1", "--config", str(config), "--run", "k",
+                   "--backend", "transformers", "--db", db_url)  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    engine = open_engine(db_url)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            with Session(engine) as session:
+                if session.exec(select(ToolformerText)).first():
+                    break
+        time.sleep(1)  # into the next batch
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    def snapshot(session):
+        texts = session.exec(select(ToolformerText.id, ToolformerText.line, ToolformerText.annotated)).all()
+        calls = session.exec(select(ApiCall.id, ApiCall.text_id, ApiCall.generation_id, ApiCall.status, ApiCall.result)).all()
+        return set(texts), set(calls)
+
+    with Session(engine) as session:
+        texts_before, calls_before = snapshot(session)
+        assert 1 <= len(texts_before) < 4 and get_run(session, "k").status == "running"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Session(engine) as session:
+        texts_after, calls_after = snapshot(session)
+        assert texts_before <= texts_after and calls_before <= calls_after
+        assert sorted(line for _, line, _ in texts_after) == [1, 2, 3, 4]
+        sampled = session.exec(select(Generation.id).where(Generation.purpose.startswith("api_calls:"))).all()
+        assert sorted(sampled) == sorted(g for _, _, g, _, _ in calls_after)  # one stored call per sampled completion
+        run = get_run(session, "k")
+        assert run.status == "completed" and run.generated == len(sampled)
+        assert run.accepted + run.rejected == len(calls_after)

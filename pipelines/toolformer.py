@@ -705,7 +705,7 @@ def store_batch(session: Session, run: Run, batch: Batch, annotated: Sequence[st
         rows.append(
             ToolformerText(
                 run_id=run.id, line=text.line, source_id=text.source_id, text=text.text,
-                date=day.isoformat() if day else None, tools=[n for n in config.tools if any(n in batch.tools[k] for k in mine)],
+                date=day.isoformat() if day else None, tools=list(dict.fromkeys(n for k in mine for n in batch.tools[k])),
                 annotated=annotated[j], calls_inserted=sum(1 for c in batch.candidates if c.inserted and c.text in mine),
             )
         )  # fmt: skip

@@ -673,6 +673,25 @@ def test_cli_end_to_end_on_the_embedded_model_and_resume(tmp_path, db_url, embed
         assert result.exit_code == 2, result.output
 
 
+def test_a_long_text_in_chunks_on_the_embedded_model(hf_backend, tmp_path):
+    from sqlmodel import select
+
+    from storage.tables import ApiCall, ToolformerText
+
+    assert hf_backend.max_model_len == 8192  # SmolLM2's max_position_embeddings: chunking's default context
+    text = " ".join([t.text for t in tf.read_corpus(CORPUS) if tf.passes_prefilter("calculator", t, CONFIG)][:6])
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"k": 1, "m": 1}}, max_call_tokens=8,
+                                 max_context_tokens=440)  # fmt: skip
+    session, run = _store(tmp_path)
+    tf.run(session, run, hf_backend, [tf.CorpusText(1, text)], build_tools(["calculator"]), config)
+    budget = run.config["chunk_tokens"]
+    assert len(tf.split_chunks(tf.tokenize_words(hf_backend.tokenize, text), budget)) >= 3
+    (row,) = session.exec(select(ToolformerText)).all()
+    calls = session.exec(select(ApiCall)).all()
+    assert row.text == text and len({c.generation_id for c in calls}) >= 3  # one position a chunk
+    assert tf.parse_annotated(row.annotated, config) == (text, sorted((c.position, c.call, c.result) for c in calls if c.inserted))
+
+
 def _run_one_text(backend, tmp_path):
     from sqlmodel import select
 

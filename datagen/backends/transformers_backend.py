@@ -34,6 +34,8 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.hf_model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
         self.hf_model.eval()
+        self.max_model_len = self.hf_model.config.max_position_embeddings
+        """The context length, as vLLM's backend names it (Toolformer chunks texts to fit it)."""
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

@@ -29,7 +29,7 @@ Choices the paper leaves open, made here:
     the model ended with its end-of-sequence token, or max_call_tokens cut, is "unclosed" (footnote 2).
   - p_i of every word, on every backend: vllm and openai read the top PROBE_TOP_K log-probabilities of each
     position in that pass; where <API> is not among them and a tool's tau_s < 1/PROBE_TOP_K (the calculator's
-    0) could still let that position through, its p_i is scored exactly (one short sequence x_1..x_{i-1} <API>
+    0) could still let that position through, its p_i is scored exactly (one sequence P(x) x_1..x_{i-1} <API>
     each), so the positions are those of the transformers backend, which is exact everywhere.
   - Tool results are cleaned before they are inserted: whitespace (newlines) becomes one space, the three
     markers are removed, and the result is cut at a word to max_result_chars; calls containing a marker are
@@ -537,7 +537,7 @@ def sample_positions(backend: Backend, tool: str, texts: Sequence[CorpusText], a
     A top-K backend (vllm, openai) gives None where <API> is not among a position's PROBE_TOP_K most likely
     tokens, so p_i < 1/K there. That decides "p_i > tau_s" when tau_s >= 1/K, and the top k when k positions are
     seen with p_i > 1/K; otherwise each unseen word's p_i is scored exactly, as the log-probability of <API>
-    at the end of the sequence x_1..x_{i-1} <API>, all in one `score` call."""
+    at the end of the sequence P(x) x_1..x_{i-1} <API>, all in one `score` call."""
     settings = config.settings[tool]
     sequences, starts = [], []
     for text in texts:

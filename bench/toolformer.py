@@ -20,6 +20,7 @@ Target: the filter at >= 50% of raw tokens/s.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import platform
@@ -39,7 +40,7 @@ CORPUS = Path(__file__).resolve().parents[1] / "examples" / "toolformer_corpus.j
 
 def candidates_for(backend, texts, config) -> tf.Batch:
     """Step 1 for real, fixed calls at the chosen positions, step 3 with the real tools."""
-    batch = tf.Batch(texts, [tf.tokenize_words(backend.tokenize, t.text) for t in texts], [["calculator", "calendar"]] * len(texts))
+    batch = tf.make_batch(backend.tokenize, texts, ["calculator", "calendar"], None, config)
     positions = tf.sample_positions(backend, "calculator", texts, tf.api_token_id(backend.tokenize, config), config)
     for j, (text, selected) in enumerate(zip(texts, positions)):
         numbers = re.findall(r"\d+(?:\.\d+)?", text.text)[:3]
@@ -58,7 +59,7 @@ def fresh(batch: tf.Batch) -> tf.Batch:
     """The same candidates before filtering, so every timed run does the same work."""
     copies = [tf.Candidate(c.text, c.tool, c.word, c.p_api, c.completion, status=c.status, call=c.call,
                            argument=c.argument, result=c.result) for c in batch.candidates]  # fmt: skip
-    return tf.Batch(batch.texts, batch.tokens, batch.tools, copies)
+    return dataclasses.replace(batch, candidates=copies)
 
 
 def time_filter(backend, batch, config) -> tuple[int, float]:

@@ -8,7 +8,7 @@ For each tool and each text x = x_1..x_n (section 2):
   1. Positions: p_i = p_M(<API> | P(x), x_1..x_{i-1}) for every i, in one forward pass per text; keep the
      top k positions with p_i > tau_s.
   2. Calls: at each position, sample up to m calls from [P(x), x_1..x_{i-1}, <API>] ending at </API>;
-     calls that never close or do not parse are stored with the reason and go no further.
+     calls that do not end at </API> (footnote 2) or do not parse are stored with the reason and go no further.
   3. Executing: run each call, giving its result r_i.
   4. Filtering: L_i(z) = sum_{j >= i} w_{j-i} * -log p_M(x_j | z, x_1..x_{j-1}) with z given as a prefix;
      L+ = L_i(e(c, r)), L- = min(L_i(empty), L_i(e(c, empty))); keep the call if L- - L+ >= tau_f.
@@ -25,8 +25,20 @@ Choices the paper leaves open, made here:
   - w_t = 0 from t = 5 on, so a scored sequence ends at x_{i+4}; calls of a batch of texts that share a
     prefix z share one sequence, and all sequences of a batch go to the backend in one `score` call.
   - Two kept calls at one position (two tools, or two calls of one tool): the larger L- - L+ is inserted.
-  - A completion the backend ended at its end-of-sequence token, not at </API>, cannot be told apart through
-    the Backend interface; it is kept only if it still parses as a whole call.
+  - A call ends at </API> only if the backend says that stop string ended it (`Completion.stop_reason`); one
+    the model ended with its end-of-sequence token, or max_call_tokens cut, is "unclosed" (footnote 2).
+  - p_i of every word, on every backend: vllm and openai read the top PROBE_TOP_K log-probabilities of each
+    position in that pass; where <API> is not among them and a tool's tau_s < 1/PROBE_TOP_K (the calculator's
+    0) could still let that position through, its p_i is scored exactly (one sequence P(x) x_1..x_{i-1} <API>
+    each), so the positions are those of the transformers backend, which is exact everywhere.
+  - Tool results are cleaned before they are inserted: whitespace (newlines) becomes one space, the three
+    markers are removed, and the result is cut at a word to max_result_chars; calls containing a marker are
+    unparsed. So the annotation is unambiguous: the exported text parses back into the same calls
+    (`parse_annotated`).
+  - A text whose prompts would not fit the model's context is split at words into chunks that do (the paper
+    annotates CCNet documents, section 4.1, with a model of 2048 tokens and does not say how it cuts them);
+    each chunk is annotated on its own (its first word is not a position) and the text is stored whole, with
+    its calls at their offsets in the whole text. The run's config records the chunk size (`chunk_tokens`).
 """
 
 from __future__ import annotations
@@ -43,10 +55,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from datagen.backends import Backend, Request, SamplingParams
+from datagen.backends import PROBE_TOP_K, Backend, Completion, Request, SamplingParams
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records, require_str
-from pipelines.tools import TOOL_NAMES, CallContext, Tool, ToolError, execute
+from pipelines.tools import TOOL_NAMES, CallContext, Executed, Tool, ToolError, execute
 from storage.store import add_generations, touch
 from storage.tables import ApiCall, Generation, Run, ToolformerText
 
@@ -101,6 +113,12 @@ class ToolformerConfig(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_call_tokens: int = Field(32, ge=1)
     """A call not closed within this many tokens is dropped as unclosed (footnote 2)."""
+    max_result_chars: int = Field(400, ge=1)
+    """Longest result inserted, cut at a word (our choice: the paper shows short results and names no limit;
+    a whole passage would make every scored sequence long). The example corpus's passages fit."""
+    max_context_tokens: int | None = Field(None, ge=64)
+    """The model's context; None: the backend's (`max_model_len`: the transformers model's
+    max_position_embeddings, vLLM's max_model_len). Texts are chunked to fit it; give it for the openai backend."""
     min_numbers: int = Field(3, ge=0)
     """Calculator pre-filter: only texts with at least this many numbers (section 4.1, appendix A.1)."""
     date: dt.date | None = None
@@ -312,21 +330,45 @@ class Unusable(Exception):
 _CALL = re.compile(r"\s*(\w+)\((.*)\)\s*")
 
 
-def parse_call(completion: str, finish_reason: str, tool: Tool) -> tuple[str, str]:
-    """The sampled text after <API> -> (call as written, parsed argument); raises Unusable."""
-    if finish_reason == "length":
+def parse_call(completion: Completion, tool: Tool, config: ToolformerConfig) -> tuple[str, str]:
+    """The sampled text after <API> -> (call as written, parsed argument); raises Unusable. Only a completion
+    that </API> ended counts: "we discard all examples where M does not generate the </API> token" (footnote 2)."""
+    if completion.finish_reason == "length":
         raise Unusable("unclosed", "no </API> before max_call_tokens (the paper discards these, footnote 2)")
-    match = _CALL.fullmatch(completion)
+    if completion.stop_reason != config.api_end:
+        raise Unusable("unclosed", "the model ended the text without </API> (the paper discards these, footnote 2)")
+    match = _CALL.fullmatch(completion.text)
     if match is None:
         raise Unusable("unparsed", "not of the form Name(argument) on one line")
     name, inner = match.groups()
     if name != tool.name:
         raise Unusable("unparsed", f"calls {name}, not {tool.name}")
+    marker = next((m for m in markers(config) if m in inner), None)
+    if marker is not None:
+        raise Unusable("unparsed", f"the argument contains {marker!r}, a marker of the annotation format")
     try:
         argument = tool.parse(inner)
     except ToolError as err:
         raise Unusable("unparsed", str(err)) from None
     return f"{name}({inner.strip()})", argument
+
+
+def markers(config: ToolformerConfig) -> tuple[str, str, str]:
+    return config.api_start, config.api_end, config.result_arrow
+
+
+def clean_result(result: str, config: ToolformerConfig) -> str:
+    """A tool's result as it goes into e(c, r): markers removed, whitespace runs (newlines too) one space, at most
+    max_result_chars, cut at a word. Raises ToolError if nothing is left."""
+    for marker in markers(config):
+        result = result.replace(marker, " ")
+    result = " ".join(result.split())
+    if len(result) > config.max_result_chars:
+        cut = result[: config.max_result_chars + 1]
+        result = cut[: cut.rindex(" ")] if " " in cut else cut[: config.max_result_chars]
+    if not result:
+        raise ToolError("the result is empty once cleaned")
+    return result
 
 
 def linearize(call: str, result: str | None, config: ToolformerConfig) -> str:
@@ -375,6 +417,51 @@ def annotate(text: str, insertions: Sequence[tuple[int, str]]) -> str:
     return text
 
 
+def parse_annotated(annotated: str, config: ToolformerConfig) -> tuple[str, list[tuple[int, str, str]]]:
+    """The inverse of `annotate` with e(c, r) of the known tools: (text, [(offset, call, result)]). Unambiguous
+    because neither arguments nor results contain a marker: a call runs to the first " -> " after it, its result
+    to the first </API>."""
+    start, end, arrow = (re.escape(m) for m in markers(config))
+    pattern = re.compile(rf" {start}(\w+\((?:(?!{arrow}).)*?\)) {arrow} ((?:(?!{end}).)+?){end}")
+    pieces, calls, position = [], [], 0
+    for match in pattern.finditer(annotated):
+        pieces.append(annotated[position : match.start()])
+        calls.append((sum(len(p) for p in pieces), match.group(1), match.group(2)))
+        position = match.end()
+    pieces.append(annotated[position:])
+    return "".join(pieces), calls
+
+
+# --- Chunks: texts longer than the model's context --------------------------------------------------------------
+
+
+def chunk_budget(tokenize: Callable[[str], list[int]], tools: Sequence[str], context: int | None, config: ToolformerConfig) -> int | None:
+    """Most tokens of text per chunk, or None (no limit known): step 1 reads P(x) + x, which holds x twice, and
+    step 2 adds up to max_call_tokens to P(x) + x_1..x_{i-1} + <API>; 16 tokens of slack for tokenizer joins."""
+    if context is None:
+        return None
+    overhead = max(len(tokenize(build_prompt(tool, "", config))) for tool in tools)
+    budget = (context - overhead - config.max_call_tokens - 16) // 2
+    if budget < 8:  # a word before the call and the 5 tokens the loss reads after it, at least
+        raise BadInput(f"a context of {context} tokens leaves no room for text after the {overhead}-token prompts")
+    return budget
+
+
+def split_chunks(tokens: TextTokens, budget: int | None) -> list[tuple[int, int]]:
+    """Words [first, end) of each chunk: as many whole words as fit in `budget` tokens (a longer word alone)."""
+    starts = [*tokens.word_starts, len(tokens.ids)]
+    words = len(tokens.word_starts)
+    if budget is None or len(tokens.ids) <= budget:
+        return [(0, words)] if words else []
+    chunks, first = [], 0
+    for word in range(1, words + 1):
+        if starts[word] - starts[first] > budget and word - 1 > first:
+            chunks.append((first, word - 1))
+            first = word - 1
+    chunks.append((first, words))
+    return chunks
+
+
 # --- One batch of texts through steps 1-5 ---------------------------------------------------------------------
 
 
@@ -383,7 +470,7 @@ class Candidate:
     """One sampled call and everything decided about it; becomes an ApiCall row."""
 
     text: int
-    """Index of the text in its batch."""
+    """Index of the piece (a text or a chunk of one) in its batch."""
     tool: str
     word: int
     p_api: float | None
@@ -402,17 +489,56 @@ class Candidate:
     inserted: bool = False
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Where a piece of a batch comes from: its corpus text (index in Batch.sources), its first character there,
+    and its first word's index in that text's words."""
+
+    source: int
+    start: int
+    first_word: int
+
+
 @dataclass
 class Batch:
+    sources: list[CorpusText]
+    """The corpus texts of the batch; each becomes one ToolformerText row."""
+    source_tokens: list[TextTokens]
     texts: list[CorpusText]
+    """The pieces the model sees: each source whole, or its chunks."""
     tokens: list[TextTokens]
+    pieces: list[Piece]
     tools: list[list[str]] = field(default_factory=list)
-    """Per text: the tools whose pre-filter it passed."""
+    """Per piece: the tools whose pre-filter it passed."""
     candidates: list[Candidate] = field(default_factory=list)
 
 
+def make_batch(tokenize: Callable[[str], list[int]], texts: Sequence[CorpusText], tools: Sequence[str], budget: int | None,
+               config: ToolformerConfig) -> Batch:  # fmt: skip
+    """Tokenize, split what does not fit into chunks, and apply the pre-filters (to each piece the model sees)."""
+    source_tokens = [tokenize_words(tokenize, t.text) for t in texts]
+    pieces, piece_texts = [], []
+    for j, (text, tokens) in enumerate(zip(texts, source_tokens)):
+        for first, end in split_chunks(tokens, budget):
+            offset = tokens.word_offsets[first]
+            stop = tokens.word_offsets[end] if end < len(tokens.word_offsets) else len(text.text)
+            raw = text.text[offset:stop]
+            piece = raw.lstrip()
+            pieces.append(Piece(j, offset + len(raw) - len(piece), first))
+            piece_texts.append(CorpusText(text.line, piece, text.date, text.source_id))
+    batch = Batch(list(texts), source_tokens, piece_texts, [tokenize_words(tokenize, t.text) for t in piece_texts], pieces)
+    batch.tools = [[name for name in tools if passes_prefilter(name, t, config)] for t in piece_texts]
+    return batch
+
+
 def sample_positions(backend: Backend, tool: str, texts: Sequence[CorpusText], api_token: int, config: ToolformerConfig) -> list[list[tuple[int, float | None]]]:
-    """Step 1: per text, (word, p_i) of the selected positions; one forward pass per text over P(x) + " " + x."""
+    """Step 1: per text, (word, p_i) of the selected positions; one forward pass per text over P(x) + " " + x.
+
+    A top-K backend (vllm, openai) gives None where <API> is not among a position's PROBE_TOP_K most likely
+    tokens, so p_i < 1/K there. That decides "p_i > tau_s" when tau_s >= 1/K, and the top k when k positions are
+    seen with p_i > 1/K; otherwise each unseen word's p_i is scored exactly, as the log-probability of <API>
+    at the end of the sequence P(x) x_1..x_{i-1} <API>, all in one `score` call."""
+    settings = config.settings[tool]
     sequences, starts = [], []
     for text in texts:
         prompt_ids = backend.tokenize(build_prompt(tool, text.text, config))
@@ -420,12 +546,21 @@ def sample_positions(backend: Backend, tool: str, texts: Sequence[CorpusText], a
         sequences.append(prompt_ids + list(tokens.ids))
         starts.append([len(prompt_ids) + s for s in tokens.word_starts])
     logprobs = backend.next_token_logprobs(sequences, api_token)
-    settings = config.settings[tool]
-    selected = []
-    for values, word_starts in zip(logprobs, starts):
-        p_by_word = [None if values[s] is None else math.exp(values[s]) for s in word_starts]
-        selected.append([(w, p_by_word[w]) for w in select_positions(p_by_word, settings.tau_s, settings.k)])
-    return selected
+    p_by_word = [[None if values[s] is None else math.exp(values[s]) for s in word_starts] for values, word_starts in zip(logprobs, starts)]
+    unseen = [(j, w) for j, p in enumerate(p_by_word) if needs_exact(p, settings)
+              for w in range(1, len(p)) if p[w] is None]  # fmt: skip
+    if unseen:
+        exact = backend.score([sequences[j][: starts[j][w]] + [api_token] for j, w in unseen])
+        for (j, w), scored in zip(unseen, exact):
+            p_by_word[j][w] = math.exp(scored.logprobs[-1])
+    return [[(w, p[w]) for w in select_positions(p, settings.tau_s, settings.k)] for p in p_by_word]
+
+
+def needs_exact(p_by_word: Sequence[float | None], settings: ToolSettings) -> bool:
+    """Whether a word whose p_i a top-K backend did not see (None: p_i < 1/K) could be selected."""
+    if settings.tau_s >= 1 / PROBE_TOP_K or all(p is not None for p in p_by_word[1:]):
+        return False
+    return sum(1 for p in p_by_word[1:] if p is not None and p > 1 / PROBE_TOP_K) < settings.k
 
 
 def sample_calls(
@@ -457,7 +592,7 @@ def sample_calls(
         for completion, generation in zip(result.completions, generations):
             candidate = Candidate(j, tool_name, word, p, completion.text, generation)
             try:
-                candidate.call, candidate.argument = parse_call(completion.text, completion.finish_reason, tool)
+                candidate.call, candidate.argument = parse_call(completion, tool, config)
                 if candidate.call in seen:
                     candidate.status, candidate.reason = "duplicate", "the same call was sampled at this position already"
                 else:
@@ -469,18 +604,23 @@ def sample_calls(
     return candidates
 
 
-def execute_calls(tool_name: str, tool: Tool, batch: Batch, candidates: Sequence[Candidate], config: ToolformerConfig) -> None:
-    """Step 3: run every parsed call of one tool once (equal calls on equal dates share the run)."""
+def execute_calls(tool_name: str, tool: Tool, batch: Batch, candidates: Sequence[Candidate], config: ToolformerConfig) -> Executed:
+    """Step 3: run every parsed call of one tool once (equal calls on equal dates share the run) and clean each
+    result for insertion (`clean_result`). Returns what the tool did, with its own model calls (QA's) to store."""
     todo = [c for c in candidates if c.tool == tool_name and c.status == "parsed"]
     contexts = {c.text: CallContext(date=document_date(batch.texts[c.text], config)) for c in todo}
     unique = list(dict.fromkeys((c.argument, contexts[c.text]) for c in todo))
-    outcomes = dict(zip(unique, execute(tool, unique)))
+    executed = execute(tool, unique)
+    outcomes = dict(zip(unique, executed.outcomes))
     for candidate in todo:
         outcome = outcomes[(candidate.argument, contexts[candidate.text])]
-        if isinstance(outcome, ToolError):
-            candidate.status, candidate.reason = "failed", str(outcome)
-        else:
-            candidate.status, candidate.result = "executed", outcome
+        try:
+            if isinstance(outcome, ToolError):
+                raise outcome
+            candidate.status, candidate.result = "executed", clean_result(outcome, config)
+        except ToolError as err:
+            candidate.status, candidate.reason = "failed", str(err)
+    return executed
 
 
 def filter_calls(backend: Backend, batch: Batch, config: ToolformerConfig) -> int:
@@ -522,7 +662,9 @@ def filter_calls(backend: Backend, batch: Batch, config: ToolformerConfig) -> in
 
 
 def annotated_texts(batch: Batch, config: ToolformerConfig) -> list[str]:
-    """Step 5: each text with its kept calls inserted, the best (largest L- - L+) at each position."""
+    """Step 5: each corpus text with its kept calls inserted, the best (largest L- - L+) at each position; chunks
+    are annotated each and joined with the whitespace between them. Each annotation must parse back into the
+    text and its calls (`parse_annotated`)."""
     best: dict[tuple[int, int], Candidate] = {}
     for c in batch.candidates:
         if c.kept:
@@ -531,33 +673,52 @@ def annotated_texts(batch: Batch, config: ToolformerConfig) -> list[str]:
                 best[(c.text, c.word)] = c
     for c in best.values():
         c.inserted = True
-    return [
+    pieces = [
         annotate(text.text, [(batch.tokens[j].word_offsets[c.word], linearize(c.call, c.result, config))
                              for (t, _), c in best.items() if t == j])
         for j, text in enumerate(batch.texts)
     ]  # fmt: skip
+    annotated = []
+    for j, source in enumerate(batch.sources):
+        out, end = [], 0
+        for piece, text, piece_annotated in zip(batch.pieces, batch.texts, pieces):
+            if piece.source == j:
+                out += [source.text[end : piece.start], piece_annotated]
+                end = piece.start + len(text.text)
+        annotated.append("".join(out) + source.text[end:])
+        calls = sorted((call_offset(batch, c), c.call, c.result) for c in best.values() if batch.pieces[c.text].source == j)
+        if parse_annotated(annotated[-1], config) != (source.text, calls):
+            raise DatagenError(f"line {source.line}: the annotated text does not parse back into its calls: {annotated[-1]!r}")
+    return annotated
+
+
+def call_offset(batch: Batch, c: Candidate) -> int:
+    """The call's character offset in its corpus text (before the whitespace of the word it precedes)."""
+    return batch.pieces[c.text].start + batch.tokens[c.text].word_offsets[c.word]
 
 
 def store_batch(session: Session, run: Run, batch: Batch, annotated: Sequence[str], config: ToolformerConfig) -> None:
     rows = []
-    for j, text in enumerate(batch.texts):
+    for j, text in enumerate(batch.sources):
         day = document_date(text, config)
+        mine = [k for k, piece in enumerate(batch.pieces) if piece.source == j]
         rows.append(
             ToolformerText(
                 run_id=run.id, line=text.line, source_id=text.source_id, text=text.text,
-                date=day.isoformat() if day else None, tools=batch.tools[j], annotated=annotated[j],
-                calls_inserted=sum(1 for c in batch.candidates if c.text == j and c.inserted),
+                date=day.isoformat() if day else None, tools=list(dict.fromkeys(n for k in mine for n in batch.tools[k])),
+                annotated=annotated[j], calls_inserted=sum(1 for c in batch.candidates if c.inserted and c.text in mine),
             )
         )  # fmt: skip
     session.add_all(rows)
     session.flush()
     for c in batch.candidates:
+        piece = batch.pieces[c.text]
         session.add(
             ApiCall(
-                run_id=run.id, text_id=rows[c.text].id, generation_id=c.generation.id if c.generation else None,
-                tool=c.tool, position=batch.tokens[c.text].word_offsets[c.word],
-                token_position=batch.tokens[c.text].word_starts[c.word], p_api=c.p_api, completion=c.completion,
-                call=c.call, argument=c.argument, result=c.result, status=c.status, reason=c.reason,
+                run_id=run.id, text_id=rows[piece.source].id, generation_id=c.generation.id if c.generation else None,
+                tool=c.tool, position=call_offset(batch, c),
+                token_position=batch.source_tokens[piece.source].word_starts[piece.first_word + c.word], p_api=c.p_api,
+                completion=c.completion, call=c.call, argument=c.argument, result=c.result, status=c.status, reason=c.reason,
                 loss_empty=c.loss_empty, loss_call=c.loss_call, loss_plus=c.loss_plus, loss_minus=c.loss_minus,
                 kept=c.kept, inserted=c.inserted,
             )
@@ -593,19 +754,24 @@ def run(
             "(Backend.next_token_logprobs), which Toolformer's step 1 needs; use --backend transformers or vllm"
         )
     api_token = api_token_id(backend.tokenize, config)
+    context = config.max_context_tokens or getattr(backend, "max_model_len", None)
+    budget = chunk_budget(backend.tokenize, list(tools), context, config)
+    if run.config.get("chunk_tokens", budget) != budget:
+        raise BadInput(f"run '{run.name}' cut texts into chunks of {run.config['chunk_tokens']} tokens; this model's context gives {budget}")
+    run.config = {**run.config, "chunk_tokens": budget}  # a new dict: SQLAlchemy sees the change
     done = done_lines(session, run)
     todo = [t for t in texts if t.line not in done]
     for batch_number, start in enumerate(range(0, len(todo), config.batch_size), start=len(done) // config.batch_size):
-        batch_texts = todo[start : start + config.batch_size]
-        batch = Batch(batch_texts, [tokenize_words(backend.tokenize, t.text) for t in batch_texts])
-        batch.tools = [[name for name in tools if passes_prefilter(name, t, config)] for t in batch_texts]
+        batch = make_batch(backend.tokenize, todo[start : start + config.batch_size], list(tools), budget, config)
         for name, tool in tools.items():
             indices = [j for j, applied in enumerate(batch.tools) if name in applied]
             if not indices:
                 continue
             positions = sample_positions(backend, name, [batch.texts[j] for j in indices], api_token, config)  # 1
             candidates = sample_calls(session, run, backend, name, tool, batch, indices, positions, batch_number, config)  # 2
-            execute_calls(name, tool, batch, candidates, config)  # 3
+            executed = execute_calls(name, tool, batch, candidates, config)  # 3
+            if executed.requests:
+                add_generations(session, run, backend, f"tool:{name}", batch_number, executed.requests, executed.results)
             batch.candidates += candidates
         filter_calls(backend, batch, config)  # 4
         store_batch(session, run, batch, annotated_texts(batch, config), config)  # 5

@@ -10,15 +10,16 @@ is adding one `Tool(...)` and its few-shot prompt (pipelines/toolformer.py, `PRO
     QA           the generation backend answers, given the top WikiSearch passage as context (the paper uses Atlas)
 
 A tool signals a call it cannot answer by raising ToolError; the pipeline stores the call with the reason.
+A tool that asks the model (QA) returns its requests and results with its outcomes, so that the pipeline
+stores them like every other generation.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal, DivisionByZero, InvalidOperation, localcontext
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 from datagen.errors import BadInput
 
 if TYPE_CHECKING:
-    from datagen.backends import Backend
+    from datagen.backends import Backend, Request, Result
 
 
 class ToolError(Exception):
@@ -54,12 +55,21 @@ class Tool:
     """Raw text between the parentheses -> the argument the function takes; raises ToolError."""
     function: Callable[[str, CallContext], str]
     """Argument -> result text; raises ToolError."""
-    batch_function: Callable[[Sequence[tuple[str, CallContext]]], list[str | ToolError]] | None = None
+    batch_function: Callable[[Sequence[tuple[str, CallContext]]], Executed] | None = None
     """Optional: many calls at once (QA batches its questions into one generate call)."""
 
 
-def execute(tool: Tool, calls: Sequence[tuple[str, CallContext]]) -> list[str | ToolError]:
-    """Run parsed calls; each outcome is the result text or the ToolError that stopped it."""
+@dataclass(frozen=True)
+class Executed:
+    outcomes: list[str | ToolError]
+    """Per call, the result text or the ToolError that stopped it."""
+    requests: list[Request] = field(default_factory=list)
+    """The tool's own model requests (QA's prompts with their passages), to be stored with `results`."""
+    results: list[Result] = field(default_factory=list)
+
+
+def execute(tool: Tool, calls: Sequence[tuple[str, CallContext]]) -> Executed:
+    """Run parsed calls."""
     if tool.batch_function is not None:
         return tool.batch_function(calls)
     outcomes: list[str | ToolError] = []
@@ -68,7 +78,7 @@ def execute(tool: Tool, calls: Sequence[tuple[str, CallContext]]) -> list[str | 
             outcomes.append(tool.function(argument, context))
         except ToolError as err:
             outcomes.append(err)
-    return outcomes
+    return Executed(outcomes)
 
 
 # --- Calculator: a recursive-descent parser, never eval ---------------------------------------------
@@ -273,14 +283,21 @@ class SearchIndex:
 
     def search(self, query: str, k: int = 1) -> list[Passage]:
         """The k best passages for the query's words, any of which may match (OR), best first."""
-        words = re.findall(r"\w+", query.lower())
-        if not words:
+        match = fts5_query(query)
+        if not match:
             return []
-        match = " OR ".join(json.dumps(word) for word in dict.fromkeys(words))  # quoted: FTS5 syntax stays inert
         rows = self.connection.execute(
             "SELECT title, text FROM passage WHERE passage MATCH ? ORDER BY bm25(passage) LIMIT ?", (match, k)
         ).fetchall()
         return [Passage(title, text) for title, text in rows]
+
+
+def fts5_query(query: str) -> str:
+    """The query's words as FTS5 strings joined by OR: each word in double quotes (FTS5's string syntax, a quote
+    inside doubled), so that operators, columns and punctuation in the query stay plain text. Letters are kept as
+    they are ("Zürich"), for the unicode61 tokenizer to fold."""
+    words = dict.fromkeys(re.findall(r"\w+", query.lower()))
+    return " OR ".join('"' + word.replace('"', '""') + '"' for word in words)
 
 
 def wikisearch_tool(index: SearchIndex) -> Tool:
@@ -299,12 +316,12 @@ QA_PROMPT = "Answer the question in a few words, using the passage.\n\nPassage: 
 
 
 def qa_tool(index: SearchIndex, backend: Backend, max_tokens: int = 24) -> Tool:
-    """Greedy, short answers; one generate call for all questions of a batch."""
+    """Greedy answers of at most max_tokens tokens; one generate call for all questions of a batch."""
     from datagen.backends import Request, SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=("\n",))
 
-    def batch_function(calls: Sequence[tuple[str, CallContext]]) -> list[str | ToolError]:
+    def batch_function(calls: Sequence[tuple[str, CallContext]]) -> Executed:
         outcomes: list[str | ToolError | None] = [None] * len(calls)
         requests, slots = [], []
         for slot, (question, _context) in enumerate(calls):
@@ -314,13 +331,14 @@ def qa_tool(index: SearchIndex, backend: Backend, max_tokens: int = 24) -> Tool:
                 continue
             requests.append(Request(prompt=QA_PROMPT.format(passage=found[0].text, question=question), params=params))
             slots.append(slot)
-        for slot, result in zip(slots, backend.generate(requests) if requests else []):
+        results = backend.generate(requests) if requests else []
+        for slot, result in zip(slots, results):
             answer = result.completions[0].text.strip()
             outcomes[slot] = answer if answer else ToolError("the QA model gave an empty answer")
-        return outcomes  # type: ignore[return-value]
+        return Executed(outcomes, requests, results)  # type: ignore[arg-type]
 
     def function(question: str, context: CallContext) -> str:
-        outcome = batch_function([(question, context)])[0]
+        outcome = batch_function([(question, context)]).outcomes[0]
         if isinstance(outcome, ToolError):
             raise outcome
         return outcome
@@ -334,16 +352,25 @@ TOOL_NAMES = ("calculator", "calendar", "wikisearch", "qa")
 """CLI names, in the order a run applies them."""
 
 
-def build_tools(names: Sequence[str], search_corpus: Path | None = None, backend: Backend | None = None) -> dict[str, Tool]:
-    """The tools named (CLI names), ready to run. WikiSearch and QA need a search corpus; QA a backend."""
+def search_index(names: Sequence[str], search_corpus: Path | None) -> SearchIndex | None:
+    """The index WikiSearch and QA search, if one of them is named; read before a run starts, so that a missing or
+    empty corpus is bad input with nothing stored."""
+    if not {"wikisearch", "qa"} & set(names):
+        return None
+    if search_corpus is None:
+        raise BadInput("the wikisearch and qa tools need --search-corpus DIR (a folder of .txt or .jsonl passages)")
+    return SearchIndex.from_folder(search_corpus)
+
+
+def build_tools(
+    names: Sequence[str], index: SearchIndex | None = None, backend: Backend | None = None, qa_max_tokens: int = 24
+) -> dict[str, Tool]:
+    """The tools named (CLI names), ready to run. WikiSearch and QA need an index; QA a backend."""
     unknown = [n for n in names if n not in TOOL_NAMES]
     if unknown:
         raise BadInput(f"unknown tool {unknown[0]!r}; choose from {', '.join(TOOL_NAMES)}")
-    index = None
-    if {"wikisearch", "qa"} & set(names):
-        if search_corpus is None:
-            raise BadInput("the wikisearch and qa tools need --search-corpus DIR (a folder of .txt or .jsonl passages)")
-        index = SearchIndex.from_folder(search_corpus)
+    if {"wikisearch", "qa"} & set(names) and index is None:
+        raise BadInput("the wikisearch and qa tools need --search-corpus DIR (a folder of .txt or .jsonl passages)")
     tools: dict[str, Tool] = {}
     for name in names:
         if name == "calculator":
@@ -355,5 +382,5 @@ def build_tools(names: Sequence[str], search_corpus: Path | None = None, backend
         elif name == "qa":
             if backend is None:
                 raise BadInput("the qa tool needs a generation backend")
-            tools[name] = qa_tool(index, backend)
+            tools[name] = qa_tool(index, backend, qa_max_tokens)
     return tools

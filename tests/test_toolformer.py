@@ -12,7 +12,7 @@ import pytest
 from datagen.backends import Completion, Result
 from datagen.errors import BadInput
 from pipelines import toolformer as tf
-from pipelines.tools import CALCULATOR, CALENDAR, build_tools
+from pipelines.tools import CALCULATOR, CALENDAR, Passage, SearchIndex, Tool, ToolError, build_tools, qa_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "examples" / "toolformer_corpus.jsonl"
@@ -68,6 +68,32 @@ def test_next_token_logprobs_on_openai_agrees_with_transformers(vllm_server, hf_
     (top_k,) = backend.next_token_logprobs([ids], probe)
     backend.close()
     _agree_where_seen(exact, top_k)
+
+
+def _positions_agree(backend, hf_backend):
+    """The calculator's paper settings (tau_s 0, k 20): every word of TEXT but the first, with the same p_i."""
+    api = tf.api_token_id(hf_backend.tokenize, CONFIG)
+    (exact,) = tf.sample_positions(hf_backend, "calculator", [tf.CorpusText(1, TEXT)], api, CONFIG)
+    (seen,) = tf.sample_positions(backend, "calculator", [tf.CorpusText(1, TEXT)], api, CONFIG)
+    assert [w for w, _ in seen] == [w for w, _ in exact] == list(range(1, 10))
+    assert [p for _, p in seen] == pytest.approx([p for _, p in exact], rel=1e-2)
+    assert min(p for _, p in exact) < 1 / 20  # some of them the top-20 pass alone did not see
+
+
+@pytest.mark.vllm
+def test_positions_on_vllm_are_those_of_transformers(vllm_llm, hf_backend):
+    _positions_agree(vllm_llm, hf_backend)
+
+
+@pytest.mark.vllm
+def test_positions_on_openai_are_those_of_transformers(vllm_server, hf_backend):
+    from datagen.backends.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend("smollm2-135m", base_urls=[vllm_server])
+    try:
+        _positions_agree(backend, hf_backend)
+    finally:
+        backend.close()
 
 
 # --- Pure functions ------------------------------------------------------------------------------------------
@@ -148,20 +174,37 @@ def test_select_positions():
     assert tf.select_positions(p, tau_s=0.5, k=5) == []
 
 
+def closed(text: str) -> Completion:
+    """A completion that the stop string </API> ended."""
+    return Completion(text, "stop", len(text.split()), stop_reason="]")
+
+
 def test_parse_call():
-    assert tf.parse_call("Calculator(400 / 1400)", "stop", CALCULATOR) == ("Calculator(400 / 1400)", "400 / 1400")
-    assert tf.parse_call(" Calculator( 4 * 30 ) ", "stop", CALCULATOR) == ("Calculator(4 * 30)", "4 * 30")
-    assert tf.parse_call("Calendar()", "stop", CALENDAR) == ("Calendar()", "")
-    cases = [("Calculator(400 / 1400", "length", CALCULATOR, "unclosed", "max_call_tokens"),
-             ("Calendar()", "stop", CALCULATOR, "unparsed", "calls Calendar, not Calculator"),
-             ("Calculator(400 / 1400) -> 0.29", "stop", CALCULATOR, "unparsed", "Name(argument)"),
-             ("Calculator(1\n+ 1)", "stop", CALCULATOR, "unparsed", "Name(argument)"),
-             ("Calculator(four hundred)", "stop", CALCULATOR, "unparsed", "unexpected"),
-             ("Calendar(2020)", "stop", CALENDAR, "unparsed", "no argument")]  # fmt: skip
-    for completion, finish, tool, status, reason in cases:
+    assert tf.parse_call(closed("Calculator(400 / 1400)"), CALCULATOR, CONFIG) == ("Calculator(400 / 1400)", "400 / 1400")
+    assert tf.parse_call(closed(" Calculator( 4 * 30 ) "), CALCULATOR, CONFIG) == ("Calculator(4 * 30)", "4 * 30")
+    assert tf.parse_call(closed("Calendar()"), CALENDAR, CONFIG) == ("Calendar()", "")
+    cases = [(Completion("Calculator(400 / 1400", "length", 8), CALCULATOR, "unclosed", "max_call_tokens"),
+             (closed("Calendar()"), CALCULATOR, "unparsed", "calls Calendar, not Calculator"),
+             (closed("Calculator(400 / 1400) -> 0.29"), CALCULATOR, "unparsed", "Name(argument)"),
+             (closed("Calculator(1\n+ 1)"), CALCULATOR, "unparsed", "Name(argument)"),
+             (closed("Calculator(four hundred)"), CALCULATOR, "unparsed", "unexpected"),
+             (closed("Calendar(2020)"), CALENDAR, "unparsed", "no argument")]  # fmt: skip
+    for completion, tool, status, reason in cases:
         with pytest.raises(tf.Unusable) as caught:
-            tf.parse_call(completion, finish, tool)
+            tf.parse_call(completion, tool, CONFIG)
         assert caught.value.status == status and reason in caught.value.reason, completion
+
+
+def test_a_call_the_model_ended_without_api_end_is_unclosed():
+    """Footnote 2: a completion that ended at end-of-sequence, not at </API>, is discarded even if it parses."""
+    for ended in (Completion("Calculator(400 / 1400)", "stop", 6), Completion("Calculator(400 / 1400)", "stop", 6, stop_reason="\n")):
+        with pytest.raises(tf.Unusable) as caught:
+            tf.parse_call(ended, CALCULATOR, CONFIG)
+        assert caught.value.status == "unclosed" and "without </API>" in caught.value.reason
+    other = tf.ToolformerConfig(api_start="<API>", api_end="</API>")
+    assert tf.parse_call(Completion("Calendar()", "stop", 3, stop_reason="</API>"), CALENDAR, other) == ("Calendar()", "")
+    with pytest.raises(tf.Unusable):
+        tf.parse_call(closed("Calendar()"), CALENDAR, other)
 
 
 def test_read_corpus_and_prefilters(tmp_path):
@@ -199,10 +242,8 @@ def test_text_tokens_match_the_tokenizer(hf_backend):
 
 def _planted_batch(backend, calls):
     """The paper's Figure 1 text, with calls at " 29%)" already executed: (call, result) pairs."""
-    text = tf.CorpusText(1, TEXT)
-    tokens = tf.tokenize_words(backend.tokenize, TEXT)
     word = next(w for w, (_, piece) in enumerate(tf.split_words(TEXT)) if piece == " 29%)")
-    batch = tf.Batch([text], [tokens], [["calculator"]])
+    batch = tf.make_batch(backend.tokenize, [tf.CorpusText(1, TEXT)], ["calculator"], None, CONFIG)
     for call, result in calls:
         batch.candidates.append(tf.Candidate(0, "calculator", word, None, call, status="executed", call=call, result=result))
     return batch, word
@@ -264,12 +305,13 @@ class ScriptedBackend:
     name = "scripted"
     model = "scripted"
     COMPLETIONS = [
-        Completion("Calculator(400 / 1400)", "stop", 6),
-        Completion("Calculator(400 / 1400)", "stop", 6),  # duplicate
-        Completion("Calculator(1400 - 400)", "stop", 6),  # runs, does not help
-        Completion("Calculator(1 / 0)", "stop", 5),  # fails
-        Completion("Calendar()", "stop", 3),  # wrong tool
+        closed("Calculator(400 / 1400)"),
+        closed("Calculator(400 / 1400)"),  # duplicate
+        closed("Calculator(1400 - 400)"),  # runs, does not help
+        closed("Calculator(1 / 0)"),  # fails
+        closed("Calendar()"),  # wrong tool
         Completion("Calculator(400 / 14", "length", 8),  # unclosed
+        Completion("Calculator(400 / 1400)", "stop", 6),  # ended by the model, not by </API>: unclosed
     ]
 
     def __init__(self):
@@ -296,7 +338,7 @@ class ScriptedBackend:
         out = []
         for s in sequences:
             words = [self.word(t) for t in s]
-            results = re.findall(r"-> ([\d.]+)\]", "".join(words))
+            results = re.findall(r"-> ([\d.]+)", "".join(words))
             helped = lambda w: any(r.split(".")[-1] in w for r in results)  # noqa: E731
             out.append(ScoredSequence(tuple(s), (None, *(-0.1 if helped(w) else -2.0 for w in words[1:]))))
         return out
@@ -325,7 +367,7 @@ def test_run_stores_every_candidate_with_its_verdict_and_resumes(tmp_path):
 
     session, run = _store(tmp_path)
     backend = ScriptedBackend()
-    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"k": 1, "m": 6}}, batch_size=2)
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"k": 1, "m": 7}}, batch_size=2)
     texts = [tf.CorpusText(1, TEXT), tf.CorpusText(2, "No numbers here at all."), tf.CorpusText(3, "It took 3 men 4 days, 12 in all.")]
     tf.run(session, run, backend, texts[:2], build_tools(["calculator"]), config)
 
@@ -334,7 +376,7 @@ def test_run_stores_every_candidate_with_its_verdict_and_resumes(tmp_path):
     assert rows[0].annotated == "Out of 1400 participants, 400 (or [Calculator(400 / 1400) -> 0.29] 29%) passed the test."
     assert rows[1].annotated == rows[1].text
     calls = session.exec(select(ApiCall).order_by(ApiCall.id)).all()
-    assert [c.status for c in calls] == ["kept", "duplicate", "rejected", "failed", "unparsed", "unclosed"]
+    assert [c.status for c in calls] == ["kept", "duplicate", "rejected", "failed", "unparsed", "unclosed", "unclosed"]
     kept = calls[0]
     assert (kept.tool, kept.position, kept.call, kept.argument, kept.result) == ("calculator", 33, "Calculator(400 / 1400)", "400 / 1400", "0.29")
     assert kept.p_api == pytest.approx(0.5) and kept.inserted and kept.token_position == 6
@@ -345,10 +387,10 @@ def test_run_stores_every_candidate_with_its_verdict_and_resumes(tmp_path):
     assert all(c.generation_id is not None and c.text_id == rows[0].id for c in calls)
     generation = session.get(Generation, kept.generation_id)
     assert generation.purpose == "api_calls:calculator" and generation.prompt.endswith("Input: " + TEXT + "\nOutput: Out of 1400 participants, 400 (or [")
-    assert (run.accepted, run.rejected, run.instances) == (1, 5, 1)
+    assert (run.accepted, run.rejected, run.instances) == (1, 6, 1)
 
     (summary,) = tf.summarize(session, run, ["calculator"])
-    assert summary == tf.ToolSummary("calculator", texts=1, positions=1, sampled=6, parsed=4, executed=2, kept=1,
+    assert summary == tf.ToolSummary("calculator", texts=1, positions=1, sampled=7, parsed=4, executed=2, kept=1,
                                      examples={0.5: 1, 1.0: 0, 2.0: 0})  # fmt: skip
 
     generate_calls = backend.generate_calls
@@ -357,6 +399,190 @@ def test_run_stores_every_candidate_with_its_verdict_and_resumes(tmp_path):
     assert [r.line for r in session.exec(select(ToolformerText).order_by(ToolformerText.line))] == [1, 2, 3]
     tf.run(session, run, backend, texts, build_tools(["calculator"]), config)
     assert backend.generate_calls == generate_calls + 1
+
+
+def test_clean_result_removes_markers_and_caps():
+    assert tf.clean_result("Paris ]\n-> [1] is\tthe\n\ncapital ", CONFIG) == "Paris 1 is the capital"
+    capped = tf.clean_result("word " * 200, CONFIG)
+    assert len(capped) <= CONFIG.max_result_chars and capped.endswith("word") and capped.startswith("word word")
+    assert tf.clean_result("x" * 500, CONFIG) == "x" * CONFIG.max_result_chars
+    with pytest.raises(ToolError, match="empty"):
+        tf.clean_result(" ] -> [\n", CONFIG)
+
+
+def test_parse_annotated_inverts_annotate():
+    calls = [(TEXT.index(" 29%)"), "Calculator(400 / 1400)", "0.29"),
+             (TEXT.index(" passed"), 'QA("Who (really) passed [the] test?")'.replace("[", "(").replace("]", ")"), "400 of 1400"),
+             (TEXT.index(" participants"), "Calendar()", "Today is Monday, May 1, 2023.")]  # fmt: skip
+    annotated = tf.annotate(TEXT, [(offset, tf.linearize(call, result, CONFIG)) for offset, call, result in calls])
+    assert tf.parse_annotated(annotated, CONFIG) == (TEXT, sorted(calls))
+    assert tf.parse_annotated(TEXT, CONFIG) == (TEXT, [])
+    other = tf.ToolformerConfig(api_start="<API>", api_end="</API>", result_arrow="→")
+    annotated = tf.annotate(TEXT, [(calls[0][0], tf.linearize(calls[0][1], calls[0][2], other))])
+    assert tf.parse_annotated(annotated, other) == (TEXT, [calls[0]])
+
+
+def test_parse_call_rejects_arguments_with_markers():
+    for argument in ('QA("what -> why")', 'QA("a [b")'):
+        with pytest.raises(tf.Unusable, match="marker"):
+            tf.parse_call(closed(argument), qa_tool(SearchIndex([Passage("t", "x")]), None), CONFIG)
+
+
+def test_a_result_with_markers_is_cleaned_and_the_annotation_parses_back(tmp_path):
+    """A result with "]", "->" and a newline broke the inline annotation; the stored text now parses back."""
+    from sqlmodel import select
+
+    from storage.tables import ApiCall, ToolformerText
+
+    session, run = _store(tmp_path)
+    dirty = Tool("Calculator", CALCULATOR.parse, lambda argument, context: "0.29] (rounded)\n-> [see note]")
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"k": 1, "m": 1}})
+    tf.run(session, run, ScriptedBackend(), [tf.CorpusText(1, TEXT)], {"calculator": dirty}, config)
+    (row,) = session.exec(select(ToolformerText)).all()
+    (call,) = session.exec(select(ApiCall)).all()
+    assert call.kept and call.result == "0.29 (rounded) see note"
+    assert row.annotated == "Out of 1400 participants, 400 (or [Calculator(400 / 1400) -> 0.29 (rounded) see note] 29%) passed the test."
+    assert tf.parse_annotated(row.annotated, config) == (TEXT, [(33, "Calculator(400 / 1400)", "0.29 (rounded) see note")])
+
+
+class ShortContextBackend(ScriptedBackend):
+    """The scripted model with a context of `max_model_len` tokens: like vLLM, it refuses anything longer."""
+
+    def __init__(self, max_model_len: int):
+        super().__init__()
+        self.max_model_len = max_model_len
+        self.longest = 0
+
+    def _fits(self, length: int) -> None:
+        self.longest = max(self.longest, length)
+        if length > self.max_model_len:
+            raise BadInput(f"{length} tokens do not fit in the context of {self.max_model_len}")
+
+    def next_token_logprobs(self, sequences, token_id):
+        for s in sequences:
+            self._fits(len(s))
+        return super().next_token_logprobs(sequences, token_id)
+
+    def generate(self, requests):
+        for r in requests:
+            self._fits(len(self.tokenize(r.prompt)) + r.params.max_tokens)
+        return super().generate(requests)
+
+    def score(self, sequences):
+        for s in sequences:
+            self._fits(len(s))
+        return super().score(sequences)
+
+
+def test_split_chunks():
+    tokens = tf.TextTokens(ids=tuple(range(10)), word_starts=(0, 2, 3, 6, 7, 9), word_offsets=(0, 4, 8, 12, 16, 20))
+    assert tf.split_chunks(tokens, None) == [(0, 6)] and tf.split_chunks(tokens, 10) == [(0, 6)]
+    assert tf.split_chunks(tokens, 4) == [(0, 2), (2, 4), (4, 6)]  # words of 2, 1 | 3, 1 | 2, 1 tokens
+    assert tf.split_chunks(tokens, 2) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 6)]  # word 2 (3 tokens) alone
+
+
+def test_a_text_longer_than_the_context_is_annotated_in_chunks(tmp_path):
+    from sqlmodel import select
+
+    from storage.tables import ApiCall, Generation, ToolformerText
+
+    text = " ".join(f"On day {d} we counted {3 * d} birds." for d in range(1, 9)) + " Of 1400 birds, 400 (or 29%) were gulls."
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"k": 1, "m": 2}})
+    backend = ScriptedBackend()
+    overhead = len(backend.tokenize(tf.build_prompt("calculator", "", config)))
+    context = overhead + config.max_call_tokens + 16 + 2 * 14  # room for 14 words of text a chunk
+    backend = ShortContextBackend(context)
+    with pytest.raises(BadInput, match="do not fit"):  # the text whole does not fit
+        backend.next_token_logprobs([backend.tokenize(tf.build_prompt("calculator", text, config) + " " + text)], 0)
+    backend.longest = 0
+
+    session, run = _store(tmp_path)
+    tf.run(session, run, backend, [tf.CorpusText(1, text)], build_tools(["calculator"]), config)
+    assert backend.longest <= context and run.config["chunk_tokens"] == 14
+    (row,) = session.exec(select(ToolformerText)).all()
+    calls = session.exec(select(ApiCall)).all()
+    inputs = {g.prompt.split("\nInput: ")[-1].split("\nOutput:")[0] for g in session.exec(select(Generation))}
+    assert len(inputs) == 5 and " ".join(sorted(inputs, key=text.index)) == text  # 64 words: 4 x 14 + 8
+    assert row.text == text and row.calls_inserted == 1
+    assert row.annotated == text.replace(" 29%)", " [Calculator(400 / 1400) -> 0.29] 29%)")
+    words = dict(tf.split_words(text))
+    for call in calls:  # offsets and token positions in the whole text
+        assert call.position in words and call.position > 0
+        assert call.token_position == tf.tokenize_words(backend.tokenize, text).word_starts[list(words).index(call.position)]
+    assert tf.parse_annotated(row.annotated, config)[0] == text
+
+
+def test_the_qa_tools_own_generations_are_stored(tmp_path):
+    from sqlmodel import select
+
+    from storage.tables import ApiCall, Generation
+
+    class QABackend(ScriptedBackend):
+        def generate(self, requests):
+            self.generate_calls += 1
+            return [Result(r.prompt, 10, (Completion(" Lake Zürich", "stop", 3, stop_reason="\n"),), 0.0)
+                    if r.prompt.startswith("Answer the question") else
+                    Result(r.prompt, 10, (closed('QA("Which lake is at Zürich?")'),) * r.params.n, 0.0) for r in requests]  # fmt: skip
+
+    session, run = _store(tmp_path)
+    backend = QABackend()
+    index = SearchIndex([Passage("Zürich", "Zürich lies at the north end of Lake Zürich."), Passage("Ghana", "Accra.")])
+    config = tf.ToolformerConfig(tools=["qa"], settings={"qa": {"tau_s": 0.0, "k": 1, "m": 2}}, qa_max_tokens=7)
+    text = "The city lies on the shore of Lake Zürich in Switzerland."
+    tf.run(session, run, backend, [tf.CorpusText(1, text)], build_tools(["qa"], index, backend, config.qa_max_tokens), config)
+    (answer,) = session.exec(select(Generation).where(Generation.purpose == "tool:qa")).all()
+    assert "Passage: Zürich lies at the north end of Lake Zürich." in answer.prompt
+    assert answer.prompt.endswith("Question: Which lake is at Zürich?\nAnswer:") and answer.completion == " Lake Zürich"
+    assert answer.sampling["max_tokens"] == 7 and answer.sampling["temperature"] == 0.0
+    calls = session.exec(select(ApiCall)).all()
+    assert [c.status for c in calls][1] == "duplicate" and calls[0].result == "Lake Zürich"
+    assert run.generated == 3  # two sampled calls and one answer
+
+
+class TopKBackend(ScriptedBackend):
+    """The scripted model seen as vllm and openai see it: None where <API> is not among the top PROBE_TOP_K
+    (here: p < 1/K); `score` of x_1..x_{i-1} <API> gives the exact value, as a model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.exact: dict[tuple[int, ...], float] = {}
+        self.probes = 0
+
+    def next_token_logprobs(self, sequences, token_id):
+        from datagen.backends import PROBE_TOP_K
+
+        values = super().next_token_logprobs(sequences, token_id)
+        for s, row in zip(sequences, values):
+            self.exact |= {tuple(s[:i]) + (token_id,): v for i, v in enumerate(row) if v is not None}
+        return [tuple(None if v is not None and v < math.log(1 / PROBE_TOP_K) else v for v in row) for row in values]
+
+    def score(self, sequences):
+        from datagen.backends import ScoredSequence
+
+        probes = [s for s in sequences if tuple(s) in self.exact]
+        if not probes:
+            return super().score(sequences)
+        assert len(probes) == len(sequences)
+        self.probes += len(probes)
+        return [ScoredSequence(tuple(s), (None,) * (len(s) - 1) + (self.exact[tuple(s)],)) for s in sequences]
+
+
+def test_a_top_k_backend_selects_the_positions_of_an_exact_one():
+    """The calculator's tau_s = 0 (appendix A) with k = 20: the exact backend selects every word but the first;
+    a top-K backend saw p_i only where it is >= 1/K, and scores the other words exactly."""
+    texts = [tf.CorpusText(1, TEXT), tf.CorpusText(2, "It took 3 men 4 days, 12 in all, said the 2 clerks.")]
+    exact, top_k = ScriptedBackend(), TopKBackend()
+    api, top_k_api = (tf.api_token_id(b.tokenize, CONFIG) for b in (exact, top_k))
+    expected = tf.sample_positions(exact, "calculator", texts, api, CONFIG)
+    assert [len(p) for p in expected] == [9, 12] and all(p is not None for ps in expected for _, p in ps)
+    assert tf.sample_positions(top_k, "calculator", texts, top_k_api, CONFIG) == expected
+    assert top_k.probes == (9 - 3) + (12 - 4)  # the words without digits or "%" (p = 0.01 < 1/20)
+    # tau_s >= 1/K: None means p_i < tau_s, nothing to probe; k positions seen above 1/K: neither
+    for settings in ({"tau_s": 0.05, "k": 5}, {"tau_s": 0.0, "k": 2}):
+        config = tf.ToolformerConfig(settings={"calculator": settings})
+        top_k.probes = 0
+        seen = tf.sample_positions(top_k, "calculator", texts, top_k_api, config)
+        assert seen == tf.sample_positions(exact, "calculator", texts, api, config) and top_k.probes == 0
 
 
 def test_a_backend_without_next_token_logprobs_is_a_clear_error(tmp_path):
@@ -447,6 +673,25 @@ def test_cli_end_to_end_on_the_embedded_model_and_resume(tmp_path, db_url, embed
         assert result.exit_code == 2, result.output
 
 
+def test_a_long_text_in_chunks_on_the_embedded_model(hf_backend, tmp_path):
+    from sqlmodel import select
+
+    from storage.tables import ApiCall, ToolformerText
+
+    assert hf_backend.max_model_len == 8192  # SmolLM2's max_position_embeddings: chunking's default context
+    text = " ".join([t.text for t in tf.read_corpus(CORPUS) if tf.passes_prefilter("calculator", t, CONFIG)][:6])
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"k": 1, "m": 1}}, max_call_tokens=8,
+                                 max_context_tokens=440)  # fmt: skip
+    session, run = _store(tmp_path)
+    tf.run(session, run, hf_backend, [tf.CorpusText(1, text)], build_tools(["calculator"]), config)
+    budget = run.config["chunk_tokens"]
+    assert len(tf.split_chunks(tf.tokenize_words(hf_backend.tokenize, text), budget)) >= 3
+    (row,) = session.exec(select(ToolformerText)).all()
+    calls = session.exec(select(ApiCall)).all()
+    assert row.text == text and len({c.generation_id for c in calls}) >= 3  # one position a chunk
+    assert tf.parse_annotated(row.annotated, config) == (text, sorted((c.position, c.call, c.result) for c in calls if c.inserted))
+
+
 def _run_one_text(backend, tmp_path):
     from sqlmodel import select
 
@@ -476,3 +721,80 @@ def test_pipeline_runs_on_openai(vllm_server, tmp_path):
         _run_one_text(backend, tmp_path)
     finally:
         backend.close()
+
+
+# --- Bad input and kill -9, through the CLI in a subprocess -------------------------------------------------------
+
+
+def _cli(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "datagen.cli", "toolformer", *args]
+
+
+def test_a_missing_search_corpus_exits_2_with_one_line_and_stores_nothing(tmp_path):
+    import subprocess
+
+    db = tmp_path / "store.db"
+    done = subprocess.run(_cli("--corpus", str(CORPUS), "--tools", "calculator,wikisearch", "--search-corpus",
+                               str(tmp_path / "MISSING"), "--run", "x", "--db", f"sqlite:///{db}"),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "MISSING" in line and "folder" in line
+    assert not db.exists()  # no run row, no store
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(tmp_path):
+    """kill -9 once a first batch is stored and the next is under way, rerun: the rows from before are kept
+    unchanged, every text is stored once, and every generation belongs to a stored call (no half batch)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from sqlmodel import Session, select
+
+    from storage.store import get_run, open_engine
+    from storage.tables import ApiCall, Generation, ToolformerText
+
+    config = tmp_path / "small.yaml"
+    config.write_text("settings:\n  calculator: {k: 1, m: 2}\n  calendar: {tau_s: 0.0, k: 1, m: 2}\nmax_call_tokens: 12\n")
+    db_url = f"sqlite:///{tmp_path / 'kill.db'}"
+    command = _cli("--corpus", str(CORPUS), "--limit", "4", "--batch-size", "1", "--config", str(config), "--run", "k",
+                   "--backend", "transformers", "--db", db_url)  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    engine = open_engine(db_url)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            with Session(engine) as session:
+                if session.exec(select(ToolformerText)).first():
+                    break
+        time.sleep(1)  # into the next batch
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    def snapshot(session):
+        texts = session.exec(select(ToolformerText.id, ToolformerText.line, ToolformerText.annotated)).all()
+        calls = session.exec(select(ApiCall.id, ApiCall.text_id, ApiCall.generation_id, ApiCall.status, ApiCall.result)).all()
+        return set(texts), set(calls)
+
+    with Session(engine) as session:
+        texts_before, calls_before = snapshot(session)
+        assert 1 <= len(texts_before) < 4 and get_run(session, "k").status == "running"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with Session(engine) as session:
+        texts_after, calls_after = snapshot(session)
+        assert texts_before <= texts_after and calls_before <= calls_after
+        assert sorted(line for _, line, _ in texts_after) == [1, 2, 3, 4]
+        sampled = session.exec(select(Generation.id).where(Generation.purpose.startswith("api_calls:"))).all()
+        assert sorted(sampled) == sorted(g for _, _, g, _, _ in calls_after)  # one stored call per sampled completion
+        run = get_run(session, "k")
+        assert run.status == "completed" and run.generated == len(sampled)
+        assert run.accepted + run.rejected == len(calls_after)

@@ -19,9 +19,11 @@ from pipelines.tools import (
     build_tools,
     calculate,
     execute,
+    fts5_query,
     parse_query,
     qa_tool,
     read_passages,
+    search_index,
     today_is,
     wikisearch_tool,
 )
@@ -93,8 +95,9 @@ def test_calculator_tool_parses_and_executes():
     assert CALCULATOR.parse(" 400 / 1400 ") == "400 / 1400"
     with pytest.raises(ToolError):
         CALCULATOR.parse("four hundred")
-    outcomes = execute(CALCULATOR, [("400 / 1400", CallContext()), ("1 / 0", CallContext())])
-    assert outcomes[0] == "0.29"
+    executed = execute(CALCULATOR, [("400 / 1400", CallContext()), ("1 / 0", CallContext())])
+    outcomes = executed.outcomes
+    assert outcomes[0] == "0.29" and executed.requests == executed.results == []
     assert isinstance(outcomes[1], ToolError)
 
 
@@ -143,6 +146,23 @@ def test_bm25_ranks_the_relevant_passage_first():
     assert index.search('flag" OR NEAR(* AND -"')[0].title == "Ghana"
 
 
+def test_search_finds_words_with_non_ascii_letters():
+    """json.dumps escaped "ü" as \\u00fc, so FTS5 looked for the letters z, u, 0, 0, f, c: nothing matched."""
+    index = SearchIndex(
+        [
+            Passage("Zürich", "Zürich is the largest city in Switzerland, on Lake Zürich."),
+            Passage("Kraków", "Kraków was the capital of Poland until 1596."),
+            Passage("東京", "東京 は 日本 の 首都 です"),
+            Passage("Ghana", "The flag of Ghana has red, gold and green stripes with a black star."),
+        ]
+    )
+    assert fts5_query('Zürich "largest" city') == '"zürich" OR "largest" OR "city"'
+    assert index.search("Zürich")[0].title == "Zürich"
+    assert index.search("Which lake is at ZÜRICH?")[0].title == "Zürich"
+    assert index.search("When was Kraków the capital?")[0].title == "Kraków"
+    assert index.search("首都")[0].title == "東京"
+
+
 def test_search_corpus_shipped_in_examples():
     passages = read_passages(SEARCH_CORPUS)
     assert len(passages) >= 10
@@ -169,9 +189,23 @@ def test_read_passages_errors(tmp_path):
 def test_qa_answers_from_the_top_passage_on_the_embedded_model(hf_backend):
     index = SearchIndex([Passage("Eiffel Tower", "The Eiffel Tower is in Paris. It was completed in 1889.")])
     tool = qa_tool(index, hf_backend, max_tokens=8)
-    outcomes = execute(tool, [("In which city is the Eiffel Tower?", CallContext()), ("zzzz", CallContext())])
+    executed = execute(tool, [("In which city is the Eiffel Tower?", CallContext()), ("zzzz", CallContext())])
+    outcomes = executed.outcomes
     assert isinstance(outcomes[0], str) and outcomes[0].strip()
     assert isinstance(outcomes[1], ToolError)
+    # the model call itself comes back for the store: the prompt with its passage and question, the raw answer
+    (request,) = executed.requests
+    (result,) = executed.results
+    assert "Passage: The Eiffel Tower is in Paris." in request.prompt and "Question: In which city" in request.prompt
+    assert result.completions[0].text.strip() == outcomes[0] and request.params.max_tokens == 8
+
+
+def test_build_tools_passes_qa_max_tokens(hf_backend):
+    index = search_index(["qa"], SEARCH_CORPUS)
+    for max_tokens in (3, 40):
+        tool = build_tools(["qa"], index, hf_backend, qa_max_tokens=max_tokens)["qa"]
+        (request,) = execute(tool, [("When was the Eiffel Tower completed?", CallContext())]).requests
+        assert request.params.max_tokens == max_tokens
 
 
 def test_build_tools_checks_names_and_needs():
@@ -181,7 +215,12 @@ def test_build_tools_checks_names_and_needs():
         build_tools(["abacus"])
     with pytest.raises(BadInput, match="--search-corpus"):
         build_tools(["wikisearch"])
-    assert build_tools(["wikisearch"], SEARCH_CORPUS)["wikisearch"].name == "WikiSearch"
+    with pytest.raises(BadInput, match="--search-corpus"):
+        search_index(["calculator", "qa"], None)
+    with pytest.raises(BadInput, match="must be a folder"):
+        search_index(["wikisearch"], SEARCH_CORPUS / "missing")
+    assert search_index(["calculator"], None) is None
+    assert build_tools(["wikisearch"], search_index(["wikisearch"], SEARCH_CORPUS))["wikisearch"].name == "WikiSearch"
 
 
 def test_calculator_parse_accepts_well_formed_calls_that_fail_to_run():

@@ -80,3 +80,16 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
     assert out[0].tolist() == [0, -1.75, -1.75, 0, 0, 0]  # token 1 (prompt token too) counted once, from the completion
     assert out[1].tolist() == [0, 0, 0, -2.0, 0, 0]  # token 5 is only in the prompt: no penalty
     assert OutputPenalties(4, 2.0, 0.0)(input_ids, scores).equal(scores)
+
+
+def test_stop_reason_names_the_stop_string_and_only_it(hf_backend):
+    """Toolformer keeps a call only if </API> ended it (footnote 2): a stop string is named, EOS and max_tokens are not."""
+    greedy = lambda **options: SamplingParams(temperature=0, stop=(" 6", "]"), **options)  # noqa: E731
+    by_stop, by_eos, by_length = (r.completions[0] for r in hf_backend.generate([
+        Request(prompt="1, 2, 3, 4,", params=greedy(max_tokens=12)),
+        Request(messages=({"role": "user", "content": "Is the sky blue? Answer yes or no."},), params=greedy(max_tokens=48)),
+        Request(prompt="1, 2, 3, 4,", params=SamplingParams(temperature=0, max_tokens=3, stop=("]",))),
+    ]))  # fmt: skip
+    assert (by_stop.text, by_stop.finish_reason, by_stop.stop_reason) == (" 5,", "stop", " 6")
+    assert (by_eos.finish_reason, by_eos.stop_reason) == ("stop", None) and by_eos.text.strip()
+    assert (by_length.finish_reason, by_length.stop_reason) == ("length", None)

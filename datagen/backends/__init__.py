@@ -100,6 +100,10 @@ class Completion:
     finish_reason: Literal["stop", "length"]
     """'length' when max_tokens cut the completion."""
     completion_tokens: int
+    stop_reason: str | None = None
+    """The stop string that ended the completion; None when it ended at the end-of-sequence token or at
+    max_tokens, or the server did not say (vLLM's `stop_reason`). Toolformer needs it to tell a call closed by
+    </API> from one the model ended (the paper discards those, footnote 2)."""
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,7 @@ class OpenAIBackend:
                 text=text,
                 finish_reason="length" if choice.get("finish_reason") == "length" else "stop",
                 completion_tokens=self._completion_tokens(text, choice, usage, params),
+                stop_reason=choice.get("stop_reason") if isinstance(choice.get("stop_reason"), str) else None,
             )
             for text, choice in zip(texts, choices)
         )

@@ -34,6 +34,8 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.hf_model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
         self.hf_model.eval()
+        self.max_model_len = self.hf_model.config.max_position_embeddings
+        """The context length, as vLLM's backend names it (Toolformer chunks texts to fit it)."""
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -95,9 +97,11 @@ class TransformersBackend:
             if token in eos_ids or token == self.tokenizer.pad_token_id:
                 token_ids, ended_by_eos = token_ids[:position], True
                 break
-        text, stopped = apply_stop(self.tokenizer.decode(token_ids, skip_special_tokens=True), params.stop)
+        decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        text, stopped = apply_stop(decoded, params.stop)
         finish = "stop" if ended_by_eos or stopped or len(token_ids) < params.max_tokens else "length"
-        return Completion(text=text, finish_reason=finish, completion_tokens=len(token_ids))
+        stop_reason = next(s for s in params.stop if decoded[len(text) :].startswith(s)) if stopped else None
+        return Completion(text=text, finish_reason=finish, completion_tokens=len(token_ids), stop_reason=stop_reason)
 
     @torch.inference_mode()
     def score(self, sequences: Sequence[str | Sequence[int]]) -> list[ScoredSequence]:

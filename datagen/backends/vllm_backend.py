@@ -124,6 +124,7 @@ class VLLMBackend:
                     text=c.text,
                     finish_reason="length" if c.finish_reason == "length" else "stop",
                     completion_tokens=len(c.token_ids),
+                    stop_reason=c.stop_reason if isinstance(c.stop_reason, str) else None,
                 )
                 for c in sorted(output.outputs, key=lambda c: c.index)
             )

@@ -27,7 +27,7 @@ from datagen.options import (
     read_config_file,
 )
 from pipelines import toolformer as tf
-from pipelines.tools import build_tools
+from pipelines.tools import build_tools, search_index
 from storage.store import find_run, open_engine, touch
 from storage.tables import Run, utcnow
 
@@ -52,6 +52,7 @@ def toolformer(
     flags = {"tools": tools.split(",") if tools else None, "search_corpus": search_corpus, "date": date, "batch_size": batch_size, "seed": seed}
     config = load_config(config_file, {k: v for k, v in flags.items() if v is not None})
     texts = tf.read_corpus(corpus)[:limit]  # every line checked before anything is written
+    index = search_index(config.tools, config.search_corpus)  # so is the search corpus
     stored = {"corpus": str(corpus), "corpus_sha256": tf.corpus_digest(corpus), **config.model_dump(mode="json")}
     engine = open_engine(db)
     with Session(engine) as session:
@@ -67,7 +68,7 @@ def toolformer(
             raise BadInput(f"run '{run.name}' ran on the {run.backend} backend; resume it with --backend {run.backend}")
         started = time.perf_counter()
         try:
-            registry = build_tools(config.tools, config.search_corpus, llm)
+            registry = build_tools(config.tools, index, llm, config.qa_max_tokens)
             todo = len(texts) - len(tf.done_lines(session, run) & {t.line for t in texts})
             with progress("texts") as bar:
                 task = bar.add_task("annotating", total=todo, status="")

@@ -13,7 +13,8 @@ call yields instructions and their instances together. No classification step. A
    every instruction kept so far (the dedup engine), then the instance filters on the record's input and output;
 4. store: every call, every parsed record with its verdict, in one transaction.
 
-Seeds, store layout, resume, stall guard and progress are Self-Instruct's (pipelines/self_instruct.py).
+Seeds, store layout, resume, stall guard and progress are the loop Self-Instruct and Alpaca share (pipelines/bootstrap.py);
+the heuristic filters are Self-Instruct's (pipelines/self_instruct.py), as in the reference.
 """
 
 from __future__ import annotations
@@ -28,22 +29,20 @@ from sqlmodel import Session
 from datagen.backends import Backend, Request, SamplingParams
 from datagen.dedup import RougeIndex
 from datagen.errors import BadInput
-from pipelines.seeds import SeedTask
-from pipelines.self_instruct import (
-    BLACKLIST,
+from pipelines.bootstrap import (
     BatchStats,
+    Prompt,
     bootstrap,
     check_bootstrap_config,
-    instance_verdicts,
+    finish_batch,
     load_pool,
     load_seeds,
-    one_line,
-    Prompt,
-    rejection_reason,
     timed_generate,
     uses_chat,
 )
-from storage.store import add_generations, touch
+from pipelines.seeds import SeedTask
+from pipelines.self_instruct import BLACKLIST, instance_verdicts, one_line, rejection_reason
+from storage.store import add_generations
 from storage.tables import Instance, Run, Task
 
 ALPACA_BLACKLIST = BLACKLIST + ("video", "audio", "music", "flowchart", "diagram")
@@ -225,13 +224,4 @@ def process_batch(session: Session, run_row: Run, backend: Backend, config: Alpa
             task.status, task.reason = "accepted", None
             stats.accepted += 1
             run_row.instances += 1
-    for task, _ in rows:
-        if task.status == "rejected":
-            stats.reject(task.reason)
-    run_row.accepted += stats.accepted
-    run_row.rejected += sum(stats.rejected.values())
-    touch(run_row)
-    session.add_all(task for task, _ in rows)
-    session.add(run_row)
-    session.commit()
-    return stats
+    return finish_batch(session, run_row, [task for task, _ in rows], stats)

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from datagen.backends import Completion, Result
 from datagen.cli import app
 from pipelines import alpaca
+from pipelines import bootstrap
 from pipelines import self_instruct as si
 from pipelines.seeds import read_seeds
 from storage.store import open_engine
@@ -98,10 +99,10 @@ def test_run_bookkeeping(db_url):
     )
     config = alpaca.AlpacaConfig(num_instructions=2, request_batch_size=1)
     with Session(open_engine(db_url)) as session:
-        run = Run(name="a", pipeline="alpaca", config=si.config_dict(config), model="scripted", backend="scripted")
+        run = Run(name="a", pipeline="alpaca", config=bootstrap.config_dict(config), model="scripted", backend="scripted")
         session.add(run)
         session.flush()
-        si.store_seeds(session, run, seeds)
+        bootstrap.store_seeds(session, run, seeds)
         session.commit()
         alpaca.run(session, run, ScriptedAlpaca([(completion, "length")]), config)
         assert (run.status, run.accepted, run.instances) == ("completed", 2, 2)
@@ -172,10 +173,10 @@ def test_alpaca_through_vllm_serve(vllm_server, db_url):
 def test_alpaca_on_vllm(vllm_llm, db_url):
     config = alpaca.AlpacaConfig(num_instructions=2, request_batch_size=8, max_tokens=320)
     with Session(open_engine(db_url)) as session:
-        run = Run(name="v", pipeline="alpaca", config=si.config_dict(config), model="smollm2-135m", backend="vllm")
+        run = Run(name="v", pipeline="alpaca", config=bootstrap.config_dict(config), model="smollm2-135m", backend="vllm")
         session.add(run)
         session.flush()
-        si.store_seeds(session, run, read_seeds(SEEDS))
+        bootstrap.store_seeds(session, run, read_seeds(SEEDS))
         session.commit()
         alpaca.run(session, run, vllm_llm, config)
     check_store_independently(db_url, "v", 2)

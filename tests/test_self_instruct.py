@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from datagen.backends import Completion, Result
 from datagen.cli import app
+from pipelines import bootstrap
 from pipelines import self_instruct as si
 from pipelines.seeds import SeedInstance, SeedTask, read_seeds
 from storage.store import get_run, open_engine
@@ -161,10 +162,10 @@ class ScriptedBackend:
 
 
 def new_run(session: Session, seeds: list[SeedTask], config) -> Run:
-    run = Run(name="t", pipeline="self-instruct", config=si.config_dict(config), model="scripted", backend="scripted")
+    run = Run(name="t", pipeline="self-instruct", config=bootstrap.config_dict(config), model="scripted", backend="scripted")
     session.add(run)
     session.flush()
-    si.store_seeds(session, run, seeds)
+    bootstrap.store_seeds(session, run, seeds)
     session.commit()
     return run
 
@@ -266,8 +267,8 @@ def test_resume_rebuilds_the_pool_from_the_store(db_url):
         assert [t.reason for t in session.exec(select(Task).where(Task.source == "generated")).all()] == [None, "target_reached"]
     with Session(engine) as session:
         run = get_run(session, "t")
-        assert si.load_pool(session, run) == NOVEL[:2]
-        assert [s.instances for s in si.load_seeds(session, run)] == [s.instances for s in SEED_TASKS]
+        assert bootstrap.load_pool(session, run) == NOVEL[:2]
+        assert [s.instances for s in bootstrap.load_seeds(session, run)] == [s.instances for s in SEED_TASKS]
         config = si.SelfInstructConfig(num_instructions=2, request_batch_size=1)
         si.run(session, run, ScriptedBackend([listing(NOVEL[1] + " Please.", NOVEL[2])]), config)
         tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
@@ -287,7 +288,7 @@ def check_store_independently(db_url: str, run_name: str, target: int) -> None:
         run = get_run(session, run_name)
         tasks = session.exec(select(Task).where(Task.run_id == run.id).order_by(Task.id)).all()
         earlier = [t.instruction for t in tasks if t.source == "seed"]
-        passed = [t for t in tasks if t.source == "generated" and (t.status == "accepted" or t.reason in si.POOL_REASONS)]
+        passed = [t for t in tasks if t.source == "generated" and (t.status == "accepted" or t.reason in bootstrap.POOL_REASONS)]
         accepted = [t for t in tasks if t.source == "generated" and t.status == "accepted"]
         assert len(accepted) == run.accepted == target
         assert len({t.instruction for t in accepted}) == len(accepted)
@@ -416,10 +417,10 @@ def test_resume_refuses_other_seeds_or_pipeline(tmp_path, db_url):
 def test_self_instruct_on_vllm(vllm_llm, db_url):
     config = si.SelfInstructConfig(num_instructions=3, request_batch_size=8, max_tokens=160, instance_max_tokens=96)
     with Session(open_engine(db_url)) as session:
-        run = Run(name="v", pipeline="self-instruct", config=si.config_dict(config), model="smollm2-135m", backend="vllm")
+        run = Run(name="v", pipeline="self-instruct", config=bootstrap.config_dict(config), model="smollm2-135m", backend="vllm")
         session.add(run)
         session.flush()
-        si.store_seeds(session, run, read_seeds(SEEDS))
+        bootstrap.store_seeds(session, run, read_seeds(SEEDS))
         session.commit()
         si.run(session, run, vllm_llm, config)
         assert (run.status, run.accepted) == ("completed", 3)

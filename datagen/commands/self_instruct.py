@@ -28,7 +28,7 @@ from datagen.options import (
     make_backend,
     read_config_file,
 )
-from pipelines import self_instruct
+from pipelines import bootstrap, self_instruct
 from pipelines.seeds import SeedTask, read_seeds
 from storage.store import add_generations, find_run, open_engine, touch
 from storage.tables import Run, Task, utcnow
@@ -118,7 +118,7 @@ def execute(
     """Check everything, then open or resume the run, run the pipeline under a progress bar, and summarize."""
     settings = load_config(config_cls, config_file, flags)  # bad options fail before anything is written
     seeds = read_seeds(seeds_path)  # every line checked before anything is written
-    self_instruct.check_seeds(seeds, str(seeds_path), needs_instances=True)
+    bootstrap.check_seeds(seeds, str(seeds_path), needs_instances=True)
     engine = open_engine(db)
     with Session(engine) as session:
         run = find_run(session, run_name) if run_name else None
@@ -128,7 +128,7 @@ def execute(
     started = time.perf_counter()
     with Session(engine) as session:
         run = find_run(session, run_name) if run_name else None
-        config = {"seeds": str(seeds_path), **self_instruct.config_dict(settings)}
+        config = {"seeds": str(seeds_path), **bootstrap.config_dict(settings)}
         try:
             if run is None:
                 run = Run(name=run_name or f"{pipeline}-{utcnow():%Y%m%d-%H%M%S}", pipeline=pipeline, config=config,
@@ -144,7 +144,7 @@ def execute(
             with progress("instructions") as bar:
                 bar_task = bar.add_task(pipeline, total=settings.num_instructions, completed=run.accepted, status="")
 
-                def on_batch(run: Run, stats: self_instruct.BatchStats) -> None:
+                def on_batch(run: Run, stats: bootstrap.BatchStats) -> None:
                     seen = run.accepted + run.rejected
                     rate = (run.completion_tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
                     bar.update(bar_task, completed=run.accepted, status=f"keep {run.accepted / max(seen, 1):.0%} · {rate:.0f} tok/s")
@@ -187,13 +187,13 @@ def start_run(session: Session, run: Run, llm, seeds: list[SeedTask], settings, 
     """A new run's seeds go to the store first; seeds that do not say whether they are classification tasks are
     labelled by the classification step (Self-Instruct only: Alpaca has none)."""
     if pipeline == "self-instruct":
-        chat = self_instruct.uses_chat(llm, settings.prompt_style)
+        chat = bootstrap.uses_chat(llm, settings.prompt_style)
         seeds, requests, results = self_instruct.label_seeds(llm, seeds, chat)
         add_generations(session, run, llm, "classification", 0, requests, results)
-    self_instruct.store_seeds(session, run, seeds)
+    bootstrap.store_seeds(session, run, seeds)
 
 
-def summarize(session: Session, run: Run, totals: self_instruct.BatchStats, seconds: float, new: int) -> dict[str, Any]:
+def summarize(session: Session, run: Run, totals: bootstrap.BatchStats, seconds: float, new: int) -> dict[str, Any]:
     """The whole run's figures from the store (earlier sessions included), and this session's time."""
     reasons = session.exec(
         select(Task.reason, func.count()).where(Task.run_id == run.id, Task.source == "generated", Task.status == "rejected")

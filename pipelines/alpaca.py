@@ -124,31 +124,52 @@ def alpaca_params(config: AlpacaConfig, seed: int) -> SamplingParams:
 # ---- parsing (pure) -------------------------------------------------------------------------------------------
 
 _FIELD = re.compile(r"^\s*\d+\s*\.\s*(Instruction|Input|Output)\s*:", re.M)
+FIELDS = ["Instruction", "Input", "Output"]
 
 
 @dataclass(frozen=True)
 class Record:
+    """One "###" block of a completion: its three fields, or why it is not a record (`reason`)."""
+
     instruction: str
     input: str
-    output: str | None
-    """None when the block has no Output field (stored as rejected, reason malformed_record)."""
+    output: str
+    raw: str
+    """The block as the model wrote it."""
+    reason: str | None = None
+    """malformed_record (the fields are not Instruction, Input, Output once each, in that order) or cut_by_length."""
 
 
-def parse_records(completion: str, first_number: int) -> list[Record]:
-    """Records of a completion that continues after "N. Instruction:", split at "###" (generate_instruction.py).
+def parse_records(completion: str, first_number: int, cut_by_length: bool = False) -> list[Record]:
+    """The blocks of a completion that continues after "N. Instruction:", split at "###" wherever it stands
+    (generate_instruction.py, post_process_gpt3_response).
 
-    Ours: any number is accepted before a field name (the reference insists on the expected one, so one misnumbered
-    record drops); "<noinput>" in any case means an empty input.
+    A block is a record when it holds the fields Instruction, Input and Output once each and in that order
+    (the reference: exactly 7 parts); anything else is kept as malformed_record with its raw text. When max_tokens
+    cut the completion, its last block is dropped as cut_by_length (the reference), blank or not. Ours: any number
+    is accepted before a field name (the reference insists on the expected one, so one misnumbered record drops);
+    "<noinput>" in any case means an empty input.
     """
+    blocks = f"{first_number}. Instruction:{completion}".split("###")
     records = []
-    for block in re.split(r"^\s*###\s*$", f"{first_number}. Instruction:{completion}", flags=re.M):
-        parts = _FIELD.split(block)
-        fields = dict(zip(parts[1::2], (p.strip() for p in parts[2::2])))
-        if not fields.get("Instruction"):
+    for position, block in enumerate(blocks):
+        raw = block.strip()
+        if not raw:
             continue
-        given = fields.get("Input", "")
+        parts = _FIELD.split(block)
+        names, texts = parts[1::2], [p.strip() for p in parts[2::2]]
+        if cut_by_length and position == len(blocks) - 1:
+            reason = "cut_by_length"
+        elif names != FIELDS or not texts[0]:
+            reason = "malformed_record"
+        else:
+            reason = None
+        if reason:
+            records.append(Record(raw, "", "", raw, reason))
+            continue
+        instruction, given, output = texts
         given = "" if given.lower() == "<noinput>" else given
-        records.append(Record(re.sub(r"\s+", " ", fields["Instruction"]), given, fields.get("Output")))
+        records.append(Record(re.sub(r"\s+", " ", instruction), given, output, raw))
     return records
 
 
@@ -189,15 +210,10 @@ def process_batch(session: Session, run_row: Run, backend: Backend, config: Alpa
     rows: list[tuple[Task, Record]] = []
     for generation, result in zip(generations, results):
         completion = result.completions[0]
-        records = parse_records(completion.text, config.num_prompt_instructions + 1)
+        records = parse_records(completion.text, config.num_prompt_instructions + 1, completion.finish_reason == "length")
         stats.empty_responses += not records
-        for position, rec in enumerate(records):
-            if completion.finish_reason == "length" and position == len(records) - 1:
-                reason = "cut_by_length"  # the block max_tokens cut may be incomplete (reference)
-            elif rec.output is None:
-                reason = "malformed_record"
-            else:
-                reason = rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start)
+        for rec in records:
+            reason = rec.reason or rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start)
             task = Task(run_id=run_row.id, generation_id=generation[0].id, instruction=rec.instruction, status="rejected", reason=reason)
             rows.append((task, rec))
     stats.generated = len(rows)
@@ -214,14 +230,14 @@ def process_batch(session: Session, run_row: Run, backend: Backend, config: Alpa
             continue
         # One instance per instruction: the record's own input and output, through Self-Instruct's instance filters.
         verdict = instance_verdicts([(rec.input, rec.output)], 1, cut_by_length=False)[0]
-        session.add(Instance(task_id=task.id, generation_id=task.generation_id, input=rec.input, output=rec.output,
-                             status="rejected" if verdict else "accepted", reason=verdict))  # fmt: skip
         if verdict:
             task.reason = "no_valid_instances"
         elif stats.accepted >= need:
-            task.reason = "target_reached"
+            task.reason = verdict = "target_reached"  # its instance is kept, as rejected: not part of the data
         else:
             task.status, task.reason = "accepted", None
             stats.accepted += 1
             run_row.instances += 1
+        session.add(Instance(task_id=task.id, generation_id=task.generation_id, input=rec.input, output=rec.output,
+                             status="rejected" if verdict else "accepted", reason=verdict))  # fmt: skip
     return finish_batch(session, run_row, [task for task, _ in rows], stats)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from datagen.backends import Completion, Result
 from datagen.cli import app
+from datagen.export import run_facts
 from pipelines import alpaca
 from pipelines import bootstrap
 from pipelines import self_instruct as si
@@ -44,15 +45,33 @@ def test_parse_records():
         "###\n5. Instruction: Name a primary color.\n5. Input:\n<NoInput>\n5. Output:\nRed.\n"
         "###\n7. Instruction: Misnumbered, but a record.\n7. Input:\n<noinput>\n7. Output:\nFine.\n"
         "###\n8. Instruction: No output here.\n8. Input:\nx\n"
-        "###\n9. Instruction: Cut off"
+        "###\n9. Instruction: No input here.\n9. Output:\ny\n"
+        "###\n10. Input:\nz\n10. Instruction: Fields out of order.\n10. Output:\nw\n"
+        "###\n11. Instruction: Cut off"
     )
-    assert alpaca.parse_records(completion, 4) == [
-        alpaca.Record("Summarize the text in one sentence.", "The cat sat on the mat all day.", "A cat rested."),
-        alpaca.Record("Name a primary color.", "", "Red."),
-        alpaca.Record("Misnumbered, but a record.", "", "Fine."),
-        alpaca.Record("No output here.", "x", None),
-        alpaca.Record("Cut off", "", None),
+    records = alpaca.parse_records(completion, 4)
+    assert [(r.instruction, r.input, r.output, r.reason) for r in records] == [
+        ("Summarize the text in one sentence.", "The cat sat on the mat all day.", "A cat rested.", None),
+        ("Name a primary color.", "", "Red.", None),
+        ("Misnumbered, but a record.", "", "Fine.", None),
+        ("8. Instruction: No output here.\n8. Input:\nx", "", "", "malformed_record"),  # its raw text kept
+        ("9. Instruction: No input here.\n9. Output:\ny", "", "", "malformed_record"),  # takes no one else's input
+        ("10. Input:\nz\n10. Instruction: Fields out of order.\n10. Output:\nw", "", "", "malformed_record"),
+        ("11. Instruction: Cut off", "", "", "malformed_record"),
     ]
+    assert alpaca.parse_records(completion, 4, cut_by_length=True)[-1].reason == "cut_by_length"
+
+
+def test_parse_records_splits_at_hashes_anywhere():
+    """A "###" that does not stand on its own line still ends a record: record 4 keeps its own fields."""
+    completion = " X is a task here.\n4. Input:\na\n4. Output: Y ### 5. Instruction: Another task here.\n5. Input:\nb\n5. Output:\nZ"
+    assert [(r.instruction, r.input, r.output) for r in alpaca.parse_records(completion, 4)] == [
+        ("X is a task here.", "a", "Y"),
+        ("Another task here.", "b", "Z"),
+    ]
+    # Two records with no "###" between them are one block with every field twice: not a record.
+    run_on = " X is a task.\n4. Input:\na\n4. Output:\nY\n5. Instruction: B is a task.\n5. Input:\nb\n5. Output:\nZ"
+    assert [r.reason for r in alpaca.parse_records(run_on, 4)] == ["malformed_record"]
 
 
 def test_alpaca_blacklist_is_larger():
@@ -95,6 +114,7 @@ def test_run_bookkeeping(db_url):
         ("Compose a short piece of music for piano.", "", "notes"),
         (NOVEL[1], "same", "same"),
         (NOVEL[2], "", "Add 273.15 after converting to Celsius."),
+        (NOVEL[4], "", "Blue light scatters away along the long path."),
         (NOVEL[3], "", "Shorter showers."),
     )
     config = alpaca.AlpacaConfig(num_instructions=2, request_batch_size=1)
@@ -113,14 +133,19 @@ def test_run_bookkeeping(db_url):
             ("Compose a short piece of music for piano.", "rejected", "blacklist:music"),
             (NOVEL[1], "rejected", "no_valid_instances"),  # its input equals its output
             (NOVEL[2], "accepted", None),
-            (NOVEL[3], "rejected", "cut_by_length"),  # the last record of a completion max_tokens cut
+            (NOVEL[4], "rejected", "target_reached"),  # passed every filter after the target was met
+            (alpaca.record(10, NOVEL[3], "", "Shorter showers.")[4:].strip(), "rejected", "cut_by_length"),  # raw: max_tokens cut it
         ]
         instances = session.exec(select(Instance).join(Task).where(Task.source == "generated").order_by(Instance.id)).all()
         assert [(i.output, i.status, i.reason) for i in instances] == [
             ("The Rhine, the Elbe and the Danube.", "accepted", None),
             ("same", "rejected", "input_equals_output"),
             ("Add 273.15 after converting to Celsius.", "accepted", None),
+            ("Blue light scatters away along the long path.", "rejected", "target_reached"),
         ]
+        # The export's counts are the store's: accepted instances belong to accepted instructions only.
+        facts = run_facts(session, run, tasks_without_instances=0)
+        assert (facts.accepted, facts.instances_accepted) == (run.accepted, run.instances) == (2, 2)
 
 
 SMALL = ["--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "320"]

@@ -41,7 +41,7 @@ from pipelines.bootstrap import (
     uses_chat,
 )
 from pipelines.seeds import SeedTask
-from pipelines.self_instruct import BLACKLIST, instance_verdicts, one_line, rejection_reason
+from pipelines.self_instruct import BLACKLIST, ParsedInstance, instance_verdicts, one_line, rejection_reason
 from storage.store import add_generations
 from storage.tables import Instance, Run, Task
 
@@ -75,6 +75,9 @@ class AlpacaConfig:
     """Reject instructions whose first character is not ASCII (reference); turn off for non-English data."""
     prompt_style: str = "auto"
     """raw, chat (the requirements as the user's turn, the records as the start of the answer) or auto."""
+    length_cut: str = "drop_last"
+    """What to do with a response that max_tokens cut: drop_last, only its last, possibly unfinished, record (the
+    reference: generate_instruction.py), or drop_response, every record in it (Self-Instruct's rule)."""
     max_requests: int | None = None
     """Stop (status 'stopped') after this many requests in the run; None: no limit."""
     max_stalled_batches: int = 5
@@ -150,6 +153,8 @@ def parse_records(completion: str, first_number: int, cut_by_length: bool = Fals
     is accepted before a field name (the reference insists on the expected one, so one misnumbered record drops);
     "<noinput>" in any case means an empty input.
     """
+    if not completion.strip():
+        return []  # an empty response, counted as such; its (empty) text is in the generation table
     blocks = f"{first_number}. Instruction:{completion}".split("###")
     records = []
     for position, block in enumerate(blocks):
@@ -210,10 +215,14 @@ def process_batch(session: Session, run_row: Run, backend: Backend, config: Alpa
     rows: list[tuple[Task, Record]] = []
     for generation, result in zip(generations, results):
         completion = result.completions[0]
-        records = parse_records(completion.text, config.num_prompt_instructions + 1, completion.finish_reason == "length")
+        cut = completion.finish_reason == "length"
+        records = parse_records(completion.text, config.num_prompt_instructions + 1, cut)
         stats.empty_responses += not records
         for rec in records:
-            reason = rec.reason or rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start)
+            if cut and config.length_cut == "drop_response":
+                reason = "cut_by_length"
+            else:
+                reason = rec.reason or rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start, config.tokenizer)
             task = Task(run_id=run_row.id, generation_id=generation[0].id, instruction=rec.instruction, status="rejected", reason=reason)
             rows.append((task, rec))
     stats.generated = len(rows)
@@ -229,7 +238,7 @@ def process_batch(session: Session, run_row: Run, backend: Backend, config: Alpa
             task.reason = "rouge_similarity"
             continue
         # One instance per instruction: the record's own input and output, through Self-Instruct's instance filters.
-        verdict = instance_verdicts([(rec.input, rec.output)], 1, cut_by_length=False)[0]
+        verdict = instance_verdicts([ParsedInstance(rec.input, rec.output)], 1, cut_by_length=False)[0]
         if verdict:
             task.reason = "no_valid_instances"
         elif stats.accepted >= need:

@@ -33,6 +33,8 @@ def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
         raise BadInput(f"--rouge-threshold must be in [0, 1], got {config.rouge_threshold}")
     if config.prompt_style not in ("auto", "raw", "chat"):
         raise BadInput(f"--prompt-style must be raw, chat or auto, got {config.prompt_style}")
+    if config.length_cut not in ("drop_response", "drop_last"):
+        raise BadInput(f"length_cut must be drop_response or drop_last, got {config.length_cut}")
     if config.tokenizer not in ("rouge", "unicode"):
         raise BadInput(f"--tokenizer must be rouge or unicode, got {config.tokenizer}")
     for name in ("request_batch_size", "max_tokens", "num_prompt_instructions", "max_stalled_batches", *positive):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from sqlmodel import Session
 
 from datagen.backends import Backend, Request, Result, SamplingParams
-from datagen.dedup import RougeIndex
+from datagen.dedup import RougeIndex, tokenize_unicode
 from datagen.errors import BadInput
 from pipelines.bootstrap import (
     BatchStats,
@@ -107,6 +107,10 @@ class SelfInstructConfig:
     """Seed tasks shown as worked examples in each instance prompt. Ours: the reference's fixed templates hold 12 to
     17 tasks (about 3,000 tokens), too long a prompt for a small model on a CPU; seeds of the same kind, sampled per
     request, keep the prompt near 300 tokens."""
+    length_cut: str = "drop_response"
+    """What to do with an instruction response that max_tokens cut: drop_response, every instruction in it (the
+    reference: bootstrap_instructions.py returns [] when finish_reason is "length"), or drop_last, only its last,
+    possibly unfinished, instruction (Stanford Alpaca's rule). Dropped instructions are stored as cut_by_length."""
     max_requests: int | None = None
     """Stop (status 'stopped') after this many instruction requests in the run; None: no limit."""
     max_stalled_batches: int = 5
@@ -235,12 +239,20 @@ def parse_instructions(completion: str, first_number: int) -> list[str]:
     return [item[0].upper() + item[1:] for item in items if item]
 
 
-def rejection_reason(instruction: str, blacklist: Sequence[str] = BLACKLIST, require_ascii_start: bool = True) -> str | None:
+def word_count(text: str, tokenizer: str = "rouge") -> int:
+    """Words as the chosen tokenizer sees them: whitespace-separated (the reference's `split()`), or, with unicode,
+    the similarity filter's own words, so CJK text, written without spaces, is not one long "word"."""
+    return len(tokenize_unicode(text)) if tokenizer == "unicode" else len(text.split())
+
+
+def rejection_reason(
+    instruction: str, blacklist: Sequence[str] = BLACKLIST, require_ascii_start: bool = True, tokenizer: str = "rouge"
+) -> str | None:
     """The first of the reference's heuristic filters an instruction fails (in the reference's order), or None."""
-    words = instruction.split()
-    if len(words) <= 3:
+    words = word_count(instruction, tokenizer)
+    if words <= 3:
         return "too_short"
-    if len(words) > 150:
+    if words > 150:
         return "too_long"
     for word in blacklist:
         if re.search(rf"\b{re.escape(word)}\b", instruction, flags=re.IGNORECASE):
@@ -254,70 +266,94 @@ def rejection_reason(instruction: str, blacklist: Sequence[str] = BLACKLIST, req
     return None
 
 
-def parse_yes_no(completion: str) -> bool:
-    """Reference: a task is classification iff the answer is "Yes" (any case)."""
-    return completion.strip().lower().startswith("yes")
+def parse_yes_no(completion: str) -> bool | None:
+    """The classification step's answer: exactly yes or no, stripped, any case; None for anything else (stored so).
+
+    The reference's `answer.strip() in ["Yes", "yes", "YES"]` (prepare_for_finetuning.py) counts every other answer
+    as no; the instance step does the same with None, and the store keeps that the answer did not parse.
+    """
+    return {"yes": True, "no": False}.get(completion.strip().lower())
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    input: str
+    output: str
+    reason: str | None = None
+    """Set when the block lacks the format's markers (missing_marker); the block is then the output, raw."""
 
 
 _OUTPUT = re.compile(r"Output\s*\d*\s*:")
+_INPUT = re.compile(r"^\s*Input\s*\d*\s*:")
+_MARKER = re.compile(r"^\s*(Output|Input|Class label)\s*\d*\s*:")
 
 
-def parse_instances(completion: str, classification: bool) -> list[tuple[str, str]]:
-    """(input, output) pairs, the way the reference's prepare_for_finetuning.py reads them.
+def parse_instances(completion: str, classification: bool) -> list[ParsedInstance]:
+    """(input, output) pairs, the way the reference's prepare_for_finetuning.py reads them, markers required.
 
     Input-first: the completion continues after "Example 1"; examples are split at "Example N", each at "Output:".
     Label-first: the completion continues after "Class label:"; each block's first line is the label, the rest the
-    input. A completion with none of these markers gives no pairs.
+    input after "Input:". The prompt writes the first marker itself, so a reply with no marker of its own would still
+    parse ("Sure, here you go..." as an output); the reference returns no pair without markers, and so do we: an
+    example without "Output:", a labelled block whose input has no "Input:", and a label without input where other
+    labels have one are kept as missing_marker, the block as written.
     """
-    pairs = []
     if classification:
-        for block in re.split(r"Class label\s*:", "Class label:" + completion)[1:]:
-            label, _, given = block.strip().partition("\n")
-            pairs.append((re.sub(r"^\s*Input\s*\d*\s*:", "", given).strip(), label.strip()))
+        blocks = [b.strip() for b in re.split(r"Class label\s*:", "Class label:" + completion)[1:]]
+        split = [block.partition("\n")[::2] for block in blocks]
+        any_input = any(rest.strip() for _, rest in split)
+        pairs = []
+        for block, (label, rest) in zip(blocks, split):
+            if _INPUT.match(rest) or (not any_input and len(blocks) > 1):
+                pairs.append(ParsedInstance(_INPUT.sub("", rest).strip(), label.strip()))
+            else:
+                pairs.append(ParsedInstance("", block, "missing_marker"))
         return pairs
+    pairs = []
     for block in re.split(r"Example\s?\d*\.?", "Example 1\n" + completion):
         if not block.strip():
             continue
-        if _OUTPUT.search(block):
-            given, output = _OUTPUT.split(block, maxsplit=1)
-        elif pairs or "Input" in block:
-            given, output = block, ""  # an input whose output never came
-        else:
-            given, output = "", block  # the reference's "output directly" for tasks without input
+        if not _OUTPUT.search(block):
+            pairs.append(ParsedInstance("", block.strip(), "missing_marker"))
+            continue
+        given, output = _OUTPUT.split(block, maxsplit=1)
         output = re.split(r"Input\s*\d*\s*:", output)[0]  # one pair per example
-        pairs.append((re.sub(r"^\s*Input\s*\d*\s*:", "", given.strip()).strip(), output.strip()))
+        pairs.append(ParsedInstance(_INPUT.sub("", given.strip()).strip(), output.strip()))
     return pairs
 
 
-def instance_verdicts(pairs: Sequence[tuple[str, str]], max_instances: int, cut_by_length: bool) -> list[str | None]:
+def instance_verdicts(pairs: Sequence[ParsedInstance], max_instances: int, cut_by_length: bool) -> list[str | None]:
     """A rejection reason (None: kept) per pair, in the reference's order (prepare_for_finetuning.py):
 
-    the last pair of a completion cut by max_tokens; input equal to output, empty output, input or output ending in
-    ":" (usually unfinished); then, among the valid ones, every pair of the task when one non-empty input has two
-    different outputs; exact duplicates; and pairs beyond max_instances.
+    the last pair of a completion cut by max_tokens; a block without the format's markers; input equal to output,
+    empty output, input or output ending in ":" (usually unfinished); ours: an input that begins with a field marker
+    ("Output: 5", the model writing the format into the input); then, among the valid ones, every pair of the task
+    when one non-empty input has two different outputs; exact duplicates; and pairs beyond max_instances.
     """
-    verdicts: list[str | None] = [None] * len(pairs)
+    verdicts: list[str | None] = [pair.reason for pair in pairs]
     if cut_by_length and pairs:
         verdicts[-1] = "cut_by_length"
-    for i, (given, output) in enumerate(pairs):
+    for i, pair in enumerate(pairs):
         if verdicts[i]:
             continue
-        if given == output:
+        if pair.input == pair.output:
             verdicts[i] = "input_equals_output"
-        elif not output:
+        elif not pair.output:
             verdicts[i] = "empty_output"
-        elif given.endswith(":") or output.endswith(":"):
+        elif pair.input.endswith(":") or pair.output.endswith(":"):
             verdicts[i] = "ends_with_colon"
+        elif _MARKER.match(pair.input):
+            verdicts[i] = "input_starts_with_marker"
     valid = [i for i, v in enumerate(verdicts) if v is None]
     outputs_by_input: dict[str, set[str]] = {}
     for i in valid:
-        if pairs[i][0]:
-            outputs_by_input.setdefault(pairs[i][0], set()).add(pairs[i][1])
+        if pairs[i].input:
+            outputs_by_input.setdefault(pairs[i].input, set()).add(pairs[i].output)
     if any(len(outputs) > 1 for outputs in outputs_by_input.values()):
         for i in valid:
             verdicts[i] = "conflicting_outputs"
         return verdicts
-    seen: set[tuple[str, str]] = set()
+    seen: set[ParsedInstance] = set()
     kept = 0
     for i in valid:
         if pairs[i] in seen:
@@ -413,9 +449,12 @@ def process_batch(
         completion = result.completions[0]
         items = parse_instructions(completion.text, config.num_prompt_instructions + 1)
         stats.empty_responses += not items
+        cut = completion.finish_reason == "length"
         for position, text in enumerate(items):
-            cut = completion.finish_reason == "length" and position == len(items) - 1
-            reason = "cut_by_length" if cut else rejection_reason(text, config.blacklist, config.require_ascii_start)
+            if cut and (config.length_cut == "drop_response" or position == len(items) - 1):
+                reason = "cut_by_length"
+            else:
+                reason = rejection_reason(text, config.blacklist, config.require_ascii_start, config.tokenizer)
             tasks.append(Task(run_id=run_row.id, instruction=text, status="rejected", reason=reason))
             origin.append(number)
     stats.generated = len(tasks)
@@ -467,9 +506,9 @@ def process_batch(
         pairs = parse_instances(completion.text, bool(task.is_classification))
         verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
         session.add_all(
-            Instance(task_id=task.id, generation_id=rows[0].id, input=given, output=output,
+            Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
                      status="rejected" if reason else "accepted", reason=reason)
-            for (given, output), reason in zip(pairs, verdicts)
+            for pair, reason in zip(pairs, verdicts)
         )  # fmt: skip
         kept = verdicts.count(None)
         if kept:

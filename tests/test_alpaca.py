@@ -148,6 +148,23 @@ def test_run_bookkeeping(db_url):
         assert (facts.accepted, facts.instances_accepted) == (run.accepted, run.instances) == (2, 2)
 
 
+def test_alpaca_drops_the_last_record_of_a_cut_response_or_all_of_it(db_url):
+    seeds = read_seeds(SEEDS)
+    completion = continuation((NOVEL[0], "", "The Rhine."), (NOVEL[2], "", "Add 273.15."), (NOVEL[3], "", "Shorter"))
+    assert alpaca.AlpacaConfig().length_cut == "drop_last"
+    for name, length_cut, reasons in (("last", "drop_last", [None, None, "cut_by_length"]), ("all", "drop_response", ["cut_by_length"] * 3)):
+        config = alpaca.AlpacaConfig(num_instructions=5, request_batch_size=1, max_stalled_batches=1, length_cut=length_cut)
+        with Session(open_engine(db_url)) as session:
+            run = Run(name=name, pipeline="alpaca", config=bootstrap.config_dict(config), model="scripted", backend="scripted")
+            session.add(run)
+            session.flush()
+            bootstrap.store_seeds(session, run, seeds)
+            session.commit()
+            alpaca.run(session, run, ScriptedAlpaca([(completion, "length")]), config)
+            tasks = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
+            assert [t.reason for t in tasks] == reasons
+
+
 SMALL = ["--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "320"]
 
 

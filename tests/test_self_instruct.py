@@ -50,7 +50,8 @@ def test_classification_prompt_ends_with_the_question():
     assert prompt.startswith("Can the following task be regarded as a classification task with finite output labels?\n\nTask: ")
     assert prompt.endswith("Is it classification? No\n\nTask: Is this email spam?\nIs it classification?")
     assert (si.CLASSIFICATION_PARAMS.temperature, si.CLASSIFICATION_PARAMS.max_tokens) == (0, 3)
-    assert [si.parse_yes_no(t) for t in (" Yes", " yes.", " No", "", " Maybe")] == [True, True, False, False, False]
+    answers = (" Yes", "YES\n", " no ", " Yesterday", " yes.", " Nope", "", " Maybe")
+    assert [si.parse_yes_no(t) for t in answers] == [True, True, False, None, None, None, None, None]
 
 
 def test_instance_prompts_input_first_and_label_first():
@@ -104,31 +105,61 @@ def test_non_ascii_start_can_be_allowed():
     assert si.rejection_reason("Élabore une liste de courses pour la semaine.", require_ascii_start=False) is None
 
 
+P = si.ParsedInstance
+
+
 def test_instance_parsing():
     text = "Input: 2, 1\nOutput: 1, 2\nExample 2\nInput: b a\nOutput: a b\nExample 3\nInput: x:\nOutput: y\nExample 4\nInput: q"
-    assert si.parse_instances(text, classification=False) == [("2, 1", "1, 2"), ("b a", "a b"), ("x:", "y"), ("q", "")]
-    assert si.parse_instances("Output: A haiku.\n", classification=False) == [("", "A haiku.")]
-    assert si.parse_instances("A haiku about rain.", classification=False) == [("", "A haiku about rain.")]
+    assert si.parse_instances(text, classification=False) == [P("2, 1", "1, 2"), P("b a", "a b"), P("x:", "y"), P("", "Input: q", "missing_marker")]
+    assert si.parse_instances("Output: A haiku.\n", classification=False) == [P("", "A haiku.")]
     label_first = " Positive\nInput: I loved it.\nClass label: Negative\nInput: Awful."
-    assert si.parse_instances(label_first, classification=True) == [("I loved it.", "Positive"), ("Awful.", "Negative")]
+    assert si.parse_instances(label_first, classification=True) == [P("I loved it.", "Positive"), P("Awful.", "Negative")]
+    assert si.parse_instances(" Spam\nClass label: Not spam", classification=True) == [P("", "Spam"), P("", "Not spam")]
+
+
+def test_instance_parsing_needs_the_markers():
+    """The prompt ends with "Example 1" or "Class label:": a reply without markers of its own is no instance."""
+    chatter = "Sure, here you go! This task is about sorting."
+    assert si.parse_instances(chatter, classification=False) == [P("", chatter, "missing_marker")]
+    assert si.parse_instances(" " + chatter, classification=True) == [P("", chatter, "missing_marker")]
+    unmarked = " Positive\nI loved it.\nClass label: Negative\nInput: Awful.\nClass label: Neutral"
+    assert si.parse_instances(unmarked, classification=True) == [
+        P("", "Positive\nI loved it.", "missing_marker"),  # an input without "Input:"
+        P("Awful.", "Negative"),
+        P("", "Neutral", "missing_marker"),  # no input where the others have one
+    ]
+    pairs = si.parse_instances("Input: Input: 2 + 3\nOutput: 5\nExample 2\nInput: Class label: yes\nOutput: yes", False)
+    assert si.instance_verdicts(pairs, 5, cut_by_length=False) == ["input_starts_with_marker"] * 2
+    pairs = si.parse_instances(" Positive\nInput: Output: I loved it.", classification=True)
+    assert si.instance_verdicts(pairs, 5, cut_by_length=False) == ["input_starts_with_marker"]
+    assert si.instance_verdicts([P("", chatter, "missing_marker")], 5, cut_by_length=False) == ["missing_marker"]
 
 
 def test_instance_verdicts_in_the_references_order():
-    pairs = [("2, 1", "1, 2"), ("b a", "a b"), ("x:", "y"), ("q", "")]
+    pairs = [P("2, 1", "1, 2"), P("b a", "a b"), P("x:", "y"), P("q", "")]
     assert si.instance_verdicts(pairs, 5, cut_by_length=True) == [None, None, "ends_with_colon", "cut_by_length"]
-    assert si.instance_verdicts([("a", "1"), ("a", "2"), ("b", "b")], 5, False) == ["conflicting_outputs", "conflicting_outputs", "input_equals_output"]
+    assert si.instance_verdicts([P("a", "1"), P("a", "2"), P("b", "b")], 5, False) == ["conflicting_outputs", "conflicting_outputs", "input_equals_output"]
     # No input: two different outputs are two examples, not a conflict (the reference skips empty inputs).
-    assert si.instance_verdicts([("", "A poem."), ("", "Another poem.")], 5, False) == [None, None]
-    assert si.instance_verdicts([("a", "1"), ("a", "1"), ("", "")], 5, False) == [None, "duplicate", "input_equals_output"]
-    assert si.instance_verdicts([("", "x")], 5, False) == [None]
-    assert si.instance_verdicts([(str(i), "y") for i in range(7)], 5, False)[5:] == ["over_max_instances"] * 2
+    assert si.instance_verdicts([P("", "A poem."), P("", "Another poem.")], 5, False) == [None, None]
+    assert si.instance_verdicts([P("a", "1"), P("a", "1"), P("", "")], 5, False) == [None, "duplicate", "input_equals_output"]
+    assert si.instance_verdicts([P("", "x")], 5, False) == [None]
+    assert si.instance_verdicts([P(str(i), "y") for i in range(7)], 5, False)[5:] == ["over_max_instances"] * 2
+
+
+def test_word_count_follows_the_tokenizer():
+    """CJK text has no spaces: one whitespace "word", always too short, unless counted like the unicode tokenizer."""
+    chinese = "请把下面的句子翻译成英文。"
+    assert si.rejection_reason(chinese, require_ascii_start=False) == "too_short"
+    assert si.rejection_reason(chinese, require_ascii_start=False, tokenizer="unicode") is None
+    assert si.word_count("Sort these numbers.", "unicode") == si.word_count("Sort these numbers.") == 3
 
 
 # ---- the run's bookkeeping, with a scripted backend ----------------------------------------------------------
 
 
 class ScriptedBackend:
-    """Answers like a model would, from scripts: instruction lists in turn, "No" to classification, one instance.
+    """Answers like a model would, from scripts: instruction lists in turn (text, or (text, finish_reason)), "No" to
+    classification, one instance.
 
     `fail_at`: the generate call (1-based) that raises, like a server going away."""
 
@@ -154,7 +185,8 @@ class ScriptedBackend:
                 text = "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
             else:
                 text = self.lists.pop(0) if self.lists else " Say nothing new at all today.\n"
-            results.append(Result(prompt, len(prompt.split()), (Completion(text, "stop", len(text.split())),), 0.0))
+            text, finish = text if isinstance(text, tuple) else (text, "stop")
+            results.append(Result(prompt, len(prompt.split()), (Completion(text, finish, len(text.split())),), 0.0))
         return results
 
     def close(self):
@@ -218,6 +250,18 @@ def test_run_records_every_decision(db_url):
         purposes = [g.purpose for g in session.exec(select(Generation).order_by(Generation.id)).all()]
         assert purposes.count("classification") == purposes.count("instances") == 4
         assert run.instances == 4 and run.rejected == len(tasks) - 4
+
+
+@pytest.mark.parametrize("length_cut, reasons", [("drop_response", ["cut_by_length"] * 3), ("drop_last", [None, None, "cut_by_length"])])
+def test_a_response_cut_by_length(db_url, length_cut, reasons):
+    """Self-Instruct's reference drops a whole response that max_tokens cut; drop_last is Alpaca's rule."""
+    config = si.SelfInstructConfig(num_instructions=2, request_batch_size=1, max_stalled_batches=1, length_cut=length_cut)
+    assert si.SelfInstructConfig().length_cut == "drop_response"
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([(listing(*NOVEL[:3]), "length")]), config)
+        tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
+        assert [t.reason for t in tasks][:3] == reasons
 
 
 def test_backend_failure_marks_nothing_lost_and_rerun_resumes(db_url):

@@ -37,6 +37,7 @@ from pipelines.bootstrap import (
     finish_batch,
     load_pool,
     load_seeds,
+    request_seed,
     timed_generate,
     uses_chat,
 )
@@ -197,10 +198,10 @@ def run(
 
     def one_batch(batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
         requests = []
-        for _ in range(n_requests):
+        for number in range(n_requests):
             shown = rng.sample(examples, min(config.num_prompt_instructions, len(examples)))
             requests.append(Request(prompt=alpaca_prompt(shown, config.num_tasks).render(chat_template),
-                                    params=alpaca_params(config, config.seed * 1000 + batch_number)))  # fmt: skip
+                                    params=alpaca_params(config, request_seed(config.seed, batch_number, number))))  # fmt: skip
         return process_batch(session, run_row, backend, config, requests, index, batch_number)
 
     return bootstrap(session, run_row, config, one_batch, on_batch)

@@ -40,8 +40,25 @@ def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
     for name in ("request_batch_size", "max_tokens", "num_prompt_instructions", "max_stalled_batches", *positive):
         if getattr(config, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**SEED_BITS:
+        raise BadInput(f"--seed must be in [0, 2^{SEED_BITS}), got {config.seed}")
+    if config.request_batch_size > 2**INDEX_BITS:
+        raise BadInput(f"--request-batch-size must be at most {2**INDEX_BITS}, got {config.request_batch_size}")
     if config.max_requests is not None and config.max_requests < 1:
         raise BadInput(f"--max-requests must be at least 1, got {config.max_requests}")
+
+
+SEED_BITS, BATCH_BITS, INDEX_BITS = 31, 20, 12
+"""A request's sampling seed packs (run seed, batch, request index) into 63 bits: distinct for distinct triples, and
+within the signed 64-bit range vLLM, its OpenAI server and torch accept."""
+
+
+def request_seed(seed: int, batch: int, index: int) -> int:
+    """The sampling seed of request `index` of batch `batch`: its own, so no two requests of a run draw the same
+    random numbers (one seed per batch made every request of a batch sample alike on vLLM and OpenAI servers)."""
+    if not (0 <= seed < 2**SEED_BITS and 0 <= batch < 2**BATCH_BITS and 0 <= index < 2**INDEX_BITS):
+        raise ValueError(f"seed {seed}, batch {batch}, request {index} do not fit a 63-bit sampling seed")
+    return (seed << (BATCH_BITS + INDEX_BITS)) | (batch << INDEX_BITS) | index
 
 
 def config_dict(config) -> dict:
@@ -166,7 +183,8 @@ def bootstrap(
     """Batches until `num_instructions` are accepted, a request budget is spent, or the run stalls.
 
     `one_batch(batch_number, requests, rng)` generates, filters and stores one batch in one transaction. Each batch
-    gets its own random generator seeded by (seed, batch number), so a resumed run does not repeat earlier prompts.
+    gets its own random generator seeded by the string "seed/batch" (collision-free, unlike seed * k + batch), so a
+    resumed run does not repeat earlier prompts.
     """
     batch_number = next_batch_number(session, run)
     totals, stalled = BatchStats(), 0
@@ -181,7 +199,7 @@ def bootstrap(
         requests = requests_needed(config.num_instructions - run.accepted, totals, config.request_batch_size)
         if config.max_requests is not None:
             requests = min(requests, config.max_requests - _instruction_requests(session, run))
-        stats = one_batch(batch_number, requests, random.Random(config.seed * 1_000_003 + batch_number))
+        stats = one_batch(batch_number, requests, random.Random(f"{config.seed}/{batch_number}"))
         totals.add(stats)
         stalled = 0 if stats.accepted else stalled + 1
         batch_number += 1

@@ -45,6 +45,7 @@ from pipelines.bootstrap import (
     finish_batch,
     load_pool,
     load_seeds,
+    request_seed,
     timed_generate,
     uses_chat,
 )
@@ -407,13 +408,12 @@ def run(
 
     def one_batch(batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
         requests = []
-        for _ in range(n_requests):
+        for number in range(n_requests):
             machine = rng.sample(pool, min(config.num_machine_instructions, len(pool)))
             examples = machine + rng.sample(human, min(config.num_prompt_instructions - len(machine), len(human)))
             rng.shuffle(examples)
             prompt = instruction_prompt(examples, config.generate_classification).render(chat_template)
-            # One sampling seed per batch: requests with equal settings share one batched backend call.
-            requests.append(Request(prompt=prompt, params=instruction_params(config, config.seed * 1000 + batch_number)))
+            requests.append(Request(prompt=prompt, params=instruction_params(config, request_seed(config.seed, batch_number, number))))
         return process_batch(session, run_row, backend, config, chat_template, requests, index, pool, demos, rng, batch_number)
 
     return bootstrap(session, run_row, config, one_batch, on_batch)

@@ -264,6 +264,39 @@ def test_a_response_cut_by_length(db_url, length_cut, reasons):
         assert [t.reason for t in tasks][:3] == reasons
 
 
+def test_every_request_has_its_own_sampling_seed(db_url):
+    """Seeds derived from (run seed, batch, request index): distinct across requests and batches and runs' seeds
+    (the old seed * 1000 + batch gave seed 0 batch 1000 the seed of seed 1 batch 0, and one seed to a whole batch)."""
+    assert len({bootstrap.request_seed(s, b, i) for s in (0, 1) for b in (0, 1, 1000) for i in range(16)}) == 2 * 3 * 16
+    assert bootstrap.request_seed(0, 1000, 0) != bootstrap.request_seed(1, 0, 0)
+    config = si.SelfInstructConfig(num_instructions=3, request_batch_size=4)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([listing(NOVEL[0]), listing(NOVEL[1]), listing(NOVEL[2])]), config)
+        rows = session.exec(select(Generation).where(Generation.purpose == "instructions").order_by(Generation.id)).all()
+        seeds = [g.sampling["seed"] for g in rows]
+        assert len(rows) == 4 and len(set(seeds)) == 4
+        assert seeds == [bootstrap.request_seed(0, g.batch, i) for i, g in enumerate(rows)]
+
+
+def test_transformers_batches_requests_that_differ_only_in_seed(embedded_model_path, monkeypatch):
+    """The transformers backend samples a batch from one generator: requests with their own seeds still share a
+    batch, rows draw different numbers, and the same requests give the same samples."""
+    from datagen.backends import Request
+    from datagen.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend("smollm2-135m")
+    calls = []
+    original = backend._generate_batch
+    monkeypatch.setattr(backend, "_generate_batch", lambda prompts, params: calls.append(len(prompts)) or original(prompts, params))
+    config = si.SelfInstructConfig(max_tokens=12)
+    requests = [Request(prompt="1. Write a poem about", params=si.instruction_params(config, bootstrap.request_seed(0, 1, i))) for i in range(4)]
+    first = [r.completions[0].text for r in backend.generate(requests)]
+    assert calls == [4]
+    assert len(set(first)) > 1
+    assert [r.completions[0].text for r in backend.generate(requests)] == first
+
+
 def test_backend_failure_marks_nothing_lost_and_rerun_resumes(db_url):
     config = si.SelfInstructConfig(num_instructions=3, request_batch_size=1)
     lists = [listing(NOVEL[0]), listing(NOVEL[1]), listing(NOVEL[2])]
@@ -469,6 +502,22 @@ def test_self_instruct_on_vllm(vllm_llm, db_url):
         si.run(session, run, vllm_llm, config)
         assert (run.status, run.accepted) == ("completed", 3)
     check_store_independently(db_url, "v", 3)
+
+
+@pytest.mark.vllm
+def test_vllm_same_prompt_requests_sample_apart_and_repeat(vllm_llm):
+    """16 requests with one prompt at temperature 0.7 give 16 different completions, and the same --seed gives the
+    same 16 again. One seed shared by the batch (the old scheme) gives 16 copies of one completion."""
+    from datagen.backends import Request
+
+    config = si.SelfInstructConfig(max_tokens=48)
+    prompt = si.instruction_prompt([s.instruction for s in SEED_TASKS[:8]]).render(vllm_llm.render_chat)
+    requests = [Request(prompt=prompt, params=si.instruction_params(config, bootstrap.request_seed(0, 1, i))) for i in range(16)]
+    first = [r.completions[0].text for r in vllm_llm.generate(requests)]
+    assert len(set(first)) == 16
+    assert [r.completions[0].text for r in vllm_llm.generate(requests)] == first
+    shared = [Request(prompt=prompt, params=si.instruction_params(config, 1)) for _ in range(16)]
+    assert len({r.completions[0].text for r in vllm_llm.generate(shared)}) == 1
 
 
 @pytest.mark.vllm

@@ -187,21 +187,22 @@ def bootstrap(
     resumed run does not repeat earlier prompts.
     """
     batch_number = next_batch_number(session, run)
-    totals, stalled = BatchStats(), 0
+    totals = BatchStats()
     while run.accepted < config.num_instructions:
-        if config.max_requests is not None and _instruction_requests(session, run) >= config.max_requests:
+        done = _instruction_requests(session, run)
+        if config.max_requests is not None and done >= config.max_requests:
             touch(run, status="stopped", error=f"--max-requests {config.max_requests} reached")
             break
+        stalled = stalled_batches(session, run)
         if stalled >= config.max_stalled_batches:
             touch(run, status="stopped", error=f"{stalled} batches in a row accepted nothing; the model may be repeating "
                   "itself: try another --seed, a higher --temperature, or the other --prompt-style")  # fmt: skip
             break
-        requests = requests_needed(config.num_instructions - run.accepted, totals, config.request_batch_size)
+        requests = requests_needed(config.num_instructions - run.accepted, run.accepted, done, config.request_batch_size)
         if config.max_requests is not None:
-            requests = min(requests, config.max_requests - _instruction_requests(session, run))
+            requests = min(requests, config.max_requests - done)
         stats = one_batch(batch_number, requests, random.Random(f"{config.seed}/{batch_number}"))
         totals.add(stats)
-        stalled = 0 if stats.accepted else stalled + 1
         batch_number += 1
         on_batch(run, stats)
     else:
@@ -215,12 +216,29 @@ def next_batch_number(session: Session, run: Run) -> int:
     return (session.exec(select(func.max(Generation.batch)).where(Generation.run_id == run.id)).one() or 0) + 1
 
 
-def requests_needed(remaining: int, so_far: BatchStats, batch_size: int) -> int:
-    """A full batch, or near the target about 1.5 times the requests the keep rate so far says are needed."""
-    if not so_far.accepted:
+def requests_needed(remaining: int, accepted: int, requests: int, batch_size: int) -> int:
+    """A full batch, or near the target about 1.5 times the requests the run's keep rate says are needed.
+
+    `accepted` and `requests` are the whole run's, from the store, so a resumed run asks what the uninterrupted
+    one would have asked."""
+    if not accepted:
         return batch_size
-    per_request = so_far.accepted / so_far.requests
-    return max(1, min(batch_size, math.ceil(1.5 * remaining / per_request)))
+    return max(1, min(batch_size, math.ceil(1.5 * remaining * requests / accepted)))
+
+
+def stalled_batches(session: Session, run: Run) -> int:
+    """Instruction batches in a row, the latest ones, that accepted nothing: from the store, so the stall guard
+    counts across a resume as in an uninterrupted run."""
+    accepted_in = (
+        select(func.max(Generation.batch))
+        .join(Task, Task.generation_id == Generation.id)
+        .where(Generation.run_id == run.id, Task.source == "generated", Task.status == "accepted")
+    )
+    last = session.exec(accepted_in).one() or 0
+    query = select(func.count(func.distinct(Generation.batch))).where(
+        Generation.run_id == run.id, Generation.purpose == "instructions", Generation.batch > last
+    )
+    return session.exec(query).one()
 
 
 def _instruction_requests(session: Session, run: Run) -> int:

@@ -333,6 +333,70 @@ def test_stall_guard_and_request_budget(db_url):
         assert session.exec(select(Generation).where(Generation.purpose == "instructions")).all().__len__() == 3
 
 
+class PromptKeyedBackend(ScriptedBackend):
+    """Answers an instruction prompt with a human-written task picked by the prompt's hash, so a run's answers depend
+    on its prompts alone, as a seeded model's would, not on how many calls came before."""
+
+    def __init__(self, candidates: list[str]):
+        super().__init__([])
+        self.candidates = candidates
+
+    def generate(self, requests):
+        import hashlib
+
+        self.lists = []
+        for request in requests:
+            if request.prompt.endswith(("Is it classification?", "Example 1\n")):
+                continue
+            digest = int(hashlib.sha256(request.prompt.encode()).hexdigest(), 16)
+            self.lists.append(listing(self.candidates[digest % len(self.candidates)]))
+        return super().generate(requests)
+
+
+class Killed(Exception):
+    pass
+
+
+def decisions(session: Session, run: Run) -> list[tuple]:
+    tasks = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
+    calls = session.exec(select(Generation).where(Generation.run_id == run.id).order_by(Generation.id)).all()
+    return [(t.instruction, t.status, t.reason) for t in tasks] + [(g.batch, g.purpose, g.prompt) for g in calls]
+
+
+@pytest.mark.parametrize("candidates, kill_after", [(20, 2), (0, 2)], ids=["near-target", "stalled"])
+def test_a_run_killed_after_batch_k_and_resumed_is_the_uninterrupted_run(tmp_path, candidates, kill_after):
+    """Near the target a batch asks for fewer requests (the keep rate so far), and the stall guard counts batches in a
+    row: both come from the store, so the resumed run stores exactly what the uninterrupted one does."""
+    pool = [s.instruction for s in read_seeds(SEEDS)[20 : 20 + candidates]] or [SEED_TASKS[0].instruction]
+    config = si.SelfInstructConfig(num_instructions=8, request_batch_size=4, max_stalled_batches=4)
+    stores = []
+    for kill in (None, kill_after):
+        engine = open_engine(f"sqlite:///{tmp_path / f'kill-{kill}.db'}")
+        with Session(engine) as session:
+            run = new_run(session, SEED_TASKS, config)
+            batches = []
+
+            def on_batch(run, stats, kill=kill):
+                batches.append(stats.requests)
+                if len(batches) == kill:
+                    raise Killed
+
+            try:
+                si.run(session, run, PromptKeyedBackend(pool), config, on_batch)
+            except Killed:
+                pass
+        with Session(engine) as session:
+            run = get_run(session, "t")
+            si.run(session, run, PromptKeyedBackend(pool), config, lambda run, stats: batches.append(stats.requests))
+            stores.append((run.status, run.accepted, decisions(session, run), batches))
+    assert stores[0] == stores[1]
+    status, accepted, _, batches = stores[0]
+    if candidates:
+        assert (status, accepted) == ("completed", 8) and batches[-1] < 4  # the last batch was cut to what the rate needs
+    else:
+        assert status == "stopped" and len(batches) == 4
+
+
 def test_resume_rebuilds_the_pool_from_the_store(db_url):
     """An instruction without valid instances stays in the similarity pool: a near-copy of it is still rejected."""
     config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1)

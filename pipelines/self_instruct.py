@@ -49,6 +49,7 @@ from pipelines.bootstrap import (
     timed_generate,
     uses_chat,
 )
+from pipelines.demonstrations import DEMONSTRATIONS
 from pipelines.seeds import SeedTask
 from storage.store import add_generations
 from storage.tables import Instance, Run, Task
@@ -105,9 +106,13 @@ class SelfInstructConfig:
     instance_max_tokens: int = 300
     """Per instance request (reference: 300 when a batch holds a classification task, else 350)."""
     instance_demonstrations: int = 3
-    """Seed tasks shown as worked examples in each instance prompt. Ours: the reference's fixed templates hold 12 to
-    17 tasks (about 3,000 tokens), too long a prompt for a small model on a CPU; seeds of the same kind, sampled per
-    request, keep the prompt near 300 tokens."""
+    """Tasks shown as worked examples in each instance prompt. Ours: the reference's fixed templates hold 12 to
+    17 tasks (about 3,000 tokens), too long a prompt for a small model on a CPU; 3 tasks of the same kind, sampled
+    per request, keep the prompt near 300 tokens."""
+    instance_demos: str = "builtin"
+    """Where those tasks come from: builtin, datagen's own set of tasks with 2 to 4 instances each and classification
+    tasks with all their labels (pipelines/demonstrations.py; the reference's templates are of that kind), or seeds,
+    the run's seed tasks (one instance each in Self-Instruct's seed file)."""
     length_cut: str = "drop_response"
     """What to do with an instruction response that max_tokens cut: drop_response, every instruction in it (the
     reference: bootstrap_instructions.py returns [] when finish_reason is "length"), or drop_last, only its last,
@@ -121,6 +126,8 @@ class SelfInstructConfig:
 
     def __post_init__(self) -> None:
         check_bootstrap_config(self, ("max_instances", "instance_max_tokens", "max_new_instructions", "instance_demonstrations"))
+        if self.instance_demos not in ("builtin", "seeds"):
+            raise BadInput(f"--instance-demos must be builtin or seeds, got {self.instance_demos}")
         if not 0 <= self.num_machine_instructions <= self.num_prompt_instructions:
             raise BadInput("--num-machine-instructions must be between 0 and --num-prompt-instructions")
         self.blacklist = tuple(self.blacklist)
@@ -188,10 +195,14 @@ OUTPUT_FIRST_HEADER = (
 """The reference's headers (templates/instance_gen_template.py), verbatim: the model is asked exactly what the paper asked."""
 
 
+MAX_SHOWN = 4
+"""Instances shown per demonstration task, at most (the built-in tasks have 2 to 4)."""
+
+
 def demonstration(task: SeedTask, classification: bool) -> str:
-    """A seed task with its instances, input first ("Example 1 / Input / Output") or label first ("Class label / Input")."""
+    """A task with its instances, input first ("Example N / Input / Output") or label first ("Class label / Input")."""
     lines = [f"Task: {one_line(task.instruction)}"]
-    for number, instance in enumerate(task.instances[:2], start=1):
+    for number, instance in enumerate(task.instances[:MAX_SHOWN], start=1):
         if classification:
             lines.append(f"Class label: {instance.output}")
             if instance.input:
@@ -404,7 +415,8 @@ def run(
     human = [s.instruction for s in seeds if s.is_classification or not config.generate_classification]
     if not human:
         raise BadInput("--generate-classification needs seed tasks with is_classification true")
-    demos = {kind: demonstration_pool(seeds, kind) for kind in (True, False)}
+    demo_tasks = DEMONSTRATIONS if config.instance_demos == "builtin" else seeds
+    demos = {kind: demonstration_pool(demo_tasks, kind) for kind in (True, False)}
 
     def one_batch(batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
         requests = []
@@ -419,11 +431,11 @@ def run(
     return bootstrap(session, run_row, config, one_batch, on_batch)
 
 
-def demonstration_pool(seeds: Sequence[SeedTask], classification: bool) -> list[SeedTask]:
-    """Seeds of one kind with instances, shortest first, so instance prompts stay short; any seed if none fits."""
-    with_instances = [s for s in seeds if s.instances]
+def demonstration_pool(tasks: Sequence[SeedTask], classification: bool) -> list[SeedTask]:
+    """Tasks of one kind with instances, shortest first, so instance prompts stay short; any task if none fits."""
+    with_instances = [s for s in tasks if s.instances]
     same_kind = [s for s in with_instances if bool(s.is_classification) == classification] or with_instances
-    size = lambda s: sum(len(i.input) + len(i.output) for i in s.instances[:2])  # noqa: E731
+    size = lambda s: sum(len(i.input) + len(i.output) for i in s.instances[:MAX_SHOWN])  # noqa: E731
     return sorted(same_kind, key=size)[: max(8, len(same_kind) // 2)]
 
 

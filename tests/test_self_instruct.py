@@ -72,6 +72,33 @@ def test_instance_prompts_input_first_and_label_first():
     assert si.instance_params(si.SelfInstructConfig()).stop == ("Example 6", "Task:")
 
 
+def test_the_builtin_demonstrations_show_several_instances_and_every_label():
+    from pipelines.demonstrations import CLASSIFICATION, ORDINARY
+
+    assert 6 <= len(ORDINARY) <= 8 and all(2 <= len(t.instances) <= 4 and t.is_classification is False for t in ORDINARY)
+    assert 4 <= len(CLASSIFICATION) <= 6 and all(t.is_classification for t in CLASSIFICATION)
+    assert all(len({i.output for i in t.instances}) == len(t.instances) >= 2 for t in CLASSIFICATION)  # one per label
+    prompt = si.instance_prompt("Reverse the word.", ORDINARY[:1], False).render(None)
+    assert "Example 1\nInput: 25 °C\nOutput: 77 °F\nExample 2\nInput: -10 °C\nOutput: 14 °F\nExample 3\n" in prompt
+    prompt = si.instance_prompt("Is the email spam?", CLASSIFICATION[2:3], True).render(None)
+    assert prompt.count("Class label: ") == 3 and "Class label: Command\nInput: Close the window, please.\n" in prompt
+
+
+@pytest.mark.parametrize("instance_demos", ["builtin", "seeds"])
+def test_instance_prompts_show_the_chosen_demonstrations(db_url, instance_demos):
+    from pipelines.demonstrations import ORDINARY
+
+    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1, instance_demos=instance_demos)
+    assert si.SelfInstructConfig().instance_demos == "builtin"
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([listing(NOVEL[0])]), config)
+        prompt = session.exec(select(Generation.prompt).where(Generation.purpose == "instances")).one()
+    shown = [task.instruction for task in (ORDINARY if instance_demos == "builtin" else SEED_TASKS) if f"Task: {task.instruction}\n" in prompt]
+    assert len(shown) == config.instance_demonstrations
+    assert ("Example 2\n" in prompt) == (instance_demos == "builtin")  # every shipped seed has one instance
+
+
 # ---- parsing and filters --------------------------------------------------------------------------------------
 
 
@@ -512,7 +539,7 @@ def test_kill_9_then_resume(tmp_path):
         ('{"instruction": "Sort numbers well.", "is_classification": "no"}\n', [], "seeds.jsonl:1: field 'is_classification' must be true or false"),
         ("[]", [], "seeds.jsonl: no seed tasks"),
         ('{"instruction": "ok"\n', [], "seeds.jsonl:1: invalid JSON"),
-        ('{"instruction": "Sort a list of numbers."}\n', [], "seeds.jsonl: no seed task has instances"),
+        ('{"instruction": "Sort a list of numbers."}\n', ["--instance-demos", "seeds"], "seeds.jsonl: no seed task has instances"),
         ('{"instruction": "Sort it.", "output": "x"}\n', ["-n", "0"], "--num-instructions must be at least 1"),
         ('{"instruction": "Sort it.", "output": "x"}\n', ["--rouge-threshold", "1.5"], "--rouge-threshold must be in [0, 1]"),
     ],

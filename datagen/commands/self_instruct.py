@@ -40,6 +40,11 @@ class PromptStyle(str, enum.Enum):
     chat = "chat"
 
 
+class InstanceDemos(str, enum.Enum):
+    builtin = "builtin"
+    seeds = "seeds"
+
+
 class RougeTokenizer(str, enum.Enum):
     rouge = "rouge"
     unicode = "unicode"
@@ -68,6 +73,7 @@ def self_instruct_command(
     tokenizer: Annotated[Optional[RougeTokenizer], typer.Option(help="ROUGE tokenizer: rouge (rouge-score's) or unicode (non-English data).")] = None,
     allow_non_ascii: Annotated[Optional[bool], typer.Option("--allow-non-ascii", help="Keep instructions that start with a non-ASCII character (non-English data).")] = None,
     generate_classification: Annotated[Optional[bool], typer.Option("--generate-classification", help="Generate classification tasks only.")] = None,
+    instance_demos: Annotated[Optional[InstanceDemos], typer.Option(help="Worked examples of the instance step: builtin (tasks with several instances, all labels) or seeds (default: builtin).")] = None,
     max_requests: Annotated[Optional[int], typer.Option(help="Stop after this many instruction requests.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of example sampling and generation (default: 0).")] = None,
     config: ConfigOption = None,
@@ -78,6 +84,7 @@ def self_instruct_command(
     flags = dict(num_instructions=num_instructions, prompt_style=prompt_style, request_batch_size=request_batch_size,
                  max_tokens=max_tokens, temperature=temperature, top_p=top_p, instance_max_tokens=instance_max_tokens,
                  rouge_threshold=rouge_threshold, tokenizer=tokenizer, generate_classification=generate_classification,
+                 instance_demos=instance_demos,
                  require_ascii_start=None if allow_non_ascii is None else not allow_non_ascii, max_requests=max_requests,
                  seed=seed)  # fmt: skip
     execute("self-instruct", self_instruct.SelfInstructConfig, self_instruct.run, seeds, flags, config, run_name,
@@ -118,7 +125,8 @@ def execute(
     """Check everything, then open or resume the run, run the pipeline under a progress bar, and summarize."""
     settings = load_config(config_cls, config_file, flags)  # bad options fail before anything is written
     seeds = read_seeds(seeds_path)  # every line checked before anything is written
-    bootstrap.check_seeds(seeds, str(seeds_path), needs_instances=True)
+    needs_instances = getattr(settings, "instance_demos", "seeds") == "seeds"  # Alpaca shows seed records: always
+    bootstrap.check_seeds(seeds, str(seeds_path), needs_instances)
     engine = open_engine(db)
     with Session(engine) as session:
         run = find_run(session, run_name) if run_name else None

@@ -29,6 +29,10 @@ def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
     """The checks Self-Instruct's and Alpaca's configs share; `positive` names further fields that must be >= 1."""
     if config.num_instructions < 1:
         raise BadInput(f"--num-instructions must be at least 1, got {config.num_instructions}")
+    if not config.temperature >= 0 or math.isinf(config.temperature):  # "not >=" also catches NaN
+        raise BadInput(f"--temperature must be a number >= 0, got {config.temperature}")
+    if not 0 < config.top_p <= 1:
+        raise BadInput(f"--top-p must be in (0, 1], got {config.top_p}")
     if not 0 <= config.rouge_threshold <= 1:
         raise BadInput(f"--rouge-threshold must be in [0, 1], got {config.rouge_threshold}")
     if config.prompt_style not in ("auto", "raw", "chat"):

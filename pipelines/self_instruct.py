@@ -126,6 +126,8 @@ class SelfInstructConfig:
 
     def __post_init__(self) -> None:
         check_bootstrap_config(self, ("max_instances", "instance_max_tokens", "max_new_instructions", "instance_demonstrations"))
+        if not -2 <= self.presence_penalty <= 2:
+            raise BadInput(f"presence_penalty must be in [-2, 2] (vLLM's and OpenAI's range), got {self.presence_penalty}")
         if self.instance_demos not in ("builtin", "seeds"):
             raise BadInput(f"--instance-demos must be builtin or seeds, got {self.instance_demos}")
         if not 0 <= self.num_machine_instructions <= self.num_prompt_instructions:

@@ -578,6 +578,65 @@ def test_resume_refuses_other_seeds_or_pipeline(tmp_path, db_url):
     assert result.exit_code == 2 and "is a self-instruct run" in result.output
 
 
+def test_resume_refuses_changed_options_or_seed_instances(tmp_path, db_url):
+    """A resume must be the run it resumes: changed method options or seed instances are refused with the differences
+    named, and nothing is written; where the run stops (-n, --max-requests) may change."""
+    from datagen.commands.self_instruct import check_resume
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(SEEDS.read_text().splitlines(keepends=True)[:20]))
+    with Session(open_engine(db_url)) as session:
+        new_run(session, SEED_TASKS, si.SelfInstructConfig())
+    base = ["self-instruct", "--seeds", str(seeds), "--run", "t", "--db", db_url, "--model", "scripted"]
+    result = runner.invoke(app, [*base, "--temperature", "1.0", "--top-p", "0.5", "--instance-demos", "seeds"])
+    assert result.exit_code == 2
+    assert "started with other options (temperature 0.7 -> 1.0, instance_demos 'builtin' -> 'seeds')" in result.output
+    changed = [json.loads(line) for line in seeds.read_text().splitlines()]
+    changed[3]["instances"][0]["output"] += " (edited)"
+    seeds.write_text("".join(json.dumps(record) + "\n" for record in changed))
+    result = runner.invoke(app, base)
+    assert result.exit_code == 2 and "other seed tasks" in result.output
+    with Session(open_engine(db_url)) as session:
+        run = get_run(session, "t")
+        assert run.config == bootstrap.config_dict(si.SelfInstructConfig()) and run.status == "running"
+        assert not session.exec(select(Generation)).first()
+        flags = {"num_instructions": 500, "max_requests": 9}
+        settings = check_resume(session, run, "self-instruct", si.SelfInstructConfig, None, flags, SEED_TASKS, seeds, "scripted")
+        assert (settings.num_instructions, settings.max_requests, settings.temperature) == (500, 9, 0.7)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, args, message",
+    [
+        ("", ["--temperature", "-1"], "--temperature must be a number >= 0, got -1.0"),
+        ("", ["--top-p", "5"], "--top-p must be in (0, 1], got 5.0"),
+        ("", ["--seed", "-3"], "--seed must be in [0, 2^31), got -3"),
+        ("temperature: hot\n", [], "option 'temperature' must be a number, got 'hot'"),
+        ("num_instructions: abc\n", [], "option 'num_instructions' must be an integer, got 'abc'"),
+        ("length_cut: sometimes\n", [], "length_cut must be drop_response or drop_last, got sometimes"),
+        ("max_requests: 2.5\n", [], "option 'max_requests' must be an integer, got 2.5"),
+    ],
+)
+def test_bad_options_exit_2_before_any_store_or_model(tmp_path, yaml_text, args, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    for pipeline in ("self-instruct", "alpaca"):
+        result = runner.invoke(app, [pipeline, "--seeds", str(SEEDS), "--config", str(config), "--db", f"sqlite:///{tmp_path / 'x.db'}", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert not (tmp_path / "x.db").exists()
+
+
+def test_a_yaml_type_error_is_one_line_in_a_real_process(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("temperature: hot\n")
+    done = subprocess.run([sys.executable, "-m", "datagen.cli", "self-instruct", "--seeds", str(SEEDS), "--config", str(config),
+                           "--db", f"sqlite:///{tmp_path / 'x.db'}"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{config}: option 'temperature' must be a number, got 'hot'" in done.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
 # ---- other backends ------------------------------------------------------------------------------------------
 
 

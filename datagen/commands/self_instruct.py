@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -26,7 +25,9 @@ from datagen.options import (
     JsonOption,
     ModelOption,
     make_backend,
+    option_names,
     read_config_file,
+    typed_options,
 )
 from pipelines import bootstrap, self_instruct
 from pipelines.seeds import SeedTask, read_seeds
@@ -92,20 +93,18 @@ def self_instruct_command(
 
 
 def load_config(cls, path: Path | None, flags: dict[str, Any], base: dict[str, Any] | None = None):
-    """The config from, in increasing priority: a resumed run's stored config, the YAML file, the flags given."""
-    values = {k: v for k, v in (base or {}).items() if k in {f.name for f in fields(cls)}}
+    """The config from, in increasing priority: a resumed run's stored config, the YAML file, the flags given.
+    Types and ranges are checked here, before any store is opened or model loaded; errors name the key or option."""
+    known = option_names(cls)
+    values = {k: v for k, v in (base or {}).items() if k in known}
     if path is not None:
         loaded = read_config_file(path)
-        known = {f.name for f in fields(cls)}
         for key in loaded:
             if str(key).replace("-", "_") not in known:
                 raise BadInput(f"{path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        values.update(typed_options(cls, {str(k).replace("-", "_"): v for k, v in loaded.items()}, str(path)))
     values.update({k: v.value if isinstance(v, enum.Enum) else v for k, v in flags.items() if v is not None})
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise BadInput(f"{path or 'options'}: {err}") from None
+    return cls(**values)
 
 
 def execute(
@@ -179,16 +178,40 @@ def execute(
         raise typer.Exit(1)
 
 
+RESUMABLE = ("num_instructions", "max_requests", "max_stalled_batches")
+"""Options a resumed run may change: where it stops, not how it decides. Any other change would make the resumed
+run something the uninterrupted one is not, so it is refused."""
+
+
 def check_resume(session, run: Run, pipeline, config_cls, config_file, flags, seeds: list[SeedTask], seeds_path, model):
-    """The resumed run's stored config under the file and flags given now; same pipeline, model and seeds."""
+    """The resumed run's stored config under the file and flags given now; same pipeline, model, seeds and options."""
     if run.pipeline != pipeline:
         raise BadInput(f"run '{run.name}' is a {run.pipeline} run, not {pipeline}: choose another --run name")
     if run.model != model:
         raise BadInput(f"run '{run.name}' was started with --model {run.model}; resume it with the same model")
-    stored = session.exec(select(Task.instruction).where(Task.run_id == run.id, Task.source == "seed").order_by(Task.id)).all()
-    if stored and list(stored) != [s.instruction for s in seeds]:
+    stored = bootstrap.load_seeds(session, run)
+    if stored and not same_seeds(stored, seeds):
         raise BadInput(f"run '{run.name}' was started with other seed tasks than {seeds_path}; resume it with the same file")
-    return load_config(config_cls, config_file, flags, base=run.config)
+    settings = load_config(config_cls, config_file, flags, base=run.config)
+    now = bootstrap.config_dict(settings)
+    changed = [f"{key} {run.config[key]!r} -> {value!r}" for key, value in now.items()
+               if key in run.config and key not in RESUMABLE and run.config[key] != value]  # fmt: skip
+    if changed:
+        raise BadInput(f"run '{run.name}' was started with other options ({', '.join(changed)}): resume it with the "
+                       f"options it was started with, or start a new --run")  # fmt: skip
+    return settings
+
+
+def same_seeds(stored: list[SeedTask], given: list[SeedTask]) -> bool:
+    """The same tasks with the same instances; whether each is classification only where the file says (the store
+    also holds the classification step's labels of seeds the file left open)."""
+    if len(stored) != len(given):
+        return False
+    return all(
+        s.instruction == g.instruction and s.instances == g.instances
+        and (g.is_classification is None or s.is_classification == g.is_classification)
+        for s, g in zip(stored, given)
+    )  # fmt: skip
 
 
 def start_run(session: Session, run: Run, llm, seeds: list[SeedTask], settings, pipeline: str) -> None:

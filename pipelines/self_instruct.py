@@ -7,16 +7,18 @@ From a few human-written seed tasks the model writes new instructions. Each batc
 
 1. prompt: 8 instructions (6 human seeds, 2 from the machine pool), numbered, ending with "9."  (bootstrap_instructions.py)
 2. generate, and parse the numbered list the model continues;
-3. filter: length, keyword blacklist, "Write a program", leading punctuation or non-ASCII character, then ROUGE-L
-   F > 0.7 against every seed and every instruction kept so far (the dedup engine's exact rouge-score decisions);
-4. classify: a few-shot "Is it classification?" prompt, temperature 0, 3 tokens            (identify_clf_or_not.py)
-5. instances: input first for ordinary tasks, label first for classification; up to 5, then the reference's
-   instance filters                                               (generate_instances.py, prepare_for_finetuning.py)
+3. filter: a response cut by max_tokens, length, keyword blacklist, "Write a program", leading punctuation or
+   non-ASCII character, then ROUGE-L F > 0.7 against every seed and every instruction kept so far (the dedup
+   engine's exact rouge-score decisions);
+4. classify: a few-shot "Is it classification?" prompt, temperature 0, 3 tokens, yes or no  (identify_clf_or_not.py)
+5. instances: input first for ordinary tasks, label first for classification, shown worked examples with several
+   instances (pipelines/demonstrations.py); up to 5, markers required, then the reference's instance filters
+                                                                  (generate_instances.py, prepare_for_finetuning.py)
 6. store: every call, every parsed instruction with its verdict, every instance, in one transaction.
 
-The loop repeats until `num_instructions` are accepted (an instruction counts once it has at least one valid
-instance). A crash loses at most the batch in flight; `--run NAME` rebuilds seeds, pool and similarity index from
-the store and carries on, so the decisions of a resumed run are those of an uninterrupted one.
+The loop (pipelines/bootstrap.py) repeats until `num_instructions` are accepted (an instruction counts once it has at
+least one valid instance). A crash loses at most the batch in flight; `--run NAME` rebuilds seeds, pool and similarity
+index from the store and carries on, so the decisions of a resumed run are those of an uninterrupted one.
 
 Prompt styles: `raw` is the paper's completion prompt. `chat` renders the same request through the model's chat
 template: the request's header (e.g. "Come up with a series of tasks:") is the user's turn and the numbered list is

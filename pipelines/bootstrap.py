@@ -202,7 +202,8 @@ def bootstrap(
             touch(run, status="stopped", error=f"{stalled} batches in a row accepted nothing; the model may be repeating "
                   "itself: try another --seed, a higher --temperature, or the other --prompt-style")  # fmt: skip
             break
-        requests = requests_needed(config.num_instructions - run.accepted, run.accepted, done, config.request_batch_size)
+        kept = _accepted_from_requests(session, run)
+        requests = requests_needed(config.num_instructions - run.accepted, kept, done, config.request_batch_size)
         if config.max_requests is not None:
             requests = min(requests, config.max_requests - done)
         stats = one_batch(batch_number, requests, random.Random(f"{config.seed}/{batch_number}"))
@@ -225,7 +226,7 @@ def requests_needed(remaining: int, accepted: int, requests: int, batch_size: in
 
     `accepted` and `requests` are the whole run's, from the store, so a resumed run asks what the uninterrupted
     one would have asked."""
-    if not accepted:
+    if not accepted or not requests:
         return batch_size
     return max(1, min(batch_size, math.ceil(1.5 * remaining * requests / accepted)))
 
@@ -241,6 +242,14 @@ def stalled_batches(session: Session, run: Run) -> int:
     last = session.exec(accepted_in).one() or 0
     query = select(func.count(func.distinct(Generation.batch))).where(
         Generation.run_id == run.id, Generation.purpose == "instructions", Generation.batch > last
+    )
+    return session.exec(query).one()
+
+
+def _accepted_from_requests(session: Session, run: Run) -> int:
+    """Accepted instructions that came out of this run's requests (a pool imported into the store has none)."""
+    query = select(func.count()).select_from(Task).where(
+        Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Task.generation_id.is_not(None)
     )
     return session.exec(query).one()
 

@@ -395,7 +395,6 @@ def label_seeds(backend: Backend, seeds: Sequence[SeedTask], chat: bool) -> tupl
     return [replace(s, is_classification=answers[id(s)]) if id(s) in answers else s for s in seeds], requests, results
 
 
-
 # ---- Self-Instruct --------------------------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from sqlmodel import Session  # noqa: E402
 
 from datagen.backends import load_backend  # noqa: E402
 from datagen.commands.self_instruct import load_config  # noqa: E402
+from pipelines import bootstrap  # noqa: E402
 from pipelines import self_instruct as si  # noqa: E402
 from pipelines.seeds import read_seeds  # noqa: E402
 from storage.store import open_engine  # noqa: E402
@@ -93,10 +94,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engine = open_engine(f"sqlite:///{tmp}/bench.db")
         with Session(engine) as session:
-            run = Run(name="bench", pipeline="self-instruct", config=si.config_dict(config), model=args.model, backend=args.backend)
+            run = Run(name="bench", pipeline="self-instruct", config=bootstrap.config_dict(config), model=args.model, backend=args.backend)
             session.add(run)
             session.flush()
-            si.store_seeds(session, run, seeds)
+            bootstrap.store_seeds(session, run, seeds)
             session.add_all(Task(run_id=run.id, instruction=perturbed(rng.choice(seeds).instruction, rng)) for _ in range(args.pool))
             run.accepted = args.pool
             session.commit()

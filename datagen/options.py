@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
+import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
 import typer
 import yaml
@@ -125,6 +127,43 @@ def server_options(command: Callable) -> Callable:
     wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in extra}}
     del wrapper.__wrapped__  # else inspect and typing would read the command's own, shorter, signature
     return wrapper
+
+
+def typed_options(cls, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` checked against the types of the dataclass `cls`'s fields, before the config is built: a YAML
+    `temperature: hot` or `num_instructions: abc` is BadInput naming `source` and the key, not a TypeError later.
+    Integers are accepted for float fields (and become floats); lists for tuple fields."""
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if typing.get_origin(hint) in (Union, types.UnionType):
+            if value is None and type(None) in typing.get_args(hint):
+                checked[key] = None
+                continue
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        if hint is bool:
+            ok, kind = isinstance(value, bool), "true or false"
+        elif hint is int:
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        elif hint is float:
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            value = float(value) if ok else value
+        elif hint is str:
+            ok, kind = isinstance(value, str), "a string"
+        elif typing.get_origin(hint) is tuple:
+            ok, kind = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value), "a list of strings"
+            value = tuple(value) if ok else value
+        else:
+            ok, kind = True, ""
+        if not ok:
+            raise BadInput(f"{source}: option '{key}' must be {kind}, got {value!r}")
+        checked[key] = value
+    return checked
+
+
+def option_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def make_backend(backend: BackendName, model: str, base_url: Sequence[str] | None) -> Backend:

@@ -13,7 +13,8 @@ call yields instructions and their instances together. No classification step. A
    every instruction kept so far (the dedup engine), then the instance filters on the record's input and output;
 4. store: every call, every parsed record with its verdict, in one transaction.
 
-Seeds, store layout, resume, stall guard and progress are Self-Instruct's (pipelines/self_instruct.py).
+Seeds, store layout, resume, stall guard and progress are the loop Self-Instruct and Alpaca share (pipelines/bootstrap.py);
+the heuristic filters are Self-Instruct's (pipelines/self_instruct.py), as in the reference.
 """
 
 from __future__ import annotations
@@ -28,22 +29,21 @@ from sqlmodel import Session
 from datagen.backends import Backend, Request, SamplingParams
 from datagen.dedup import RougeIndex
 from datagen.errors import BadInput
-from pipelines.seeds import SeedTask
-from pipelines.self_instruct import (
-    BLACKLIST,
+from pipelines.bootstrap import (
     BatchStats,
+    Prompt,
     bootstrap,
     check_bootstrap_config,
-    instance_verdicts,
+    finish_batch,
     load_pool,
     load_seeds,
-    one_line,
-    Prompt,
-    rejection_reason,
+    request_seed,
     timed_generate,
     uses_chat,
 )
-from storage.store import add_generations, touch
+from pipelines.seeds import SeedTask
+from pipelines.self_instruct import BLACKLIST, ParsedInstance, instance_verdicts, one_line, rejection_reason
+from storage.store import add_generations
 from storage.tables import Instance, Run, Task
 
 ALPACA_BLACKLIST = BLACKLIST + ("video", "audio", "music", "flowchart", "diagram")
@@ -76,6 +76,9 @@ class AlpacaConfig:
     """Reject instructions whose first character is not ASCII (reference); turn off for non-English data."""
     prompt_style: str = "auto"
     """raw, chat (the requirements as the user's turn, the records as the start of the answer) or auto."""
+    length_cut: str = "drop_last"
+    """What to do with a response that max_tokens cut: drop_last, only its last, possibly unfinished, record (the
+    reference: generate_instruction.py), or drop_response, every record in it (Self-Instruct's rule)."""
     max_requests: int | None = None
     """Stop (status 'stopped') after this many requests in the run; None: no limit."""
     max_stalled_batches: int = 5
@@ -125,31 +128,54 @@ def alpaca_params(config: AlpacaConfig, seed: int) -> SamplingParams:
 # ---- parsing (pure) -------------------------------------------------------------------------------------------
 
 _FIELD = re.compile(r"^\s*\d+\s*\.\s*(Instruction|Input|Output)\s*:", re.M)
+FIELDS = ["Instruction", "Input", "Output"]
 
 
 @dataclass(frozen=True)
 class Record:
+    """One "###" block of a completion: its three fields, or why it is not a record (`reason`)."""
+
     instruction: str
     input: str
-    output: str | None
-    """None when the block has no Output field (stored as rejected, reason malformed_record)."""
+    output: str
+    raw: str
+    """The block as the model wrote it."""
+    reason: str | None = None
+    """malformed_record (the fields are not Instruction, Input, Output once each, in that order) or cut_by_length."""
 
 
-def parse_records(completion: str, first_number: int) -> list[Record]:
-    """Records of a completion that continues after "N. Instruction:", split at "###" (generate_instruction.py).
+def parse_records(completion: str, first_number: int, cut_by_length: bool = False) -> list[Record]:
+    """The blocks of a completion that continues after "N. Instruction:", split at "###" wherever it stands
+    (generate_instruction.py, post_process_gpt3_response).
 
-    Ours: any number is accepted before a field name (the reference insists on the expected one, so one misnumbered
-    record drops); "<noinput>" in any case means an empty input.
+    A block is a record when it holds the fields Instruction, Input and Output once each and in that order
+    (the reference: exactly 7 parts); anything else is kept as malformed_record with its raw text. When max_tokens
+    cut the completion, its last block is dropped as cut_by_length (the reference), blank or not. Ours: any number
+    is accepted before a field name (the reference insists on the expected one, so one misnumbered record drops);
+    "<noinput>" in any case means an empty input.
     """
+    if not completion.strip():
+        return []  # an empty response, counted as such; its (empty) text is in the generation table
+    blocks = f"{first_number}. Instruction:{completion}".split("###")
     records = []
-    for block in re.split(r"^\s*###\s*$", f"{first_number}. Instruction:{completion}", flags=re.M):
-        parts = _FIELD.split(block)
-        fields = dict(zip(parts[1::2], (p.strip() for p in parts[2::2])))
-        if not fields.get("Instruction"):
+    for position, block in enumerate(blocks):
+        raw = block.strip()
+        if not raw:
             continue
-        given = fields.get("Input", "")
+        parts = _FIELD.split(block)
+        names, texts = parts[1::2], [p.strip() for p in parts[2::2]]
+        if cut_by_length and position == len(blocks) - 1:
+            reason = "cut_by_length"
+        elif names != FIELDS or not texts[0]:
+            reason = "malformed_record"
+        else:
+            reason = None
+        if reason:
+            records.append(Record(raw, "", "", raw, reason))
+            continue
+        instruction, given, output = texts
         given = "" if given.lower() == "<noinput>" else given
-        records.append(Record(re.sub(r"\s+", " ", fields["Instruction"]), given, fields.get("Output")))
+        records.append(Record(re.sub(r"\s+", " ", instruction), given, output, raw))
     return records
 
 
@@ -172,10 +198,10 @@ def run(
 
     def one_batch(batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
         requests = []
-        for _ in range(n_requests):
+        for number in range(n_requests):
             shown = rng.sample(examples, min(config.num_prompt_instructions, len(examples)))
             requests.append(Request(prompt=alpaca_prompt(shown, config.num_tasks).render(chat_template),
-                                    params=alpaca_params(config, config.seed * 1000 + batch_number)))  # fmt: skip
+                                    params=alpaca_params(config, request_seed(config.seed, batch_number, number))))  # fmt: skip
         return process_batch(session, run_row, backend, config, requests, index, batch_number)
 
     return bootstrap(session, run_row, config, one_batch, on_batch)
@@ -190,15 +216,14 @@ def process_batch(session: Session, run_row: Run, backend: Backend, config: Alpa
     rows: list[tuple[Task, Record]] = []
     for generation, result in zip(generations, results):
         completion = result.completions[0]
-        records = parse_records(completion.text, config.num_prompt_instructions + 1)
+        cut = completion.finish_reason == "length"
+        records = parse_records(completion.text, config.num_prompt_instructions + 1, cut)
         stats.empty_responses += not records
-        for position, rec in enumerate(records):
-            if completion.finish_reason == "length" and position == len(records) - 1:
-                reason = "cut_by_length"  # the block max_tokens cut may be incomplete (reference)
-            elif rec.output is None:
-                reason = "malformed_record"
+        for rec in records:
+            if cut and config.length_cut == "drop_response":
+                reason = "cut_by_length"
             else:
-                reason = rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start)
+                reason = rec.reason or rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start, config.tokenizer)
             task = Task(run_id=run_row.id, generation_id=generation[0].id, instruction=rec.instruction, status="rejected", reason=reason)
             rows.append((task, rec))
     stats.generated = len(rows)
@@ -214,24 +239,15 @@ def process_batch(session: Session, run_row: Run, backend: Backend, config: Alpa
             task.reason = "rouge_similarity"
             continue
         # One instance per instruction: the record's own input and output, through Self-Instruct's instance filters.
-        verdict = instance_verdicts([(rec.input, rec.output)], 1, cut_by_length=False)[0]
-        session.add(Instance(task_id=task.id, generation_id=task.generation_id, input=rec.input, output=rec.output,
-                             status="rejected" if verdict else "accepted", reason=verdict))  # fmt: skip
+        verdict = instance_verdicts([ParsedInstance(rec.input, rec.output)], 1, cut_by_length=False)[0]
         if verdict:
             task.reason = "no_valid_instances"
         elif stats.accepted >= need:
-            task.reason = "target_reached"
+            task.reason = verdict = "target_reached"  # its instance is kept, as rejected: not part of the data
         else:
             task.status, task.reason = "accepted", None
             stats.accepted += 1
             run_row.instances += 1
-    for task, _ in rows:
-        if task.status == "rejected":
-            stats.reject(task.reason)
-    run_row.accepted += stats.accepted
-    run_row.rejected += sum(stats.rejected.values())
-    touch(run_row)
-    session.add_all(task for task, _ in rows)
-    session.add(run_row)
-    session.commit()
-    return stats
+        session.add(Instance(task_id=task.id, generation_id=task.generation_id, input=rec.input, output=rec.output,
+                             status="rejected" if verdict else "accepted", reason=verdict))  # fmt: skip
+    return finish_batch(session, run_row, [task for task, _ in rows], stats)

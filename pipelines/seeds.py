@@ -35,12 +35,13 @@ def read_seeds(path: str | Path) -> list[SeedTask]:
             if not isinstance(raw, list):
                 raise BadInput(f"{path}:{line}: field 'instances' must be a list")
             instances = []
-            for item in raw:
+            for number, item in enumerate(raw):
                 if not isinstance(item, dict):
                     raise BadInput(f"{path}:{line}: field 'instances' must hold objects with 'input' and 'output'")
-                instances.append(SeedInstance(_text(path, line, item, "input"), _text(path, line, item, "output")))
-        elif "output" in record:
-            instances = [SeedInstance(_text(path, line, record, "input"), _text(path, line, record, "output"))]
+                output = _output(path, line, item, f"instances[{number}].output")
+                instances.append(SeedInstance(_text(path, line, item, "input"), output))
+        elif "output" in record or "input" in record:  # an Alpaca record: an input needs its output
+            instances = [SeedInstance(_text(path, line, record, "input"), _output(path, line, record, "output"))]
         else:
             instances = []
         flag = record.get("is_classification")
@@ -60,3 +61,13 @@ def _text(path, line, record: dict, field: str) -> str:
     if not isinstance(value, str):
         raise BadInput(f"{path}:{line}: field '{field}' must be a string, got {type(value).__name__}")
     return value.strip()
+
+
+def _output(path, line, record: dict, name: str) -> str:
+    """An instance's output: required and not empty, since an instance is a worked example of its answer."""
+    if record.get("output") is None:
+        raise BadInput(f"{path}:{line}: missing field '{name}'")
+    output = _text(path, line, record, "output")
+    if not output:
+        raise BadInput(f"{path}:{line}: field '{name}' is empty")
+    return output

@@ -7,16 +7,18 @@ From a few human-written seed tasks the model writes new instructions. Each batc
 
 1. prompt: 8 instructions (6 human seeds, 2 from the machine pool), numbered, ending with "9."  (bootstrap_instructions.py)
 2. generate, and parse the numbered list the model continues;
-3. filter: length, keyword blacklist, "Write a program", leading punctuation or non-ASCII character, then ROUGE-L
-   F > 0.7 against every seed and every instruction kept so far (the dedup engine's exact rouge-score decisions);
-4. classify: a few-shot "Is it classification?" prompt, temperature 0, 3 tokens            (identify_clf_or_not.py)
-5. instances: input first for ordinary tasks, label first for classification; up to 5, then the reference's
-   instance filters                                               (generate_instances.py, prepare_for_finetuning.py)
+3. filter: a response cut by max_tokens, length, keyword blacklist, "Write a program", leading punctuation or
+   non-ASCII character, then ROUGE-L F > 0.7 against every seed and every instruction kept so far (the dedup
+   engine's exact rouge-score decisions);
+4. classify: a few-shot "Is it classification?" prompt, temperature 0, 3 tokens, yes or no  (identify_clf_or_not.py)
+5. instances: input first for ordinary tasks, label first for classification, shown worked examples with several
+   instances (pipelines/demonstrations.py); up to 5, markers required, then the reference's instance filters
+                                                                  (generate_instances.py, prepare_for_finetuning.py)
 6. store: every call, every parsed instruction with its verdict, every instance, in one transaction.
 
-The loop repeats until `num_instructions` are accepted (an instruction counts once it has at least one valid
-instance). A crash loses at most the batch in flight; `--run NAME` rebuilds seeds, pool and similarity index from
-the store and carries on, so the decisions of a resumed run are those of an uninterrupted one.
+The loop (pipelines/bootstrap.py) repeats until `num_instructions` are accepted (an instruction counts once it has at
+least one valid instance). A crash loses at most the batch in flight; `--run NAME` rebuilds seeds, pool and similarity
+index from the store and carries on, so the decisions of a resumed run are those of an uninterrupted one.
 
 Prompt styles: `raw` is the paper's completion prompt. `chat` renders the same request through the model's chat
 template: the request's header (e.g. "Come up with a series of tasks:") is the user's turn and the numbered list is
@@ -26,23 +28,33 @@ the list far less and keep to its format far better this way than when the whole
 
 from __future__ import annotations
 
-import math
 import random
 import re
 import string
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, replace
 
-from sqlmodel import Session, func, select
+from sqlmodel import Session
 
 from datagen.backends import Backend, Request, Result, SamplingParams
-from datagen.dedup import RougeIndex
+from datagen.dedup import RougeIndex, tokenize_unicode
 from datagen.errors import BadInput
-from pipelines.seeds import SeedInstance, SeedTask
-from storage.store import add_generations, touch
-from storage.tables import Generation, Instance, Run, Task
+from pipelines.bootstrap import (
+    BatchStats,
+    Prompt,
+    bootstrap,
+    check_bootstrap_config,
+    finish_batch,
+    load_pool,
+    load_seeds,
+    request_seed,
+    timed_generate,
+    uses_chat,
+)
+from pipelines.demonstrations import DEMONSTRATIONS
+from pipelines.seeds import SeedTask
+from storage.store import add_generations
+from storage.tables import Instance, Run, Task
 
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot", "go to")
 """Words of tasks a language model cannot do (bootstrap_instructions.py, post_process_gpt3_response)."""
@@ -96,9 +108,17 @@ class SelfInstructConfig:
     instance_max_tokens: int = 300
     """Per instance request (reference: 300 when a batch holds a classification task, else 350)."""
     instance_demonstrations: int = 3
-    """Seed tasks shown as worked examples in each instance prompt. Ours: the reference's fixed templates hold 12 to
-    17 tasks (about 3,000 tokens), too long a prompt for a small model on a CPU; seeds of the same kind, sampled per
-    request, keep the prompt near 300 tokens."""
+    """Tasks shown as worked examples in each instance prompt. Ours: the reference's fixed templates hold 12 to
+    17 tasks (about 3,000 tokens), too long a prompt for a small model on a CPU; 3 tasks of the same kind, sampled
+    per request, keep the prompt near 300 tokens."""
+    instance_demos: str = "builtin"
+    """Where those tasks come from: builtin, datagen's own set of tasks with 2 to 4 instances each and classification
+    tasks with all their labels (pipelines/demonstrations.py; the reference's templates are of that kind), or seeds,
+    the run's seed tasks (one instance each in Self-Instruct's seed file)."""
+    length_cut: str = "drop_response"
+    """What to do with an instruction response that max_tokens cut: drop_response, every instruction in it (the
+    reference: bootstrap_instructions.py returns [] when finish_reason is "length"), or drop_last, only its last,
+    possibly unfinished, instruction (Stanford Alpaca's rule). Dropped instructions are stored as cut_by_length."""
     max_requests: int | None = None
     """Stop (status 'stopped') after this many instruction requests in the run; None: no limit."""
     max_stalled_batches: int = 5
@@ -108,46 +128,16 @@ class SelfInstructConfig:
 
     def __post_init__(self) -> None:
         check_bootstrap_config(self, ("max_instances", "instance_max_tokens", "max_new_instructions", "instance_demonstrations"))
+        if not -2 <= self.presence_penalty <= 2:
+            raise BadInput(f"presence_penalty must be in [-2, 2] (vLLM's and OpenAI's range), got {self.presence_penalty}")
+        if self.instance_demos not in ("builtin", "seeds"):
+            raise BadInput(f"--instance-demos must be builtin or seeds, got {self.instance_demos}")
         if not 0 <= self.num_machine_instructions <= self.num_prompt_instructions:
             raise BadInput("--num-machine-instructions must be between 0 and --num-prompt-instructions")
         self.blacklist = tuple(self.blacklist)
 
 
-def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
-    """The checks Self-Instruct's and Alpaca's configs share; `positive` names further fields that must be >= 1."""
-    if config.num_instructions < 1:
-        raise BadInput(f"--num-instructions must be at least 1, got {config.num_instructions}")
-    if not 0 <= config.rouge_threshold <= 1:
-        raise BadInput(f"--rouge-threshold must be in [0, 1], got {config.rouge_threshold}")
-    if config.prompt_style not in ("auto", "raw", "chat"):
-        raise BadInput(f"--prompt-style must be raw, chat or auto, got {config.prompt_style}")
-    if config.tokenizer not in ("rouge", "unicode"):
-        raise BadInput(f"--tokenizer must be rouge or unicode, got {config.tokenizer}")
-    for name in ("request_batch_size", "max_tokens", "num_prompt_instructions", "max_stalled_batches", *positive):
-        if getattr(config, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.max_requests is not None and config.max_requests < 1:
-        raise BadInput(f"--max-requests must be at least 1, got {config.max_requests}")
-
-
 # ---- prompts (pure) -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A request in two parts: what is asked (`ask`) and the start of the answer (`answer`), which the model continues.
-
-    Raw style joins them with a newline: the reference's completion prompt. Chat style makes `ask` the user's turn of
-    the model's chat template and `answer` the beginning of the assistant's turn.
-    """
-
-    ask: str
-    answer: str
-
-    def render(self, chat_template: Callable[[list[dict[str, str]]], str] | None) -> str:
-        if chat_template is None:
-            return f"{self.ask}\n{self.answer}"
-        return chat_template([{"role": "user", "content": self.ask}]) + self.answer.lstrip("\n")
 
 
 HEADER = "Come up with a series of tasks:"
@@ -209,10 +199,14 @@ OUTPUT_FIRST_HEADER = (
 """The reference's headers (templates/instance_gen_template.py), verbatim: the model is asked exactly what the paper asked."""
 
 
+MAX_SHOWN = 4
+"""Instances shown per demonstration task, at most (the built-in tasks have 2 to 4)."""
+
+
 def demonstration(task: SeedTask, classification: bool) -> str:
-    """A seed task with its instances, input first ("Example 1 / Input / Output") or label first ("Class label / Input")."""
+    """A task with its instances, input first ("Example N / Input / Output") or label first ("Class label / Input")."""
     lines = [f"Task: {one_line(task.instruction)}"]
-    for number, instance in enumerate(task.instances[:2], start=1):
+    for number, instance in enumerate(task.instances[:MAX_SHOWN], start=1):
         if classification:
             lines.append(f"Class label: {instance.output}")
             if instance.input:
@@ -261,12 +255,20 @@ def parse_instructions(completion: str, first_number: int) -> list[str]:
     return [item[0].upper() + item[1:] for item in items if item]
 
 
-def rejection_reason(instruction: str, blacklist: Sequence[str] = BLACKLIST, require_ascii_start: bool = True) -> str | None:
+def word_count(text: str, tokenizer: str = "rouge") -> int:
+    """Words as the chosen tokenizer sees them: whitespace-separated (the reference's `split()`), or, with unicode,
+    the similarity filter's own words, so CJK text, written without spaces, is not one long "word"."""
+    return len(tokenize_unicode(text)) if tokenizer == "unicode" else len(text.split())
+
+
+def rejection_reason(
+    instruction: str, blacklist: Sequence[str] = BLACKLIST, require_ascii_start: bool = True, tokenizer: str = "rouge"
+) -> str | None:
     """The first of the reference's heuristic filters an instruction fails (in the reference's order), or None."""
-    words = instruction.split()
-    if len(words) <= 3:
+    words = word_count(instruction, tokenizer)
+    if words <= 3:
         return "too_short"
-    if len(words) > 150:
+    if words > 150:
         return "too_long"
     for word in blacklist:
         if re.search(rf"\b{re.escape(word)}\b", instruction, flags=re.IGNORECASE):
@@ -280,70 +282,94 @@ def rejection_reason(instruction: str, blacklist: Sequence[str] = BLACKLIST, req
     return None
 
 
-def parse_yes_no(completion: str) -> bool:
-    """Reference: a task is classification iff the answer is "Yes" (any case)."""
-    return completion.strip().lower().startswith("yes")
+def parse_yes_no(completion: str) -> bool | None:
+    """The classification step's answer: exactly yes or no, stripped, any case; None for anything else (stored so).
+
+    The reference's `answer.strip() in ["Yes", "yes", "YES"]` (prepare_for_finetuning.py) counts every other answer
+    as no; the instance step does the same with None, and the store keeps that the answer did not parse.
+    """
+    return {"yes": True, "no": False}.get(completion.strip().lower())
+
+
+@dataclass(frozen=True)
+class ParsedInstance:
+    input: str
+    output: str
+    reason: str | None = None
+    """Set when the block lacks the format's markers (missing_marker); the block is then the output, raw."""
 
 
 _OUTPUT = re.compile(r"Output\s*\d*\s*:")
+_INPUT = re.compile(r"^\s*Input\s*\d*\s*:")
+_MARKER = re.compile(r"^\s*(Output|Input|Class label)\s*\d*\s*:")
 
 
-def parse_instances(completion: str, classification: bool) -> list[tuple[str, str]]:
-    """(input, output) pairs, the way the reference's prepare_for_finetuning.py reads them.
+def parse_instances(completion: str, classification: bool) -> list[ParsedInstance]:
+    """(input, output) pairs, the way the reference's prepare_for_finetuning.py reads them, markers required.
 
     Input-first: the completion continues after "Example 1"; examples are split at "Example N", each at "Output:".
     Label-first: the completion continues after "Class label:"; each block's first line is the label, the rest the
-    input. A completion with none of these markers gives no pairs.
+    input after "Input:". The prompt writes the first marker itself, so a reply with no marker of its own would still
+    parse ("Sure, here you go..." as an output); the reference returns no pair without markers, and so do we: an
+    example without "Output:", a labelled block whose input has no "Input:", and a label without input where other
+    labels have one are kept as missing_marker, the block as written.
     """
-    pairs = []
     if classification:
-        for block in re.split(r"Class label\s*:", "Class label:" + completion)[1:]:
-            label, _, given = block.strip().partition("\n")
-            pairs.append((re.sub(r"^\s*Input\s*\d*\s*:", "", given).strip(), label.strip()))
+        blocks = [b.strip() for b in re.split(r"Class label\s*:", "Class label:" + completion)[1:]]
+        split = [block.partition("\n")[::2] for block in blocks]
+        any_input = any(rest.strip() for _, rest in split)
+        pairs = []
+        for block, (label, rest) in zip(blocks, split):
+            if _INPUT.match(rest) or (not any_input and len(blocks) > 1):
+                pairs.append(ParsedInstance(_INPUT.sub("", rest).strip(), label.strip()))
+            else:
+                pairs.append(ParsedInstance("", block, "missing_marker"))
         return pairs
+    pairs = []
     for block in re.split(r"Example\s?\d*\.?", "Example 1\n" + completion):
         if not block.strip():
             continue
-        if _OUTPUT.search(block):
-            given, output = _OUTPUT.split(block, maxsplit=1)
-        elif pairs or "Input" in block:
-            given, output = block, ""  # an input whose output never came
-        else:
-            given, output = "", block  # the reference's "output directly" for tasks without input
+        if not _OUTPUT.search(block):
+            pairs.append(ParsedInstance("", block.strip(), "missing_marker"))
+            continue
+        given, output = _OUTPUT.split(block, maxsplit=1)
         output = re.split(r"Input\s*\d*\s*:", output)[0]  # one pair per example
-        pairs.append((re.sub(r"^\s*Input\s*\d*\s*:", "", given.strip()).strip(), output.strip()))
+        pairs.append(ParsedInstance(_INPUT.sub("", given.strip()).strip(), output.strip()))
     return pairs
 
 
-def instance_verdicts(pairs: Sequence[tuple[str, str]], max_instances: int, cut_by_length: bool) -> list[str | None]:
+def instance_verdicts(pairs: Sequence[ParsedInstance], max_instances: int, cut_by_length: bool) -> list[str | None]:
     """A rejection reason (None: kept) per pair, in the reference's order (prepare_for_finetuning.py):
 
-    the last pair of a completion cut by max_tokens; input equal to output, empty output, input or output ending in
-    ":" (usually unfinished); then, among the valid ones, every pair of the task when one non-empty input has two
-    different outputs; exact duplicates; and pairs beyond max_instances.
+    the last pair of a completion cut by max_tokens; a block without the format's markers; input equal to output,
+    empty output, input or output ending in ":" (usually unfinished); ours: an input that begins with a field marker
+    ("Output: 5", the model writing the format into the input); then, among the valid ones, every pair of the task
+    when one non-empty input has two different outputs; exact duplicates; and pairs beyond max_instances.
     """
-    verdicts: list[str | None] = [None] * len(pairs)
+    verdicts: list[str | None] = [pair.reason for pair in pairs]
     if cut_by_length and pairs:
         verdicts[-1] = "cut_by_length"
-    for i, (given, output) in enumerate(pairs):
+    for i, pair in enumerate(pairs):
         if verdicts[i]:
             continue
-        if given == output:
+        if pair.input == pair.output:
             verdicts[i] = "input_equals_output"
-        elif not output:
+        elif not pair.output:
             verdicts[i] = "empty_output"
-        elif given.endswith(":") or output.endswith(":"):
+        elif pair.input.endswith(":") or pair.output.endswith(":"):
             verdicts[i] = "ends_with_colon"
+        elif _MARKER.match(pair.input):
+            verdicts[i] = "input_starts_with_marker"
     valid = [i for i, v in enumerate(verdicts) if v is None]
     outputs_by_input: dict[str, set[str]] = {}
     for i in valid:
-        if pairs[i][0]:
-            outputs_by_input.setdefault(pairs[i][0], set()).add(pairs[i][1])
+        if pairs[i].input:
+            outputs_by_input.setdefault(pairs[i].input, set()).add(pairs[i].output)
     if any(len(outputs) > 1 for outputs in outputs_by_input.values()):
         for i in valid:
             verdicts[i] = "conflicting_outputs"
         return verdicts
-    seen: set[tuple[str, str]] = set()
+    seen: set[ParsedInstance] = set()
     kept = 0
     for i in valid:
         if pairs[i] in seen:
@@ -356,52 +382,7 @@ def instance_verdicts(pairs: Sequence[tuple[str, str]], max_instances: int, cut_
     return verdicts
 
 
-# ---- the store: seeds, pool and index, rebuilt on resume ----------------------------------------------------------
-
-POOL_REASONS = ("no_valid_instances", "target_reached")
-"""Rejected after passing the similarity filter: such instructions stay in the similarity index and the machine pool,
-as they did in the uninterrupted run (the reference's pool is everything that passed ROUGE-L)."""
-
-
-def store_seeds(session: Session, run: Run, seeds: Sequence[SeedTask]) -> None:
-    """Seeds are tasks of the run (source='seed') with their instances, so a resumed run needs only the store."""
-    for seed in seeds:
-        task = Task(run_id=run.id, source="seed", seed_id=seed.id, instruction=seed.instruction,
-                    is_classification=seed.is_classification, status="accepted")  # fmt: skip
-        session.add(task)
-        session.flush()
-        session.add_all(Instance(task_id=task.id, input=i.input, output=i.output) for i in seed.instances)
-
-
-def load_seeds(session: Session, run: Run) -> list[SeedTask]:
-    tasks = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "seed").order_by(Task.id)).all()
-    instances: dict[int, list[SeedInstance]] = {}
-    rows = session.exec(select(Instance).where(Instance.task_id.in_([t.id for t in tasks])).order_by(Instance.id)).all()
-    for row in rows:
-        instances.setdefault(row.task_id, []).append(SeedInstance(row.input, row.output))
-    return [SeedTask(t.seed_id or str(t.id), t.instruction, tuple(instances.get(t.id, ())), t.is_classification) for t in tasks]
-
-
-def load_pool(session: Session, run: Run) -> list[str]:
-    """Generated instructions that passed the similarity filter, in the order they were decided."""
-    passed = (Task.status == "accepted") | Task.reason.in_(POOL_REASONS)
-    query = select(Task.instruction).where(Task.run_id == run.id, Task.source == "generated", passed).order_by(Task.id)
-    return list(session.exec(query).all())
-
-
-def next_batch_number(session: Session, run: Run) -> int:
-    return (session.exec(select(func.max(Generation.batch)).where(Generation.run_id == run.id)).one() or 0) + 1
-
-
-def uses_chat(backend: Backend, prompt_style: str) -> bool:
-    """auto: chat when the backend can render the model's chat template."""
-    if prompt_style != "auto":
-        return prompt_style == "chat"
-    try:
-        backend.render_chat([{"role": "user", "content": "Hi"}])
-    except Exception:  # no template, or a remote model without a local tokenizer
-        return False
-    return True
+# ---- seeds without a label --------------------------------------------------------------------------------
 
 
 def label_seeds(backend: Backend, seeds: Sequence[SeedTask], chat: bool) -> tuple[list[SeedTask], list[Request], list[Result]]:
@@ -412,111 +393,6 @@ def label_seeds(backend: Backend, seeds: Sequence[SeedTask], chat: bool) -> tupl
     results = backend.generate(requests) if requests else []
     answers = {id(s): parse_yes_no(r.completions[0].text) for s, r in zip(unknown, results)}
     return [replace(s, is_classification=answers[id(s)]) if id(s) in answers else s for s in seeds], requests, results
-
-
-def check_seeds(seeds: Sequence[SeedTask], path: str, needs_instances: bool) -> None:
-    """Checks the pipeline needs beyond the file's format; file and field are named."""
-    if needs_instances and not any(s.instances for s in seeds):
-        raise BadInput(f"{path}: no seed task has instances (field 'instances', or 'output'): they are the worked examples")
-
-
-# ---- the loop both pipelines share ------------------------------------------------------------------------------
-
-
-@dataclass
-class BatchStats:
-    """What one batch (or a whole session of batches) did; the store holds the same figures per row."""
-
-    requests: int = 0
-    generated: int = 0
-    """Instructions parsed out of the completions."""
-    accepted: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    empty_responses: int = 0
-    """Completions with no instruction in them (their raw text is in the generation table)."""
-    generate_seconds: float = 0.0
-    """Wall time inside the backend's generate calls."""
-
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-
-    def add(self, other: BatchStats) -> None:
-        self.requests += other.requests
-        self.generated += other.generated
-        self.accepted += other.accepted
-        self.empty_responses += other.empty_responses
-        self.generate_seconds += other.generate_seconds
-        for reason, count in other.rejected.items():
-            self.rejected[reason] = self.rejected.get(reason, 0) + count
-
-
-class LoopSettings(Protocol):
-    num_instructions: int
-    request_batch_size: int
-    max_requests: int | None
-    max_stalled_batches: int
-    seed: int
-
-
-def bootstrap(
-    session: Session,
-    run: Run,
-    config: LoopSettings,
-    one_batch: Callable[[int, int, random.Random], BatchStats],
-    on_batch: Callable[[Run, BatchStats], None],
-) -> BatchStats:
-    """Batches until `num_instructions` are accepted, a request budget is spent, or the run stalls.
-
-    `one_batch(batch_number, requests, rng)` generates, filters and stores one batch in one transaction. Each batch
-    gets its own random generator seeded by (seed, batch number), so a resumed run does not repeat earlier prompts.
-    """
-    batch_number = next_batch_number(session, run)
-    totals, stalled = BatchStats(), 0
-    while run.accepted < config.num_instructions:
-        if config.max_requests is not None and _instruction_requests(session, run) >= config.max_requests:
-            touch(run, status="stopped", error=f"--max-requests {config.max_requests} reached")
-            break
-        if stalled >= config.max_stalled_batches:
-            touch(run, status="stopped", error=f"{stalled} batches in a row accepted nothing; the model may be repeating "
-                  "itself: try another --seed, a higher --temperature, or the other --prompt-style")  # fmt: skip
-            break
-        requests = requests_needed(config.num_instructions - run.accepted, totals, config.request_batch_size)
-        if config.max_requests is not None:
-            requests = min(requests, config.max_requests - _instruction_requests(session, run))
-        stats = one_batch(batch_number, requests, random.Random(config.seed * 1_000_003 + batch_number))
-        totals.add(stats)
-        stalled = 0 if stats.accepted else stalled + 1
-        batch_number += 1
-        on_batch(run, stats)
-    else:
-        touch(run, status="completed", error=None)
-    session.add(run)
-    session.commit()
-    return totals
-
-
-def requests_needed(remaining: int, so_far: BatchStats, batch_size: int) -> int:
-    """A full batch, or near the target about 1.5 times the requests the keep rate so far says are needed."""
-    if not so_far.accepted:
-        return batch_size
-    per_request = so_far.accepted / so_far.requests
-    return max(1, min(batch_size, math.ceil(1.5 * remaining / per_request)))
-
-
-def _instruction_requests(session: Session, run: Run) -> int:
-    query = select(func.count()).select_from(Generation).where(Generation.run_id == run.id, Generation.purpose == "instructions")
-    return session.exec(query).one()
-
-
-def timed_generate(backend: Backend, requests: list[Request], stats: BatchStats) -> list[Result]:
-    started = time.perf_counter()
-    results = backend.generate(requests) if requests else []
-    stats.generate_seconds += time.perf_counter() - started
-    return results
-
-
-def config_dict(config) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
 
 
 # ---- Self-Instruct --------------------------------------------------------------------------------------------
@@ -542,27 +418,27 @@ def run(
     human = [s.instruction for s in seeds if s.is_classification or not config.generate_classification]
     if not human:
         raise BadInput("--generate-classification needs seed tasks with is_classification true")
-    demos = {kind: demonstration_pool(seeds, kind) for kind in (True, False)}
+    demo_tasks = DEMONSTRATIONS if config.instance_demos == "builtin" else seeds
+    demos = {kind: demonstration_pool(demo_tasks, kind) for kind in (True, False)}
 
     def one_batch(batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
         requests = []
-        for _ in range(n_requests):
+        for number in range(n_requests):
             machine = rng.sample(pool, min(config.num_machine_instructions, len(pool)))
             examples = machine + rng.sample(human, min(config.num_prompt_instructions - len(machine), len(human)))
             rng.shuffle(examples)
             prompt = instruction_prompt(examples, config.generate_classification).render(chat_template)
-            # One sampling seed per batch: requests with equal settings share one batched backend call.
-            requests.append(Request(prompt=prompt, params=instruction_params(config, config.seed * 1000 + batch_number)))
+            requests.append(Request(prompt=prompt, params=instruction_params(config, request_seed(config.seed, batch_number, number))))
         return process_batch(session, run_row, backend, config, chat_template, requests, index, pool, demos, rng, batch_number)
 
     return bootstrap(session, run_row, config, one_batch, on_batch)
 
 
-def demonstration_pool(seeds: Sequence[SeedTask], classification: bool) -> list[SeedTask]:
-    """Seeds of one kind with instances, shortest first, so instance prompts stay short; any seed if none fits."""
-    with_instances = [s for s in seeds if s.instances]
+def demonstration_pool(tasks: Sequence[SeedTask], classification: bool) -> list[SeedTask]:
+    """Tasks of one kind with instances, shortest first, so instance prompts stay short; any task if none fits."""
+    with_instances = [s for s in tasks if s.instances]
     same_kind = [s for s in with_instances if bool(s.is_classification) == classification] or with_instances
-    size = lambda s: sum(len(i.input) + len(i.output) for i in s.instances[:2])  # noqa: E731
+    size = lambda s: sum(len(i.input) + len(i.output) for i in s.instances[:MAX_SHOWN])  # noqa: E731
     return sorted(same_kind, key=size)[: max(8, len(same_kind) // 2)]
 
 
@@ -588,9 +464,12 @@ def process_batch(
         completion = result.completions[0]
         items = parse_instructions(completion.text, config.num_prompt_instructions + 1)
         stats.empty_responses += not items
+        cut = completion.finish_reason == "length"
         for position, text in enumerate(items):
-            cut = completion.finish_reason == "length" and position == len(items) - 1
-            reason = "cut_by_length" if cut else rejection_reason(text, config.blacklist, config.require_ascii_start)
+            if cut and (config.length_cut == "drop_response" or position == len(items) - 1):
+                reason = "cut_by_length"
+            else:
+                reason = rejection_reason(text, config.blacklist, config.require_ascii_start, config.tokenizer)
             tasks.append(Task(run_id=run_row.id, instruction=text, status="rejected", reason=reason))
             origin.append(number)
     stats.generated = len(tasks)
@@ -642,9 +521,9 @@ def process_batch(
         pairs = parse_instances(completion.text, bool(task.is_classification))
         verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
         session.add_all(
-            Instance(task_id=task.id, generation_id=rows[0].id, input=given, output=output,
+            Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
                      status="rejected" if reason else "accepted", reason=reason)
-            for (given, output), reason in zip(pairs, verdicts)
+            for pair, reason in zip(pairs, verdicts)
         )  # fmt: skip
         kept = verdicts.count(None)
         if kept:
@@ -653,13 +532,4 @@ def process_batch(
             stats.accepted += 1
         else:
             task.reason = "no_valid_instances"
-    for task in tasks:
-        if task.status == "rejected":
-            stats.reject(task.reason)
-    run_row.accepted += stats.accepted
-    run_row.rejected += sum(stats.rejected.values())
-    touch(run_row)
-    session.add_all(tasks)
-    session.add(run_row)
-    session.commit()
-    return stats
+    return finish_batch(session, run_row, tasks, stats)

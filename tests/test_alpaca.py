@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from datagen.backends import Completion, Result
 from datagen.cli import app
+from datagen.export import run_facts
 from pipelines import alpaca
+from pipelines import bootstrap
 from pipelines import self_instruct as si
 from pipelines.seeds import read_seeds
 from storage.store import open_engine
@@ -43,15 +45,33 @@ def test_parse_records():
         "###\n5. Instruction: Name a primary color.\n5. Input:\n<NoInput>\n5. Output:\nRed.\n"
         "###\n7. Instruction: Misnumbered, but a record.\n7. Input:\n<noinput>\n7. Output:\nFine.\n"
         "###\n8. Instruction: No output here.\n8. Input:\nx\n"
-        "###\n9. Instruction: Cut off"
+        "###\n9. Instruction: No input here.\n9. Output:\ny\n"
+        "###\n10. Input:\nz\n10. Instruction: Fields out of order.\n10. Output:\nw\n"
+        "###\n11. Instruction: Cut off"
     )
-    assert alpaca.parse_records(completion, 4) == [
-        alpaca.Record("Summarize the text in one sentence.", "The cat sat on the mat all day.", "A cat rested."),
-        alpaca.Record("Name a primary color.", "", "Red."),
-        alpaca.Record("Misnumbered, but a record.", "", "Fine."),
-        alpaca.Record("No output here.", "x", None),
-        alpaca.Record("Cut off", "", None),
+    records = alpaca.parse_records(completion, 4)
+    assert [(r.instruction, r.input, r.output, r.reason) for r in records] == [
+        ("Summarize the text in one sentence.", "The cat sat on the mat all day.", "A cat rested.", None),
+        ("Name a primary color.", "", "Red.", None),
+        ("Misnumbered, but a record.", "", "Fine.", None),
+        ("8. Instruction: No output here.\n8. Input:\nx", "", "", "malformed_record"),  # its raw text kept
+        ("9. Instruction: No input here.\n9. Output:\ny", "", "", "malformed_record"),  # takes no one else's input
+        ("10. Input:\nz\n10. Instruction: Fields out of order.\n10. Output:\nw", "", "", "malformed_record"),
+        ("11. Instruction: Cut off", "", "", "malformed_record"),
     ]
+    assert alpaca.parse_records(completion, 4, cut_by_length=True)[-1].reason == "cut_by_length"
+
+
+def test_parse_records_splits_at_hashes_anywhere():
+    """A "###" that does not stand on its own line still ends a record: record 4 keeps its own fields."""
+    completion = " X is a task here.\n4. Input:\na\n4. Output: Y ### 5. Instruction: Another task here.\n5. Input:\nb\n5. Output:\nZ"
+    assert [(r.instruction, r.input, r.output) for r in alpaca.parse_records(completion, 4)] == [
+        ("X is a task here.", "a", "Y"),
+        ("Another task here.", "b", "Z"),
+    ]
+    # Two records with no "###" between them are one block with every field twice: not a record.
+    run_on = " X is a task.\n4. Input:\na\n4. Output:\nY\n5. Instruction: B is a task.\n5. Input:\nb\n5. Output:\nZ"
+    assert [r.reason for r in alpaca.parse_records(run_on, 4)] == ["malformed_record"]
 
 
 def test_alpaca_blacklist_is_larger():
@@ -94,14 +114,15 @@ def test_run_bookkeeping(db_url):
         ("Compose a short piece of music for piano.", "", "notes"),
         (NOVEL[1], "same", "same"),
         (NOVEL[2], "", "Add 273.15 after converting to Celsius."),
+        (NOVEL[4], "", "Blue light scatters away along the long path."),
         (NOVEL[3], "", "Shorter showers."),
     )
     config = alpaca.AlpacaConfig(num_instructions=2, request_batch_size=1)
     with Session(open_engine(db_url)) as session:
-        run = Run(name="a", pipeline="alpaca", config=si.config_dict(config), model="scripted", backend="scripted")
+        run = Run(name="a", pipeline="alpaca", config=bootstrap.config_dict(config), model="scripted", backend="scripted")
         session.add(run)
         session.flush()
-        si.store_seeds(session, run, seeds)
+        bootstrap.store_seeds(session, run, seeds)
         session.commit()
         alpaca.run(session, run, ScriptedAlpaca([(completion, "length")]), config)
         assert (run.status, run.accepted, run.instances) == ("completed", 2, 2)
@@ -112,14 +133,36 @@ def test_run_bookkeeping(db_url):
             ("Compose a short piece of music for piano.", "rejected", "blacklist:music"),
             (NOVEL[1], "rejected", "no_valid_instances"),  # its input equals its output
             (NOVEL[2], "accepted", None),
-            (NOVEL[3], "rejected", "cut_by_length"),  # the last record of a completion max_tokens cut
+            (NOVEL[4], "rejected", "target_reached"),  # passed every filter after the target was met
+            (alpaca.record(10, NOVEL[3], "", "Shorter showers.")[4:].strip(), "rejected", "cut_by_length"),  # raw: max_tokens cut it
         ]
         instances = session.exec(select(Instance).join(Task).where(Task.source == "generated").order_by(Instance.id)).all()
         assert [(i.output, i.status, i.reason) for i in instances] == [
             ("The Rhine, the Elbe and the Danube.", "accepted", None),
             ("same", "rejected", "input_equals_output"),
             ("Add 273.15 after converting to Celsius.", "accepted", None),
+            ("Blue light scatters away along the long path.", "rejected", "target_reached"),
         ]
+        # The export's counts are the store's: accepted instances belong to accepted instructions only.
+        facts = run_facts(session, run, tasks_without_instances=0)
+        assert (facts.accepted, facts.instances_accepted) == (run.accepted, run.instances) == (2, 2)
+
+
+def test_alpaca_drops_the_last_record_of_a_cut_response_or_all_of_it(db_url):
+    seeds = read_seeds(SEEDS)
+    completion = continuation((NOVEL[0], "", "The Rhine."), (NOVEL[2], "", "Add 273.15."), (NOVEL[3], "", "Shorter"))
+    assert alpaca.AlpacaConfig().length_cut == "drop_last"
+    for name, length_cut, reasons in (("last", "drop_last", [None, None, "cut_by_length"]), ("all", "drop_response", ["cut_by_length"] * 3)):
+        config = alpaca.AlpacaConfig(num_instructions=5, request_batch_size=1, max_stalled_batches=1, length_cut=length_cut)
+        with Session(open_engine(db_url)) as session:
+            run = Run(name=name, pipeline="alpaca", config=bootstrap.config_dict(config), model="scripted", backend="scripted")
+            session.add(run)
+            session.flush()
+            bootstrap.store_seeds(session, run, seeds)
+            session.commit()
+            alpaca.run(session, run, ScriptedAlpaca([(completion, "length")]), config)
+            tasks = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
+            assert [t.reason for t in tasks] == reasons
 
 
 SMALL = ["--backend", "transformers", "--request-batch-size", "4", "--max-tokens", "320"]
@@ -172,10 +215,10 @@ def test_alpaca_through_vllm_serve(vllm_server, db_url):
 def test_alpaca_on_vllm(vllm_llm, db_url):
     config = alpaca.AlpacaConfig(num_instructions=2, request_batch_size=8, max_tokens=320)
     with Session(open_engine(db_url)) as session:
-        run = Run(name="v", pipeline="alpaca", config=si.config_dict(config), model="smollm2-135m", backend="vllm")
+        run = Run(name="v", pipeline="alpaca", config=bootstrap.config_dict(config), model="smollm2-135m", backend="vllm")
         session.add(run)
         session.flush()
-        si.store_seeds(session, run, read_seeds(SEEDS))
+        bootstrap.store_seeds(session, run, read_seeds(SEEDS))
         session.commit()
         alpaca.run(session, run, vllm_llm, config)
     check_store_independently(db_url, "v", 2)

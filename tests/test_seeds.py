@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -55,6 +56,12 @@ def test_alpaca_json_array(tmp_path):
         ('{"instruction": "Sort it.", "instances": [{"input": "", "output": 5}]}\n', "seeds.jsonl:1: field 'output' must be a string"),
         ('{"instruction": "Sort it.", "is_classification": "no"}\n', "seeds.jsonl:1: field 'is_classification' must be true or false"),
         ('{"instruction": "ok"\n', "seeds.jsonl:1: invalid JSON"),
+        ('{"instruction": "Sort it.", "instances": [{"input": "3 1 2", "output": "1 2 3"}, {"input": "2 1"}]}\n',
+         "seeds.jsonl:1: missing field 'instances[1].output'"),
+        ('{"instruction": "Sort it.", "instances": [{"input": "3 1 2", "output": null}]}\n', "seeds.jsonl:1: missing field 'instances[0].output'"),
+        ('{"instruction": "Sort it.", "instances": [{"input": "3 1 2", "output": "  "}]}\n', "seeds.jsonl:1: field 'instances[0].output' is empty"),
+        ('{"instruction": "Sort it.", "input": "3 1 2", "output": ""}\n', "seeds.jsonl:1: field 'output' is empty"),
+        ('{"instruction": "Sort it.", "input": "3 1 2"}\n', "seeds.jsonl:1: missing field 'output'"),
         ("[]", "seeds.jsonl: no seed tasks"),
         ("", "seeds.jsonl: the file is empty"),
     ],
@@ -62,5 +69,5 @@ def test_alpaca_json_array(tmp_path):
 def test_bad_seed_files(tmp_path, content, message):
     path = tmp_path / "seeds.jsonl"
     path.write_text(content)
-    with pytest.raises(BadInput, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(BadInput, match=re.escape(message)):
         read_seeds(path)

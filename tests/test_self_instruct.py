@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from datagen.backends import Completion, Result
 from datagen.cli import app
+from pipelines import bootstrap
 from pipelines import self_instruct as si
 from pipelines.seeds import SeedInstance, SeedTask, read_seeds
 from storage.store import get_run, open_engine
@@ -49,7 +50,8 @@ def test_classification_prompt_ends_with_the_question():
     assert prompt.startswith("Can the following task be regarded as a classification task with finite output labels?\n\nTask: ")
     assert prompt.endswith("Is it classification? No\n\nTask: Is this email spam?\nIs it classification?")
     assert (si.CLASSIFICATION_PARAMS.temperature, si.CLASSIFICATION_PARAMS.max_tokens) == (0, 3)
-    assert [si.parse_yes_no(t) for t in (" Yes", " yes.", " No", "", " Maybe")] == [True, True, False, False, False]
+    answers = (" Yes", "YES\n", " no ", " Yesterday", " yes.", " Nope", "", " Maybe")
+    assert [si.parse_yes_no(t) for t in answers] == [True, True, False, None, None, None, None, None]
 
 
 def test_instance_prompts_input_first_and_label_first():
@@ -68,6 +70,33 @@ def test_instance_prompts_input_first_and_label_first():
         "Task: Is the email spam?\nClass label:"
     )
     assert si.instance_params(si.SelfInstructConfig()).stop == ("Example 6", "Task:")
+
+
+def test_the_builtin_demonstrations_show_several_instances_and_every_label():
+    from pipelines.demonstrations import CLASSIFICATION, ORDINARY
+
+    assert 6 <= len(ORDINARY) <= 8 and all(2 <= len(t.instances) <= 4 and t.is_classification is False for t in ORDINARY)
+    assert 4 <= len(CLASSIFICATION) <= 6 and all(t.is_classification for t in CLASSIFICATION)
+    assert all(len({i.output for i in t.instances}) == len(t.instances) >= 2 for t in CLASSIFICATION)  # one per label
+    prompt = si.instance_prompt("Reverse the word.", ORDINARY[:1], False).render(None)
+    assert "Example 1\nInput: 25 °C\nOutput: 77 °F\nExample 2\nInput: -10 °C\nOutput: 14 °F\nExample 3\n" in prompt
+    prompt = si.instance_prompt("Is the email spam?", CLASSIFICATION[2:3], True).render(None)
+    assert prompt.count("Class label: ") == 3 and "Class label: Command\nInput: Close the window, please.\n" in prompt
+
+
+@pytest.mark.parametrize("instance_demos", ["builtin", "seeds"])
+def test_instance_prompts_show_the_chosen_demonstrations(db_url, instance_demos):
+    from pipelines.demonstrations import ORDINARY
+
+    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1, instance_demos=instance_demos)
+    assert si.SelfInstructConfig().instance_demos == "builtin"
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([listing(NOVEL[0])]), config)
+        prompt = session.exec(select(Generation.prompt).where(Generation.purpose == "instances")).one()
+    shown = [task.instruction for task in (ORDINARY if instance_demos == "builtin" else SEED_TASKS) if f"Task: {task.instruction}\n" in prompt]
+    assert len(shown) == config.instance_demonstrations
+    assert ("Example 2\n" in prompt) == (instance_demos == "builtin")  # every shipped seed has one instance
 
 
 # ---- parsing and filters --------------------------------------------------------------------------------------
@@ -103,31 +132,61 @@ def test_non_ascii_start_can_be_allowed():
     assert si.rejection_reason("Élabore une liste de courses pour la semaine.", require_ascii_start=False) is None
 
 
+P = si.ParsedInstance
+
+
 def test_instance_parsing():
     text = "Input: 2, 1\nOutput: 1, 2\nExample 2\nInput: b a\nOutput: a b\nExample 3\nInput: x:\nOutput: y\nExample 4\nInput: q"
-    assert si.parse_instances(text, classification=False) == [("2, 1", "1, 2"), ("b a", "a b"), ("x:", "y"), ("q", "")]
-    assert si.parse_instances("Output: A haiku.\n", classification=False) == [("", "A haiku.")]
-    assert si.parse_instances("A haiku about rain.", classification=False) == [("", "A haiku about rain.")]
+    assert si.parse_instances(text, classification=False) == [P("2, 1", "1, 2"), P("b a", "a b"), P("x:", "y"), P("", "Input: q", "missing_marker")]
+    assert si.parse_instances("Output: A haiku.\n", classification=False) == [P("", "A haiku.")]
     label_first = " Positive\nInput: I loved it.\nClass label: Negative\nInput: Awful."
-    assert si.parse_instances(label_first, classification=True) == [("I loved it.", "Positive"), ("Awful.", "Negative")]
+    assert si.parse_instances(label_first, classification=True) == [P("I loved it.", "Positive"), P("Awful.", "Negative")]
+    assert si.parse_instances(" Spam\nClass label: Not spam", classification=True) == [P("", "Spam"), P("", "Not spam")]
+
+
+def test_instance_parsing_needs_the_markers():
+    """The prompt ends with "Example 1" or "Class label:": a reply without markers of its own is no instance."""
+    chatter = "Sure, here you go! This task is about sorting."
+    assert si.parse_instances(chatter, classification=False) == [P("", chatter, "missing_marker")]
+    assert si.parse_instances(" " + chatter, classification=True) == [P("", chatter, "missing_marker")]
+    unmarked = " Positive\nI loved it.\nClass label: Negative\nInput: Awful.\nClass label: Neutral"
+    assert si.parse_instances(unmarked, classification=True) == [
+        P("", "Positive\nI loved it.", "missing_marker"),  # an input without "Input:"
+        P("Awful.", "Negative"),
+        P("", "Neutral", "missing_marker"),  # no input where the others have one
+    ]
+    pairs = si.parse_instances("Input: Input: 2 + 3\nOutput: 5\nExample 2\nInput: Class label: yes\nOutput: yes", False)
+    assert si.instance_verdicts(pairs, 5, cut_by_length=False) == ["input_starts_with_marker"] * 2
+    pairs = si.parse_instances(" Positive\nInput: Output: I loved it.", classification=True)
+    assert si.instance_verdicts(pairs, 5, cut_by_length=False) == ["input_starts_with_marker"]
+    assert si.instance_verdicts([P("", chatter, "missing_marker")], 5, cut_by_length=False) == ["missing_marker"]
 
 
 def test_instance_verdicts_in_the_references_order():
-    pairs = [("2, 1", "1, 2"), ("b a", "a b"), ("x:", "y"), ("q", "")]
+    pairs = [P("2, 1", "1, 2"), P("b a", "a b"), P("x:", "y"), P("q", "")]
     assert si.instance_verdicts(pairs, 5, cut_by_length=True) == [None, None, "ends_with_colon", "cut_by_length"]
-    assert si.instance_verdicts([("a", "1"), ("a", "2"), ("b", "b")], 5, False) == ["conflicting_outputs", "conflicting_outputs", "input_equals_output"]
+    assert si.instance_verdicts([P("a", "1"), P("a", "2"), P("b", "b")], 5, False) == ["conflicting_outputs", "conflicting_outputs", "input_equals_output"]
     # No input: two different outputs are two examples, not a conflict (the reference skips empty inputs).
-    assert si.instance_verdicts([("", "A poem."), ("", "Another poem.")], 5, False) == [None, None]
-    assert si.instance_verdicts([("a", "1"), ("a", "1"), ("", "")], 5, False) == [None, "duplicate", "input_equals_output"]
-    assert si.instance_verdicts([("", "x")], 5, False) == [None]
-    assert si.instance_verdicts([(str(i), "y") for i in range(7)], 5, False)[5:] == ["over_max_instances"] * 2
+    assert si.instance_verdicts([P("", "A poem."), P("", "Another poem.")], 5, False) == [None, None]
+    assert si.instance_verdicts([P("a", "1"), P("a", "1"), P("", "")], 5, False) == [None, "duplicate", "input_equals_output"]
+    assert si.instance_verdicts([P("", "x")], 5, False) == [None]
+    assert si.instance_verdicts([P(str(i), "y") for i in range(7)], 5, False)[5:] == ["over_max_instances"] * 2
+
+
+def test_word_count_follows_the_tokenizer():
+    """CJK text has no spaces: one whitespace "word", always too short, unless counted like the unicode tokenizer."""
+    chinese = "请把下面的句子翻译成英文。"
+    assert si.rejection_reason(chinese, require_ascii_start=False) == "too_short"
+    assert si.rejection_reason(chinese, require_ascii_start=False, tokenizer="unicode") is None
+    assert si.word_count("Sort these numbers.", "unicode") == si.word_count("Sort these numbers.") == 3
 
 
 # ---- the run's bookkeeping, with a scripted backend ----------------------------------------------------------
 
 
 class ScriptedBackend:
-    """Answers like a model would, from scripts: instruction lists in turn, "No" to classification, one instance.
+    """Answers like a model would, from scripts: instruction lists in turn (text, or (text, finish_reason)), "No" to
+    classification, one instance.
 
     `fail_at`: the generate call (1-based) that raises, like a server going away."""
 
@@ -153,7 +212,8 @@ class ScriptedBackend:
                 text = "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
             else:
                 text = self.lists.pop(0) if self.lists else " Say nothing new at all today.\n"
-            results.append(Result(prompt, len(prompt.split()), (Completion(text, "stop", len(text.split())),), 0.0))
+            text, finish = text if isinstance(text, tuple) else (text, "stop")
+            results.append(Result(prompt, len(prompt.split()), (Completion(text, finish, len(text.split())),), 0.0))
         return results
 
     def close(self):
@@ -161,10 +221,10 @@ class ScriptedBackend:
 
 
 def new_run(session: Session, seeds: list[SeedTask], config) -> Run:
-    run = Run(name="t", pipeline="self-instruct", config=si.config_dict(config), model="scripted", backend="scripted")
+    run = Run(name="t", pipeline="self-instruct", config=bootstrap.config_dict(config), model="scripted", backend="scripted")
     session.add(run)
     session.flush()
-    si.store_seeds(session, run, seeds)
+    bootstrap.store_seeds(session, run, seeds)
     session.commit()
     return run
 
@@ -219,6 +279,51 @@ def test_run_records_every_decision(db_url):
         assert run.instances == 4 and run.rejected == len(tasks) - 4
 
 
+@pytest.mark.parametrize("length_cut, reasons", [("drop_response", ["cut_by_length"] * 3), ("drop_last", [None, None, "cut_by_length"])])
+def test_a_response_cut_by_length(db_url, length_cut, reasons):
+    """Self-Instruct's reference drops a whole response that max_tokens cut; drop_last is Alpaca's rule."""
+    config = si.SelfInstructConfig(num_instructions=2, request_batch_size=1, max_stalled_batches=1, length_cut=length_cut)
+    assert si.SelfInstructConfig().length_cut == "drop_response"
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([(listing(*NOVEL[:3]), "length")]), config)
+        tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
+        assert [t.reason for t in tasks][:3] == reasons
+
+
+def test_every_request_has_its_own_sampling_seed(db_url):
+    """Seeds derived from (run seed, batch, request index): distinct across requests and batches and runs' seeds
+    (the old seed * 1000 + batch gave seed 0 batch 1000 the seed of seed 1 batch 0, and one seed to a whole batch)."""
+    assert len({bootstrap.request_seed(s, b, i) for s in (0, 1) for b in (0, 1, 1000) for i in range(16)}) == 2 * 3 * 16
+    assert bootstrap.request_seed(0, 1000, 0) != bootstrap.request_seed(1, 0, 0)
+    config = si.SelfInstructConfig(num_instructions=3, request_batch_size=4)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([listing(NOVEL[0]), listing(NOVEL[1]), listing(NOVEL[2])]), config)
+        rows = session.exec(select(Generation).where(Generation.purpose == "instructions").order_by(Generation.id)).all()
+        seeds = [g.sampling["seed"] for g in rows]
+        assert len(rows) == 4 and len(set(seeds)) == 4
+        assert seeds == [bootstrap.request_seed(0, g.batch, i) for i, g in enumerate(rows)]
+
+
+def test_transformers_batches_requests_that_differ_only_in_seed(embedded_model_path, monkeypatch):
+    """The transformers backend samples a batch from one generator: requests with their own seeds still share a
+    batch, rows draw different numbers, and the same requests give the same samples."""
+    from datagen.backends import Request
+    from datagen.backends.transformers_backend import TransformersBackend
+
+    backend = TransformersBackend("smollm2-135m")
+    calls = []
+    original = backend._generate_batch
+    monkeypatch.setattr(backend, "_generate_batch", lambda prompts, params: calls.append(len(prompts)) or original(prompts, params))
+    config = si.SelfInstructConfig(max_tokens=12)
+    requests = [Request(prompt="1. Write a poem about", params=si.instruction_params(config, bootstrap.request_seed(0, 1, i))) for i in range(4)]
+    first = [r.completions[0].text for r in backend.generate(requests)]
+    assert calls == [4]
+    assert len(set(first)) > 1
+    assert [r.completions[0].text for r in backend.generate(requests)] == first
+
+
 def test_backend_failure_marks_nothing_lost_and_rerun_resumes(db_url):
     config = si.SelfInstructConfig(num_instructions=3, request_batch_size=1)
     lists = [listing(NOVEL[0]), listing(NOVEL[1]), listing(NOVEL[2])]
@@ -255,6 +360,70 @@ def test_stall_guard_and_request_budget(db_url):
         assert session.exec(select(Generation).where(Generation.purpose == "instructions")).all().__len__() == 3
 
 
+class PromptKeyedBackend(ScriptedBackend):
+    """Answers an instruction prompt with a human-written task picked by the prompt's hash, so a run's answers depend
+    on its prompts alone, as a seeded model's would, not on how many calls came before."""
+
+    def __init__(self, candidates: list[str]):
+        super().__init__([])
+        self.candidates = candidates
+
+    def generate(self, requests):
+        import hashlib
+
+        self.lists = []
+        for request in requests:
+            if request.prompt.endswith(("Is it classification?", "Example 1\n")):
+                continue
+            digest = int(hashlib.sha256(request.prompt.encode()).hexdigest(), 16)
+            self.lists.append(listing(self.candidates[digest % len(self.candidates)]))
+        return super().generate(requests)
+
+
+class Killed(Exception):
+    pass
+
+
+def decisions(session: Session, run: Run) -> list[tuple]:
+    tasks = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
+    calls = session.exec(select(Generation).where(Generation.run_id == run.id).order_by(Generation.id)).all()
+    return [(t.instruction, t.status, t.reason) for t in tasks] + [(g.batch, g.purpose, g.prompt) for g in calls]
+
+
+@pytest.mark.parametrize("candidates, kill_after", [(20, 2), (0, 2)], ids=["near-target", "stalled"])
+def test_a_run_killed_after_batch_k_and_resumed_is_the_uninterrupted_run(tmp_path, candidates, kill_after):
+    """Near the target a batch asks for fewer requests (the keep rate so far), and the stall guard counts batches in a
+    row: both come from the store, so the resumed run stores exactly what the uninterrupted one does."""
+    pool = [s.instruction for s in read_seeds(SEEDS)[20 : 20 + candidates]] or [SEED_TASKS[0].instruction]
+    config = si.SelfInstructConfig(num_instructions=8, request_batch_size=4, max_stalled_batches=4)
+    stores = []
+    for kill in (None, kill_after):
+        engine = open_engine(f"sqlite:///{tmp_path / f'kill-{kill}.db'}")
+        with Session(engine) as session:
+            run = new_run(session, SEED_TASKS, config)
+            batches = []
+
+            def on_batch(run, stats, kill=kill):
+                batches.append(stats.requests)
+                if len(batches) == kill:
+                    raise Killed
+
+            try:
+                si.run(session, run, PromptKeyedBackend(pool), config, on_batch)
+            except Killed:
+                pass
+        with Session(engine) as session:
+            run = get_run(session, "t")
+            si.run(session, run, PromptKeyedBackend(pool), config, lambda run, stats: batches.append(stats.requests))
+            stores.append((run.status, run.accepted, decisions(session, run), batches))
+    assert stores[0] == stores[1]
+    status, accepted, _, batches = stores[0]
+    if candidates:
+        assert (status, accepted) == ("completed", 8) and batches[-1] < 4  # the last batch was cut to what the rate needs
+    else:
+        assert status == "stopped" and len(batches) == 4
+
+
 def test_resume_rebuilds_the_pool_from_the_store(db_url):
     """An instruction without valid instances stays in the similarity pool: a near-copy of it is still rejected."""
     config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1)
@@ -266,8 +435,8 @@ def test_resume_rebuilds_the_pool_from_the_store(db_url):
         assert [t.reason for t in session.exec(select(Task).where(Task.source == "generated")).all()] == [None, "target_reached"]
     with Session(engine) as session:
         run = get_run(session, "t")
-        assert si.load_pool(session, run) == NOVEL[:2]
-        assert [s.instances for s in si.load_seeds(session, run)] == [s.instances for s in SEED_TASKS]
+        assert bootstrap.load_pool(session, run) == NOVEL[:2]
+        assert [s.instances for s in bootstrap.load_seeds(session, run)] == [s.instances for s in SEED_TASKS]
         config = si.SelfInstructConfig(num_instructions=2, request_batch_size=1)
         si.run(session, run, ScriptedBackend([listing(NOVEL[1] + " Please.", NOVEL[2])]), config)
         tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
@@ -287,7 +456,7 @@ def check_store_independently(db_url: str, run_name: str, target: int) -> None:
         run = get_run(session, run_name)
         tasks = session.exec(select(Task).where(Task.run_id == run.id).order_by(Task.id)).all()
         earlier = [t.instruction for t in tasks if t.source == "seed"]
-        passed = [t for t in tasks if t.source == "generated" and (t.status == "accepted" or t.reason in si.POOL_REASONS)]
+        passed = [t for t in tasks if t.source == "generated" and (t.status == "accepted" or t.reason in bootstrap.POOL_REASONS)]
         accepted = [t for t in tasks if t.source == "generated" and t.status == "accepted"]
         assert len(accepted) == run.accepted == target
         assert len({t.instruction for t in accepted}) == len(accepted)
@@ -370,7 +539,7 @@ def test_kill_9_then_resume(tmp_path):
         ('{"instruction": "Sort numbers well.", "is_classification": "no"}\n', [], "seeds.jsonl:1: field 'is_classification' must be true or false"),
         ("[]", [], "seeds.jsonl: no seed tasks"),
         ('{"instruction": "ok"\n', [], "seeds.jsonl:1: invalid JSON"),
-        ('{"instruction": "Sort a list of numbers."}\n', [], "seeds.jsonl: no seed task has instances"),
+        ('{"instruction": "Sort a list of numbers."}\n', ["--instance-demos", "seeds"], "seeds.jsonl: no seed task has instances"),
         ('{"instruction": "Sort it.", "output": "x"}\n', ["-n", "0"], "--num-instructions must be at least 1"),
         ('{"instruction": "Sort it.", "output": "x"}\n', ["--rouge-threshold", "1.5"], "--rouge-threshold must be in [0, 1]"),
     ],
@@ -409,6 +578,65 @@ def test_resume_refuses_other_seeds_or_pipeline(tmp_path, db_url):
     assert result.exit_code == 2 and "is a self-instruct run" in result.output
 
 
+def test_resume_refuses_changed_options_or_seed_instances(tmp_path, db_url):
+    """A resume must be the run it resumes: changed method options or seed instances are refused with the differences
+    named, and nothing is written; where the run stops (-n, --max-requests) may change."""
+    from datagen.commands.self_instruct import check_resume
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(SEEDS.read_text().splitlines(keepends=True)[:20]))
+    with Session(open_engine(db_url)) as session:
+        new_run(session, SEED_TASKS, si.SelfInstructConfig())
+    base = ["self-instruct", "--seeds", str(seeds), "--run", "t", "--db", db_url, "--model", "scripted"]
+    result = runner.invoke(app, [*base, "--temperature", "1.0", "--top-p", "0.5", "--instance-demos", "seeds"])
+    assert result.exit_code == 2
+    assert "started with other options (temperature 0.7 -> 1.0, instance_demos 'builtin' -> 'seeds')" in result.output
+    changed = [json.loads(line) for line in seeds.read_text().splitlines()]
+    changed[3]["instances"][0]["output"] += " (edited)"
+    seeds.write_text("".join(json.dumps(record) + "\n" for record in changed))
+    result = runner.invoke(app, base)
+    assert result.exit_code == 2 and "other seed tasks" in result.output
+    with Session(open_engine(db_url)) as session:
+        run = get_run(session, "t")
+        assert run.config == bootstrap.config_dict(si.SelfInstructConfig()) and run.status == "running"
+        assert not session.exec(select(Generation)).first()
+        flags = {"num_instructions": 500, "max_requests": 9}
+        settings = check_resume(session, run, "self-instruct", si.SelfInstructConfig, None, flags, SEED_TASKS, seeds, "scripted")
+        assert (settings.num_instructions, settings.max_requests, settings.temperature) == (500, 9, 0.7)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, args, message",
+    [
+        ("", ["--temperature", "-1"], "--temperature must be a number >= 0, got -1.0"),
+        ("", ["--top-p", "5"], "--top-p must be in (0, 1], got 5.0"),
+        ("", ["--seed", "-3"], "--seed must be in [0, 2^31), got -3"),
+        ("temperature: hot\n", [], "option 'temperature' must be a number, got 'hot'"),
+        ("num_instructions: abc\n", [], "option 'num_instructions' must be an integer, got 'abc'"),
+        ("length_cut: sometimes\n", [], "length_cut must be drop_response or drop_last, got sometimes"),
+        ("max_requests: 2.5\n", [], "option 'max_requests' must be an integer, got 2.5"),
+    ],
+)
+def test_bad_options_exit_2_before_any_store_or_model(tmp_path, yaml_text, args, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml_text)
+    for pipeline in ("self-instruct", "alpaca"):
+        result = runner.invoke(app, [pipeline, "--seeds", str(SEEDS), "--config", str(config), "--db", f"sqlite:///{tmp_path / 'x.db'}", *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output
+        assert not (tmp_path / "x.db").exists()
+
+
+def test_a_yaml_type_error_is_one_line_in_a_real_process(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("temperature: hot\n")
+    done = subprocess.run([sys.executable, "-m", "datagen.cli", "self-instruct", "--seeds", str(SEEDS), "--config", str(config),
+                           "--db", f"sqlite:///{tmp_path / 'x.db'}"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{config}: option 'temperature' must be a number, got 'hot'" in done.stderr
+    assert not (tmp_path / "x.db").exists()
+
+
 # ---- other backends ------------------------------------------------------------------------------------------
 
 
@@ -416,14 +644,30 @@ def test_resume_refuses_other_seeds_or_pipeline(tmp_path, db_url):
 def test_self_instruct_on_vllm(vllm_llm, db_url):
     config = si.SelfInstructConfig(num_instructions=3, request_batch_size=8, max_tokens=160, instance_max_tokens=96)
     with Session(open_engine(db_url)) as session:
-        run = Run(name="v", pipeline="self-instruct", config=si.config_dict(config), model="smollm2-135m", backend="vllm")
+        run = Run(name="v", pipeline="self-instruct", config=bootstrap.config_dict(config), model="smollm2-135m", backend="vllm")
         session.add(run)
         session.flush()
-        si.store_seeds(session, run, read_seeds(SEEDS))
+        bootstrap.store_seeds(session, run, read_seeds(SEEDS))
         session.commit()
         si.run(session, run, vllm_llm, config)
         assert (run.status, run.accepted) == ("completed", 3)
     check_store_independently(db_url, "v", 3)
+
+
+@pytest.mark.vllm
+def test_vllm_same_prompt_requests_sample_apart_and_repeat(vllm_llm):
+    """16 requests with one prompt at temperature 0.7 give 16 different completions, and the same --seed gives the
+    same 16 again. One seed shared by the batch (the old scheme) gives 16 copies of one completion."""
+    from datagen.backends import Request
+
+    config = si.SelfInstructConfig(max_tokens=48)
+    prompt = si.instruction_prompt([s.instruction for s in SEED_TASKS[:8]]).render(vllm_llm.render_chat)
+    requests = [Request(prompt=prompt, params=si.instruction_params(config, bootstrap.request_seed(0, 1, i))) for i in range(16)]
+    first = [r.completions[0].text for r in vllm_llm.generate(requests)]
+    assert len(set(first)) == 16
+    assert [r.completions[0].text for r in vllm_llm.generate(requests)] == first
+    shared = [Request(prompt=prompt, params=si.instruction_params(config, 1)) for _ in range(16)]
+    assert len({r.completions[0].text for r in vllm_llm.generate(shared)}) == 1
 
 
 @pytest.mark.vllm

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
@@ -46,13 +47,16 @@ class TransformersBackend:
     def generate(self, requests: Sequence[Request]) -> list[Result]:
         prompts = [r.prompt if r.prompt is not None else self.render_chat(r.messages) for r in requests]
         results: list[Result | None] = [None] * len(requests)
-        # Requests with equal settings share a batch; results go back in input order.
+        # Requests with equal settings share a batch; results go back in input order. Requests that differ only in
+        # their seed share one too: a batch samples every row from one generator, seeded by its first request, so
+        # rows draw different numbers and the same requests give the same batches and the same samples.
         by_params: dict[SamplingParams, list[int]] = {}
         for index, request in enumerate(requests):
-            by_params.setdefault(request.params, []).append(index)
-        for params, indices in by_params.items():
+            by_params.setdefault(replace(request.params, seed=None), []).append(index)
+        for indices in by_params.values():
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
+                params = requests[batch[0]].params
                 for index, result in zip(batch, self._generate_batch([prompts[i] for i in batch], params)):
                     results[index] = result
         return results  # type: ignore[return-value]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -26,9 +25,11 @@ from datagen.options import (
     JsonOption,
     ModelOption,
     make_backend,
+    option_names,
     read_config_file,
+    typed_options,
 )
-from pipelines import self_instruct
+from pipelines import bootstrap, self_instruct
 from pipelines.seeds import SeedTask, read_seeds
 from storage.store import add_generations, find_run, open_engine, touch
 from storage.tables import Run, Task, utcnow
@@ -38,6 +39,11 @@ class PromptStyle(str, enum.Enum):
     auto = "auto"
     raw = "raw"
     chat = "chat"
+
+
+class InstanceDemos(str, enum.Enum):
+    builtin = "builtin"
+    seeds = "seeds"
 
 
 class RougeTokenizer(str, enum.Enum):
@@ -68,6 +74,7 @@ def self_instruct_command(
     tokenizer: Annotated[Optional[RougeTokenizer], typer.Option(help="ROUGE tokenizer: rouge (rouge-score's) or unicode (non-English data).")] = None,
     allow_non_ascii: Annotated[Optional[bool], typer.Option("--allow-non-ascii", help="Keep instructions that start with a non-ASCII character (non-English data).")] = None,
     generate_classification: Annotated[Optional[bool], typer.Option("--generate-classification", help="Generate classification tasks only.")] = None,
+    instance_demos: Annotated[Optional[InstanceDemos], typer.Option(help="Worked examples of the instance step: builtin (tasks with several instances, all labels) or seeds (default: builtin).")] = None,
     max_requests: Annotated[Optional[int], typer.Option(help="Stop after this many instruction requests.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of example sampling and generation (default: 0).")] = None,
     config: ConfigOption = None,
@@ -78,6 +85,7 @@ def self_instruct_command(
     flags = dict(num_instructions=num_instructions, prompt_style=prompt_style, request_batch_size=request_batch_size,
                  max_tokens=max_tokens, temperature=temperature, top_p=top_p, instance_max_tokens=instance_max_tokens,
                  rouge_threshold=rouge_threshold, tokenizer=tokenizer, generate_classification=generate_classification,
+                 instance_demos=instance_demos,
                  require_ascii_start=None if allow_non_ascii is None else not allow_non_ascii, max_requests=max_requests,
                  seed=seed)  # fmt: skip
     execute("self-instruct", self_instruct.SelfInstructConfig, self_instruct.run, seeds, flags, config, run_name,
@@ -85,20 +93,18 @@ def self_instruct_command(
 
 
 def load_config(cls, path: Path | None, flags: dict[str, Any], base: dict[str, Any] | None = None):
-    """The config from, in increasing priority: a resumed run's stored config, the YAML file, the flags given."""
-    values = {k: v for k, v in (base or {}).items() if k in {f.name for f in fields(cls)}}
+    """The config from, in increasing priority: a resumed run's stored config, the YAML file, the flags given.
+    Types and ranges are checked here, before any store is opened or model loaded; errors name the key or option."""
+    known = option_names(cls)
+    values = {k: v for k, v in (base or {}).items() if k in known}
     if path is not None:
         loaded = read_config_file(path)
-        known = {f.name for f in fields(cls)}
         for key in loaded:
             if str(key).replace("-", "_") not in known:
                 raise BadInput(f"{path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
-        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        values.update(typed_options(cls, {str(k).replace("-", "_"): v for k, v in loaded.items()}, str(path)))
     values.update({k: v.value if isinstance(v, enum.Enum) else v for k, v in flags.items() if v is not None})
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise BadInput(f"{path or 'options'}: {err}") from None
+    return cls(**values)
 
 
 def execute(
@@ -118,7 +124,8 @@ def execute(
     """Check everything, then open or resume the run, run the pipeline under a progress bar, and summarize."""
     settings = load_config(config_cls, config_file, flags)  # bad options fail before anything is written
     seeds = read_seeds(seeds_path)  # every line checked before anything is written
-    self_instruct.check_seeds(seeds, str(seeds_path), needs_instances=True)
+    needs_instances = getattr(settings, "instance_demos", "seeds") == "seeds"  # Alpaca shows seed records: always
+    bootstrap.check_seeds(seeds, str(seeds_path), needs_instances)
     engine = open_engine(db)
     with Session(engine) as session:
         run = find_run(session, run_name) if run_name else None
@@ -128,7 +135,7 @@ def execute(
     started = time.perf_counter()
     with Session(engine) as session:
         run = find_run(session, run_name) if run_name else None
-        config = {"seeds": str(seeds_path), **self_instruct.config_dict(settings)}
+        config = {"seeds": str(seeds_path), **bootstrap.config_dict(settings)}
         try:
             if run is None:
                 run = Run(name=run_name or f"{pipeline}-{utcnow():%Y%m%d-%H%M%S}", pipeline=pipeline, config=config,
@@ -144,7 +151,7 @@ def execute(
             with progress("instructions") as bar:
                 bar_task = bar.add_task(pipeline, total=settings.num_instructions, completed=run.accepted, status="")
 
-                def on_batch(run: Run, stats: self_instruct.BatchStats) -> None:
+                def on_batch(run: Run, stats: bootstrap.BatchStats) -> None:
                     seen = run.accepted + run.rejected
                     rate = (run.completion_tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
                     bar.update(bar_task, completed=run.accepted, status=f"keep {run.accepted / max(seen, 1):.0%} · {rate:.0f} tok/s")
@@ -171,29 +178,53 @@ def execute(
         raise typer.Exit(1)
 
 
+RESUMABLE = ("num_instructions", "max_requests", "max_stalled_batches")
+"""Options a resumed run may change: where it stops, not how it decides. Any other change would make the resumed
+run something the uninterrupted one is not, so it is refused."""
+
+
 def check_resume(session, run: Run, pipeline, config_cls, config_file, flags, seeds: list[SeedTask], seeds_path, model):
-    """The resumed run's stored config under the file and flags given now; same pipeline, model and seeds."""
+    """The resumed run's stored config under the file and flags given now; same pipeline, model, seeds and options."""
     if run.pipeline != pipeline:
         raise BadInput(f"run '{run.name}' is a {run.pipeline} run, not {pipeline}: choose another --run name")
     if run.model != model:
         raise BadInput(f"run '{run.name}' was started with --model {run.model}; resume it with the same model")
-    stored = session.exec(select(Task.instruction).where(Task.run_id == run.id, Task.source == "seed").order_by(Task.id)).all()
-    if stored and list(stored) != [s.instruction for s in seeds]:
+    stored = bootstrap.load_seeds(session, run)
+    if stored and not same_seeds(stored, seeds):
         raise BadInput(f"run '{run.name}' was started with other seed tasks than {seeds_path}; resume it with the same file")
-    return load_config(config_cls, config_file, flags, base=run.config)
+    settings = load_config(config_cls, config_file, flags, base=run.config)
+    now = bootstrap.config_dict(settings)
+    changed = [f"{key} {run.config[key]!r} -> {value!r}" for key, value in now.items()
+               if key in run.config and key not in RESUMABLE and run.config[key] != value]  # fmt: skip
+    if changed:
+        raise BadInput(f"run '{run.name}' was started with other options ({', '.join(changed)}): resume it with the "
+                       f"options it was started with, or start a new --run")  # fmt: skip
+    return settings
+
+
+def same_seeds(stored: list[SeedTask], given: list[SeedTask]) -> bool:
+    """The same tasks with the same instances; whether each is classification only where the file says (the store
+    also holds the classification step's labels of seeds the file left open)."""
+    if len(stored) != len(given):
+        return False
+    return all(
+        s.instruction == g.instruction and s.instances == g.instances
+        and (g.is_classification is None or s.is_classification == g.is_classification)
+        for s, g in zip(stored, given)
+    )  # fmt: skip
 
 
 def start_run(session: Session, run: Run, llm, seeds: list[SeedTask], settings, pipeline: str) -> None:
     """A new run's seeds go to the store first; seeds that do not say whether they are classification tasks are
     labelled by the classification step (Self-Instruct only: Alpaca has none)."""
     if pipeline == "self-instruct":
-        chat = self_instruct.uses_chat(llm, settings.prompt_style)
+        chat = bootstrap.uses_chat(llm, settings.prompt_style)
         seeds, requests, results = self_instruct.label_seeds(llm, seeds, chat)
         add_generations(session, run, llm, "classification", 0, requests, results)
-    self_instruct.store_seeds(session, run, seeds)
+    bootstrap.store_seeds(session, run, seeds)
 
 
-def summarize(session: Session, run: Run, totals: self_instruct.BatchStats, seconds: float, new: int) -> dict[str, Any]:
+def summarize(session: Session, run: Run, totals: bootstrap.BatchStats, seconds: float, new: int) -> dict[str, Any]:
     """The whole run's figures from the store (earlier sessions included), and this session's time."""
     reasons = session.exec(
         select(Task.reason, func.count()).where(Task.run_id == run.id, Task.source == "generated", Task.status == "rejected")

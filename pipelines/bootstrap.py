@@ -1,0 +1,280 @@
+"""The bootstrap loop Self-Instruct and Alpaca share: batches until the target is reached, with the store as the
+only state, so a resumed run makes the decisions of an uninterrupted one.
+
+Each pipeline gives the loop one function, `one_batch(batch_number, requests, rng)`, that builds its prompts,
+generates, parses, filters and stores one batch in one transaction (pipelines/self_instruct.py, pipelines/alpaca.py).
+This module holds what is the same for both: seeds and pool in the store, the request budget and stall guard, the
+prompt's raw or chat rendering, and the end-of-batch accounting.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from sqlmodel import Session, func, select
+
+from datagen.backends import Backend, Request, Result
+from datagen.errors import BadInput
+from pipelines.seeds import SeedInstance, SeedTask
+from storage.store import touch
+from storage.tables import Generation, Instance, Run, Task
+
+
+def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
+    """The checks Self-Instruct's and Alpaca's configs share; `positive` names further fields that must be >= 1."""
+    if config.num_instructions < 1:
+        raise BadInput(f"--num-instructions must be at least 1, got {config.num_instructions}")
+    if not config.temperature >= 0 or math.isinf(config.temperature):  # "not >=" also catches NaN
+        raise BadInput(f"--temperature must be a number >= 0, got {config.temperature}")
+    if not 0 < config.top_p <= 1:
+        raise BadInput(f"--top-p must be in (0, 1], got {config.top_p}")
+    if not 0 <= config.rouge_threshold <= 1:
+        raise BadInput(f"--rouge-threshold must be in [0, 1], got {config.rouge_threshold}")
+    if config.prompt_style not in ("auto", "raw", "chat"):
+        raise BadInput(f"--prompt-style must be raw, chat or auto, got {config.prompt_style}")
+    if config.length_cut not in ("drop_response", "drop_last"):
+        raise BadInput(f"length_cut must be drop_response or drop_last, got {config.length_cut}")
+    if config.tokenizer not in ("rouge", "unicode"):
+        raise BadInput(f"--tokenizer must be rouge or unicode, got {config.tokenizer}")
+    for name in ("request_batch_size", "max_tokens", "num_prompt_instructions", "max_stalled_batches", *positive):
+        if getattr(config, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**SEED_BITS:
+        raise BadInput(f"--seed must be in [0, 2^{SEED_BITS}), got {config.seed}")
+    if config.request_batch_size > 2**INDEX_BITS:
+        raise BadInput(f"--request-batch-size must be at most {2**INDEX_BITS}, got {config.request_batch_size}")
+    if config.max_requests is not None and config.max_requests < 1:
+        raise BadInput(f"--max-requests must be at least 1, got {config.max_requests}")
+
+
+SEED_BITS, BATCH_BITS, INDEX_BITS = 31, 20, 12
+"""A request's sampling seed packs (run seed, batch, request index) into 63 bits: distinct for distinct triples, and
+within the signed 64-bit range vLLM, its OpenAI server and torch accept."""
+
+
+def request_seed(seed: int, batch: int, index: int) -> int:
+    """The sampling seed of request `index` of batch `batch`: its own, so no two requests of a run draw the same
+    random numbers (one seed per batch made every request of a batch sample alike on vLLM and OpenAI servers)."""
+    if not (0 <= seed < 2**SEED_BITS and 0 <= batch < 2**BATCH_BITS and 0 <= index < 2**INDEX_BITS):
+        raise ValueError(f"seed {seed}, batch {batch}, request {index} do not fit a 63-bit sampling seed")
+    return (seed << (BATCH_BITS + INDEX_BITS)) | (batch << INDEX_BITS) | index
+
+
+def config_dict(config) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+
+
+# ---- prompts: raw or through the chat template -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A request in two parts: what is asked (`ask`) and the start of the answer (`answer`), which the model continues.
+
+    Raw style joins them with a newline: the reference's completion prompt. Chat style makes `ask` the user's turn of
+    the model's chat template and `answer` the beginning of the assistant's turn.
+    """
+
+    ask: str
+    answer: str
+
+    def render(self, chat_template: Callable[[list[dict[str, str]]], str] | None) -> str:
+        if chat_template is None:
+            return f"{self.ask}\n{self.answer}"
+        return chat_template([{"role": "user", "content": self.ask}]) + self.answer.lstrip("\n")
+
+
+def uses_chat(backend: Backend, prompt_style: str) -> bool:
+    """auto: chat when the backend can render the model's chat template."""
+    if prompt_style != "auto":
+        return prompt_style == "chat"
+    try:
+        backend.render_chat([{"role": "user", "content": "Hi"}])
+    except Exception:  # no template, or a remote model without a local tokenizer
+        return False
+    return True
+
+
+# ---- the store: seeds, pool and index, rebuilt on resume ----------------------------------------------------------
+
+POOL_REASONS = ("no_valid_instances", "target_reached")
+"""Rejected after passing the similarity filter: such instructions stay in the similarity index and the machine pool,
+as they did in the uninterrupted run (the reference's pool is everything that passed ROUGE-L)."""
+
+
+def store_seeds(session: Session, run: Run, seeds: Sequence[SeedTask]) -> None:
+    """Seeds are tasks of the run (source='seed') with their instances, so a resumed run needs only the store."""
+    for seed in seeds:
+        task = Task(run_id=run.id, source="seed", seed_id=seed.id, instruction=seed.instruction,
+                    is_classification=seed.is_classification, status="accepted")  # fmt: skip
+        session.add(task)
+        session.flush()
+        session.add_all(Instance(task_id=task.id, input=i.input, output=i.output) for i in seed.instances)
+
+
+def load_seeds(session: Session, run: Run) -> list[SeedTask]:
+    tasks = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "seed").order_by(Task.id)).all()
+    instances: dict[int, list[SeedInstance]] = {}
+    rows = session.exec(select(Instance).where(Instance.task_id.in_([t.id for t in tasks])).order_by(Instance.id)).all()
+    for row in rows:
+        instances.setdefault(row.task_id, []).append(SeedInstance(row.input, row.output))
+    return [SeedTask(t.seed_id or str(t.id), t.instruction, tuple(instances.get(t.id, ())), t.is_classification) for t in tasks]
+
+
+def load_pool(session: Session, run: Run) -> list[str]:
+    """Generated instructions that passed the similarity filter, in the order they were decided."""
+    passed = (Task.status == "accepted") | Task.reason.in_(POOL_REASONS)
+    query = select(Task.instruction).where(Task.run_id == run.id, Task.source == "generated", passed).order_by(Task.id)
+    return list(session.exec(query).all())
+
+
+def check_seeds(seeds: Sequence[SeedTask], path: str, needs_instances: bool) -> None:
+    """Checks the pipeline needs beyond the file's format; file and field are named."""
+    if needs_instances and not any(s.instances for s in seeds):
+        raise BadInput(f"{path}: no seed task has instances (field 'instances', or 'output'): they are the worked examples")
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchStats:
+    """What one batch (or a whole session of batches) did; the store holds the same figures per row."""
+
+    requests: int = 0
+    generated: int = 0
+    """Instructions parsed out of the completions."""
+    accepted: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    empty_responses: int = 0
+    """Completions with no instruction in them (their raw text is in the generation table)."""
+    generate_seconds: float = 0.0
+    """Wall time inside the backend's generate calls."""
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def add(self, other: BatchStats) -> None:
+        self.requests += other.requests
+        self.generated += other.generated
+        self.accepted += other.accepted
+        self.empty_responses += other.empty_responses
+        self.generate_seconds += other.generate_seconds
+        for reason, count in other.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
+
+
+class LoopSettings(Protocol):
+    num_instructions: int
+    request_batch_size: int
+    max_requests: int | None
+    max_stalled_batches: int
+    seed: int
+
+
+def bootstrap(
+    session: Session,
+    run: Run,
+    config: LoopSettings,
+    one_batch: Callable[[int, int, random.Random], BatchStats],
+    on_batch: Callable[[Run, BatchStats], None],
+) -> BatchStats:
+    """Batches until `num_instructions` are accepted, a request budget is spent, or the run stalls.
+
+    `one_batch(batch_number, requests, rng)` generates, filters and stores one batch in one transaction. Each batch
+    gets its own random generator seeded by the string "seed/batch" (collision-free, unlike seed * k + batch), so a
+    resumed run does not repeat earlier prompts.
+    """
+    batch_number = next_batch_number(session, run)
+    totals = BatchStats()
+    while run.accepted < config.num_instructions:
+        done = _instruction_requests(session, run)
+        if config.max_requests is not None and done >= config.max_requests:
+            touch(run, status="stopped", error=f"--max-requests {config.max_requests} reached")
+            break
+        stalled = stalled_batches(session, run)
+        if stalled >= config.max_stalled_batches:
+            touch(run, status="stopped", error=f"{stalled} batches in a row accepted nothing; the model may be repeating "
+                  "itself: try another --seed, a higher --temperature, or the other --prompt-style")  # fmt: skip
+            break
+        kept = _accepted_from_requests(session, run)
+        requests = requests_needed(config.num_instructions - run.accepted, kept, done, config.request_batch_size)
+        if config.max_requests is not None:
+            requests = min(requests, config.max_requests - done)
+        stats = one_batch(batch_number, requests, random.Random(f"{config.seed}/{batch_number}"))
+        totals.add(stats)
+        batch_number += 1
+        on_batch(run, stats)
+    else:
+        touch(run, status="completed", error=None)
+    session.add(run)
+    session.commit()
+    return totals
+
+
+def next_batch_number(session: Session, run: Run) -> int:
+    return (session.exec(select(func.max(Generation.batch)).where(Generation.run_id == run.id)).one() or 0) + 1
+
+
+def requests_needed(remaining: int, accepted: int, requests: int, batch_size: int) -> int:
+    """A full batch, or near the target about 1.5 times the requests the run's keep rate says are needed.
+
+    `accepted` and `requests` are the whole run's, from the store, so a resumed run asks what the uninterrupted
+    one would have asked."""
+    if not accepted or not requests:
+        return batch_size
+    return max(1, min(batch_size, math.ceil(1.5 * remaining * requests / accepted)))
+
+
+def stalled_batches(session: Session, run: Run) -> int:
+    """Instruction batches in a row, the latest ones, that accepted nothing: from the store, so the stall guard
+    counts across a resume as in an uninterrupted run."""
+    accepted_in = (
+        select(func.max(Generation.batch))
+        .join(Task, Task.generation_id == Generation.id)
+        .where(Generation.run_id == run.id, Task.source == "generated", Task.status == "accepted")
+    )
+    last = session.exec(accepted_in).one() or 0
+    query = select(func.count(func.distinct(Generation.batch))).where(
+        Generation.run_id == run.id, Generation.purpose == "instructions", Generation.batch > last
+    )
+    return session.exec(query).one()
+
+
+def _accepted_from_requests(session: Session, run: Run) -> int:
+    """Accepted instructions that came out of this run's requests (a pool imported into the store has none)."""
+    query = select(func.count()).select_from(Task).where(
+        Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Task.generation_id.is_not(None)
+    )
+    return session.exec(query).one()
+
+
+def _instruction_requests(session: Session, run: Run) -> int:
+    query = select(func.count()).select_from(Generation).where(Generation.run_id == run.id, Generation.purpose == "instructions")
+    return session.exec(query).one()
+
+
+def timed_generate(backend: Backend, requests: list[Request], stats: BatchStats) -> list[Result]:
+    started = time.perf_counter()
+    results = backend.generate(requests) if requests else []
+    stats.generate_seconds += time.perf_counter() - started
+    return results
+
+
+def finish_batch(session: Session, run: Run, tasks: Sequence[Task], stats: BatchStats) -> BatchStats:
+    """The end-of-batch accounting: rejections counted by reason, the run's counters, one commit for the batch."""
+    for task in tasks:
+        if task.status == "rejected":
+            stats.reject(task.reason)
+    run.accepted += stats.accepted
+    run.rejected += sum(stats.rejected.values())
+    touch(run)
+    session.add_all(tasks)
+    session.add(run)
+    session.commit()
+    return stats

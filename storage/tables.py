@@ -207,3 +207,17 @@ class TrainingRunSource(SQLModel, table=True):
     __tablename__ = "training_run_source"
     training_run_id: int = Field(foreign_key="training_run.id", primary_key=True)
     run_id: int = Field(foreign_key="run.id", primary_key=True)
+
+
+class RunLock(SQLModel, table=True):
+    """The process writing a run, while it writes (storage/run_lock.py): one writer per run."""
+
+    __tablename__ = "run_lock"
+    run_name: str = Field(primary_key=True)
+    holder: str
+    """Who holds it, as a second starter is told: "worker 3f2a... pid 4242 on gpu-1"."""
+    token: str
+    """Random per hold, so a holder that lost the row to a takeover cannot delete or refresh the new holder's."""
+    acquired_at: float
+    heartbeat_at: float
+    """Unix seconds of the holder's last beat; older than the timeout means the holder died."""

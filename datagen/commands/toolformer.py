@@ -28,6 +28,7 @@ from datagen.options import (
 )
 from pipelines import toolformer as tf
 from pipelines.tools import build_tools
+from storage.run_lock import hold_run
 from storage.store import find_run, open_engine, touch
 from storage.tables import Run, utcnow
 
@@ -54,7 +55,7 @@ def toolformer(
     texts = tf.read_corpus(corpus)[:limit]  # every line checked before anything is written
     stored = {"corpus": str(corpus), "corpus_sha256": tf.corpus_digest(corpus), **config.model_dump(mode="json")}
     engine = open_engine(db)
-    with Session(engine) as session:
+    with hold_run(engine, run_name), Session(engine) as session:
         run = run_to_resume(session, run_name, stored, model)
         llm = make_backend(backend, model, base_url)
         if run is None:

@@ -17,6 +17,7 @@ from datagen.commands.self_instruct import self_instruct_command
 from datagen.commands.alpaca import alpaca_command
 from datagen.console import print_error
 from datagen.commands.dedup import dedup
+from datagen.commands import jobs
 from datagen.errors import DatagenError
 
 class DatagenGroup(TyperGroup):
@@ -46,6 +47,8 @@ app.command("report")(report.report_command)
 app.command("dedup")(dedup)
 app.command("toolformer")(toolformer)
 app.command("train")(train.train)
+app.add_typer(jobs.app, name="jobs")
+app.command("worker")(jobs.worker)
 
 
 def _version(value: bool) -> None:

@@ -54,43 +54,47 @@ def get_job(session: Session, name: str) -> Job:
 
 
 def add_job(engine: Engine, url: str | None, job: JobDefinition, every: str | None) -> Job:
-    """Store the job and create its schedule; a name already taken is BadInput and nothing is stored."""
+    """Store the job and create its schedule; a name already taken is BadInput and nothing is stored.
+
+    No store transaction stays open across a DBOS call: DBOS's first migration of a PostgreSQL database waits for them.
+    """
     with Session(engine) as session:
         if session.exec(select(Job.id).where(Job.name == job.name)).first() is not None:
             raise BadInput(f"NAME: a job named '{job.name}' exists already (datagen jobs remove {job.name})")
-        row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target, queue=job.queue)
-        with dbos_client(url) as client:
-            client.register_queue(job.queue)
-            client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, context=job.name, queue_name=job.queue)
-            try:
+    row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target, queue=job.queue)
+    with dbos_client(url) as client:
+        client.register_queue(job.queue)
+        client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, context=job.name, queue_name=job.queue)
+        try:
+            with Session(engine, expire_on_commit=False) as session:
                 session.add(row)
                 session.commit()
-            except BaseException:
-                client.delete_schedule(job.name)
-                raise
-        session.refresh(row)
-        return row
+        except BaseException:
+            client.delete_schedule(job.name)
+            raise
+    return row
 
 
-def set_enabled(engine: Engine, url: str | None, name: str, enabled: bool) -> Job:
+def set_enabled(engine: Engine, url: str | None, name: str, enabled: bool) -> None:
+    with Session(engine) as session:
+        get_job(session, name)
+    with dbos_client(url) as client:
+        (client.resume_schedule if enabled else client.pause_schedule)(name)
     with Session(engine) as session:
         job = get_job(session, name)
-        with dbos_client(url) as client:
-            (client.resume_schedule if enabled else client.pause_schedule)(name)
         job.enabled = enabled
         session.add(job)
         session.commit()
-        session.refresh(job)
-        return job
 
 
 def remove_job(engine: Engine, url: str | None, name: str) -> None:
     """The definition and its schedule go; the job's run and its rows stay in the store."""
     with Session(engine) as session:
-        job = get_job(session, name)
-        with dbos_client(url) as client:
-            client.delete_schedule(name)
-        session.delete(job)
+        get_job(session, name)
+    with dbos_client(url) as client:
+        client.delete_schedule(name)
+    with Session(engine) as session:
+        session.delete(get_job(session, name))
         session.commit()
 
 

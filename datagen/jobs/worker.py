@@ -64,7 +64,7 @@ _worker = _Worker()
 
 
 def say(message: str) -> None:
-    err_console.print(f"[{datetime.now():%H:%M:%S}] {message}", markup=False, highlight=False)
+    err_console.print(f"[{datetime.now():%H:%M:%S}] {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 @DBOS.workflow(name=RUN_JOB)

@@ -28,13 +28,13 @@ from storage.store import open_engine
 from storage.tables import Job, Run, ToolformerText
 from tests.conftest import REPO, SEEDS
 
-TIMEOUT = 4.0
+TIMEOUT = 8.0
 TEXTS = ["The river flows quietly past the old mill.", "A small bird sang in the garden at dawn.", "She painted the door a bright shade of blue."]
 NO_MODEL = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "DATAGEN_RUN_LOCK_TIMEOUT": str(TIMEOUT), "DATAGEN_WORKER_TIMEOUT": str(TIMEOUT)}
+def env(timeout: float = TIMEOUT) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "DATAGEN_RUN_LOCK_TIMEOUT": str(timeout), "DATAGEN_WORKER_TIMEOUT": str(timeout)}
 
 
 @pytest.fixture
@@ -64,9 +64,9 @@ def jobs(*args: str, code: int = 0):
     return result
 
 
-def start_worker(url: str, log: Path, *args: str) -> subprocess.Popen:
+def start_worker(url: str, log: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "datagen.cli", "worker", "--db", url, *args], stdout=subprocess.DEVNULL,
-                            stderr=log.open("w"), env=env())  # fmt: skip
+                            stderr=log.open("w"), env=env(timeout))  # fmt: skip
 
 
 def wait_for(condition, seconds: float, what: str):
@@ -133,7 +133,8 @@ def test_three_workers_run_ten_due_jobs_each_exactly_once(store_url, corpus, tmp
         jobs("add", name, "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
         jobs("run-now", name, "--db", store_url)
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
-    workers = [start_worker(store_url, log) for log in logs]
+    # The default timeouts: a loaded CI machine must not make a live worker look dead here (that case is the next test's).
+    workers = [start_worker(store_url, log, timeout=60) for log in logs]
     try:
         def all_done():
             runs = job_runs(store_url, names)
@@ -204,3 +205,35 @@ def test_a_job_due_while_its_previous_run_is_going_is_skipped(store_url, corpus,
     assert "skipped (its previous run is still going, written by previous-run pid" in log.read_text()
     with Session(open_engine(store_url)) as session:
         assert session.exec(select(Run)).all() == []
+
+
+@pytest.mark.postgres
+def test_an_unreachable_store_is_retried_with_backoff_and_said(postgres_url, tmp_path):
+    """The worker's database refuses connections for a while (ALLOW_CONNECTIONS false, its sessions ended): the
+    worker says so, retries with growing waits, says when it is back, and stops cleanly; no traceback."""
+    from sqlalchemy import create_engine
+
+    name = f"down_{os.getpid()}_{time.monotonic_ns()}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    log = tmp_path / "worker.log"
+    worker = start_worker(url, log)
+    try:
+        wait_for(lambda: "on queue 'datagen'" in log.read_text(), 120, "the worker started")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            connection.exec_driver_sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        wait_for(lambda: log.read_text().count("store unreachable") >= 2, 120, "two retries said")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        wait_for(lambda: "store reachable again" in log.read_text(), 120, "back")
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        code = stop(worker)
+    text = log.read_text()
+    assert code == 0 and "Traceback" not in text, text
+    waits = [int(line.rsplit("retrying in ", 1)[1].split()[0]) for line in text.splitlines() if "store unreachable" in line]
+    assert waits == sorted(waits) and waits[-1] > waits[0], text

@@ -63,7 +63,7 @@ def add_job(engine: Engine, url: str | None, job: JobDefinition, every: str | No
             raise BadInput(f"NAME: a job named '{job.name}' exists already (datagen jobs remove {job.name})")
     row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target, queue=job.queue)
     with dbos_client(url) as client:
-        client.register_queue(job.queue)
+        client.register_queue(job.queue, on_conflict="never_update")  # declared for the schedule; workers set its limits
         client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, context=job.name, queue_name=job.queue)
         try:
             with Session(engine, expire_on_commit=False) as session:

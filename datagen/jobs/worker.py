@@ -15,6 +15,7 @@ recovers, through DBOS's recovery call, the pending workflows of every executor 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -29,7 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from dbos import DBOS
-from sqlalchemy import delete
+from sqlalchemy import delete, insert, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
@@ -160,9 +161,13 @@ def serve(url: str | None, concurrency: int, queue: str, once: bool) -> None:
                  "application_version": APP_VERSION, "log_level": "WARNING",
                  "scheduler_polling_interval_sec": 5})  # fmt: skip
     DBOS.listen_queues([queue])
+    for handler in logging.getLogger("dbos").handlers:
+        handler.addFilter(_one_line)
     signal.signal(signal.SIGTERM, lambda *_: _stop(engine))
     DBOS.launch()
-    DBOS.register_queue(queue, worker_concurrency=concurrency)
+    # The queue's settings live in the system database, shared by all its workers: the latest worker's --concurrency
+    # is every worker's limit on this queue.
+    DBOS.register_queue(queue, worker_concurrency=concurrency, on_conflict="always_update")
     say(f"worker {_worker.executor_id[:8]} ({holder}) on queue '{queue}', {concurrency} at a time")
     sweeper = threading.Thread(target=_beat_and_sweep, args=(engine, holder), daemon=True)
     sweeper.start()
@@ -174,6 +179,16 @@ def serve(url: str | None, concurrency: int, queue: str, once: bool) -> None:
                 say("queue empty: exiting (--once)")
                 DBOS.destroy()
                 return
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """DBOS's own warnings (its pollers while the database is down) as one line each: the message, and in place of
+    a formatted traceback its last line, the error."""
+    lines = [line.strip() for line in record.getMessage().strip().splitlines() if line.strip()] or [""]
+    head, traceback_mark, _ = lines[0].partition("Traceback (most recent call last):")
+    record.msg = f"{head.strip()} {lines[-1]}" if traceback_mark else lines[0]
+    record.args, record.exc_info, record.exc_text = (), None, None
+    return True
 
 
 def _has_work(queue: str) -> bool:
@@ -201,9 +216,11 @@ def _stop(engine) -> None:
 
 
 def _beat(engine, holder: str) -> None:
-    with Session(engine) as session:
-        session.merge(WorkerBeat(executor_id=_worker.executor_id, holder=holder, beat_at=time.time()))
-        session.commit()
+    """Refresh this worker's row, or insert it again if a sweeper took this worker for dead and deleted it."""
+    with engine.begin() as connection:
+        values = {"holder": holder, "beat_at": time.time()}
+        if not connection.execute(update(WorkerBeat).where(WorkerBeat.executor_id == _worker.executor_id).values(**values)).rowcount:
+            connection.execute(insert(WorkerBeat).values(executor_id=_worker.executor_id, **values))
 
 
 def _beat_and_sweep(engine, holder: str) -> None:

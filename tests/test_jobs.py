@@ -237,3 +237,22 @@ def test_an_unreachable_store_is_retried_with_backoff_and_said(postgres_url, tmp
     assert code == 0 and "Traceback" not in text, text
     waits = [int(line.rsplit("retrying in ", 1)[1].split()[0]) for line in text.splitlines() if "store unreachable" in line]
     assert waits == sorted(waits) and waits[-1] > waits[0], text
+
+
+@pytest.mark.slow
+def test_a_job_runs_the_embedded_model(db_url, tmp_path, embedded_model_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text((REPO / "examples" / "toolformer_corpus.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    jobs("add", "real", "toolformer", "--every", "1d", "--target", "1", "--db", db_url, "--", "--corpus", str(corpus),
+         "--tools", "calculator", "--config", str(REPO / "examples" / "toolformer_cpu.yaml"), "--backend", "transformers")  # fmt: skip
+    jobs("run-now", "real", "--db", db_url)
+    log = tmp_path / "worker.log"
+    assert start_worker(db_url, log, "--once", timeout=60).wait(timeout=600) == 0, log.read_text()
+    [run] = job_runs(db_url, ["real"])["real"]
+    assert (run.status, run.outcome) == ("SUCCESS", "completed"), log.read_text()
+    assert "--limit 1" in log.read_text()  # the target: one corpus text beyond the none done
+    with Session(open_engine(db_url)) as session:
+        stored = session.exec(select(Run).where(Run.name == "real")).one()
+        texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == stored.id)).all()
+    assert (stored.status, stored.backend, len(texts)) == ("completed", "transformers", 1)
+    assert texts[0].tools == ["calculator"]  # the text passed the calculator's pre-filter, so the model scored it

@@ -3,7 +3,8 @@
 Two processes writing one run would both write the same batches (duplicate rows, two ROUGE pools). The holder
 keeps a row of `run_lock` fresh from a heartbeat thread; a second process finds a fresh row and stops at once
 with a message naming the holder (exit 1). A holder that died (kill -9) stops heartbeating, and its row counts
-as released once its heartbeat is older than the timeout; the next starter takes it over.
+as released once its heartbeat is older than the timeout; the next starter takes it over. A holder on the starter's
+own machine whose process is gone is taken over at once, so rerunning a killed command resumes without waiting.
 
 The row lives in the store, so the lock is the same on SQLite (one machine) and PostgreSQL (many machines):
 file locks would not span machines and SQLite has no advisory locks. Heartbeats are wall-clock seconds of the
@@ -82,25 +83,39 @@ def _acquire(engine: Engine, run_name: str, token: str, timeout_s: float) -> Non
         now = time.time()
         try:
             with engine.begin() as connection:
-                connection.execute(insert(RunLock).values(run_name=run_name, holder=holder, token=token, acquired_at=now, heartbeat_at=now))
+                connection.execute(insert(RunLock).values(run_name=run_name, holder=holder, host=socket.gethostname(), pid=os.getpid(),
+                                                          token=token, acquired_at=now, heartbeat_at=now))  # fmt: skip
             return
         except IntegrityError:
             pass
         with engine.begin() as connection:
-            taken = connection.execute(
+            row = connection.execute(select(RunLock).where(RunLock.run_name == run_name)).first()
+            if row is None:
+                continue
+            stale = row.heartbeat_at < now - timeout_s or (row.host == socket.gethostname() and not _alive(row.pid))
+            taken = stale and connection.execute(
                 update(RunLock)
-                .where(RunLock.run_name == run_name, RunLock.heartbeat_at < now - timeout_s)
-                .values(holder=holder, token=token, acquired_at=now, heartbeat_at=now)
+                .where(RunLock.run_name == run_name, RunLock.token == row.token)
+                .values(holder=holder, host=socket.gethostname(), pid=os.getpid(), token=token, acquired_at=now, heartbeat_at=now)
             ).rowcount
             if taken == 1:
                 return
-            row = connection.execute(select(RunLock.holder, RunLock.heartbeat_at).where(RunLock.run_name == run_name)).first()
         if row is not None:
             raise RunHeld(
                 f"run '{run_name}' is being written by {row.holder} (heartbeat {max(now - row.heartbeat_at, 0):.0f} s ago): "
                 f"one writer per run; wait for it to finish, stop it, or choose another --run name"
             )
     raise RunHeld(f"run '{run_name}' changed hands three times while starting; try again")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _heartbeat(engine: Engine, run_name: str, token: str, every_s: float, stop: threading.Event) -> None:

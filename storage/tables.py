@@ -216,6 +216,9 @@ class RunLock(SQLModel, table=True):
     run_name: str = Field(primary_key=True)
     holder: str
     """Who holds it, as a second starter is told: "worker 3f2a... pid 4242 on gpu-1"."""
+    host: str
+    pid: int
+    """A holder on this machine whose pid is gone died: its run is taken over at once, without the timeout."""
     token: str
     """Random per hold, so a holder that lost the row to a takeover cannot delete or refresh the new holder's."""
     acquired_at: float

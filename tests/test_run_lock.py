@@ -1,6 +1,7 @@
 """One writer per run (storage/run_lock.py), with real processes on real SQLite and PostgreSQL stores: a second
 `datagen self-instruct` or `datagen toolformer` on a held run exits 1 at once naming the holder, before any model
-loads; the holder's heartbeat keeps it held past the timeout; a holder killed with -9 releases it after the timeout."""
+loads; the holder's heartbeat keeps it held past the timeout; a holder killed with -9 releases it at once on its own machine
+(its pid is gone) and after the timeout from another machine."""
 
 from __future__ import annotations
 
@@ -45,11 +46,13 @@ def datagen(*args: str) -> subprocess.CompletedProcess:
 def store_url(request, db_url):
     if request.param == "sqlite":
         return db_url
-    url = request.getfixturevalue("postgres_url")
-    engine = open_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("DELETE FROM run_lock")
-    return url
+    from sqlalchemy import create_engine
+
+    server = request.getfixturevalue("postgres_url")
+    name = f"lock_{os.getpid()}_{time.monotonic_ns()}"
+    with create_engine(server, isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"
 
 
 def test_second_writer_exits_at_once_and_a_killed_holder_releases_after_the_timeout(store_url):
@@ -66,15 +69,26 @@ def test_second_writer_exits_at_once_and_a_killed_holder_releases_after_the_time
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     engine = open_engine(store_url)
-    with pytest.raises(RunHeld, match="test-holder"):  # dead, but not yet for the timeout
-        with hold_run(engine, "r", timeout_s=TIMEOUT):
+    with hold_run(engine, "r", timeout_s=TIMEOUT):  # dead on this machine: taken over at once, no timeout to wait
+        pass
+
+
+def test_a_dead_holder_on_another_machine_releases_after_the_timeout(store_url):
+    holder = start_holder(store_url, "r2")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    engine = open_engine(store_url)
+    with engine.begin() as connection:  # as if it had run on another machine, where its pid cannot be checked
+        connection.exec_driver_sql("UPDATE run_lock SET host = 'other-machine' WHERE run_name = 'r2'")
+    with pytest.raises(RunHeld, match="test-holder"):
+        with hold_run(engine, "r2", timeout_s=TIMEOUT):
             pass
     time.sleep(TIMEOUT + 0.5)
-    with hold_run(engine, "r", timeout_s=TIMEOUT):
+    with hold_run(engine, "r2", timeout_s=TIMEOUT):
         with pytest.raises(RunHeld, match=f"pid {os.getpid()}"):  # now this process holds it
-            with hold_run(engine, "r", timeout_s=TIMEOUT):
+            with hold_run(engine, "r2", timeout_s=TIMEOUT):
                 pass
-    with hold_run(engine, "r", timeout_s=TIMEOUT):  # released on exit
+    with hold_run(engine, "r2", timeout_s=TIMEOUT):  # released on exit
         pass
 
 

@@ -19,17 +19,16 @@ from sqlalchemy.exc import OperationalError  # noqa: E402
 from typer.core import TyperGroup
 
 from datagen import __version__  # noqa: E402
-from datagen.commands import export, generate, models, report, runs, train  # noqa: E402
-from datagen.commands.toolformer import toolformer  # noqa: E402
-from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
+from datagen.commands import eval_long, export, generate, jobs, long_data, models, report, runs, train  # noqa: E402
 from datagen.commands.alpaca import alpaca_command  # noqa: E402
-from datagen.console import print_error  # noqa: E402
 from datagen.commands.dedup import dedup  # noqa: E402
-from datagen.commands import eval_long, long_data  # noqa: E402
+from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
+from datagen.commands.toolformer import toolformer  # noqa: E402
+from datagen.commands.ui import ui  # noqa: E402
+from datagen.console import print_error  # noqa: E402
 from datagen.errors import DatagenError  # noqa: E402
 from datagen.options import server_options  # noqa: E402
 from storage.store import operational_error_message  # noqa: E402
-from datagen.commands.ui import ui  # noqa: E402
 
 
 class DatagenGroup(TyperGroup):
@@ -66,6 +65,8 @@ app.command("train")(train.train)
 app.command("long-data")(long_data.long_data)
 app.command("eval-long")(eval_long.eval_long)
 app.command("ui")(ui)
+app.add_typer(jobs.app, name="jobs")
+app.command("worker")(jobs.worker)
 
 
 def _version(value: bool) -> None:

@@ -236,3 +236,53 @@ class ManualVerdict(SQLModel, table=True):
     curator: str
     """Who gave the verdict (the name in the form; the server's user by default)."""
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class RunLock(SQLModel, table=True):
+    """The process writing a run, while it writes (storage/run_lock.py): one writer per run."""
+
+    __tablename__ = "run_lock"
+    run_name: str = Field(primary_key=True)
+    holder: str
+    """Who holds it, as a second starter is told: "worker 3f2a... pid 4242 on gpu-1"."""
+    host: str
+    pid: int
+    """A holder on this machine whose pid is gone died: its run is taken over at once, without the timeout."""
+    token: str
+    """Random per hold, so a holder that lost the row to a takeover cannot delete or refresh the new holder's."""
+    acquired_at: float
+    heartbeat_at: float
+    """Unix seconds of the holder's last beat; older than the timeout means the holder died."""
+
+
+class Job(SQLModel, table=True):
+    """A recurring generation job (`datagen jobs add`); DBOS's scheduler fires it, a `datagen worker` runs it."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    """Also the name of the job's run, which each firing resumes, and of its DBOS schedule."""
+    pipeline: str
+    """self-instruct, alpaca or toolformer."""
+    args: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """The pipeline command's options, as on its command line: ["--seeds", "seeds.jsonl", "--config", "si.yaml"]."""
+    schedule: str
+    """Six-field cron, seconds first (DBOS's scheduler): "0 0 */6 * * *" for --every 6h."""
+    every: str | None = None
+    """The --every given, for display."""
+    target: int | None = None
+    """Per run: accepted instructions (or corpus texts) to add beyond what the run already has; None: the options' own."""
+    queue: str = "datagen"
+    enabled: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class WorkerBeat(SQLModel, table=True):
+    """A live `datagen worker`'s heartbeat; workflows of an executor whose beat is stale are recovered by another."""
+
+    __tablename__ = "worker_beat"
+    executor_id: str = Field(primary_key=True)
+    """DBOS executor id of the worker process."""
+    holder: str
+    """host and pid, for `datagen jobs show`."""
+    beat_at: float
+    """Unix seconds."""

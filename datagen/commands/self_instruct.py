@@ -31,7 +31,8 @@ from datagen.options import (
 )
 from pipelines import bootstrap, self_instruct
 from pipelines.seeds import SeedTask, read_seeds
-from storage.store import add_generations, find_run, open_engine, touch
+from storage.run_lock import hold_run
+from storage.store import add_generations, error_text, find_run, open_engine, touch
 from storage.tables import Run, Task, utcnow
 
 
@@ -127,46 +128,47 @@ def execute(
     needs_instances = getattr(settings, "instance_demos", "seeds") == "seeds"  # Alpaca shows seed records: always
     bootstrap.check_seeds(seeds, str(seeds_path), needs_instances)
     engine = open_engine(db)
-    with Session(engine) as session:
-        run = find_run(session, run_name) if run_name else None
-        if run is not None:
-            settings = check_resume(session, run, pipeline, config_cls, config_file, flags, seeds, seeds_path, model)
-    llm = make_backend(backend, model, base_url)
-    started = time.perf_counter()
-    with Session(engine) as session:
-        run = find_run(session, run_name) if run_name else None
-        config = {"seeds": str(seeds_path), **bootstrap.config_dict(settings)}
-        try:
-            if run is None:
-                run = Run(name=run_name or f"{pipeline}-{utcnow():%Y%m%d-%H%M%S}", pipeline=pipeline, config=config,
-                          model=model, backend=llm.name)  # fmt: skip
+    with hold_run(engine, run_name):  # one writer per run, held before the model loads (storage/run_lock.py)
+        with Session(engine) as session:
+            run = find_run(session, run_name) if run_name else None
+            if run is not None:
+                settings = check_resume(session, run, pipeline, config_cls, config_file, flags, seeds, seeds_path, model)
+        llm = make_backend(backend, model, base_url)
+        started = time.perf_counter()
+        with Session(engine) as session:
+            run = find_run(session, run_name) if run_name else None
+            config = {"seeds": str(seeds_path), **bootstrap.config_dict(settings)}
+            try:
+                if run is None:
+                    run = Run(name=run_name or f"{pipeline}-{utcnow():%Y%m%d-%H%M%S}", pipeline=pipeline, config=config,
+                              model=model, backend=llm.name)  # fmt: skip
+                    session.add(run)
+                    session.commit()
+                if not session.exec(select(Task.id).where(Task.run_id == run.id, Task.source == "seed")).first():
+                    start_run(session, run, llm, seeds, settings, pipeline)  # committed with the status below
+                touch(run, status="running", error=None, config=config)
                 session.add(run)
                 session.commit()
-            if not session.exec(select(Task.id).where(Task.run_id == run.id, Task.source == "seed")).first():
-                start_run(session, run, llm, seeds, settings, pipeline)  # committed with the status below
-            touch(run, status="running", error=None, config=config)
-            session.add(run)
-            session.commit()
-            start_accepted, start_tokens = run.accepted, run.completion_tokens
-            with progress("instructions") as bar:
-                bar_task = bar.add_task(pipeline, total=settings.num_instructions, completed=run.accepted, status="")
+                start_accepted, start_tokens = run.accepted, run.completion_tokens
+                with progress("instructions") as bar:
+                    bar_task = bar.add_task(pipeline, total=settings.num_instructions, completed=run.accepted, status="")
 
-                def on_batch(run: Run, stats: bootstrap.BatchStats) -> None:
-                    seen = run.accepted + run.rejected
-                    rate = (run.completion_tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
-                    bar.update(bar_task, completed=run.accepted, status=f"keep {run.accepted / max(seen, 1):.0%} · {rate:.0f} tok/s")
+                    def on_batch(run: Run, stats: bootstrap.BatchStats) -> None:
+                        seen = run.accepted + run.rejected
+                        rate = (run.completion_tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
+                        bar.update(bar_task, completed=run.accepted, status=f"keep {run.accepted / max(seen, 1):.0%} · {rate:.0f} tok/s")
 
-                totals = run_pipeline(session, run, llm, settings, on_batch)
-        except BaseException as err:
-            session.rollback()
-            if run is not None and run.id is not None:
-                touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=str(err) or type(err).__name__)
-                session.add(run)
-                session.commit()
-            raise
-        finally:
-            llm.close()
-        summary = summarize(session, run, totals, time.perf_counter() - started, run.accepted - start_accepted)
+                    totals = run_pipeline(session, run, llm, settings, on_batch)
+            except BaseException as err:
+                session.rollback()
+                if run is not None and run.id is not None:
+                    touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=error_text(err))
+                    session.add(run)
+                    session.commit()
+                raise
+            finally:
+                llm.close()
+            summary = summarize(session, run, totals, time.perf_counter() - started, run.accepted - start_accepted)
     if as_json:
         print_json(summary)
     else:

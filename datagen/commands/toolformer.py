@@ -28,7 +28,8 @@ from datagen.options import (
 )
 from pipelines import toolformer as tf
 from pipelines.tools import build_tools, search_index
-from storage.store import find_run, open_engine, touch
+from storage.run_lock import hold_run
+from storage.store import error_text, find_run, open_engine, touch
 from storage.tables import Run, utcnow
 
 
@@ -55,7 +56,7 @@ def toolformer(
     index = search_index(config.tools, config.search_corpus)  # so is the search corpus
     stored = {"corpus": str(corpus), "corpus_sha256": tf.corpus_digest(corpus), **config.model_dump(mode="json")}
     engine = open_engine(db)
-    with Session(engine) as session:
+    with hold_run(engine, run_name), Session(engine) as session:
         run = run_to_resume(session, run_name, stored, model)
         llm = make_backend(backend, model, base_url)
         if run is None:
@@ -80,7 +81,7 @@ def toolformer(
                 tf.run(session, run, llm, texts, registry, config, on_batch)
         except BaseException as err:
             session.rollback()
-            touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=str(err) or type(err).__name__)
+            touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=error_text(err))
             session.add(run)
             session.commit()
             raise

@@ -1,0 +1,136 @@
+"""`datagen jobs` (recurring generation jobs in the store, scheduled by DBOS) and `datagen worker` (runs them)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+from sqlmodel import Session, select
+
+from datagen.console import err_console, print_json, summary_table
+from datagen.jobs import schedules
+from datagen.jobs.definition import check_job
+from datagen.options import DbOption, JsonOption
+from storage.store import open_engine
+from storage.tables import Job
+
+app = typer.Typer(help="Recurring generation jobs: add, list, show, pause, resume, remove, run-now.", no_args_is_help=True)
+NameArg = Annotated[str, typer.Argument(help="Job name; also the name of the run each firing resumes.")]
+
+
+@app.command("add", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def add(
+    ctx: typer.Context,
+    name: NameArg,
+    pipeline: Annotated[str, typer.Argument(help="self-instruct, alpaca or toolformer; its options follow after --.")],
+    every: Annotated[Optional[str], typer.Option("--every", help="Interval: 30s, 15m, 6h, 1d (dividing a minute, hour or day).")] = None,
+    cron: Annotated[Optional[str], typer.Option("--cron", help="Cron expression, UTC: '0 3 * * *' (5 fields) or with seconds first (6).")] = None,
+    target: Annotated[Optional[int], typer.Option("--target", help="Per run: accepted instructions (toolformer: texts) to add beyond what the run has.")] = None,
+    queue: Annotated[str, typer.Option("--queue", help="DBOS queue the job's runs go to; `datagen worker --queue` takes from it.")] = "datagen",
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add a job: `datagen jobs add nightly self-instruct --every 1d --target 500 -- --seeds seeds.jsonl --config si.yaml`.
+
+    The options after -- are checked as `datagen PIPELINE` checks them (config, seeds or corpus file); nothing is stored unless all pass."""
+    job = check_job(name, pipeline, list(ctx.args), every, cron, target, queue)
+    row = schedules.add_job(open_engine(db), db, job, every)
+    show_jobs([row], {}, as_json, title=f"Added job {row.name}")
+
+
+@app.command("list")
+def list_jobs(db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Jobs with their schedule, next due time and last run's outcome."""
+    with Session(open_engine(db)) as session:
+        jobs = list(session.exec(select(Job).order_by(Job.name)).all())
+    show_jobs(jobs, schedules.job_runs(db, [j.name for j in jobs], limit=1), as_json, title="Jobs")
+
+
+@app.command("show")
+def show(name: NameArg, last: Annotated[int, typer.Option(help="Runs to list.", min=1)] = 10, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """One job's definition, next due time, and its last runs with their outcomes."""
+    with Session(open_engine(db)) as session:
+        job = schedules.get_job(session, name)
+    runs = schedules.job_runs(db, [name], limit=last)[name]
+    if as_json:
+        print_json({**job_dict(job), "runs": [run_dict(r) for r in runs]})
+        return
+    err_console.print(summary_table(f"Job {job.name}", [(k, v) for k, v in job_dict(job).items() if k != "name"]))
+    table = Table(title=f"Last {len(runs)} runs", title_justify="left")
+    for column in ("workflow", "status", "outcome", "worker", "created", "seconds"):
+        table.add_column(column)
+    for r in runs:
+        table.add_row(r.workflow_id, r.status, r.outcome or "", (r.executor or "")[:8], f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "",
+                      "" if r.seconds is None else f"{r.seconds:.1f}")  # fmt: skip
+    err_console.print(table)
+
+
+@app.command("pause")
+def pause(name: NameArg, db: DbOption = None) -> None:
+    """Stop firing the job (a run in progress goes on)."""
+    schedules.set_enabled(open_engine(db), db, name, False)
+    err_console.print(f"job {name}: paused")
+
+
+@app.command("resume")
+def resume(name: NameArg, db: DbOption = None) -> None:
+    """Fire the job on its schedule again."""
+    schedules.set_enabled(open_engine(db), db, name, True)
+    err_console.print(f"job {name}: resumed")
+
+
+@app.command("remove")
+def remove(name: NameArg, db: DbOption = None) -> None:
+    """Delete the job and its schedule; its run and generated rows stay in the store."""
+    schedules.remove_job(open_engine(db), db, name)
+    err_console.print(f"job {name}: removed (its run stays in the store)")
+
+
+@app.command("run-now")
+def run_now(name: NameArg, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Queue a run of the job now, whatever its schedule (a worker takes it)."""
+    workflow_id = schedules.run_now(open_engine(db), db, name)
+    if as_json:
+        print_json({"job": name, "workflow_id": workflow_id})
+    else:
+        err_console.print(f"job {name}: queued as {workflow_id}")
+
+
+def worker(
+    once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty instead of waiting for more.")] = False,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="Job runs at a time in this worker.", min=1)] = 1,
+    queue: Annotated[str, typer.Option("--queue", help="Queue to take job runs from.")] = "datagen",
+    db: DbOption = None,
+) -> None:
+    """Run due job runs (each as its pipeline's command) until SIGTERM; start one per GPU machine against one PostgreSQL."""
+    from datagen.jobs.worker import serve
+
+    serve(db, concurrency, queue, once)
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    due = schedules.next_due(job)
+    return {"name": job.name, "pipeline": job.pipeline, "options": " ".join(job.args), "schedule": job.every and f"every {job.every}" or job.schedule,
+            "cron": job.schedule, "target": job.target, "queue": job.queue, "enabled": job.enabled,
+            "next_due": due.isoformat() if due else None}  # fmt: skip
+
+
+def run_dict(run: schedules.JobRun) -> dict[str, Any]:
+    return {**asdict(run), "created_at": run.created_at.isoformat() if run.created_at else None}
+
+
+def show_jobs(jobs: list[Job], runs: dict[str, list[schedules.JobRun]], as_json: bool, title: str) -> None:
+    rows = [{**job_dict(j), "last_run": run_dict(runs[j.name][0]) if runs.get(j.name) else None} for j in jobs]
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=title, title_justify="left")
+    for column in ("name", "pipeline", "schedule", "target", "enabled", "next due (UTC)", "last run"):
+        table.add_column(column)
+    for row in rows:
+        last = row["last_run"]
+        table.add_row(row["name"], row["pipeline"], row["schedule"], str(row["target"] or ""), "yes" if row["enabled"] else "paused",
+                      row["next_due"] or "", f"{last['status']} {last['outcome'] or ''}".strip() if last else "")  # fmt: skip
+    err_console.print(table)

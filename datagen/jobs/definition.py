@@ -1,0 +1,104 @@
+"""A job definition checked before anything is stored: its schedule, and its pipeline options checked by the same
+option parser and config classes the pipeline's own command uses, with the same seeds or corpus file check."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from croniter import croniter
+
+from datagen.errors import BadInput
+
+PIPELINES = ("self-instruct", "alpaca", "toolformer")
+WORKER_OPTIONS = ("--run", "--db", "--json")
+"""Set by the worker for every job run (the job's run, the worker's store); a job may not set them."""
+
+_EVERY = re.compile(r"(\d+)([smhd])")
+_EVERY_FIELDS = {"s": (60, "*/{n} * * * * *"), "m": (60, "0 */{n} * * * *"), "h": (24, "0 0 */{n} * * *"), "d": (1, "0 0 0 * * *")}
+"""--every as a DBOS cron expression (seconds first): only intervals that divide the next unit evenly, so runs are
+evenly spaced (every 7m would fire at :56 and then :00 again)."""
+
+
+@dataclass(frozen=True)
+class JobDefinition:
+    name: str
+    pipeline: str
+    args: list[str]
+    """The pipeline command's options as typed after `--`, e.g. ["--seeds", "seeds.jsonl", "--config", "si.yaml"]."""
+    schedule: str
+    """Cron with seconds first, as DBOS's scheduler reads it: "0 0 */6 * * *" for --every 6h."""
+    target: int | None
+    """Per run: accepted instructions (self-instruct, alpaca) or corpus texts (toolformer) beyond what the run has."""
+    queue: str
+
+
+def cron_of(every: str | None, cron: str | None) -> str:
+    """The schedule as six-field cron; a five-field expression gets second 0. Exactly one of the two is given."""
+    if (every is None) == (cron is None):
+        raise BadInput("--every or --cron: give exactly one (e.g. --every 6h, --cron '0 3 * * *')")
+    if every is not None:
+        match = _EVERY.fullmatch(every.strip())
+        limit, pattern = _EVERY_FIELDS[match.group(2)] if match else (0, "")
+        n = int(match.group(1)) if match else 0
+        if not match or n < 1 or limit % n:
+            raise BadInput(f"--every: '{every}' is not an interval like 30s, 15m, 6h or 1d that divides a minute, hour or day evenly")
+        return pattern.format(n=n)
+    fields = cron.split()
+    expression = " ".join(["0", *fields] if len(fields) == 5 else fields)
+    if len(fields) not in (5, 6) or not croniter.is_valid(expression, second_at_beginning=True):
+        raise BadInput(f"--cron: '{cron}' is not a cron expression (minute hour day month weekday, e.g. '0 3 * * *')")
+    return expression
+
+
+def check_job(name: str, pipeline: str, args: list[str], every: str | None, cron: str | None, target: int | None, queue: str) -> JobDefinition:
+    """Every check `datagen PIPELINE ARGS` would make before writing, without loading a model; BadInput names the field."""
+    if pipeline not in PIPELINES:
+        raise BadInput(f"pipeline: unknown '{pipeline}' (known: {', '.join(PIPELINES)})")
+    if target is not None and target < 1:
+        raise BadInput(f"--target: {target} is not a positive number")
+    schedule = cron_of(every, cron)
+    for arg in args:
+        if arg.split("=")[0] in WORKER_OPTIONS:
+            raise BadInput(f"{arg.split('=')[0]}: set by the worker for each job run; leave it out of the job's options")
+    check_pipeline_options(pipeline, args)
+    return JobDefinition(name=name, pipeline=pipeline, args=list(args), schedule=schedule, target=target, queue=queue)
+
+
+def check_pipeline_options(pipeline: str, args: list[str]) -> None:
+    """Parse the options with the pipeline command itself, then build its config and read its input file."""
+    from typer import TyperException
+    from typer.main import get_command
+
+    from datagen.cli import app
+
+    command = get_command(app).commands[pipeline]
+    try:
+        params = command.make_context(pipeline, list(args), resilient_parsing=False).params
+    except TyperException as err:  # typer's click: unknown option, bad value, missing --seeds
+        raise BadInput(f"{pipeline} options: {err.format_message()}") from None
+    if pipeline == "toolformer":
+        from datagen.commands.toolformer import load_config
+        from pipelines.toolformer import read_corpus
+
+        tools = params["tools"]
+        flags = {"tools": tools.split(",") if tools else None, "search_corpus": params["search_corpus"], "date": params["date"],
+                 "batch_size": params["batch_size"], "seed": params["seed"]}  # fmt: skip
+        load_config(params["config_file"], {k: v for k, v in flags.items() if v is not None})
+        read_corpus(Path(params["corpus"]))
+        return
+    from dataclasses import fields
+
+    from datagen.commands.self_instruct import load_config
+    from pipelines import alpaca, self_instruct
+    from pipelines.seeds import read_seeds
+
+    config_cls = self_instruct.SelfInstructConfig if pipeline == "self-instruct" else alpaca.AlpacaConfig
+    known = {f.name for f in fields(config_cls)}
+    flags = {k: v for k, v in params.items() if k in known}
+    if params.get("allow_non_ascii") is not None:
+        flags["require_ascii_start"] = not params["allow_non_ascii"]
+    load_config(config_cls, params["config"], flags)
+    seeds_path = Path(params["seeds"])
+    self_instruct.check_seeds(read_seeds(seeds_path), str(seeds_path), needs_instances=True)

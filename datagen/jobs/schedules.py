@@ -1,0 +1,143 @@
+"""Job definitions in the store, each mirrored by a DBOS schedule (DBOS's scheduler fires it; workers run it).
+
+DBOS keeps its system tables in the store's own database (schema `dbos` on PostgreSQL, the same file on SQLite),
+so one `--db` names everything. The job's row holds what to run; the schedule holds when, and its firings and
+their outcomes are DBOS workflows, read back here for `datagen jobs list/show`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from croniter import croniter
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from datagen import __version__
+from datagen.errors import BadInput
+from datagen.jobs.definition import JobDefinition
+from storage.store import database_url
+from storage.tables import Job
+
+APP_NAME = "datagen"
+APP_VERSION = f"datagen-{__version__}"
+"""Fixed, not DBOS's hash of the workflow code: workers recover each other's workflows only within one version."""
+RUN_JOB = "run_job"
+"""The workflow every schedule starts (datagen/jobs/worker.py); its context argument is the job's name."""
+
+
+@contextmanager
+def dbos_client(url: str | None) -> Iterator[Any]:
+    """A DBOS client on the store's database, its system tables created first (the client itself never migrates)."""
+    from dbos import DBOS, DBOSClient
+
+    url = database_url(url)
+    DBOS.migrate(url)
+    client = DBOSClient(system_database_url=url, application_name=APP_NAME)
+    # Firings are enqueued for the latest registered version, which a worker registers at launch; register it here
+    # too so `jobs run-now` works before the first worker starts (the client has no public call for it).
+    client._sys_db.create_application_version(APP_VERSION, APP_NAME)
+    try:
+        yield client
+    finally:
+        client.destroy()
+
+
+def get_job(session: Session, name: str) -> Job:
+    job = session.exec(select(Job).where(Job.name == name)).first()
+    if job is None:
+        raise BadInput(f"no job named '{name}' in this database (datagen jobs list)")
+    return job
+
+
+def add_job(engine: Engine, url: str | None, job: JobDefinition, every: str | None) -> Job:
+    """Store the job and create its schedule; a name already taken is BadInput and nothing is stored.
+
+    No store transaction stays open across a DBOS call: DBOS's first migration of a PostgreSQL database waits for them.
+    """
+    with Session(engine) as session:
+        if session.exec(select(Job.id).where(Job.name == job.name)).first() is not None:
+            raise BadInput(f"NAME: a job named '{job.name}' exists already (datagen jobs remove {job.name})")
+    row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target, queue=job.queue)
+    with dbos_client(url) as client:
+        client.register_queue(job.queue, on_conflict="never_update")  # declared for the schedule; workers set its limits
+        client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, context=job.name, queue_name=job.queue)
+        try:
+            with Session(engine, expire_on_commit=False) as session:
+                session.add(row)
+                session.commit()
+        except BaseException:
+            client.delete_schedule(job.name)
+            raise
+    return row
+
+
+def set_enabled(engine: Engine, url: str | None, name: str, enabled: bool) -> None:
+    with Session(engine) as session:
+        get_job(session, name)
+    with dbos_client(url) as client:
+        (client.resume_schedule if enabled else client.pause_schedule)(name)
+    with Session(engine) as session:
+        job = get_job(session, name)
+        job.enabled = enabled
+        session.add(job)
+        session.commit()
+
+
+def remove_job(engine: Engine, url: str | None, name: str) -> None:
+    """The definition and its schedule go; the job's run and its rows stay in the store."""
+    with Session(engine) as session:
+        get_job(session, name)
+    with dbos_client(url) as client:
+        client.delete_schedule(name)
+    with Session(engine) as session:
+        session.delete(get_job(session, name))
+        session.commit()
+
+
+def run_now(engine: Engine, url: str | None, name: str) -> str:
+    """Enqueue a firing now (a paused job too); returns its workflow id."""
+    with Session(engine) as session:
+        get_job(session, name)
+    with dbos_client(url) as client:
+        return client.trigger_schedule(name).get_workflow_id()
+
+
+@dataclass
+class JobRun:
+    """One firing of a job: a DBOS workflow and, once it ended, what the worker returned or raised."""
+
+    workflow_id: str
+    status: str
+    """DBOS's: ENQUEUED, PENDING (running), SUCCESS, ERROR, CANCELLED, ..."""
+    outcome: str | None
+    """completed, stopped or skipped (the previous run was still going); the error for ERROR."""
+    executor: str | None
+    created_at: dt.datetime | None
+    seconds: float | None
+
+
+def next_due(job: Job, now: dt.datetime | None = None) -> dt.datetime | None:
+    if not job.enabled:
+        return None
+    return croniter(job.schedule, now or dt.datetime.now(dt.timezone.utc), second_at_beginning=True).get_next(dt.datetime)
+
+
+def job_runs(url: str | None, names: list[str], limit: int = 10) -> dict[str, list[JobRun]]:
+    """The latest firings of each job, newest first."""
+    if not names:
+        return {}
+    with dbos_client(url) as client:
+        return {name: [_job_run(w) for w in client.list_workflows(schedule_name=name, sort_desc=True, limit=limit,
+                                                                   load_input=False)]
+                for name in names}  # fmt: skip
+
+
+def _job_run(w) -> JobRun:
+    created = dt.datetime.fromtimestamp(w.created_at / 1000, dt.timezone.utc) if w.created_at else None
+    seconds = (w.updated_at - w.created_at) / 1000 if w.status in ("SUCCESS", "ERROR") and w.created_at and w.updated_at else None
+    outcome = w.output.get("outcome") if isinstance(w.output, dict) else (str(w.error) if w.error else None)
+    return JobRun(workflow_id=w.workflow_id, status=w.status, outcome=outcome, executor=w.executor_id, created_at=created, seconds=seconds)

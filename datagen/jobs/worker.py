@@ -1,0 +1,249 @@
+"""`datagen worker`: a DBOS process that runs the job runs its queue hands it, each as the pipeline's own command.
+
+The glue over DBOS (dbos-inc/dbos-transact-py) is the one workflow below, which every job's schedule starts:
+  1. plan_run (a step, so a recovered firing keeps its plan): skip the firing if the job's run is still being
+     written (storage/run_lock.py), else the command line `datagen PIPELINE OPTIONS --run JOB --db URL` with the
+     target raised by the job's --target;
+  2. run_pipeline (a step DBOS retries with backoff): that command in a child process. The pipeline resumes the
+     run from the store by itself, so a retried or recovered step continues where the last one stopped.
+DBOS provides the queue (per-worker concurrency), the schedules, the retries and the recovery of this process's
+own pending workflows at restart. What self-hosted DBOS leaves out is a worker that dies and never comes back: its
+workflows stay pending under its executor id. So each worker heartbeats into `worker_beat`, and a live worker
+recovers, through DBOS's recovery call, the pending workflows of every executor whose beat is stale.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from dbos import DBOS
+from sqlalchemy import delete, insert, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session, select
+
+from datagen.console import err_console
+from datagen.jobs.schedules import APP_NAME, APP_VERSION, RUN_JOB
+from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
+from storage.run_lock import holder_of
+from storage.store import database_url, find_run, open_engine
+from storage.tables import Job, WorkerBeat
+
+WORKER_TIMEOUT_S = float(os.environ.get("DATAGEN_WORKER_TIMEOUT", "30"))
+"""A worker whose heartbeat is older than this is taken for dead and its workflows are recovered by another.
+It beats every WORKER_TIMEOUT_S / 6."""
+
+RETRIES = 5
+"""Attempts of one job run before its workflow ends in ERROR: 1 + 4 retries, waiting RUN_LOCK_TIMEOUT_S / 2 and
+doubling, which outlasts a dead holder's run lock (a recovered run waits for it) and a short database outage."""
+
+
+@dataclass
+class _Worker:
+    """This process's settings; DBOS registers workflows at import, so they read them from here."""
+
+    url: str = ""
+    executor_id: str = ""
+    stopping: threading.Event = field(default_factory=threading.Event)
+    children: set[subprocess.Popen] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_worker = _Worker()
+
+
+def say(message: str) -> None:
+    err_console.print(f"[{datetime.now():%H:%M:%S}] {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+@DBOS.workflow(name=RUN_JOB)
+def run_job(scheduled_at: datetime, job_name: str) -> dict[str, Any]:
+    plan = plan_run(job_name)
+    if "skipped" in plan:
+        say(f"job {job_name}: skipped ({plan['skipped']})")
+        return {"outcome": "skipped", "reason": plan["skipped"], "run": job_name}
+    return run_pipeline(job_name, plan["argv"])
+
+
+@DBOS.step()
+def plan_run(job_name: str) -> dict[str, Any]:
+    engine = open_engine(_worker.url)
+    with Session(engine) as session:
+        job = session.exec(select(Job).where(Job.name == job_name)).first()
+        if job is None:
+            return {"skipped": "the job was removed"}
+        holder = holder_of(engine, job.name)
+        if holder is not None:
+            return {"skipped": f"its previous run is still going, written by {holder}"}
+        return {"argv": pipeline_argv(session, job, _worker.url)}
+
+
+def pipeline_argv(session: Session, job: Job, url: str) -> list[str]:
+    """The job's command line: its options, its run, this worker's store, and the target raised from where the run is."""
+    argv = [job.pipeline, *job.args, "--run", job.name, "--db", url]
+    if job.target is not None:
+        run = find_run(session, job.name)
+        if job.pipeline == "toolformer":
+            from pipelines.toolformer import done_lines
+
+            argv += ["--limit", str((len(done_lines(session, run)) if run else 0) + job.target)]
+        else:
+            argv += ["--num-instructions", str((run.accepted if run else 0) + job.target)]
+    return argv
+
+
+class JobRunFailed(Exception):
+    """The pipeline's command exited non-zero; DBOS retries the step with backoff."""
+
+
+@DBOS.step(retries_allowed=True, max_attempts=RETRIES, interval_seconds=RUN_LOCK_TIMEOUT_S / 2, backoff_rate=2.0)
+def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
+    started = time.monotonic()
+    say(f"job {job_name}: running datagen {' '.join(argv)}")
+    code, tail = _run_child(argv)
+    if _worker.stopping.is_set():
+        threading.Event().wait()  # shutting down: record nothing, the workflow stays pending for recovery
+    seconds = round(time.monotonic() - started, 1)
+    if code == 0:
+        say(f"job {job_name}: completed in {seconds} s")
+        return {"outcome": "completed", "run": job_name, "seconds": seconds}
+    if code == 1 and tail and tail[-1].startswith("stopped before the target"):
+        say(f"job {job_name}: {tail[-1]}")
+        return {"outcome": "stopped", "run": job_name, "seconds": seconds, "reason": tail[-1]}
+    last = tail[-1] if tail else f"exit code {code}"
+    say(f"job {job_name}: failed after {seconds} s (exit {code}): {last}; DBOS retries it with backoff")
+    raise JobRunFailed(f"exit {code}: {last}")
+
+
+def _run_child(argv: list[str]) -> tuple[int, list[str]]:
+    """Run `datagen ARGV`, its stderr passed through, dying with this process (kill -9 of the worker kills it)."""
+    env = {**os.environ, "DATAGEN_HOLDER": f"worker {_worker.executor_id[:8]}"}
+    child = subprocess.Popen([sys.executable, "-m", "datagen.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
+    with _worker.lock:
+        _worker.children.add(child)
+    tail: deque[str] = deque(maxlen=5)
+    for line in child.stderr:
+        sys.stderr.write(line)
+        if line.strip():
+            tail.append(line.strip())
+    code = child.wait()
+    with _worker.lock:
+        _worker.children.discard(child)
+    return code, list(tail)
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def serve(url: str | None, concurrency: int, queue: str, once: bool) -> None:
+    """Run job runs from `queue`, `concurrency` at a time, until SIGTERM (or, with `once`, until the queue is empty)."""
+    url = database_url(url)
+    engine = open_engine(url)
+    _worker.url, _worker.executor_id = url, uuid.uuid4().hex
+    holder = f"pid {os.getpid()} on {socket.gethostname()}"
+    _beat(engine, holder)  # before DBOS takes work, so no live worker takes this one for dead
+    DBOS(config={"name": APP_NAME, "system_database_url": url, "executor_id": _worker.executor_id,
+                 "application_version": APP_VERSION, "log_level": "WARNING",
+                 "scheduler_polling_interval_sec": 5})  # fmt: skip
+    DBOS.listen_queues([queue])
+    for handler in logging.getLogger("dbos").handlers:
+        handler.addFilter(_one_line)
+    signal.signal(signal.SIGTERM, lambda *_: _stop(engine))
+    DBOS.launch()
+    # The queue's settings live in the system database, shared by all its workers: the latest worker's --concurrency
+    # is every worker's limit on this queue.
+    DBOS.register_queue(queue, worker_concurrency=concurrency, on_conflict="always_update")
+    say(f"worker {_worker.executor_id[:8]} ({holder}) on queue '{queue}', {concurrency} at a time")
+    sweeper = threading.Thread(target=_beat_and_sweep, args=(engine, holder), daemon=True)
+    sweeper.start()
+    idle = 0
+    while not _worker.stopping.wait(1.0):
+        if once:
+            idle = idle + 1 if not _has_work(queue) else 0
+            if idle >= 3:
+                say("queue empty: exiting (--once)")
+                DBOS.destroy()
+                return
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """DBOS's own warnings (its pollers while the database is down) as one line each: the message, and in place of
+    a formatted traceback its last line, the error."""
+    lines = [line.strip() for line in record.getMessage().strip().splitlines() if line.strip()] or [""]
+    head, traceback_mark, _ = lines[0].partition("Traceback (most recent call last):")
+    record.msg = f"{head.strip()} {lines[-1]}" if traceback_mark else lines[0]
+    record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
+def _has_work(queue: str) -> bool:
+    waiting = DBOS.list_workflows(status=["ENQUEUED", "PENDING"], load_input=False, load_output=False)
+    return any((w.status == "ENQUEUED" and w.queue_name == queue) or w.executor_id == _worker.executor_id for w in waiting)
+
+
+def _stop(engine) -> None:
+    """SIGTERM: interrupt each child pipeline (its batch in flight rolls back; the run resumes from the last committed
+    batch), drop this worker's heartbeat so another recovers its pending runs at once, and exit 0."""
+    _worker.stopping.set()
+    say("SIGTERM: stopping the current job runs; another worker (or the next start) resumes them")
+    with _worker.lock:
+        children = list(_worker.children)
+    for child in children:
+        child.send_signal(signal.SIGINT)
+    for child in children:
+        child.wait()
+    try:
+        with engine.begin() as connection:
+            connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id == _worker.executor_id))
+    except SQLAlchemyError:
+        pass  # its beat goes stale on its own
+    os._exit(0)
+
+
+def _beat(engine, holder: str) -> None:
+    """Refresh this worker's row, or insert it again if a sweeper took this worker for dead and deleted it."""
+    with engine.begin() as connection:
+        values = {"holder": holder, "beat_at": time.time()}
+        if not connection.execute(update(WorkerBeat).where(WorkerBeat.executor_id == _worker.executor_id).values(**values)).rowcount:
+            connection.execute(insert(WorkerBeat).values(executor_id=_worker.executor_id, **values))
+
+
+def _beat_and_sweep(engine, holder: str) -> None:
+    """Heartbeat, and recover the pending workflows of executors without a fresh beat; an unreachable store is retried
+    with doubling waits, one line each, and said when it is back."""
+    every = WORKER_TIMEOUT_S / 6
+    wait, failing = every, False
+    while not _worker.stopping.wait(wait):
+        try:
+            _beat(engine, holder)
+            with Session(engine) as session:
+                fresh = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at >= time.time() - WORKER_TIMEOUT_S)).all())
+            pending = DBOS.list_workflows(status="PENDING", load_input=False, load_output=False)
+            stale = sorted({w.executor_id for w in pending if w.executor_id and w.executor_id not in fresh})
+            if stale:
+                say(f"recovering the pending job runs of worker(s) {', '.join(s[:8] for s in stale)} (no heartbeat for {WORKER_TIMEOUT_S:.0f} s)")
+                DBOS._recover_pending_workflows(stale)
+                with engine.begin() as connection:
+                    connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id.in_(stale)))
+            if failing:
+                say("store reachable again")
+            wait, failing = every, False
+        except Exception as err:  # the store or DBOS's system tables unreachable: keep trying
+            wait, failing = min(wait * 2, 60.0), True
+            first = str(getattr(err, "orig", None) or err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            say(f"store unreachable ({first}); retrying in {wait:.0f} s")

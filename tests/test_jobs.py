@@ -1,0 +1,258 @@
+"""`datagen jobs` and `datagen worker` (datagen/jobs/) on real DBOS over real SQLite and PostgreSQL stores, with real
+worker processes. The job runs are Toolformer runs on texts no tool's pre-filter passes, through the OpenAI backend at
+a closed port: the real command runs, stores each text and completes without a model (output does not matter here);
+one test runs the embedded model.
+
+Bad definitions are refused at `jobs add` (exit 2, one line naming the field, nothing stored); 3 workers run 10 due
+jobs, each exactly once; a worker killed with -9 mid-run is finished by another after the timeout; a job due while
+its previous run is still going is skipped, not started twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlmodel import Session, select
+from typer.testing import CliRunner
+
+from datagen.cli import app
+from datagen.jobs.schedules import job_runs
+from storage.store import open_engine
+from storage.tables import Job, Run, ToolformerText
+from tests.conftest import REPO, SEEDS
+
+TIMEOUT = 8.0
+TEXTS = ["The river flows quietly past the old mill.", "A small bird sang in the garden at dawn.", "She painted the door a bright shade of blue."]
+NO_MODEL = ["--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"]
+
+
+def env(timeout: float = TIMEOUT) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "DATAGEN_RUN_LOCK_TIMEOUT": str(timeout), "DATAGEN_WORKER_TIMEOUT": str(timeout)}
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, db_url):
+    """A fresh store: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return db_url
+    from sqlalchemy import create_engine
+
+    server = request.getfixturevalue("postgres_url")
+    name = f"jobs_{os.getpid()}_{time.monotonic_ns()}"
+    with create_engine(server, isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"
+
+
+def jobs(*args: str, code: int = 0):
+    result = CliRunner().invoke(app, ["jobs", *args])
+    assert result.exit_code == code, result.output
+    return result
+
+
+def start_worker(url: str, log: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "datagen.cli", "worker", "--db", url, *args], stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"), env=env(timeout))  # fmt: skip
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if found := condition():
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"not within {seconds:.0f} s: {what}")
+
+
+def stop(worker: subprocess.Popen) -> int:
+    worker.send_signal(signal.SIGTERM)
+    return worker.wait(timeout=60)
+
+
+# ---- definitions ---------------------------------------------------------------------------------------------------
+
+BAD = [
+    (["j", "bogus", "--every", "1h"], "pipeline: unknown 'bogus'"),
+    (["j", "self-instruct", "--cron", "61 * * * *", "--", "--seeds", str(SEEDS)], "--cron: '61 * * * *'"),
+    (["j", "self-instruct", "--every", "7m", "--", "--seeds", str(SEEDS)], "--every: '7m'"),
+    (["j", "self-instruct", "--every", "1h"], "Missing option '--seeds'"),
+    (["j", "self-instruct", "--every", "1h", "--", "--seeds", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["j", "self-instruct", "--every", "1h", "--", "--seeds", str(SEEDS), "--rouge-threshold", "7"], "--rouge-threshold must be in [0, 1]"),
+    (["j", "self-instruct", "--every", "1h", "--", "--seeds", str(SEEDS), "--bogus", "1"], "No such option: --bogus"),
+    (["j", "alpaca", "--every", "1h", "--", "--seeds", str(SEEDS), "--run", "x"], "--run: set by the worker"),
+    (["j", "toolformer", "--every", "1h", "--", "--corpus", str(SEEDS), "--tools", "abacus"], "tools"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[b[1][:24] for b in BAD])
+def test_bad_definitions_are_refused_before_anything_is_stored(tmp_path, args, message):
+    db = tmp_path / "jobs.db"
+    result = jobs("add", "--db", f"sqlite:///{db}", *args, code=2)
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not db.exists()
+
+
+def test_add_list_show_pause_resume_remove(db_url, corpus):
+    added = json.loads(jobs("add", "tf", "toolformer", "--every", "6h", "--target", "2", "--db", db_url, "--json", "--", "--corpus", str(corpus)).stdout)
+    assert (added[0]["cron"], added[0]["target"], added[0]["enabled"]) == ("0 0 */6 * * *", 2, True)
+    assert added[0]["next_due"].endswith(("00:00:00+00:00", "06:00:00+00:00", "12:00:00+00:00", "18:00:00+00:00"))
+    assert "exists already" in jobs("add", "tf", "toolformer", "--every", "1h", "--db", db_url, "--", "--corpus", str(corpus), code=2).output
+    jobs("pause", "tf", "--db", db_url)
+    listed = json.loads(jobs("list", "--db", db_url, "--json").stdout)
+    assert [(j["name"], j["enabled"], j["next_due"], j["last_run"]) for j in listed] == [("tf", False, None, None)]
+    jobs("resume", "tf", "--db", db_url)
+    queued = json.loads(jobs("run-now", "tf", "--db", db_url, "--json").stdout)["workflow_id"]
+    shown = json.loads(jobs("show", "tf", "--db", db_url, "--json").stdout)
+    assert shown["enabled"] and [(r["workflow_id"], r["status"]) for r in shown["runs"]] == [(queued, "ENQUEUED")]
+    jobs("remove", "tf", "--db", db_url)
+    assert "no job named 'tf'" in jobs("show", "tf", "--db", db_url, code=2).output
+    with Session(open_engine(db_url)) as session:
+        assert session.exec(select(Job)).all() == []
+
+
+# ---- workers -------------------------------------------------------------------------------------------------------
+
+
+def test_three_workers_run_ten_due_jobs_each_exactly_once(store_url, corpus, tmp_path):
+    names = [f"job{i}" for i in range(10)]
+    for name in names:
+        jobs("add", name, "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+        jobs("run-now", name, "--db", store_url)
+    logs = [tmp_path / f"worker{i}.log" for i in range(3)]
+    # The default timeouts: a loaded CI machine must not make a live worker look dead here (that case is the next test's).
+    workers = [start_worker(store_url, log, timeout=60) for log in logs]
+    try:
+        def all_done():
+            runs = job_runs(store_url, names)
+            return runs if all(r and r[0].status in ("SUCCESS", "ERROR") for r in runs.values()) else None
+
+        runs = wait_for(all_done, 600, "10 job runs finished")
+    finally:
+        codes = [stop(w) for w in workers]
+    assert codes == [0, 0, 0]
+    assert {name: [(r.status, r.outcome) for r in rs] for name, rs in runs.items()} == {name: [("SUCCESS", "completed")] for name in names}
+    text = "".join(log.read_text() for log in logs)
+    assert sum(f"--run {name} " in text for name in names) == 10 and "Traceback" not in text
+    assert all(text.count(f"--run {name} ") == 1 for name in names), text  # each started once, by one worker
+    with Session(open_engine(store_url)) as session:
+        assert sorted(session.exec(select(Run.name, Run.status)).all()) == [(n, "completed") for n in names]
+        rows = session.exec(select(ToolformerText.run_id, ToolformerText.line)).all()
+        assert len(rows) == len(set(rows)) == 10 * len(TEXTS)
+
+
+def test_a_killed_worker_s_run_is_finished_by_another(store_url, corpus, tmp_path):
+    jobs("add", "k", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    jobs("run-now", "k", "--db", store_url)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start_worker(store_url, first_log)
+    wait_for(lambda: "running datagen toolformer" in first_log.read_text(), 120, "the first worker started the run")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = start_worker(store_url, second_log)
+    try:
+        runs = wait_for(lambda: (r := job_runs(store_url, ["k"])["k"]) and r[0].status in ("SUCCESS", "ERROR") and r, 300, "run finished")
+    finally:
+        assert stop(second) == 0
+    log = second_log.read_text()
+    assert [(r.status, r.outcome) for r in runs] == [("SUCCESS", "completed")], log
+    assert "recovering the pending job runs of worker(s)" in log and "Traceback" not in log
+    with Session(open_engine(store_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "k")).one()
+        texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == run.id).order_by(ToolformerText.line)).all()
+    assert run.status == "completed"
+    assert [(t.line, t.text, t.annotated) for t in texts] == [(i + 1, t, t) for i, t in enumerate(TEXTS)]  # as an uninterrupted run
+
+
+HOLDER = """
+import sys, time
+from storage.run_lock import hold_run
+from storage.store import open_engine
+with hold_run(open_engine(sys.argv[1]), sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_job_due_while_its_previous_run_is_going_is_skipped(store_url, corpus, tmp_path):
+    jobs("add", "busy", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, store_url, "busy"], stdout=subprocess.PIPE, text=True,
+                              env={**env(), "DATAGEN_HOLDER": "previous-run"})  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        jobs("run-now", "busy", "--db", store_url)
+        log = tmp_path / "worker.log"
+        worker = start_worker(store_url, log, "--once")
+        assert worker.wait(timeout=180) == 0, log.read_text()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    [run] = job_runs(store_url, ["busy"])["busy"]
+    assert (run.status, run.outcome) == ("SUCCESS", "skipped")
+    assert "skipped (its previous run is still going, written by previous-run pid" in log.read_text()
+    with Session(open_engine(store_url)) as session:
+        assert session.exec(select(Run)).all() == []
+
+
+@pytest.mark.postgres
+def test_an_unreachable_store_is_retried_with_backoff_and_said(postgres_url, tmp_path):
+    """The worker's database refuses connections for a while (ALLOW_CONNECTIONS false, its sessions ended): the
+    worker says so, retries with growing waits, says when it is back, and stops cleanly; no traceback."""
+    from sqlalchemy import create_engine
+
+    name = f"down_{os.getpid()}_{time.monotonic_ns()}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    log = tmp_path / "worker.log"
+    worker = start_worker(url, log)
+    try:
+        wait_for(lambda: "on queue 'datagen'" in log.read_text(), 120, "the worker started")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS false")
+            connection.exec_driver_sql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
+        wait_for(lambda: log.read_text().count("store unreachable") >= 2, 120, "two retries said")
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        wait_for(lambda: "store reachable again" in log.read_text(), 120, "back")
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+        code = stop(worker)
+    text = log.read_text()
+    assert code == 0 and "Traceback" not in text, text
+    waits = [int(line.rsplit("retrying in ", 1)[1].split()[0]) for line in text.splitlines() if "store unreachable" in line]
+    assert waits == sorted(waits) and waits[-1] > waits[0], text
+
+
+@pytest.mark.slow
+def test_a_job_runs_the_embedded_model(db_url, tmp_path, embedded_model_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text((REPO / "examples" / "toolformer_corpus.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    jobs("add", "real", "toolformer", "--every", "1d", "--target", "1", "--db", db_url, "--", "--corpus", str(corpus),
+         "--tools", "calculator", "--config", str(REPO / "examples" / "toolformer_cpu.yaml"), "--backend", "transformers")  # fmt: skip
+    jobs("run-now", "real", "--db", db_url)
+    log = tmp_path / "worker.log"
+    assert start_worker(db_url, log, "--once", timeout=60).wait(timeout=600) == 0, log.read_text()
+    [run] = job_runs(db_url, ["real"])["real"]
+    assert (run.status, run.outcome) == ("SUCCESS", "completed"), log.read_text()
+    assert "--limit 1" in log.read_text()  # the target: one corpus text beyond the none done
+    with Session(open_engine(db_url)) as session:
+        stored = session.exec(select(Run).where(Run.name == "real")).one()
+        texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == stored.id)).all()
+    assert (stored.status, stored.backend, len(texts)) == ("completed", "transformers", 1)
+    assert texts[0].tools == ["calculator"]  # the text passed the calculator's pre-filter, so the model scored it

@@ -1,0 +1,108 @@
+"""One writer per run (storage/run_lock.py), with real processes on real SQLite and PostgreSQL stores: a second
+`datagen self-instruct` or `datagen toolformer` on a held run exits 1 at once naming the holder, before any model
+loads; the holder's heartbeat keeps it held past the timeout; a holder killed with -9 releases it at once on its own machine
+(its pid is gone) and after the timeout from another machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from storage.run_lock import RunHeld, hold_run
+from storage.store import open_engine
+from tests.conftest import REPO, SEEDS
+
+TIMEOUT = 2.0
+HOLDER = """
+import sys, time
+from storage.run_lock import hold_run
+from storage.store import open_engine
+with hold_run(open_engine(sys.argv[1]), sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "DATAGEN_RUN_LOCK_TIMEOUT": str(TIMEOUT), "DATAGEN_HOLDER": "test-holder"}
+
+
+def start_holder(url: str, run: str) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, run], stdout=subprocess.PIPE, text=True, env=env())
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def datagen(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "datagen.cli", *args], capture_output=True, text=True, env=env(), timeout=120)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, db_url):
+    if request.param == "sqlite":
+        return db_url
+    from sqlalchemy import create_engine
+
+    server = request.getfixturevalue("postgres_url")
+    name = f"lock_{os.getpid()}_{time.monotonic_ns()}"
+    with create_engine(server, isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"
+
+
+def test_second_writer_exits_at_once_and_a_killed_holder_releases_after_the_timeout(store_url):
+    holder = start_holder(store_url, "r")
+    try:
+        time.sleep(TIMEOUT * 1.5)  # past the timeout: only the heartbeat keeps the run held
+        started = time.monotonic()
+        second = datagen("self-instruct", "--seeds", str(SEEDS), "--run", "r", "--db", store_url, "--model", "smollm2-135m")
+        assert second.returncode == 1, second.stderr
+        assert f"test-holder pid {holder.pid}" in second.stderr and "one writer per run" in second.stderr
+        assert time.monotonic() - started < 30  # at once: the model never loaded
+        assert "Traceback" not in second.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    engine = open_engine(store_url)
+    with hold_run(engine, "r", timeout_s=TIMEOUT):  # dead on this machine: taken over at once, no timeout to wait
+        pass
+
+
+def test_a_dead_holder_on_another_machine_releases_after_the_timeout(store_url):
+    holder = start_holder(store_url, "r2")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    engine = open_engine(store_url)
+    with engine.begin() as connection:  # as if it had run on another machine, where its pid cannot be checked
+        connection.exec_driver_sql("UPDATE run_lock SET host = 'other-machine' WHERE run_name = 'r2'")
+    with pytest.raises(RunHeld, match="test-holder"):
+        with hold_run(engine, "r2", timeout_s=TIMEOUT):
+            pass
+    time.sleep(TIMEOUT + 0.5)
+    with hold_run(engine, "r2", timeout_s=TIMEOUT):
+        with pytest.raises(RunHeld, match=f"pid {os.getpid()}"):  # now this process holds it
+            with hold_run(engine, "r2", timeout_s=TIMEOUT):
+                pass
+    with hold_run(engine, "r2", timeout_s=TIMEOUT):  # released on exit
+        pass
+
+
+def test_toolformer_refuses_a_held_run(db_url):
+    holder = start_holder(db_url, "tf")
+    try:
+        second = datagen("toolformer", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--run", "tf", "--db", db_url)
+        assert second.returncode == 1 and f"pid {holder.pid}" in second.stderr, second.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_other_runs_and_unnamed_runs_are_not_held(db_url):
+    engine = open_engine(db_url)
+    with hold_run(engine, "a"), hold_run(engine, "b"), hold_run(engine, None), hold_run(engine, None):
+        pass

@@ -229,7 +229,8 @@ def process_batch(session: Session, run_row: Run, backend: Backend, config: Alpa
     stats.generated = len(rows)
 
     survivors = [(task, rec) for task, rec in rows if task.reason is None]
-    decisions = index.filter([task.instruction for task, _ in survivors])
+    # exact_nearest: an accepted record stores its true nearest earlier instruction too (shown in datagen ui, exported)
+    decisions = index.filter([task.instruction for task, _ in survivors], exact_nearest=True)
     need = config.num_instructions - run_row.accepted
     session.add_all(task for task, _ in rows)
     session.flush()

@@ -478,7 +478,9 @@ def process_batch(
     survivors = [t for t in tasks if t.reason is None]
     need = config.num_instructions - run_row.accepted
     passed: list[Task] = []
-    for task, decision in zip(survivors, index.filter([t.instruction for t in survivors])):
+    # exact_nearest: an accepted instruction stores its true nearest earlier one too, as the reference records its
+    # most similar instructions (bootstrap_instructions.py: most_similar_instructions)
+    for task, decision in zip(survivors, index.filter([t.instruction for t in survivors], exact_nearest=True)):
         task.nearest, task.similarity = decision.nearest_text, decision.score
         if not decision.kept:
             task.reason = "rouge_similarity"

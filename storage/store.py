@@ -128,7 +128,12 @@ def _open_schema(engine: Engine, create: bool) -> None:
     others wait for that transaction, then find every table made (create_all's checkfirst) and the version
     written. SQLite: BEGIN IMMEDIATE takes the write lock at once (a deferred BEGIN would let two processes
     both see no tables, then both CREATE). PostgreSQL: DDL is transactional, and a transaction-level advisory
-    lock serializes the creators. Other databases get create_all's checkfirst only."""
+    lock serializes the creators. Other databases get create_all's checkfirst only.
+
+    A reader (create=False) of a store that an older datagen made adds the tables this version added, the
+    same way: schema versions so far only add tables, and a read of a new table must not fail on an old store."""
+    if not create:
+        create = _lacks_new_tables(engine)
     with engine.connect() as connection:
         if engine.dialect.name == "sqlite":
             connection.exec_driver_sql("BEGIN IMMEDIATE" if create else "BEGIN")
@@ -138,6 +143,13 @@ def _open_schema(engine: Engine, create: bool) -> None:
             SQLModel.metadata.create_all(connection)
         _check_schema_version(connection, create)
         connection.commit()
+
+
+def _lacks_new_tables(engine: Engine) -> bool:
+    """A datagen store (it has schema_info) without some table of this version's schema."""
+    with engine.connect() as connection:
+        tables = set(inspect(connection).get_table_names())
+    return SchemaInfo.__tablename__ in tables and not set(SQLModel.metadata.tables) <= tables
 
 
 def _check_schema_version(connection, create: bool) -> None:

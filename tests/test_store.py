@@ -121,3 +121,15 @@ def test_schema_creation_is_idempotent(tmp_path, postgres_url):
             open_engine(url).dispose()
         with Session(open_engine(url, create=False)) as session:
             assert session.exec(select(SchemaInfo.key, SchemaInfo.value)).all() == [("schema_version", str(SCHEMA_VERSION))]
+
+
+def test_a_reader_of_an_older_store_gets_the_tables_this_version_added(db_url):
+    """A store made before wave 2 has no manual_verdict (or jobs, run_lock...) table; export, runs and the viewer
+    read through create=False and must find the new tables, empty, instead of failing on them."""
+    from storage.tables import ManualVerdict
+
+    open_engine(db_url).dispose()
+    with open_engine(db_url).begin() as connection:
+        connection.execute(text("DROP TABLE manual_verdict"))
+    with Session(open_engine(db_url, create=False)) as session:
+        assert session.exec(select(ManualVerdict)).all() == []

@@ -44,7 +44,7 @@ def export_command(
     )  # fmt: skip
     if push_to_hub_repo:
         check_repo_id(push_to_hub_repo)
-    with Session(open_engine(db)) as session:
+    with Session(open_engine(db, create=False)) as session:
         result = export(session, config)
     url = push_to_hub(result.dataset, out, push_to_hub_repo, private) if push_to_hub_repo else None
     counts = result.counts

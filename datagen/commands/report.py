@@ -23,7 +23,7 @@ def report_command(
     as_json: JsonOption = False,
 ) -> None:
     """Write a quality report of one run: counts, keep rate per batch, lengths, similarity to seeds, verbs, samples."""
-    with Session(open_engine(db)) as session:
+    with Session(open_engine(db, create=False)) as session:
         report = collect(session, run, samples=samples, seed=seed)
     files = write_report(report, out)
     if as_json:

@@ -44,7 +44,7 @@ def ui(
         raise BadInput(f"--port must be between 1 and 65535, not {port}")
     if curator is not None and not allow_edits:
         raise BadInput("--curator names who edits: it needs --allow-edits")
-    engine = open_engine(db)
+    engine = open_engine(db, create=False)  # read-only: no database is made for a viewer
     local = is_loopback(host)
     if not local:
         err_console.print(

@@ -25,7 +25,7 @@ from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
 from datagen.commands.alpaca import alpaca_command  # noqa: E402
 from datagen.console import print_error  # noqa: E402
 from datagen.commands.dedup import dedup  # noqa: E402
-from datagen.commands import eval_long, long_data  # noqa: E402
+from datagen.commands import e2e, eval_long, long_data  # noqa: E402
 from datagen.errors import DatagenError  # noqa: E402
 from datagen.options import server_options  # noqa: E402
 from storage.store import operational_error_message  # noqa: E402
@@ -63,6 +63,7 @@ app.command("toolformer")(server_options(toolformer))
 app.command("train")(train.train)
 app.command("long-data")(long_data.long_data)
 app.command("eval-long")(eval_long.eval_long)
+app.command("e2e")(e2e.e2e)
 
 
 def _version(value: bool) -> None:

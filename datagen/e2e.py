@@ -40,7 +40,7 @@ from sqlmodel import Session, select
 
 from datagen import evaluate
 from datagen.backends import BackendName
-from datagen.errors import BadInput
+from datagen.errors import BadInput, DatagenError
 from datagen.models import DEFAULT_MODEL
 from datagen.options import read_config_file
 from pipelines.seeds import SeedTask, read_seeds
@@ -317,6 +317,9 @@ def export_stage(session, loop: Loop, r: int, runs: list[str], eval_file: Path, 
         return folder
     from datagen.export import ExportConfig, Format, export
 
+    if not any(find_run(session, name).accepted for name in runs):
+        raise DatagenError(f"round {r}: the generation runs {', '.join(runs)} accepted no instruction, so there is nothing to "
+                           "add to the seeds: see `datagen runs show` for the rejection reasons")  # fmt: skip
     log(f"round {r}: export {', '.join(runs)} decontaminated against {eval_file.name}")
     result = export(session, ExportConfig(runs=tuple(runs), format=Format.prompt_completion, out=folder, test_size=0.0,
                                           decontaminate=eval_file, overwrite=True))  # fmt: skip

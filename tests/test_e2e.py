@@ -103,7 +103,7 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     first.send_signal(signal.SIGKILL)
     first.wait()
     before = stage_rows(db)
-    assert before[:3] == [(0, "evaluate-base", "completed"), (0, "train", "completed")] + before[2:3]
+    assert before[:2] == [(0, "evaluate-base", "completed"), (0, "train", "completed")]
     assert not (out / "metrics.json").exists()
     with Session(open_engine(f"sqlite:///{db}")) as session:
         kept = {(s.round, s.stage): (s.updated_at, s.result) for s in session.exec(select(LoopStage)).all() if s.status == "completed"}

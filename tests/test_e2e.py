@@ -150,3 +150,21 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     shown_stages = json.loads(lineage.stdout)["stages"]
     assert [s["row"] for s in shown_stages if s["stage"] in ("generate", "train")] == [
         "training_run e2e-tiny-r0-train", "run e2e-tiny-r1-generate", "training_run e2e-tiny-r1-train"]
+
+
+def test_report_lists_every_model_verdict_and_sample(tmp_path):
+    from datagen.e2e_report import render_markdown
+    from datagen.evaluate import EvalItem, ItemScore
+
+    items = [EvalItem("t", "Say | hi", "", "Hi\nthere", False)]
+    scores = {name: [ItemScore(1.0, 0.5, None, f"{name} says hi")] for name in ("base", "seeds-only")}
+    metrics = {"loop": "x", "eval_items": 1, "eval_source": "1 held-out seed tasks (seed 0)",
+               "models": {n: {"loss": 1.0, "rouge_l": 0.5, "exact_match": None, "items": 1, "classification_items": 0} for n in scores},
+               "comparisons": [{"verdict": "seeds-only vs base, loss (lower is better): not better: difference +0.0000"}],
+               "training": {"seeds-only": {"rows": 5, "steps": 2, "final_train_loss": 2.5, "train_seconds": 3.0,
+                                           "loss_curve": str(tmp_path / "r0" / "model" / "loss_curve.png")}}}  # fmt: skip
+    text = render_markdown(metrics, items, scores, 5, tmp_path)
+    assert "| base | 1.0000 | 0.5000 | – | 1 | 0 |" in text
+    assert "- seeds-only vs base, loss (lower is better): not better: difference +0.0000" in text
+    assert "[r0/model/loss_curve.png](r0/model/loss_curve.png)" in text
+    assert "| Say \\| hi | Hi there | base says hi | seeds-only says hi |" in text

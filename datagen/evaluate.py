@@ -6,7 +6,8 @@ Per model, on the same items: the mean per-token loss of the reference output gi
 tokens only, the tokens the trainer's completion-only loss covers), the ROUGE-L F-measure of the greedy answer to the
 reference (datagen.dedup.rouge_l, rouge-score's), and exact match on classification items. Two models are compared
 by the per-item difference with a percentile bootstrap confidence interval over items, so a handful of items cannot
-claim a win: the verdict is "better" only when the whole interval is on the better side of 0.
+claim a win: the verdict is "better" only when the whole interval is on the better side of 0 and there are at least
+MIN_ITEMS items.
 
 Everything here is a pure function except `score_model`, which runs a backend.
 """
@@ -27,6 +28,10 @@ from pipelines.seeds import SeedTask
 BOOTSTRAP_RESAMPLES = 1000
 """Resamples of the eval items per confidence interval (Efron & Tibshirani's usual count for percentile intervals)."""
 CONFIDENCE = 0.95
+MIN_ITEMS = 10
+"""Fewer paired items than this never make a verdict "better": with 3 items a percentile bootstrap has 10 distinct
+resample means, and three differences of one sign give an interval that excludes 0 however small they are (ours:
+the issue's rule that a 3-item split cannot claim a win)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class Comparison:
 
     @property
     def better(self) -> bool:
+        if self.items < MIN_ITEMS:
+            return False
         return self.high < 0 if self.lower_is_better else self.low > 0
 
 
@@ -158,7 +165,7 @@ def compare(model: str, scores: Sequence[ItemScore], baseline: str, base_scores:
 
 def verdict(c: Comparison) -> str:
     """One line with the numbers: better only when the interval excludes 0 on the better side."""
-    word = "better" if c.better else "not better"
+    word = "better" if c.better else "not better" if c.items >= MIN_ITEMS else f"not better (too few items: {c.items} < {MIN_ITEMS})"
     direction = "lower is better" if c.lower_is_better else "higher is better"
     return (f"{c.model} vs {c.baseline}, {c.metric} ({direction}): {word}: difference {c.difference:+.4f}, "
             f"{CONFIDENCE:.0%} CI {c.low:+.4f}..{c.high:+.4f} over {c.items} items")  # fmt: skip

@@ -80,8 +80,15 @@ def test_three_items_cannot_claim_a_win_but_a_consistent_gain_over_many_can():
     # lower loss on 2 of 3 items, higher on the third: the interval includes 0
     noisy = compare("tuned", scores([1.0, 1.0, 3.0]), "base", scores([2.0, 2.0, 2.0]), "loss")
     assert noisy.difference == pytest.approx(-1 / 3) and noisy.low < 0 < noisy.high and not noisy.better
-    assert verdict(noisy).startswith("tuned vs base, loss (lower is better): not better: difference -0.3333, 95% CI ")
+    assert verdict(noisy).startswith("tuned vs base, loss (lower is better): not better (too few items: 3 < 10): difference -0.3333, 95% CI ")
     assert verdict(noisy).endswith("over 3 items")
+    # enough items, but the interval includes 0
+    mixed = compare("tuned", scores([1.0, 3.0] * 6), "base", scores([2.0] * 12), "loss")
+    assert mixed.low < 0 < mixed.high and ": not better: difference +0.0000" in verdict(mixed)
+    # three items that all agree: the interval excludes 0, yet three items are too few to claim a win
+    agreeing = compare("tuned", scores([1.0, 1.1, 1.2]), "base", scores([1.5] * 3), "loss")
+    assert agreeing.high < 0 and not agreeing.better
+    assert ": not better (too few items: 3 < 10): difference -0.4000" in verdict(agreeing)
     steady = compare("tuned", scores([1.0 + 0.01 * k for k in range(30)]), "base", scores([1.5] * 30), "loss")
     assert steady.high < 0 and steady.better and ": better:" in verdict(steady)
     # higher is better for ROUGE-L: a lower ROUGE-L everywhere is not better

@@ -104,5 +104,5 @@ def lineage_table(lineage: dict) -> Table:
     for column in ("round", "stage", "status", "row", "artifact"):
         table.add_column(column)
     for row in lineage["stages"]:
-        table.add_row(*(str(row[c] or "") for c in ("round", "stage", "status", "row", "artifact")))
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in ("round", "stage", "status", "row", "artifact")))
     return table

@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError  # noqa: E402
 from typer.core import TyperGroup
 
 from datagen import __version__  # noqa: E402
-from datagen.commands import eval_long, export, generate, jobs, long_data, models, report, runs, train  # noqa: E402
+from datagen.commands import e2e, eval_long, export, generate, jobs, long_data, models, report, runs, train  # noqa: E402
 from datagen.commands.alpaca import alpaca_command  # noqa: E402
 from datagen.commands.dedup import dedup  # noqa: E402
 from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
@@ -67,6 +67,7 @@ app.command("eval-long")(eval_long.eval_long)
 app.command("ui")(ui)
 app.add_typer(jobs.app, name="jobs")
 app.command("worker")(jobs.worker)
+app.command("e2e")(e2e.e2e)
 
 
 def _version(value: bool) -> None:

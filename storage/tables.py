@@ -286,3 +286,42 @@ class WorkerBeat(SQLModel, table=True):
     """host and pid, for `datagen jobs show`."""
     beat_at: float
     """Unix seconds."""
+
+
+class Loop(SQLModel, table=True):
+    """One `datagen e2e` loop: generate → dedup → export → train → evaluate, for some rounds (datagen/e2e.py)."""
+
+    __tablename__ = "loop"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    out: str = Field(sa_column=Column(Text, nullable=False))
+    """The folder holding report.md, metrics.json and each round's artifacts."""
+    status: str = "running"
+    """running, completed or failed (a killed loop stays running until a rerun completes it)."""
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class LoopStage(SQLModel, table=True):
+    """One stage of a loop's round, linked to the row it made: a generation run, a training run, or a folder.
+    A rerun skips a stage whose row is completed."""
+
+    __tablename__ = "loop_stage"
+    __table_args__ = (UniqueConstraint("loop_id", "round", "stage"),)
+    id: int | None = Field(default=None, primary_key=True)
+    loop_id: int = Field(foreign_key="loop.id", index=True)
+    round: int
+    """0: the seeds-only baseline and the base model; 1..R: the rounds."""
+    stage: str
+    """generate, dedup, export, data, train, evaluate."""
+    status: str = "running"
+    run_id: int | None = Field(default=None, foreign_key="run.id")
+    training_run_id: int | None = Field(default=None, foreign_key="training_run.id")
+    artifact: str | None = Field(default=None, sa_column=Column(Text))
+    """A folder or a name: the export, the training data, the model, the evaluation file."""
+    result: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """The stage's figures (counts, the training summary, per-item scores)."""
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -6,13 +6,14 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from datagen.console import err_console, print_json, summary_table
 from datagen.options import DbOption, JsonOption
 from storage import queries
 from storage.queries import accepted_instances, rejected_by_reason, run_summary
 from storage.store import get_run, open_engine
+from storage.tables import Loop, LoopStage, Run, TrainingRun
 
 app = typer.Typer(help="List and inspect runs in the store.", no_args_is_help=True)
 
@@ -39,8 +40,14 @@ def show(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show one run: its configuration, counters, and rejections by reason."""
+    """Show one run: its configuration, counters, and rejections by reason; for an e2e loop, its lineage."""
     with Session(open_engine(db, create=False)) as session:
+        if (lineage := loop_lineage(session, run)) is not None:
+            if as_json:
+                print_json(lineage)
+            else:
+                err_console.print(lineage_table(lineage))
+            return
         found = get_run(session, run)
         summary = run_summary(found)
         summary["config"] = found.config
@@ -53,3 +60,27 @@ def show(
     rows += [(f"rejected: {k}", v) for k, v in summary["rejected_by_reason"].items()]
     err_console.print(summary_table(f"Run {found.name}", rows))
     err_console.print_json(data=summary["config"])
+
+
+def loop_lineage(session: Session, name: str) -> dict | None:
+    """An e2e loop's stages in order, each with the run, training run or folder it made; None when no loop has the name."""
+    loop = session.exec(select(Loop).where(Loop.name == name)).first()
+    if loop is None:
+        return None
+    stages = session.exec(select(LoopStage).where(LoopStage.loop_id == loop.id).order_by(LoopStage.round, LoopStage.id)).all()
+    rows = []
+    for stage in stages:
+        linked = session.get(Run, stage.run_id) if stage.run_id else session.get(TrainingRun, stage.training_run_id) if stage.training_run_id else None
+        rows.append({"round": stage.round, "stage": stage.stage, "status": stage.status,
+                     "row": f"{'run' if isinstance(linked, Run) else 'training_run'} {linked.name}" if linked else None,
+                     "artifact": stage.artifact})  # fmt: skip
+    return {"loop": loop.name, "status": loop.status, "error": loop.error, "out": loop.out, "stages": rows}
+
+
+def lineage_table(lineage: dict) -> Table:
+    table = Table(title=f"Loop {lineage['loop']} ({lineage['status']}) → {lineage['out']}")
+    for column in ("round", "stage", "status", "row", "artifact"):
+        table.add_column(column)
+    for row in lineage["stages"]:
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in ("round", "stage", "status", "row", "artifact")))
+    return table

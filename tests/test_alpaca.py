@@ -179,9 +179,9 @@ def test_real_alpaca_run_on_the_embedded_model(db_url):
 @pytest.mark.slow
 def test_alpaca_kill_9_then_resume(tmp_path):
     db_url = f"sqlite:///{tmp_path / 'kill.db'}"
-    command = [sys.executable, "-m", "datagen.cli", "alpaca", "--seeds", str(SEEDS), "-n", "5", "--run", "k", "--db", db_url,
+    command = [sys.executable, "-m", "datagen.cli", "alpaca", "--seeds", str(SEEDS), "-n", "3", "--run", "k", "--db", db_url,
                *SMALL, "--request-batch-size", "2"]  # fmt: skip
-    kill_9_then_resume(command, db_url, "k", 5)
+    kill_9_then_resume(command, db_url, "k", 3)
 
 
 @pytest.mark.parametrize(

@@ -279,13 +279,13 @@ def generate_stage(session, loop: Loop, r: int, generator: str, seeds_file: Path
     import typer
 
     from datagen.commands.self_instruct import execute
-    from pipelines import alpaca, self_instruct
+    from pipelines import alpaca, bootstrap, self_instruct
 
     settings = pipeline_config(config, r)
     pipeline, run_pipeline = ("self-instruct", self_instruct.run) if config.pipeline == "self-instruct" else ("alpaca", alpaca.run)
     log(f"round {r}: generate with {generator}")
     try:
-        execute(pipeline, type(settings), run_pipeline, seeds_file, self_instruct.config_dict(settings), None, name,
+        execute(pipeline, type(settings), run_pipeline, seeds_file, bootstrap.config_dict(settings), None, name,
                 generator, config.backend, None, db, False)  # fmt: skip
     except typer.Exit:
         pass  # stopped early (stall guard or request limit): the loop goes on with what was accepted

@@ -29,6 +29,7 @@ from datagen.ui.app import create_app
 from datagen.ui.filters import BadFilter, ItemFilter, parse_filter
 from datagen.ui.queries import Verdict, filter_verdicts
 from datagen.ui.sparkline import keep_rate_sparkline
+from pipelines import bootstrap
 from pipelines import self_instruct as si
 from storage.store import get_run, open_engine
 from storage.tables import Generation, Instance, ManualVerdict, Run, Task, TrainingRun, TrainingRunSource
@@ -137,10 +138,10 @@ def add_script_run(url: str) -> Run:
     """A Self-Instruct run on a scripted backend whose one new instruction carries a <script> element."""
     config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1)
     with Session(open_engine(url)) as session:
-        run = Run(name="xss", pipeline="self-instruct", config=si.config_dict(config), model="scripted", backend="scripted")
+        run = Run(name="xss", pipeline="self-instruct", config=bootstrap.config_dict(config), model="scripted", backend="scripted")
         session.add(run)
         session.flush()
-        si.store_seeds(session, run, SEED_TASKS)
+        bootstrap.store_seeds(session, run, SEED_TASKS)
         session.commit()
         si.run(session, run, ScriptedBackend([listing(XSS)]), config)
         session.refresh(run)
@@ -451,6 +452,7 @@ def test_running_run_is_polled(db_url):
 
 
 def test_ui_command_refuses_a_bad_port_and_warns_off_loopback(db_url, tmp_path):
+    open_engine(db_url).dispose()  # the viewer opens a store, it never makes one
     result = runner.invoke(cli, ["ui", "--db", db_url, "--port", "70000"])
     assert result.exit_code == 2 and "--port must be between 1 and 65535" in result.output
     log = tmp_path / "ui.log"

@@ -81,17 +81,19 @@ def check_pipeline_options(pipeline: str, args: list[str]) -> None:
     if pipeline == "toolformer":
         from datagen.commands.toolformer import load_config
         from pipelines.toolformer import read_corpus
+        from pipelines.tools import search_index
 
         tools = params["tools"]
         flags = {"tools": tools.split(",") if tools else None, "search_corpus": params["search_corpus"], "date": params["date"],
                  "batch_size": params["batch_size"], "seed": params["seed"]}  # fmt: skip
-        load_config(params["config_file"], {k: v for k, v in flags.items() if v is not None})
+        config = load_config(params["config_file"], {k: v for k, v in flags.items() if v is not None})
         read_corpus(Path(params["corpus"]))
+        search_index(config.tools, config.search_corpus)  # a missing search corpus is refused here too
         return
     from dataclasses import fields
 
     from datagen.commands.self_instruct import load_config
-    from pipelines import alpaca, self_instruct
+    from pipelines import alpaca, bootstrap, self_instruct
     from pipelines.seeds import read_seeds
 
     config_cls = self_instruct.SelfInstructConfig if pipeline == "self-instruct" else alpaca.AlpacaConfig
@@ -99,6 +101,7 @@ def check_pipeline_options(pipeline: str, args: list[str]) -> None:
     flags = {k: v for k, v in params.items() if k in known}
     if params.get("allow_non_ascii") is not None:
         flags["require_ascii_start"] = not params["allow_non_ascii"]
-    load_config(config_cls, params["config"], flags)
+    settings = load_config(config_cls, params["config"], flags)
     seeds_path = Path(params["seeds"])
-    self_instruct.check_seeds(read_seeds(seeds_path), str(seeds_path), needs_instances=True)
+    needs_instances = getattr(settings, "instance_demos", "seeds") == "seeds"  # as `datagen self-instruct` checks them
+    bootstrap.check_seeds(read_seeds(seeds_path), str(seeds_path), needs_instances)

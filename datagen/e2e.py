@@ -231,7 +231,7 @@ def run_loop(config: LoopConfig, engine, db: str | None, log: Callable[[str], No
     else:
         train_seeds, held_out = evaluate.split_seeds(seeds, config.eval_size, config.eval_seed)
         items = evaluate.eval_items(held_out)
-    from pipelines.self_instruct import check_seeds
+    from pipelines.bootstrap import check_seeds
 
     check_seeds(train_seeds, str(config.seeds), needs_instances=True)
     out = config.out.resolve()

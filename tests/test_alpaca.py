@@ -169,11 +169,13 @@ SMALL = ["--backend", "transformers", "--request-batch-size", "4", "--max-tokens
 
 
 def test_real_alpaca_run_on_the_embedded_model(db_url):
-    result = runner.invoke(app, ["alpaca", "--seeds", str(SEEDS), "-n", "3", "--run", "a", "--db", db_url, *SMALL, "--json"])
+    # 2 records: the strict record parser stores most of the 135M model's records as malformed_record, so each one
+    # accepted costs several 2.5k-token prompts on a 2-core CI machine
+    result = runner.invoke(app, ["alpaca", "--seeds", str(SEEDS), "-n", "2", "--run", "a", "--db", db_url, *SMALL, "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (summary["accepted"], summary["status"]) == (3, "completed")
-    check_store_independently(db_url, "a", 3)
+    assert (summary["accepted"], summary["status"]) == (2, "completed")
+    check_store_independently(db_url, "a", 2)
 
 
 @pytest.mark.slow

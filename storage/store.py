@@ -178,6 +178,15 @@ def error_text(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+def record_failure(session: Session, run: Run, err: BaseException) -> None:
+    """After a run's command failed (or was interrupted: `stopped`), roll back the batch in flight and store the
+    run's status with its one-line error; what earlier batches committed stays."""
+    session.rollback()
+    touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=error_text(err))
+    session.add(run)
+    session.commit()
+
+
 def operational_error_message(err: OperationalError) -> str:
     """One line for a database failure in the middle of a command (the CLI prints it, exit 1)."""
     reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)

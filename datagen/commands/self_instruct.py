@@ -32,7 +32,7 @@ from datagen.options import (
 from pipelines import bootstrap, self_instruct
 from pipelines.seeds import SeedTask, read_seeds
 from storage.run_lock import hold_run
-from storage.store import add_generations, error_text, find_run, open_engine, touch
+from storage.store import add_generations, find_run, open_engine, record_failure, touch
 from storage.tables import Run, Task, utcnow
 
 
@@ -160,11 +160,10 @@ def execute(
 
                     totals = run_pipeline(session, run, llm, settings, on_batch)
             except BaseException as err:
-                session.rollback()
                 if run is not None and run.id is not None:
-                    touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=error_text(err))
-                    session.add(run)
-                    session.commit()
+                    record_failure(session, run, err)
+                else:
+                    session.rollback()
                 raise
             finally:
                 llm.close()

@@ -29,7 +29,7 @@ from datagen.options import (
 from pipelines import toolformer as tf
 from pipelines.tools import build_tools, search_index
 from storage.run_lock import hold_run
-from storage.store import error_text, find_run, open_engine, touch
+from storage.store import find_run, open_engine, record_failure, touch
 from storage.tables import Run, utcnow
 
 
@@ -80,10 +80,7 @@ def toolformer(
 
                 tf.run(session, run, llm, texts, registry, config, on_batch)
         except BaseException as err:
-            session.rollback()
-            touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=error_text(err))
-            session.add(run)
-            session.commit()
+            record_failure(session, run, err)
             raise
         finally:
             llm.close()

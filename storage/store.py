@@ -178,13 +178,26 @@ def error_text(err: BaseException) -> str:
     return str(err) or type(err).__name__
 
 
+FAILURE_WRITE_ATTEMPTS = 4
+"""How many lock timeouts `record_failure` waits out: when the run failed because another process held the
+write lock, storing the failure meets the same lock, and a run left `running` would misreport what happened."""
+
+
 def record_failure(session: Session, run: Run, err: BaseException) -> None:
     """After a run's command failed (or was interrupted: `stopped`), roll back the batch in flight and store the
     run's status with its one-line error; what earlier batches committed stays."""
     session.rollback()
-    touch(run, status="failed" if isinstance(err, Exception) else "stopped", error=error_text(err))
-    session.add(run)
-    session.commit()
+    status, error = ("failed" if isinstance(err, Exception) else "stopped"), error_text(err)
+    for attempt in range(FAILURE_WRITE_ATTEMPTS):
+        touch(run, status=status, error=error)
+        session.add(run)
+        try:
+            session.commit()
+            return
+        except OperationalError as locked:
+            session.rollback()
+            if "database is locked" not in str(locked.orig) or attempt == FAILURE_WRITE_ATTEMPTS - 1:
+                raise
 
 
 def operational_error_message(err: OperationalError) -> str:

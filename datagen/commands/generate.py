@@ -16,7 +16,7 @@ from datagen.generate import GenerateConfig, read_requests, run_generate
 from datagen.jsonl import check_output_file
 from datagen.models import DEFAULT_MODEL
 from datagen.options import BackendOption, BaseUrlOption, DbOption, JsonOption, ModelOption, make_backend
-from storage.store import check_store, error_text, open_engine, touch
+from storage.store import check_store, open_engine, record_failure, touch
 from storage.tables import Run, utcnow
 
 
@@ -89,11 +89,8 @@ def generate(
 
             try:
                 run_generate(session, run, llm, requests, config.batch_size, emit)
-            except Exception as err:
-                session.rollback()
-                touch(run, status="failed", error=error_text(err))
-                session.add(run)
-                session.commit()
+            except BaseException as err:
+                record_failure(session, run, err)
                 raise
             finally:
                 if output:

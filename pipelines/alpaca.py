@@ -23,6 +23,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 from sqlmodel import Session
 
@@ -35,6 +36,7 @@ from pipelines.bootstrap import (
     bootstrap,
     check_bootstrap_config,
     finish_batch,
+    for_backend,
     load_pool,
     load_seeds,
     request_seed,
@@ -61,8 +63,13 @@ class AlpacaConfig:
     num_tasks: int = 20
     """Tasks the prompt asks for; generation stops at number 20, so at most 16 new records come per request
     (reference: prompt.txt "a set of 20", stop=["\\n20", "20.", "20."])."""
-    request_batch_size: int = 8
-    """Requests per batch, one backend call (reference 5)."""
+    batch_sizes: ClassVar[tuple[int, int]] = (8, 32)
+    """Default request_batch_size on transformers and on vllm/openai (continuous batching keeps a larger batch's
+    engine full; each request asks for up to 16 long records)."""
+
+    request_batch_size: int | None = None
+    """Requests per batch, one backend call. None: 8 on transformers, 32 on vllm and openai (batch_sizes). Alpaca's
+    prompts show seed records only, so a larger batch changes no prompt; the reference sends 5 per call."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 3072
@@ -190,6 +197,7 @@ def run(
     on_batch: Callable[[Run, BatchStats], None] = lambda run, stats: None,
 ) -> BatchStats:
     """Generate until config.num_instructions records are accepted; seeds and pool come from the store."""
+    config = for_backend(config, backend.name)
     chat_template = backend.render_chat if uses_chat(backend, config.prompt_style) else None
     seeds = load_seeds(session, run_row)
     examples = [s for s in seeds if s.instances]

@@ -13,9 +13,10 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
+from sqlalchemy import true
 from sqlmodel import Session, func, select
 
 from datagen.backends import Backend, Request, Result
@@ -41,12 +42,13 @@ def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
         raise BadInput(f"length_cut must be drop_response or drop_last, got {config.length_cut}")
     if config.tokenizer not in ("rouge", "unicode"):
         raise BadInput(f"--tokenizer must be rouge or unicode, got {config.tokenizer}")
-    for name in ("request_batch_size", "max_tokens", "num_prompt_instructions", "max_stalled_batches", *positive):
+    sizes = ("max_tokens", "num_prompt_instructions", "max_stalled_batches", *positive)
+    for name in (*sizes, "request_batch_size") if config.request_batch_size is not None else sizes:
         if getattr(config, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if not 0 <= config.seed < 2**SEED_BITS:
         raise BadInput(f"--seed must be in [0, 2^{SEED_BITS}), got {config.seed}")
-    if config.request_batch_size > 2**INDEX_BITS:
+    if config.request_batch_size is not None and config.request_batch_size > 2**INDEX_BITS:
         raise BadInput(f"--request-batch-size must be at most {2**INDEX_BITS}, got {config.request_batch_size}")
     if config.max_requests is not None and config.max_requests < 1:
         raise BadInput(f"--max-requests must be at least 1, got {config.max_requests}")
@@ -63,6 +65,24 @@ def request_seed(seed: int, batch: int, index: int) -> int:
     if not (0 <= seed < 2**SEED_BITS and 0 <= batch < 2**BATCH_BITS and 0 <= index < 2**INDEX_BITS):
         raise ValueError(f"seed {seed}, batch {batch}, request {index} do not fit a 63-bit sampling seed")
     return (seed << (BATCH_BITS + INDEX_BITS)) | (batch << INDEX_BITS) | index
+
+
+CONTINUOUS_BATCHING = ("vllm", "openai")
+"""Backends whose engine schedules any number of requests together (vLLM in process, or any OpenAI-compatible server
+such as `vllm serve`), so larger batches and requests of two batches in one call keep it busy. The transformers
+backend pads a batch to its longest request and runs it to its longest completion, so it keeps the small batch."""
+
+
+def for_backend(config, backend: str):
+    """The config with the defaults that depend on the backend filled in: `request_batch_size` (None: the config's
+    `batch_sizes`, the first on transformers, the second on continuous-batching engines) and, where the pipeline has
+    it, `pipelined` (None: on for those engines). The CLI stores the filled config, so a resumed run keeps them."""
+    engine = backend in CONTINUOUS_BATCHING
+    padded, continuous = type(config).batch_sizes
+    filled = {"request_batch_size": config.request_batch_size or (continuous if engine else padded)}
+    if getattr(config, "pipelined", False) is None:
+        filled["pipelined"] = engine
+    return replace(config, **filled)
 
 
 def config_dict(config) -> dict:
@@ -186,27 +206,18 @@ def bootstrap(
 ) -> BatchStats:
     """Batches until `num_instructions` are accepted, a request budget is spent, or the run stalls.
 
-    `one_batch(batch_number, requests, rng)` generates, filters and stores one batch in one transaction. Each batch
-    gets its own random generator seeded by the string "seed/batch" (collision-free, unlike seed * k + batch), so a
-    resumed run does not repeat earlier prompts.
+    `one_batch(batch_number, requests, rng)` generates, filters and adds one batch to the session; the loop commits
+    it, one transaction a batch. Each batch gets its own random generator seeded by the string "seed/batch"
+    (collision-free, unlike seed * k + batch), so a resumed run does not repeat earlier prompts.
     """
     batch_number = next_batch_number(session, run)
     totals = BatchStats()
     while run.accepted < config.num_instructions:
-        done = _instruction_requests(session, run)
-        if config.max_requests is not None and done >= config.max_requests:
-            touch(run, status="stopped", error=f"--max-requests {config.max_requests} reached")
+        requests = batch_requests(session, run, config, decided_through=batch_number - 1, pending=0)
+        if requests == 0:
             break
-        stalled = stalled_batches(session, run)
-        if stalled >= config.max_stalled_batches:
-            touch(run, status="stopped", error=f"{stalled} batches in a row accepted nothing; the model may be repeating "
-                  "itself: try another --seed, a higher --temperature, or the other --prompt-style")  # fmt: skip
-            break
-        kept = _accepted_from_requests(session, run)
-        requests = requests_needed(config.num_instructions - run.accepted, kept, done, config.request_batch_size)
-        if config.max_requests is not None:
-            requests = min(requests, config.max_requests - done)
-        stats = one_batch(batch_number, requests, random.Random(f"{config.seed}/{batch_number}"))
+        stats = one_batch(batch_number, requests, batch_rng(config, batch_number))
+        session.commit()
         totals.add(stats)
         batch_number += 1
         on_batch(run, stats)
@@ -215,6 +226,107 @@ def bootstrap(
     session.add(run)
     session.commit()
     return totals
+
+
+@dataclass
+class Drafted:
+    """A batch whose instruction phase is decided (generated, filtered, classified), waiting for its last requests
+    (the instance prompts): `finish(results)` parses them and adds the whole batch to the session."""
+
+    requests: list[Request]
+    finish: Callable[[list[Result]], BatchStats]
+    stats: BatchStats
+
+
+class TwoPhases(Protocol):
+    """A pipeline whose batch is instruction requests, then requests that depend on their answers (Self-Instruct)."""
+
+    def instruction_requests(self, batch_number: int, n_requests: int, rng: random.Random) -> list[Request]: ...
+
+    def draft(self, batch_number: int, requests: list[Request], results: list[Result], rng: random.Random,
+              stats: BatchStats) -> Drafted: ...  # fmt: skip
+
+
+def bootstrap_pipelined(
+    session: Session, run: Run, config: LoopSettings, phases: TwoPhases, backend: Backend, on_batch: Callable[[Run, BatchStats], None]
+) -> BatchStats:
+    """The loop with two batches in flight: batch k's instruction requests go to the backend in the same call as
+    batch k-1's instance requests, so a continuous-batching engine never waits for one phase's longest completion
+    with nothing else to run (issue 16, bench/saturation.py).
+
+    Batch k's prompts see the pool after batch k-1's similarity filter, as in the sequential loop, and batch k's
+    filter and target cap come after batch k-1 is stored, so every decision is the sequential loop's except two:
+    how many requests batch k sends, and when the stall guard stops, are decided from the batches before k-1 (the
+    last ones stored when batch k goes out); and when batch k-1 reaches the target, batch k's instructions are
+    already generated: they are stored with it, in its transaction, the ones that pass the filter as
+    `target_reached`. Both come from the store, so a resumed run makes the uninterrupted run's decisions.
+    """
+    batch_number = next_batch_number(session, run)
+    totals = BatchStats()
+    pending: Drafted | None = None
+    pending_requests = 0  # instruction requests of the pending batch, not yet in the store
+    finished: list[BatchStats] = []
+
+    def commit() -> None:
+        session.commit()
+        for stats in finished:
+            totals.add(stats)
+            on_batch(run, stats)
+        finished.clear()
+
+    while run.accepted < config.num_instructions:
+        requests = batch_requests(session, run, config, decided_through=batch_number - 2, pending=pending_requests)
+        if requests == 0:
+            if pending is not None:  # a stopped run still stores the batch in flight
+                finished.append(pending.finish(timed_generate(backend, pending.requests, pending.stats)))
+                commit()
+            break
+        rng = batch_rng(config, batch_number)
+        stats = BatchStats(requests=requests)
+        first = phases.instruction_requests(batch_number, requests, rng)
+        carried = pending.requests if pending is not None else []
+        results = timed_generate(backend, first + carried, stats)
+        if pending is not None:
+            finished.append(pending.finish(results[len(first) :]))
+        drafted = phases.draft(batch_number, first, results[: len(first)], rng, stats)
+        if drafted.requests:
+            pending, pending_requests = drafted, requests
+        else:  # nothing passed, or batch k-1 reached the target: stored in its transaction
+            finished.append(drafted.finish([]))
+            pending, pending_requests = None, 0
+        commit()
+        batch_number += 1
+    if run.accepted >= config.num_instructions:
+        touch(run, status="completed", error=None)
+    session.add(run)
+    session.commit()
+    return totals
+
+
+def batch_rng(config: LoopSettings, batch_number: int) -> random.Random:
+    return random.Random(f"{config.seed}/{batch_number}")
+
+
+def batch_requests(session: Session, run: Run, config: LoopSettings, decided_through: int, pending: int) -> int:
+    """How many instruction requests the next batch sends, from the batches up to `decided_through` in the store
+    (the keep rate near the target, the stall guard), and the run's instruction requests so far (`pending`: those
+    of a batch in flight, not yet stored) for the request budget; 0, with the run's status set, when it stops."""
+    done = _instruction_requests(session, run) + pending
+    if config.max_requests is not None and done >= config.max_requests:
+        touch(run, status="stopped", error=f"--max-requests {config.max_requests} reached")
+        return 0
+    stalled = stalled_batches(session, run, decided_through)
+    if stalled >= config.max_stalled_batches:
+        touch(run, status="stopped", error=f"{stalled} batches in a row accepted nothing; the model may be repeating "
+              "itself: try another --seed, a higher --temperature, or the other --prompt-style")  # fmt: skip
+        return 0
+    accepted = run.accepted - _accepted_after(session, run, decided_through)
+    kept = _accepted_from_requests(session, run, decided_through)
+    requests = requests_needed(config.num_instructions - accepted, kept, _instruction_requests(session, run, decided_through),
+                               config.request_batch_size)  # fmt: skip
+    if config.max_requests is not None:
+        requests = min(requests, config.max_requests - done)
+    return requests
 
 
 def next_batch_number(session: Session, run: Run) -> int:
@@ -231,31 +343,51 @@ def requests_needed(remaining: int, accepted: int, requests: int, batch_size: in
     return max(1, min(batch_size, math.ceil(1.5 * remaining * requests / accepted)))
 
 
-def stalled_batches(session: Session, run: Run) -> int:
-    """Instruction batches in a row, the latest ones, that accepted nothing: from the store, so the stall guard
-    counts across a resume as in an uninterrupted run."""
+def stalled_batches(session: Session, run: Run, through: int | None = None) -> int:
+    """Instruction batches in a row, the latest ones (up to batch `through`), that accepted nothing: from the store,
+    so the stall guard counts across a resume as in an uninterrupted run."""
     accepted_in = (
         select(func.max(Generation.batch))
         .join(Task, Task.generation_id == Generation.id)
-        .where(Generation.run_id == run.id, Task.source == "generated", Task.status == "accepted")
+        .where(Generation.run_id == run.id, Task.source == "generated", Task.status == "accepted", _upto(through))
     )
     last = session.exec(accepted_in).one() or 0
     query = select(func.count(func.distinct(Generation.batch))).where(
-        Generation.run_id == run.id, Generation.purpose == "instructions", Generation.batch > last
+        Generation.run_id == run.id, Generation.purpose == "instructions", Generation.batch > last, _upto(through)
     )
     return session.exec(query).one()
 
 
-def _accepted_from_requests(session: Session, run: Run) -> int:
+def _upto(through: int | None):
+    return Generation.batch <= through if through is not None else true()
+
+
+def _accepted_from_requests(session: Session, run: Run, through: int | None = None) -> int:
     """Accepted instructions that came out of this run's requests (a pool imported into the store has none)."""
-    query = select(func.count()).select_from(Task).where(
-        Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Task.generation_id.is_not(None)
+    query = (
+        select(func.count())
+        .select_from(Task)
+        .join(Generation, Task.generation_id == Generation.id)
+        .where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", _upto(through))
     )
     return session.exec(query).one()
 
 
-def _instruction_requests(session: Session, run: Run) -> int:
-    query = select(func.count()).select_from(Generation).where(Generation.run_id == run.id, Generation.purpose == "instructions")
+def _accepted_after(session: Session, run: Run, batch: int) -> int:
+    """Accepted instructions of the batches after `batch` (already counted in run.accepted)."""
+    query = (
+        select(func.count())
+        .select_from(Task)
+        .join(Generation, Task.generation_id == Generation.id)
+        .where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Generation.batch > batch)
+    )
+    return session.exec(query).one()
+
+
+def _instruction_requests(session: Session, run: Run, through: int | None = None) -> int:
+    query = select(func.count()).select_from(Generation).where(
+        Generation.run_id == run.id, Generation.purpose == "instructions", _upto(through)
+    )
     return session.exec(query).one()
 
 
@@ -267,7 +399,7 @@ def timed_generate(backend: Backend, requests: list[Request], stats: BatchStats)
 
 
 def finish_batch(session: Session, run: Run, tasks: Sequence[Task], stats: BatchStats) -> BatchStats:
-    """The end-of-batch accounting: rejections counted by reason, the run's counters, one commit for the batch."""
+    """The end-of-batch accounting: rejections counted by reason, the run's counters; the loop commits the batch."""
     for task in tasks:
         if task.status == "rejected":
             stats.reject(task.reason)
@@ -276,5 +408,5 @@ def finish_batch(session: Session, run: Run, tasks: Sequence[Task], stats: Batch
     touch(run)
     session.add_all(tasks)
     session.add(run)
-    session.commit()
+    session.flush()
     return stats

@@ -33,6 +33,7 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from sqlmodel import Session
 
@@ -41,10 +42,13 @@ from datagen.dedup import RougeIndex, tokenize_unicode
 from datagen.errors import BadInput
 from pipelines.bootstrap import (
     BatchStats,
+    Drafted,
     Prompt,
     bootstrap,
+    bootstrap_pipelined,
     check_bootstrap_config,
     finish_batch,
+    for_backend,
     load_pool,
     load_seeds,
     request_seed,
@@ -65,6 +69,10 @@ class SelfInstructConfig:
     """Every knob of a Self-Instruct run. Defaults are the reference implementation's (yizhongw/self-instruct,
     self_instruct/*.py) unless the comment says otherwise."""
 
+    batch_sizes: ClassVar[tuple[int, int]] = (16, 64)
+    """Default request_batch_size on transformers (a padded batch runs to its longest completion) and on vllm/openai
+    (continuous batching: a larger batch keeps the engine full; bench/saturation.py measures it)."""
+
     num_instructions: int = 100
     """Accepted generated instructions to reach (reference `--num_instructions_to_generate`, default 100)."""
     num_prompt_instructions: int = 8
@@ -74,10 +82,20 @@ class SelfInstructConfig:
     pool is small)."""
     max_new_instructions: int = 7
     """Stop sequences end a completion before item 8 + 7 + 1 = 16 (reference: stop at "\\n16", "16.", "16 .")."""
-    request_batch_size: int = 16
-    """Instruction requests per batch, sent in one backend call (reference `--request_batch_size` 5, one API call;
-    16 is the transformers backend's batch, and vLLM schedules any number together). Near the target, a batch asks
-    only for about as many requests as the keep rate so far needs."""
+    request_batch_size: int | None = None
+    """Instruction requests per batch, sent in one backend call. None: 16 on transformers (its padded batch), 64 on
+    vllm and openai, whose engines schedule any number together (batch_sizes). The reference sends 5 per call
+    (`--request_batch_size` 5): each prompt then samples its 2 machine instructions from a pool at most 5 requests
+    old, here at most 16 or 64 (and with `pipelined`, one batch more): a staler pool, for a busy engine. Set 5 to
+    restore the reference's behaviour. Near the target, a batch asks only for about as many requests as the keep
+    rate so far needs."""
+    pipelined: bool | None = None
+    """Send each batch's instruction requests in the same backend call as the previous batch's instance requests
+    (pipelines/bootstrap.py, bootstrap_pipelined), so the engine is not left with one phase's stragglers. None: on
+    for vllm and openai, off for transformers. Ours: the reference runs its phases one after another (and its whole
+    instruction phase before any instance). Decisions differ from the sequential loop only in how many requests a
+    batch sends near the target and when the stall guard stops (decided one batch later), and a batch already
+    generated when the target is reached is stored as target_reached."""
     temperature: float = 0.7
     top_p: float = 0.5
     presence_penalty: float = 2.0
@@ -408,30 +426,134 @@ def run(
     """Bootstrap the run's pool until config.num_instructions generated instructions are accepted.
 
     Seeds, pool and similarity index come from the store (the run's seed tasks and the instructions that passed
-    the filter so far), so a fresh run and a resumed one go through the same code.
+    the filter so far), so a fresh run and a resumed one go through the same code. On continuous-batching engines
+    (`pipelined`) a batch's instruction requests go out with the previous batch's instance requests
+    (pipelines/bootstrap.py, bootstrap_pipelined).
     """
-    chat_template = backend.render_chat if uses_chat(backend, config.prompt_style) else None
-    seeds = load_seeds(session, run_row)
-    pool = load_pool(session, run_row)
-    index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
-    index.add([s.instruction for s in seeds] + pool)
-    human = [s.instruction for s in seeds if s.is_classification or not config.generate_classification]
-    if not human:
-        raise BadInput("--generate-classification needs seed tasks with is_classification true")
-    demo_tasks = DEMONSTRATIONS if config.instance_demos == "builtin" else seeds
-    demos = {kind: demonstration_pool(demo_tasks, kind) for kind in (True, False)}
+    config = for_backend(config, backend.name)
+    phases = Phases(session, run_row, backend, config)
+    if config.pipelined:
+        return bootstrap_pipelined(session, run_row, config, phases, backend, on_batch)
+    return bootstrap(session, run_row, config, phases.one_batch, on_batch)
 
-    def one_batch(batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
-        requests = []
+
+class Phases:
+    """One batch of Self-Instruct in its two phases: the instruction requests, then (`draft`) parse, filter,
+    classify and the instance requests, and (`Drafted.finish`) the instances and the store."""
+
+    def __init__(self, session: Session, run_row: Run, backend: Backend, config: SelfInstructConfig):
+        self.session, self.run_row, self.backend, self.config = session, run_row, backend, config
+        self.chat_template = backend.render_chat if uses_chat(backend, config.prompt_style) else None
+        seeds = load_seeds(session, run_row)
+        self.pool = load_pool(session, run_row)
+        self.index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
+        self.index.add([s.instruction for s in seeds] + self.pool)
+        self.human = [s.instruction for s in seeds if s.is_classification or not config.generate_classification]
+        if not self.human:
+            raise BadInput("--generate-classification needs seed tasks with is_classification true")
+        demo_tasks = DEMONSTRATIONS if config.instance_demos == "builtin" else seeds
+        self.demos = {kind: demonstration_pool(demo_tasks, kind) for kind in (True, False)}
+
+    def instruction_requests(self, batch_number: int, n_requests: int, rng: random.Random) -> list[Request]:
+        config, requests = self.config, []
         for number in range(n_requests):
-            machine = rng.sample(pool, min(config.num_machine_instructions, len(pool)))
-            examples = machine + rng.sample(human, min(config.num_prompt_instructions - len(machine), len(human)))
+            machine = rng.sample(self.pool, min(config.num_machine_instructions, len(self.pool)))
+            examples = machine + rng.sample(self.human, min(config.num_prompt_instructions - len(machine), len(self.human)))
             rng.shuffle(examples)
-            prompt = instruction_prompt(examples, config.generate_classification).render(chat_template)
+            prompt = instruction_prompt(examples, config.generate_classification).render(self.chat_template)
             requests.append(Request(prompt=prompt, params=instruction_params(config, request_seed(config.seed, batch_number, number))))
-        return process_batch(session, run_row, backend, config, chat_template, requests, index, pool, demos, rng, batch_number)
+        return requests
 
-    return bootstrap(session, run_row, config, one_batch, on_batch)
+    def one_batch(self, batch_number: int, n_requests: int, rng: random.Random) -> BatchStats:
+        """The batch's phases one after the other (the sequential loop)."""
+        stats = BatchStats(requests=n_requests)
+        requests = self.instruction_requests(batch_number, n_requests, rng)
+        drafted = self.draft(batch_number, requests, timed_generate(self.backend, requests, stats), rng, stats)
+        return drafted.finish(timed_generate(self.backend, drafted.requests, stats))
+
+    def draft(self, batch_number: int, requests: list[Request], results: list[Result], rng: random.Random, stats: BatchStats) -> Drafted:
+        """The paper's order: parse → filter → classify → the instance requests; `finish` stores the batch."""
+        session, run_row, config = self.session, self.run_row, self.config
+        tasks: list[Task] = []
+        origin: list[int] = []  # the request each task came from
+        for number, result in enumerate(results):
+            completion = result.completions[0]
+            items = parse_instructions(completion.text, config.num_prompt_instructions + 1)
+            stats.empty_responses += not items
+            cut = completion.finish_reason == "length"
+            for position, text in enumerate(items):
+                if cut and (config.length_cut == "drop_response" or position == len(items) - 1):
+                    reason = "cut_by_length"
+                else:
+                    reason = rejection_reason(text, config.blacklist, config.require_ascii_start, config.tokenizer)
+                tasks.append(Task(run_id=run_row.id, instruction=text, status="rejected", reason=reason))
+                origin.append(number)
+        stats.generated = len(tasks)
+
+        # ROUGE-L against seeds and everything kept so far, in order, the batch included (the dedup engine).
+        survivors = [t for t in tasks if t.reason is None]
+        need = config.num_instructions - run_row.accepted
+        passed: list[Task] = []
+        # exact_nearest: an accepted instruction stores its true nearest earlier one too, as the reference records its
+        # most similar instructions (bootstrap_instructions.py: most_similar_instructions)
+        for task, decision in zip(survivors, self.index.filter([t.instruction for t in survivors], exact_nearest=True)):
+            task.nearest, task.similarity = decision.nearest_text, decision.score
+            if not decision.kept:
+                task.reason = "rouge_similarity"
+                continue
+            self.pool.append(task.instruction)
+            if len(passed) < need:
+                passed.append(task)
+            else:
+                task.reason = "target_reached"  # kept by the filter, not needed: no calls spent on it
+
+        # Classification identification: few-shot, temperature 0, 3 tokens.
+        clf_requests = [] if config.generate_classification else [
+            Request(prompt=classification_prompt(t.instruction).render(self.chat_template), params=CLASSIFICATION_PARAMS) for t in passed
+        ]  # fmt: skip
+        clf_results = timed_generate(self.backend, clf_requests, stats)
+        for task, result in zip(passed, clf_results):
+            task.is_classification = parse_yes_no(result.completions[0].text)
+        if config.generate_classification:
+            for task in passed:
+                task.is_classification = True
+
+        # Instances: input first, or label first for classification tasks.
+        inst_requests = []
+        for task in passed:
+            kind = bool(task.is_classification)
+            shown = rng.sample(self.demos[kind], min(config.instance_demonstrations, len(self.demos[kind])))
+            prompt = instance_prompt(task.instruction, shown, kind).render(self.chat_template)
+            inst_requests.append(Request(prompt=prompt, params=instance_params(config)))
+
+        def finish(inst_results: list[Result]) -> BatchStats:
+            """Store everything in one transaction: generations, every parsed instruction with its verdict, every instance."""
+            generations = add_generations(session, run_row, self.backend, "instructions", batch_number, requests, results)
+            for task, number in zip(tasks, origin):
+                task.generation_id = generations[number][0].id
+            add_generations(session, run_row, self.backend, "classification", batch_number, clf_requests, clf_results)
+            inst_generations = add_generations(session, run_row, self.backend, "instances", batch_number, inst_requests, inst_results)
+            session.add_all(tasks)
+            session.flush()
+            for task, rows, result in zip(passed, inst_generations, inst_results):
+                completion = result.completions[0]
+                pairs = parse_instances(completion.text, bool(task.is_classification))
+                verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
+                session.add_all(
+                    Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
+                             status="rejected" if reason else "accepted", reason=reason)
+                    for pair, reason in zip(pairs, verdicts)
+                )  # fmt: skip
+                kept = verdicts.count(None)
+                if kept:
+                    task.status, task.reason = "accepted", None
+                    run_row.instances += kept
+                    stats.accepted += 1
+                else:
+                    task.reason = "no_valid_instances"
+            return finish_batch(session, run_row, tasks, stats)
+
+        return Drafted(inst_requests, finish, stats)
 
 
 def demonstration_pool(tasks: Sequence[SeedTask], classification: bool) -> list[SeedTask]:
@@ -440,98 +562,3 @@ def demonstration_pool(tasks: Sequence[SeedTask], classification: bool) -> list[
     same_kind = [s for s in with_instances if bool(s.is_classification) == classification] or with_instances
     size = lambda s: sum(len(i.input) + len(i.output) for i in s.instances[:MAX_SHOWN])  # noqa: E731
     return sorted(same_kind, key=size)[: max(8, len(same_kind) // 2)]
-
-
-def process_batch(
-    session: Session,
-    run_row: Run,
-    backend: Backend,
-    config: SelfInstructConfig,
-    chat_template,
-    requests: list[Request],
-    index: RougeIndex,
-    pool: list[str],
-    demos: dict[bool, list[SeedTask]],
-    rng: random.Random,
-    batch_number: int,
-) -> BatchStats:
-    """One batch in the paper's order: generate → parse → filter → classify → instances → store (one transaction)."""
-    stats = BatchStats(requests=len(requests))
-    results = timed_generate(backend, requests, stats)
-    tasks: list[Task] = []
-    origin: list[int] = []  # the request each task came from
-    for number, result in enumerate(results):
-        completion = result.completions[0]
-        items = parse_instructions(completion.text, config.num_prompt_instructions + 1)
-        stats.empty_responses += not items
-        cut = completion.finish_reason == "length"
-        for position, text in enumerate(items):
-            if cut and (config.length_cut == "drop_response" or position == len(items) - 1):
-                reason = "cut_by_length"
-            else:
-                reason = rejection_reason(text, config.blacklist, config.require_ascii_start, config.tokenizer)
-            tasks.append(Task(run_id=run_row.id, instruction=text, status="rejected", reason=reason))
-            origin.append(number)
-    stats.generated = len(tasks)
-
-    # ROUGE-L against seeds and everything kept so far, in order, the batch included (the dedup engine).
-    survivors = [t for t in tasks if t.reason is None]
-    need = config.num_instructions - run_row.accepted
-    passed: list[Task] = []
-    # exact_nearest: an accepted instruction stores its true nearest earlier one too, as the reference records its
-    # most similar instructions (bootstrap_instructions.py: most_similar_instructions)
-    for task, decision in zip(survivors, index.filter([t.instruction for t in survivors], exact_nearest=True)):
-        task.nearest, task.similarity = decision.nearest_text, decision.score
-        if not decision.kept:
-            task.reason = "rouge_similarity"
-            continue
-        pool.append(task.instruction)
-        if len(passed) < need:
-            passed.append(task)
-        else:
-            task.reason = "target_reached"  # kept by the filter, not needed: no calls spent on it
-
-    # Classification identification: few-shot, temperature 0, 3 tokens.
-    clf_requests = [] if config.generate_classification else [
-        Request(prompt=classification_prompt(t.instruction).render(chat_template), params=CLASSIFICATION_PARAMS) for t in passed
-    ]  # fmt: skip
-    clf_results = timed_generate(backend, clf_requests, stats)
-    for task, result in zip(passed, clf_results):
-        task.is_classification = parse_yes_no(result.completions[0].text)
-    if config.generate_classification:
-        for task in passed:
-            task.is_classification = True
-
-    # Instances: input first, or label first for classification tasks.
-    inst_requests = []
-    for task in passed:
-        kind = bool(task.is_classification)
-        shown = rng.sample(demos[kind], min(config.instance_demonstrations, len(demos[kind])))
-        inst_requests.append(Request(prompt=instance_prompt(task.instruction, shown, kind).render(chat_template), params=instance_params(config)))
-    inst_results = timed_generate(backend, inst_requests, stats)
-
-    # Store everything in one transaction: generations, every parsed instruction with its verdict, every instance.
-    generations = add_generations(session, run_row, backend, "instructions", batch_number, requests, results)
-    for task, number in zip(tasks, origin):
-        task.generation_id = generations[number][0].id
-    add_generations(session, run_row, backend, "classification", batch_number, clf_requests, clf_results)
-    inst_generations = add_generations(session, run_row, backend, "instances", batch_number, inst_requests, inst_results)
-    session.add_all(tasks)
-    session.flush()
-    for task, rows, result in zip(passed, inst_generations, inst_results):
-        completion = result.completions[0]
-        pairs = parse_instances(completion.text, bool(task.is_classification))
-        verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
-        session.add_all(
-            Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
-                     status="rejected" if reason else "accepted", reason=reason)
-            for pair, reason in zip(pairs, verdicts)
-        )  # fmt: skip
-        kept = verdicts.count(None)
-        if kept:
-            task.status, task.reason = "accepted", None
-            run_row.instances += kept
-            stats.accepted += 1
-        else:
-            task.reason = "no_valid_instances"
-    return finish_batch(session, run_row, tasks, stats)

@@ -390,12 +390,14 @@ def decisions(session: Session, run: Run) -> list[tuple]:
     return [(t.instruction, t.status, t.reason) for t in tasks] + [(g.batch, g.purpose, g.prompt) for g in calls]
 
 
-@pytest.mark.parametrize("candidates, kill_after", [(20, 2), (0, 2)], ids=["near-target", "stalled"])
-def test_a_run_killed_after_batch_k_and_resumed_is_the_uninterrupted_run(tmp_path, candidates, kill_after):
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+@pytest.mark.parametrize("candidates, kill_after", [(20, 2), (20, 3), (0, 2)], ids=["near-target", "at-target", "stalled"])
+def test_a_run_killed_after_batch_k_and_resumed_is_the_uninterrupted_run(tmp_path, candidates, kill_after, pipelined):
     """Near the target a batch asks for fewer requests (the keep rate so far), and the stall guard counts batches in a
-    row: both come from the store, so the resumed run stores exactly what the uninterrupted one does."""
+    row: both come from the store, so the resumed run stores exactly what the uninterrupted one does, in either loop
+    (pipelined: the batch in flight when the process dies is lost and redone)."""
     pool = [s.instruction for s in read_seeds(SEEDS)[20 : 20 + candidates]] or [SEED_TASKS[0].instruction]
-    config = si.SelfInstructConfig(num_instructions=8, request_batch_size=4, max_stalled_batches=4)
+    config = si.SelfInstructConfig(num_instructions=8, request_batch_size=4, max_stalled_batches=4, pipelined=pipelined)
     stores = []
     for kill in (None, kill_after):
         engine = open_engine(f"sqlite:///{tmp_path / f'kill-{kill}.db'}")
@@ -416,12 +418,46 @@ def test_a_run_killed_after_batch_k_and_resumed_is_the_uninterrupted_run(tmp_pat
             run = get_run(session, "t")
             si.run(session, run, PromptKeyedBackend(pool), config, lambda run, stats: batches.append(stats.requests))
             stores.append((run.status, run.accepted, decisions(session, run), batches))
-    assert stores[0] == stores[1]
+    assert stores[0][:3] == stores[1][:3]  # every call (batch, purpose, prompt) and every verdict
+    # (the progress callback of a batch stored in the same transaction as the one killed after is not called)
+    assert stores[1][3] == stores[0][3][: len(stores[1][3])]
     status, accepted, _, batches = stores[0]
     if candidates:
         assert (status, accepted) == ("completed", 8) and batches[-1] < 4  # the last batch was cut to what the rate needs
     else:
-        assert status == "stopped" and len(batches) == 4
+        assert status == "stopped" and len(batches) == 4 + pipelined  # pipelined: the guard sees one batch later
+
+
+class CallLog(PromptKeyedBackend):
+    """Also records, per generate call, which phases its requests belong to."""
+
+    def generate(self, requests):
+        self.phases = getattr(self, "phases", [])
+        self.phases.append({phase_of(r.prompt) for r in requests})
+        return super().generate(requests)
+
+
+def phase_of(prompt: str) -> str:
+    return "classification" if prompt.endswith("Is it classification?") else "instances" if prompt.endswith("Example 1\n") else "instructions"
+
+
+def test_the_pipelined_loop_sends_two_batches_per_call_and_decides_as_the_sequential_one(tmp_path):
+    """Batch k's instruction requests share a call with batch k-1's instance requests. Away from the target (here a
+    request budget ends both runs) every prompt, verdict and stored row is the sequential loop's."""
+    pool = [s.instruction for s in read_seeds(SEEDS)[20:60]]
+    stores, calls = [], []
+    for pipelined in (False, True):
+        config = si.SelfInstructConfig(num_instructions=100, request_batch_size=3, max_requests=12, pipelined=pipelined)
+        with Session(open_engine(f"sqlite:///{tmp_path / f'{pipelined}.db'}")) as session:
+            run = new_run(session, SEED_TASKS, config)
+            backend = CallLog(pool)
+            si.run(session, run, backend, config)
+            stores.append((run.status, run.accepted, run.instances, decisions(session, run)))
+            calls.append(backend.phases)
+    assert stores[0] == stores[1] and stores[0][0] == "stopped" and stores[0][1] > 0
+    assert {"instructions", "instances"} not in calls[0]
+    assert sum(phases == {"instructions", "instances"} for phases in calls[1]) == 3  # batches 2-4 carry 1-3's instances
+    assert len(calls[1]) < len(calls[0])
 
 
 def test_resume_rebuilds_the_pool_from_the_store(db_url):

@@ -66,7 +66,8 @@ def self_instruct_command(
     backend: BackendOption = BackendName.auto,
     base_url: BaseUrlOption = None,
     prompt_style: StyleOption = None,
-    request_batch_size: Annotated[Optional[int], typer.Option(help="Instruction requests per batch (default: 16).")] = None,
+    request_batch_size: Annotated[Optional[int], typer.Option(help="Instruction requests per batch (default: 16 on transformers, 64 on vllm/openai; the reference's is 5).")] = None,
+    pipelined: Annotated[Optional[bool], typer.Option("--pipelined/--sequential", help="Send a batch's instruction requests with the previous batch's instance requests (default: on for vllm/openai).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per instruction request (default: 1024, the reference's).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="(default: 0.7)")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="(default: 0.5)")] = None,
@@ -88,7 +89,7 @@ def self_instruct_command(
                  rouge_threshold=rouge_threshold, tokenizer=tokenizer, generate_classification=generate_classification,
                  instance_demos=instance_demos,
                  require_ascii_start=None if allow_non_ascii is None else not allow_non_ascii, max_requests=max_requests,
-                 seed=seed)  # fmt: skip
+                 seed=seed, pipelined=pipelined)  # fmt: skip
     execute("self-instruct", self_instruct.SelfInstructConfig, self_instruct.run, seeds, flags, config, run_name,
             model, backend, base_url, db, as_json)  # fmt: skip
 
@@ -134,6 +135,7 @@ def execute(
             if run is not None:
                 settings = check_resume(session, run, pipeline, config_cls, config_file, flags, seeds, seeds_path, model)
         llm = make_backend(backend, model, base_url)
+        settings = bootstrap.for_backend(settings, llm.name)  # stored filled in: a resumed run keeps them
         started = time.perf_counter()
         with Session(engine) as session:
             run = find_run(session, run_name) if run_name else None
@@ -193,7 +195,9 @@ def check_resume(session, run: Run, pipeline, config_cls, config_file, flags, se
     stored = bootstrap.load_seeds(session, run)
     if stored and not same_seeds(stored, seeds):
         raise BadInput(f"run '{run.name}' was started with other seed tasks than {seeds_path}; resume it with the same file")
-    settings = load_config(config_cls, config_file, flags, base=run.config)
+    # A run stored before `pipelined` existed ran its batches one after another.
+    base = {"pipelined": False, **run.config} if "pipelined" in option_names(config_cls) else run.config
+    settings = load_config(config_cls, config_file, flags, base=base)
     now = bootstrap.config_dict(settings)
     changed = [f"{key} {run.config[key]!r} -> {value!r}" for key, value in now.items()
                if key in run.config and key not in RESUMABLE and run.config[key] != value]  # fmt: skip

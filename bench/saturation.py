@@ -1,0 +1,129 @@
+"""How busy a pipeline keeps the engine: a run's wall time against replaying its requests in one call.
+
+    python bench/saturation.py                             # vllm in process, embedded model
+    python bench/saturation.py --instructions 30 --alpaca-instructions 20
+
+Each case runs a real Self-Instruct (or Alpaca) run on the vllm backend into a fresh store, records every request
+the pipeline sent (prompt, sampling settings, max tokens, seed), then sends the same requests through the same
+engine, in the same process, in one `generate` call: the engine then schedules everything at once, as busy as it
+can be with this work. The ratio run wall / replay wall is what the pipeline's phases and batch edges cost (1.0:
+none). Cases, each measured in this run:
+  - Self-Instruct sequential, 16 requests a batch: the loop before issue 16 (1.26 measured then);
+  - Self-Instruct pipelined (batch k's instruction requests with batch k-1's instance requests), 16 a batch;
+  - Self-Instruct pipelined at the engine default batch (64), the defaults now;
+  - Alpaca at 8 a batch (before) and at the engine default (32).
+Target (issue 16): <= 1.10 here for Self-Instruct and Alpaca at the defaults.
+
+vLLM's CPU build turns prefix caching off (vllm/platforms/cpu.py); on a GPU it is on by default and the shared
+few-shot prefixes of the classification and instance prompts are prefilled once. The script prints which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sqlmodel import Session  # noqa: E402
+
+from pipelines import alpaca, bootstrap  # noqa: E402
+from pipelines import self_instruct as si  # noqa: E402
+from pipelines.seeds import read_seeds  # noqa: E402
+from storage.store import open_engine  # noqa: E402
+from storage.tables import Run  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Recording:
+    """The real backend; every request it is sent is kept, in order."""
+
+    def __init__(self, backend):
+        self.backend, self.name, self.model = backend, backend.name, backend.model
+        self.requests, self.calls = [], 0
+
+    def generate(self, requests):
+        self.requests += requests
+        self.calls += 1
+        return self.backend.generate(requests)
+
+    def render_chat(self, messages):
+        return self.backend.render_chat(messages)
+
+
+def one_case(backend, tmp: str, label: str, module, config) -> dict:
+    engine = open_engine(f"sqlite:///{tmp}/{label.replace(' ', '-')}.db")
+    pipeline = "self-instruct" if module is si else "alpaca"
+    with Session(engine) as session:
+        run = Run(name=label, pipeline=pipeline, config=bootstrap.config_dict(config), model=backend.model, backend=backend.name)
+        session.add(run)
+        session.flush()
+        bootstrap.store_seeds(session, run, read_seeds(REPO / "examples" / "seed_tasks.jsonl"))
+        session.commit()
+        recording = Recording(backend)
+        started = time.perf_counter()
+        module.run(session, run, recording, config)
+        run_wall = time.perf_counter() - started
+        accepted, status = run.accepted, run.status
+    if backend.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching:
+        backend.llm.reset_prefix_cache()  # the replay must not reuse what the run prefilled
+    started = time.perf_counter()
+    replayed = backend.generate(recording.requests)
+    replay_wall = time.perf_counter() - started
+    tokens = sum(c.completion_tokens for r in replayed for c in r.completions)
+    return dict(label=label, run=run_wall, replay=replay_wall, requests=len(recording.requests), calls=recording.calls,
+                accepted=accepted, status=status, tokens=tokens)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instructions", type=int, default=30, help="Self-Instruct: accepted instructions per run.")
+    parser.add_argument("--alpaca-instructions", type=int, default=20, help="Alpaca: accepted records per run.")
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+
+    from datagen.backends.vllm_backend import VLLMBackend
+
+    backend = VLLMBackend(args.model)
+    prefix_caching = backend.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    # Self-Instruct as examples/self_instruct.yaml runs it on a small model; Alpaca with a CPU-sized max_tokens.
+    si_common = dict(num_instructions=args.instructions, prompt_style="chat", max_tokens=256, instance_max_tokens=200)
+    al_common = dict(num_instructions=args.alpaca_instructions, prompt_style="chat", max_tokens=1024)
+    cases = [
+        ("self-instruct sequential 16", si, si.SelfInstructConfig(**si_common, request_batch_size=16, pipelined=False)),
+        ("self-instruct pipelined 16", si, si.SelfInstructConfig(**si_common, request_batch_size=16, pipelined=True)),
+        ("self-instruct defaults", si, si.SelfInstructConfig(**si_common)),
+        ("alpaca 8", alpaca, alpaca.AlpacaConfig(**al_common, request_batch_size=8)),
+        ("alpaca defaults", alpaca, alpaca.AlpacaConfig(**al_common)),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, module, config in cases:
+            rows.append(one_case(backend, tmp, label, module, bootstrap.for_backend(config, backend.name)))
+            row = rows[-1]
+            print(f"  {label}: run {row['run']:.1f} s, replay {row['replay']:.1f} s", flush=True)
+    backend.close()
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    print(f"command: python bench/saturation.py --instructions {args.instructions} --alpaca-instructions {args.alpaca_instructions}")
+    print(f"commit {commit}; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"{platform.platform()}; load average {os.getloadavg()[0]:.1f}; vllm backend, prefix caching {'on' if prefix_caching else 'off'}")  # fmt: skip
+    print(f"{'case':30} {'calls':>5} {'requests':>8} {'accepted':>8} {'tokens':>7} {'run s':>7} {'replay s':>8} {'ratio':>6}")
+    for row in rows:
+        print(f"{row['label']:30} {row['calls']:5} {row['requests']:8} {row['accepted']:8} {row['tokens']:7} "
+              f"{row['run']:7.1f} {row['replay']:8.1f} {row['run'] / row['replay']:6.2f}")  # fmt: skip
+    for label in ("self-instruct defaults", "alpaca defaults"):
+        row = next(r for r in rows if r["label"] == label)
+        ratio = row["run"] / row["replay"]
+        print(f"target <= 1.10 ({label}): {'met' if ratio <= 1.10 else 'NOT met'} ({ratio:.2f})")
+
+
+if __name__ == "__main__":
+    main()

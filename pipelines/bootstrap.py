@@ -18,6 +18,7 @@ from typing import Protocol
 
 from sqlmodel import Session, func, select
 
+from datagen import sigterm
 from datagen.backends import Backend, Request, Result
 from datagen.errors import BadInput
 from pipelines.seeds import SeedInstance, SeedTask
@@ -188,11 +189,12 @@ def bootstrap(
 
     `one_batch(batch_number, requests, rng)` generates, filters and stores one batch in one transaction. Each batch
     gets its own random generator seeded by the string "seed/batch" (collision-free, unlike seed * k + batch), so a
-    resumed run does not repeat earlier prompts.
+    resumed run does not repeat earlier prompts. SIGTERM stops the loop before its next batch (datagen/sigterm.py).
     """
     batch_number = next_batch_number(session, run)
     totals = BatchStats()
     while run.accepted < config.num_instructions:
+        sigterm.check(batch_number - 1)
         done = _instruction_requests(session, run)
         if config.max_requests is not None and done >= config.max_requests:
             touch(run, status="stopped", error=f"--max-requests {config.max_requests} reached")

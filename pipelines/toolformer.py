@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import func
 from sqlmodel import Session, select
 
+from datagen import sigterm
 from datagen.backends import PROBE_TOP_K, Backend, Completion, Request, SamplingParams
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records, require_str
@@ -747,7 +748,8 @@ def run(
     config: ToolformerConfig,
     on_batch: Callable[[Batch], None] | None = None,
 ) -> None:
-    """Annotate every text not yet done in this run, a batch at a time; each batch is one transaction."""
+    """Annotate every text not yet done in this run, a batch at a time; each batch is one transaction. SIGTERM stops
+    the run before its next batch (datagen/sigterm.py)."""
     if not callable(getattr(backend, "next_token_logprobs", None)):
         raise DatagenError(
             f"the {backend.name} backend cannot give the probability of one token at every position "
@@ -762,6 +764,7 @@ def run(
     done = done_lines(session, run)
     todo = [t for t in texts if t.line not in done]
     for batch_number, start in enumerate(range(0, len(todo), config.batch_size), start=len(done) // config.batch_size):
+        sigterm.check(batch_number)
         batch = make_batch(backend.tokenize, todo[start : start + config.batch_size], list(tools), budget, config)
         for name, tool in tools.items():
             indices = [j for j, applied in enumerate(batch.tools) if name in applied]

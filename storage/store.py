@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
 
-from datagen.errors import BadInput, StoreError
+from datagen.errors import BadInput, Stopped, StoreError
 from storage.tables import SCHEMA_VERSION, Generation, Run, SchemaInfo, utcnow
 
 if TYPE_CHECKING:
@@ -184,10 +184,11 @@ write lock, storing the failure meets the same lock, and a run left `running` wo
 
 
 def record_failure(session: Session, run: Run, err: BaseException) -> None:
-    """After a run's command failed (or was interrupted: `stopped`), roll back the batch in flight and store the
-    run's status with its one-line error; what earlier batches committed stays."""
+    """After a run's command failed (or was interrupted, or stopped by SIGTERM between batches: `stopped`), roll back
+    the batch in flight and store the run's status with its one-line error; what earlier batches committed stays."""
     session.rollback()
-    status, error = ("failed" if isinstance(err, Exception) else "stopped"), error_text(err)
+    status = "stopped" if isinstance(err, Stopped) or not isinstance(err, Exception) else "failed"
+    error = error_text(err)
     for attempt in range(FAILURE_WRITE_ATTEMPTS):
         touch(run, status=status, error=error)
         session.add(run)

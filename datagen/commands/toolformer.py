@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.table import Table
 from sqlmodel import Session
 
+from datagen import sigterm
 from datagen.backends import BackendName
 from datagen.console import err_console, print_json, progress
 from datagen.errors import BadInput
@@ -56,7 +57,7 @@ def toolformer(
     index = search_index(config.tools, config.search_corpus)  # so is the search corpus
     stored = {"corpus": str(corpus), "corpus_sha256": tf.corpus_digest(corpus), **config.model_dump(mode="json")}
     engine = open_engine(db)
-    with hold_run(engine, run_name), Session(engine) as session:
+    with sigterm.stop_between_batches(), hold_run(engine, run_name), Session(engine) as session:
         run = run_to_resume(session, run_name, stored, model)
         llm = make_backend(backend, model, base_url)
         if run is None:

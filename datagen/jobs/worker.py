@@ -197,14 +197,15 @@ def _has_work(queue: str) -> bool:
 
 
 def _stop(engine) -> None:
-    """SIGTERM: interrupt each child pipeline (its batch in flight rolls back; the run resumes from the last committed
-    batch), drop this worker's heartbeat so another recovers its pending runs at once, and exit 0."""
+    """SIGTERM: pass it on to each child pipeline, which finishes and commits its batch in flight, stores its run as
+    `stopped` and exits (datagen/sigterm.py); then drop this worker's heartbeat so another recovers its pending runs at
+    once (they resume after the last committed batch), and exit 0. A child killed before that loses its batch only."""
     _worker.stopping.set()
-    say("SIGTERM: stopping the current job runs; another worker (or the next start) resumes them")
+    say("SIGTERM: the current job runs stop after their batch in flight; another worker (or the next start) resumes them")
     with _worker.lock:
         children = list(_worker.children)
     for child in children:
-        child.send_signal(signal.SIGINT)
+        child.send_signal(signal.SIGTERM)
     for child in children:
         child.wait()
     try:

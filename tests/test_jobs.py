@@ -1,11 +1,13 @@
 """`datagen jobs` and `datagen worker` (datagen/jobs/) on real DBOS over real SQLite and PostgreSQL stores, with real
 worker processes. The job runs are Toolformer runs on texts no tool's pre-filter passes, through the OpenAI backend at
 a closed port: the real command runs, stores each text and completes without a model (output does not matter here);
-one test runs the embedded model.
+one test runs the embedded model. The SIGTERM tests run Self-Instruct against a scripted OpenAI-compatible server whose
+instruction requests take 3 s, so that a batch is in flight when the signal comes.
 
 Bad definitions are refused at `jobs add` (exit 2, one line naming the field, nothing stored); 3 workers run 10 due
 jobs, each exactly once; a worker killed with -9 mid-run is finished by another after the timeout; a job due while
-its previous run is still going is skipped, not started twice.
+its previous run is still going is skipped, not started twice; a worker given SIGTERM lets the batch in flight commit,
+stores the run stopped and exits 0, and another worker resumes it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,8 +29,9 @@ from typer.testing import CliRunner
 from datagen.cli import app
 from datagen.jobs.schedules import job_runs
 from storage.store import open_engine
-from storage.tables import Job, Run, ToolformerText
+from storage.tables import Generation, Job, Run, Task, ToolformerText
 from tests.conftest import REPO, SEEDS
+from tests.test_self_instruct import NOVEL
 
 TIMEOUT = 8.0
 TEXTS = ["The river flows quietly past the old mill.", "A small bird sang in the garden at dawn.", "She painted the door a bright shade of blue."]
@@ -256,3 +261,119 @@ def test_a_job_runs_the_embedded_model(db_url, tmp_path, embedded_model_path):
         texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == stored.id)).all()
     assert (stored.status, stored.backend, len(texts)) == ("completed", "transformers", 1)
     assert texts[0].tools == ["calculator"]  # the text passed the calculator's pre-filter, so the model scored it
+
+
+# ---- SIGTERM: the batch in flight is committed ---------------------------------------------------------------------
+
+BATCH_SECONDS = 3.0
+
+
+class _SlowModel(BaseHTTPRequestHandler):
+    """/v1/completions like a model running Self-Instruct: each instruction request takes BATCH_SECONDS and answers the
+    next of NOVEL's instructions in turn (one server for every process of a test), classification "No", one instance."""
+
+    answered = 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
+        if prompt.endswith("Is it classification?"):
+            text = " No"
+        elif prompt.endswith("Example 1\n"):
+            text = "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
+        else:
+            with _SlowModel.lock:
+                text, _SlowModel.answered = f" {NOVEL[_SlowModel.answered % len(NOVEL)]}\n", _SlowModel.answered + 1
+            time.sleep(BATCH_SECONDS)
+        body = json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_model():
+    """The options of a Self-Instruct run of 4 batches (one instruction request each) against the scripted server."""
+    _SlowModel.answered = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield ["--seeds", str(SEEDS), "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1",
+           "--model", "scripted", "--request-batch-size", "1", "--num-instructions", "4"]  # fmt: skip
+    server.shutdown()
+    server.server_close()
+
+
+def committed_batches(url: str, run_name: str) -> list[tuple[int, str]]:
+    """The (batch, purpose) of every stored generation of the run, in order."""
+    with Session(open_engine(url)) as session:
+        run = session.exec(select(Run).where(Run.name == run_name)).first()
+        if run is None:
+            return []
+        return list(session.exec(select(Generation.batch, Generation.purpose).where(Generation.run_id == run.id).order_by(Generation.id)).all())
+
+
+def whole_batches(n: int) -> list[tuple[int, str]]:
+    return [(b, purpose) for b in range(1, n + 1) for purpose in ("instructions", "classification", "instances")]
+
+
+def test_sigterm_lets_the_batch_in_flight_commit_and_another_worker_resumes_the_run(store_url, slow_model, tmp_path):
+    jobs("add", "si", "self-instruct", "--every", "1d", "--db", store_url, "--", *slow_model)
+    jobs("run-now", "si", "--db", store_url)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start_worker(store_url, first_log)
+    try:
+        seen = wait_for(lambda: {b for b, _ in committed_batches(store_url, "si")}, 180, "a first batch committed")
+    finally:
+        code = stop(first)
+    # The next batch started as the first committed and takes BATCH_SECONDS: it was in flight at SIGTERM.
+    assert code == 0, first_log.read_text()
+    committed = len(seen) + 1
+    assert "SIGTERM: the current job runs stop after their batch in flight" in first_log.read_text()
+    with Session(open_engine(store_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "si")).one()
+        accepted = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted")).all()
+    assert (run.status, run.error) == ("stopped", f"SIGTERM: stopped after batch {committed}; rerun to resume")
+    assert committed_batches(store_url, "si") == whole_batches(committed)  # no batch rolled back, none half stored
+    assert run.accepted == len(accepted) == committed
+
+    second = start_worker(store_url, second_log)
+    try:
+        runs = wait_for(lambda: (r := job_runs(store_url, ["si"])["si"]) and r[0].status in ("SUCCESS", "ERROR") and r, 180, "run finished")
+    finally:
+        assert stop(second) == 0
+    log = second_log.read_text()
+    assert [(r.status, r.outcome) for r in runs] == [("SUCCESS", "completed")], log
+    assert "recovering the pending job runs of worker(s)" in log and "Traceback" not in first_log.read_text() + log
+    with Session(open_engine(store_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "si")).one()
+        instructions = session.exec(select(Task.instruction).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
+    assert (run.status, run.error, run.accepted) == ("completed", None, 4)
+    assert committed_batches(store_url, "si") == whole_batches(4)  # each batch once: nothing redone, nothing lost
+    assert instructions == NOVEL[:4]
+
+
+def test_sigterm_to_a_command_in_a_terminal_stops_after_its_batch_and_a_rerun_resumes(db_url, slow_model):
+    command = [sys.executable, "-m", "datagen.cli", "self-instruct", *slow_model, "--run", "t", "--db", db_url]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        seen = wait_for(lambda: {b for b, _ in committed_batches(db_url, "t")}, 120, "a first batch committed")
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    committed = len(seen) + 1
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1] == f"error: SIGTERM: stopped after batch {committed}; rerun to resume", stderr
+    assert "Traceback" not in stderr and committed_batches(db_url, "t") == whole_batches(committed)
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    with Session(open_engine(db_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "t")).one()
+        assert (run.status, run.accepted) == ("completed", 4)
+    assert committed_batches(db_url, "t") == whole_batches(4)

@@ -196,6 +196,20 @@ def read_corpus(path: Path) -> list[CorpusText]:
     return texts
 
 
+def select_lines(texts: Sequence[CorpusText], lines: str | None) -> list[CorpusText]:
+    """The texts on corpus lines FIRST:LAST (1-based, both included, as error messages number lines); None: all.
+    A shard of a sharded job is one such range (datagen/shards.py)."""
+    if lines is None:
+        return list(texts)
+    first, colon, last = lines.partition(":")
+    if not (colon and first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last)):
+        raise BadInput(f"--lines: '{lines}' is not FIRST:LAST, corpus line numbers from 1 with FIRST <= LAST (e.g. 1001:2000)")
+    chosen = [t for t in texts if int(first) <= t.line <= int(last)]
+    if not chosen:
+        raise BadInput(f"--lines {lines}: the corpus has no text there (its texts are on lines 1 to {texts[-1].line})")
+    return chosen
+
+
 def corpus_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

@@ -100,6 +100,13 @@ BAD = [
     (["j", "self-instruct", "--every", "1h", "--", "--seeds", str(SEEDS), "--bogus", "1"], "No such option: --bogus"),
     (["j", "alpaca", "--every", "1h", "--", "--seeds", str(SEEDS), "--run", "x"], "--run: set by the worker"),
     (["j", "toolformer", "--every", "1h", "--", "--corpus", str(SEEDS), "--tools", "abacus"], "tools"),
+    (["j", "self-instruct", "--every", "1h", "--shard-size", "2", "--", "--seeds", str(SEEDS)], "--shard-size: only toolformer jobs"),
+    (["j", "toolformer", "--every", "1h", "--shard-size", "0", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl")], "--shard-size: 0"),
+    (["j", "toolformer", "--every", "1h", "--shard-size", "2", "--target", "4", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl")],
+     "leave out --target"),
+    (["j", "toolformer", "--every", "1h", "--shard-size", "2", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--lines", "1:4"],
+     "--lines: set by the worker for each shard"),
+    (["j", "toolformer", "--every", "1h", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--lines", "9:1"], "--lines: '9:1'"),
 ]
 
 
@@ -261,6 +268,86 @@ def test_a_job_runs_the_embedded_model(db_url, tmp_path, embedded_model_path):
         texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == stored.id)).all()
     assert (stored.status, stored.backend, len(texts)) == ("completed", "transformers", 1)
     assert texts[0].tools == ["calculator"]  # the text passed the calculator's pre-filter, so the model scored it
+
+
+# ---- a sharded Toolformer job -------------------------------------------------------------------------------------
+
+SIX = [*TEXTS, "The cat slept on the warm windowsill.", "Rain fell softly on the quiet town.", "He read a long letter from home."]
+
+
+def shard_workflows(url: str, firing: str) -> list[tuple[str, str, str | None]]:
+    """(run, status, outcome) of each shard workflow a firing queued."""
+    from datagen.jobs.schedules import dbos_client
+
+    with dbos_client(url) as client:
+        children = client.list_workflows(parent_workflow_id=firing)
+    return sorted((w.input["args"][0], w.status, w.output.get("outcome") if isinstance(w.output, dict) else None) for w in children)
+
+
+def test_a_sharded_job_runs_each_shard_once_on_two_workers(store_url, tmp_path):
+    corpus = tmp_path / "six.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in SIX), encoding="utf-8")
+    added = json.loads(jobs("add", "sh", "toolformer", "--every", "1d", "--shard-size", "2", "--db", store_url, "--json", "--",
+                            "--corpus", str(corpus), "--batch-size", "1", *NO_MODEL).stdout)  # fmt: skip
+    assert added[0]["shard_size"] == 2
+    jobs("run-now", "sh", "--db", store_url)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = [start_worker(store_url, log, "--once", timeout=60) for log in logs]
+    codes = [w.wait(timeout=600) for w in workers]
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], texts
+    [firing] = job_runs(store_url, ["sh"])["sh"]
+    assert (firing.status, firing.outcome) == ("SUCCESS", "sharded")
+    shards = [f"sh.shard-{k:04d}" for k in range(3)]
+    assert shard_workflows(store_url, firing.workflow_id) == [(name, "SUCCESS", "completed") for name in shards]
+    assert all("".join(texts).count(f"--run {name} ") == 1 for name in shards), texts  # each shard started once
+    assert all("--run sh.shard-" in text for text in texts), texts  # both workers took shards
+    with Session(open_engine(store_url)) as session:
+        runs = session.exec(select(Run).order_by(Run.name)).all()
+        assert [(r.name, r.status, r.config["lines"]) for r in runs] == [(n, "completed", f"{2 * k + 1}:{2 * k + 2}") for k, n in enumerate(shards)]
+        stored = session.exec(select(ToolformerText.run_id, ToolformerText.line, ToolformerText.text).order_by(ToolformerText.line)).all()
+    assert [(line, text) for _, line, text in stored] == [(i + 1, t) for i, t in enumerate(SIX)]  # every text once, by its shard
+    assert [run_id for run_id, _, _ in stored] == [r.id for r in runs for _ in range(2)]
+    # None of these texts passes a pre-filter, so there is nothing to export; the message names the job's shards.
+    result = CliRunner().invoke(app, ["export", "--run", "sh", "--format", "toolformer", "--out", str(tmp_path / "out"), "--db", store_url])
+    assert result.exit_code == 2 and "the 3 shard runs of 'sh' have no accepted rows to export" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_a_sharded_job_s_export_merges_its_shards_into_the_unsharded_run_s_dataset(db_url, tmp_path, embedded_model_path):
+    """4 texts with numbers, 2 shards of 2 on 2 workers, the calculator on the embedded model at temperature 0 and a
+    tau_f that keeps every executed call (so each text gets one); batches of 2, so each shard is one batch of the
+    unsharded run: its export is the sharded job's, text for text."""
+    import datasets
+
+    corpus = tmp_path / "four.jsonl"
+    corpus.write_text("".join((REPO / "examples" / "toolformer_corpus.jsonl").read_text(encoding="utf-8").splitlines(True)[:4]), encoding="utf-8")
+    config = tmp_path / "tiny.yaml"
+    config.write_text("settings:\n  calculator: {k: 1, m: 1, tau_f: -100.0}\nmax_call_tokens: 16\ntemperature: 0.0\nbatch_size: 2\n")
+    options = ["--corpus", str(corpus), "--tools", "calculator", "--config", str(config), "--backend", "transformers"]
+    jobs("add", "real", "toolformer", "--every", "1d", "--shard-size", "2", "--db", db_url, "--", *options)
+    jobs("run-now", "real", "--db", db_url)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = [start_worker(db_url, log, "--once", timeout=60) for log in logs]
+    assert [w.wait(timeout=900) for w in workers] == [0, 0], [log.read_text() for log in logs]
+    whole = CliRunner().invoke(app, ["toolformer", *options, "--run", "whole", "--db", db_url])
+    assert whole.exit_code == 0, whole.output
+
+    def export(run: str) -> tuple[list[str], dict]:
+        out = tmp_path / run
+        result = CliRunner().invoke(app, ["export", "--run", run, "--format", "toolformer", "--out", str(out), "--test-size", "0", "--db", db_url])
+        assert result.exit_code == 0, result.output
+        return datasets.load_from_disk(str(out))["train"]["text"], json.loads((out / "datagen.json").read_text())
+
+    merged, merged_meta = export("real")
+    unsharded, _ = export("whole")
+    with Session(open_engine(db_url)) as session:
+        rows = {name: session.exec(select(ToolformerText.line, ToolformerText.annotated, ToolformerText.calls_inserted)
+                                   .join(Run, Run.id == ToolformerText.run_id).where(Run.name.startswith(name)).order_by(ToolformerText.line)).all()
+                for name in ("real.shard-", "whole")}  # fmt: skip
+    assert rows["real.shard-"] == rows["whole"] and [line for line, _, _ in rows["whole"]] == [1, 2, 3, 4]
+    assert merged == unsharded and sorted(merged) == sorted(a for _, a, n in rows["whole"] if n) and len(set(merged)) == len(merged) > 0
+    assert merged_meta["runs"] == ["real.shard-0000", "real.shard-0001"]
 
 
 # ---- SIGTERM: the batch in flight is committed ---------------------------------------------------------------------

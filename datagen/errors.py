@@ -13,6 +13,13 @@ class BadInput(DatagenError):
     exit_code = 2
 
 
+class Stopped(DatagenError):
+    """SIGTERM stopped a run between two batches (datagen/sigterm.py): stored `stopped`, resumed by a rerun. Exit 143,
+    what a shell reports for a process ended by SIGTERM."""
+
+    exit_code = 128 + 15
+
+
 class MissingExtra(DatagenError):
     """An optional dependency is not installed; the message names the pip command that fixes it (exit 2)."""
 

@@ -38,7 +38,7 @@ from sqlmodel import Session, select
 from datagen import __version__
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records
-from storage.store import get_run
+from datagen.shards import runs_named
 from storage.tables import ApiCall, Generation, Instance, ManualVerdict, Run, Task, ToolformerText
 
 if TYPE_CHECKING:
@@ -81,7 +81,8 @@ EVAL_EXTRA_FIELDS = ("input", "output", "answer")
 @dataclass(frozen=True)
 class ExportConfig:
     runs: tuple[str, ...]
-    """Run names or ids; their rows are concatenated in this order."""
+    """Run names or ids; their rows are concatenated in this order. The name of a sharded Toolformer job, where no run
+    has that name, stands for its shard runs in corpus line order (datagen/shards.py)."""
     format: Format
     out: Path
     test_size: float = 0.05
@@ -605,21 +606,25 @@ def export(session: Session, config: ExportConfig) -> ExportResult:
     clean_leftovers(config.out)
     check_out(config.out, config.overwrite)
     eval_set = read_eval_set(config.decontaminate, config.ngram) if config.decontaminate else None
-    runs = [get_run(session, name) for name in dict.fromkeys(config.runs)]
-    check_format(session, runs, config.format)
+    named = {name: runs_named(session, name) for name in dict.fromkeys(config.runs)}
+    check_format(session, [run for runs in named.values() for run in runs], config.format)
     examples: list[Example] = []
     facts = []
-    for run in runs:
-        if config.format is Format.toolformer:
-            rows, without_instances = select_toolformer_examples(session, run)
-            what = "no text with a kept API call"
-        else:
-            rows, without_instances = select_examples(session, run)
-            what = "no accepted generated instruction with an accepted instance"
-        if not rows:
-            raise BadInput(f"run '{run.name}' has no accepted rows to export ({what})")
-        examples += rows
-        facts.append(run_facts(session, run, without_instances))
+    for name, runs in named.items():
+        found = 0
+        for run in runs:  # one run, or a sharded job's shard runs in corpus line order
+            if config.format is Format.toolformer:
+                rows, without_instances = select_toolformer_examples(session, run)
+                what = "no text with a kept API call"
+            else:
+                rows, without_instances = select_examples(session, run)
+                what = "no accepted generated instruction with an accepted instance"
+            examples += rows
+            found += len(rows)
+            facts.append(run_facts(session, run, without_instances))
+        if not found:
+            whose = f"run '{runs[0].name}' has" if len(runs) == 1 else f"the {len(runs)} shard runs of '{name}' have"
+            raise BadInput(f"{whose} no accepted rows to export ({what})")
 
     decontaminated: dict[str, int] = {}
     if eval_set is not None:

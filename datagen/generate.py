@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlmodel import Session
 
+from datagen import sigterm
 from datagen.backends import MAX_COUNT, Backend, Request, Result, SamplingParams, check_int
 from datagen.errors import BadInput
 from datagen.jsonl import read_records, require_str
@@ -54,8 +55,9 @@ def run_generate(
     batch_size: int,
     on_batch: Callable[[list[Request], list[Result]], None],
 ) -> None:
-    """Generate in batches; each batch's generations are committed in one transaction."""
+    """Generate in batches; each batch's generations are committed in one transaction. SIGTERM stops between batches."""
     for batch_number, start in enumerate(range(0, len(requests), batch_size)):
+        sigterm.check(batch_number, then="the completions so far are stored")
         batch = list(requests[start : start + batch_size])
         results = backend.generate(batch)
         add_generations(session, run, backend, "generate", batch_number, batch, results)

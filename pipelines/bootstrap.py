@@ -19,6 +19,7 @@ from typing import Protocol
 from sqlalchemy import true
 from sqlmodel import Session, func, select
 
+from datagen import sigterm
 from datagen.backends import Backend, Request, Result
 from datagen.errors import BadInput
 from pipelines.seeds import SeedInstance, SeedTask
@@ -208,11 +209,13 @@ def bootstrap(
 
     `one_batch(batch_number, requests, rng)` generates, filters and adds one batch to the session; the loop commits
     it, one transaction a batch. Each batch gets its own random generator seeded by the string "seed/batch"
-    (collision-free, unlike seed * k + batch), so a resumed run does not repeat earlier prompts.
+    (collision-free, unlike seed * k + batch), so a resumed run does not repeat earlier prompts. SIGTERM stops the
+    loop before its next batch (datagen/sigterm.py).
     """
     batch_number = next_batch_number(session, run)
     totals = BatchStats()
     while run.accepted < config.num_instructions:
+        sigterm.check(batch_number - 1)
         requests = batch_requests(session, run, config, decided_through=batch_number - 1, pending=0)
         if requests == 0:
             break
@@ -275,6 +278,12 @@ def bootstrap_pipelined(
         finished.clear()
 
     while run.accepted < config.num_instructions:
+        if sigterm.requested() and pending is not None:  # SIGTERM: the batch in flight is finished and stored first
+            finished.append(pending.finish(timed_generate(backend, pending.requests, pending.stats)))
+            commit()
+            pending, pending_requests = None, 0
+            continue  # it may have reached the target
+        sigterm.check(batch_number - 1)
         requests = batch_requests(session, run, config, decided_through=batch_number - 2, pending=pending_requests)
         if requests == 0:
             if pending is not None:  # a stopped run still stores the batch in flight

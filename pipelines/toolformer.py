@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sqlalchemy import func
 from sqlmodel import Session, select
 
+from datagen import sigterm
 from datagen.backends import PROBE_TOP_K, Backend, Completion, Request, SamplingParams
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records, require_str
@@ -193,6 +194,20 @@ def read_corpus(path: Path) -> list[CorpusText]:
         source_id = record.get("id")
         texts.append(CorpusText(line, text, day, None if source_id is None else str(source_id)))
     return texts
+
+
+def select_lines(texts: Sequence[CorpusText], lines: str | None) -> list[CorpusText]:
+    """The texts on corpus lines FIRST:LAST (1-based, both included, as error messages number lines); None: all.
+    A shard of a sharded job is one such range (datagen/shards.py)."""
+    if lines is None:
+        return list(texts)
+    first, colon, last = lines.partition(":")
+    if not (colon and first.isdigit() and last.isdigit() and 1 <= int(first) <= int(last)):
+        raise BadInput(f"--lines: '{lines}' is not FIRST:LAST, corpus line numbers from 1 with FIRST <= LAST (e.g. 1001:2000)")
+    chosen = [t for t in texts if int(first) <= t.line <= int(last)]
+    if not chosen:
+        raise BadInput(f"--lines {lines}: the corpus has no text there (its texts are on lines 1 to {texts[-1].line})")
+    return chosen
 
 
 def corpus_digest(path: Path) -> str:
@@ -747,7 +762,8 @@ def run(
     config: ToolformerConfig,
     on_batch: Callable[[Batch], None] | None = None,
 ) -> None:
-    """Annotate every text not yet done in this run, a batch at a time; each batch is one transaction."""
+    """Annotate every text not yet done in this run, a batch at a time; each batch is one transaction. SIGTERM stops
+    the run before its next batch (datagen/sigterm.py)."""
     if not callable(getattr(backend, "next_token_logprobs", None)):
         raise DatagenError(
             f"the {backend.name} backend cannot give the probability of one token at every position "
@@ -762,6 +778,7 @@ def run(
     done = done_lines(session, run)
     todo = [t for t in texts if t.line not in done]
     for batch_number, start in enumerate(range(0, len(todo), config.batch_size), start=len(done) // config.batch_size):
+        sigterm.check(batch_number)
         batch = make_batch(backend.tokenize, todo[start : start + config.batch_size], list(tools), budget, config)
         for name, tool in tools.items():
             indices = [j for j, applied in enumerate(batch.tools) if name in applied]

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
 
-from datagen.errors import BadInput, StoreError
+from datagen.errors import BadInput, Stopped, StoreError
 from storage.tables import SCHEMA_VERSION, Generation, Run, SchemaInfo, utcnow
 
 if TYPE_CHECKING:
@@ -130,10 +130,10 @@ def _open_schema(engine: Engine, create: bool) -> None:
     both see no tables, then both CREATE). PostgreSQL: DDL is transactional, and a transaction-level advisory
     lock serializes the creators. Other databases get create_all's checkfirst only.
 
-    A reader (create=False) of a store that an older datagen made adds the tables this version added, the
-    same way: schema versions so far only add tables, and a read of a new table must not fail on an old store."""
+    A reader (create=False) of a store that an older datagen made adds the tables and columns this version added,
+    the same way: a read of a new table or column must not fail on an old store."""
     if not create:
-        create = _lacks_new_tables(engine)
+        create = _is_older(engine)
     with engine.connect() as connection:
         if engine.dialect.name == "sqlite":
             connection.exec_driver_sql("BEGIN IMMEDIATE" if create else "BEGIN")
@@ -145,11 +145,14 @@ def _open_schema(engine: Engine, create: bool) -> None:
         connection.commit()
 
 
-def _lacks_new_tables(engine: Engine) -> bool:
-    """A datagen store (it has schema_info) without some table of this version's schema."""
+def _is_older(engine: Engine) -> bool:
+    """A datagen store (it has schema_info) without some table of this version's schema, or of an older version."""
     with engine.connect() as connection:
         tables = set(inspect(connection).get_table_names())
-    return SchemaInfo.__tablename__ in tables and not set(SQLModel.metadata.tables) <= tables
+        if SchemaInfo.__tablename__ not in tables:
+            return False
+        version = connection.execute(select(SchemaInfo.value).where(SchemaInfo.key == "schema_version")).scalar()
+    return not set(SQLModel.metadata.tables) <= tables or (version is not None and int(version) < SCHEMA_VERSION)
 
 
 def _check_schema_version(connection, create: bool) -> None:
@@ -164,7 +167,9 @@ def _check_schema_version(connection, create: bool) -> None:
             f"this database has schema version {row[0]}, newer than this datagen's {SCHEMA_VERSION}: upgrade datagen"
         )
     elif int(row[0]) < SCHEMA_VERSION and create:
-        # Versions so far only add tables, which create_all has just made.
+        # Added tables create_all has just made; added columns are added here.
+        if "shard_size" not in {c["name"] for c in inspect(connection).get_columns("job")}:  # version 2
+            connection.exec_driver_sql("ALTER TABLE job ADD COLUMN shard_size INTEGER")
         connection.execute(
             SchemaInfo.__table__.update().where(SchemaInfo.key == "schema_version").values(value=str(SCHEMA_VERSION))
         )
@@ -184,10 +189,11 @@ write lock, storing the failure meets the same lock, and a run left `running` wo
 
 
 def record_failure(session: Session, run: Run, err: BaseException) -> None:
-    """After a run's command failed (or was interrupted: `stopped`), roll back the batch in flight and store the
-    run's status with its one-line error; what earlier batches committed stays."""
+    """After a run's command failed (or was interrupted, or stopped by SIGTERM between batches: `stopped`), roll back
+    the batch in flight and store the run's status with its one-line error; what earlier batches committed stays."""
     session.rollback()
-    status, error = ("failed" if isinstance(err, Exception) else "stopped"), error_text(err)
+    status = "stopped" if isinstance(err, Stopped) or not isinstance(err, Exception) else "failed"
+    error = error_text(err)
     for attempt in range(FAILURE_WRITE_ATTEMPTS):
         touch(run, status=status, error=error)
         session.add(run)

@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import JSON, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 1
-"""Bump when a table changes shape; `storage.store.open_engine` refuses a database newer than this."""
+SCHEMA_VERSION = 2
+"""Bump when a table changes shape; `storage.store.open_engine` refuses a database newer than this.
+2: job.shard_size (sharded Toolformer jobs)."""
 
 
 def utcnow() -> datetime:
@@ -271,6 +272,8 @@ class Job(SQLModel, table=True):
     """The --every given, for display."""
     target: int | None = None
     """Per run: accepted instructions (or corpus texts) to add beyond what the run already has; None: the options' own."""
+    shard_size: int | None = None
+    """Toolformer: corpus texts per shard; each firing queues one run per shard (datagen/shards.py). None: one run."""
     queue: str = "datagen"
     enabled: bool = True
     created_at: datetime = Field(default_factory=utcnow)

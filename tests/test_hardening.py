@@ -21,6 +21,7 @@ from sqlmodel import Session, select
 from datagen.backends import Request, SamplingParams
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records, write_records
+from storage.tables import SCHEMA_VERSION
 from tests.conftest import REPO
 
 PROMPT = '{"prompt": "The capital of France is"}\n'
@@ -195,7 +196,7 @@ def test_many_processes_open_one_new_sqlite_file(tmp_path):
         url = f"sqlite:///{tmp_path / f'new{attempt}.db'}"
         for process in _open_at_once(url, 6):
             assert process.returncode == 0, process.stderr.read()
-        assert _schema_rows(url) == [("schema_version", "1")]
+        assert _schema_rows(url) == [("schema_version", str(SCHEMA_VERSION))]
 
 
 def test_many_processes_open_one_new_postgres_database(postgres_url):
@@ -210,7 +211,7 @@ def test_many_processes_open_one_new_postgres_database(postgres_url):
         url = admin.set(database=name).render_as_string(hide_password=False)
         for process in _open_at_once(url, 8):
             assert process.returncode == 0, process.stderr.read()
-        assert _schema_rows(url) == [("schema_version", "1")]
+        assert _schema_rows(url) == [("schema_version", str(SCHEMA_VERSION))]
 
 
 def _cpu_ticks(pid: int) -> int:

@@ -1,11 +1,13 @@
 """`datagen jobs` and `datagen worker` (datagen/jobs/) on real DBOS over real SQLite and PostgreSQL stores, with real
 worker processes. The job runs are Toolformer runs on texts no tool's pre-filter passes, through the OpenAI backend at
 a closed port: the real command runs, stores each text and completes without a model (output does not matter here);
-one test runs the embedded model.
+one test runs the embedded model. The SIGTERM tests run Self-Instruct against a scripted OpenAI-compatible server whose
+instruction requests take 3 s, so that a batch is in flight when the signal comes.
 
 Bad definitions are refused at `jobs add` (exit 2, one line naming the field, nothing stored); 3 workers run 10 due
 jobs, each exactly once; a worker killed with -9 mid-run is finished by another after the timeout; a job due while
-its previous run is still going is skipped, not started twice.
+its previous run is still going is skipped, not started twice; a worker given SIGTERM lets the batch in flight commit,
+stores the run stopped and exits 0, and another worker resumes it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,8 +29,9 @@ from typer.testing import CliRunner
 from datagen.cli import app
 from datagen.jobs.schedules import job_runs
 from storage.store import open_engine
-from storage.tables import Job, Run, ToolformerText
+from storage.tables import Generation, Job, Run, Task, ToolformerText
 from tests.conftest import REPO, SEEDS
+from tests.test_self_instruct import NOVEL
 
 TIMEOUT = 8.0
 TEXTS = ["The river flows quietly past the old mill.", "A small bird sang in the garden at dawn.", "She painted the door a bright shade of blue."]
@@ -95,6 +100,13 @@ BAD = [
     (["j", "self-instruct", "--every", "1h", "--", "--seeds", str(SEEDS), "--bogus", "1"], "No such option: --bogus"),
     (["j", "alpaca", "--every", "1h", "--", "--seeds", str(SEEDS), "--run", "x"], "--run: set by the worker"),
     (["j", "toolformer", "--every", "1h", "--", "--corpus", str(SEEDS), "--tools", "abacus"], "tools"),
+    (["j", "self-instruct", "--every", "1h", "--shard-size", "2", "--", "--seeds", str(SEEDS)], "--shard-size: only toolformer jobs"),
+    (["j", "toolformer", "--every", "1h", "--shard-size", "0", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl")], "--shard-size: 0"),
+    (["j", "toolformer", "--every", "1h", "--shard-size", "2", "--target", "4", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl")],
+     "leave out --target"),
+    (["j", "toolformer", "--every", "1h", "--shard-size", "2", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--lines", "1:4"],
+     "--lines: set by the worker for each shard"),
+    (["j", "toolformer", "--every", "1h", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--lines", "9:1"], "--lines: '9:1'"),
 ]
 
 
@@ -256,3 +268,199 @@ def test_a_job_runs_the_embedded_model(db_url, tmp_path, embedded_model_path):
         texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == stored.id)).all()
     assert (stored.status, stored.backend, len(texts)) == ("completed", "transformers", 1)
     assert texts[0].tools == ["calculator"]  # the text passed the calculator's pre-filter, so the model scored it
+
+
+# ---- a sharded Toolformer job -------------------------------------------------------------------------------------
+
+SIX = [*TEXTS, "The cat slept on the warm windowsill.", "Rain fell softly on the quiet town.", "He read a long letter from home."]
+
+
+def shard_workflows(url: str, firing: str) -> list[tuple[str, str, str | None]]:
+    """(run, status, outcome) of each shard workflow a firing queued."""
+    from datagen.jobs.schedules import dbos_client
+
+    with dbos_client(url) as client:
+        children = client.list_workflows(parent_workflow_id=firing)
+    return sorted((w.input["args"][0], w.status, w.output.get("outcome") if isinstance(w.output, dict) else None) for w in children)
+
+
+def test_a_sharded_job_runs_each_shard_once_on_two_workers(store_url, tmp_path):
+    corpus = tmp_path / "six.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in SIX), encoding="utf-8")
+    added = json.loads(jobs("add", "sh", "toolformer", "--every", "1d", "--shard-size", "2", "--db", store_url, "--json", "--",
+                            "--corpus", str(corpus), "--batch-size", "1", *NO_MODEL).stdout)  # fmt: skip
+    assert added[0]["shard_size"] == 2
+    jobs("run-now", "sh", "--db", store_url)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = [start_worker(store_url, log, "--once", timeout=60) for log in logs]
+    codes = [w.wait(timeout=600) for w in workers]
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], texts
+    [firing] = job_runs(store_url, ["sh"])["sh"]
+    assert (firing.status, firing.outcome) == ("SUCCESS", "sharded")
+    shards = [f"sh.shard-{k:04d}" for k in range(3)]
+    assert shard_workflows(store_url, firing.workflow_id) == [(name, "SUCCESS", "completed") for name in shards]
+    assert all("".join(texts).count(f"--run {name} ") == 1 for name in shards), texts  # each shard started once
+    assert all("--run sh.shard-" in text for text in texts), texts  # both workers took shards
+    with Session(open_engine(store_url)) as session:
+        runs = session.exec(select(Run).order_by(Run.name)).all()
+        assert [(r.name, r.status, r.config["lines"]) for r in runs] == [(n, "completed", f"{2 * k + 1}:{2 * k + 2}") for k, n in enumerate(shards)]
+        stored = session.exec(select(ToolformerText.run_id, ToolformerText.line, ToolformerText.text).order_by(ToolformerText.line)).all()
+    assert [(line, text) for _, line, text in stored] == [(i + 1, t) for i, t in enumerate(SIX)]  # every text once, by its shard
+    assert [run_id for run_id, _, _ in stored] == [r.id for r in runs for _ in range(2)]
+    # None of these texts passes a pre-filter, so there is nothing to export; the message names the job's shards.
+    result = CliRunner().invoke(app, ["export", "--run", "sh", "--format", "toolformer", "--out", str(tmp_path / "out"), "--db", store_url])
+    assert result.exit_code == 2 and "the 3 shard runs of 'sh' have no accepted rows to export" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_a_sharded_job_s_export_merges_its_shards_into_the_unsharded_run_s_dataset(db_url, tmp_path, embedded_model_path):
+    """4 texts with numbers, 2 shards of 2 on 2 workers, the calculator on the embedded model at temperature 0 and a
+    tau_f that keeps every executed call (so each text gets one); batches of 2, so each shard is one batch of the
+    unsharded run: its export is the sharded job's, text for text."""
+    import datasets
+
+    corpus = tmp_path / "four.jsonl"
+    corpus.write_text("".join((REPO / "examples" / "toolformer_corpus.jsonl").read_text(encoding="utf-8").splitlines(True)[:4]), encoding="utf-8")
+    config = tmp_path / "tiny.yaml"
+    config.write_text("settings:\n  calculator: {k: 1, m: 1, tau_f: -100.0}\nmax_call_tokens: 16\ntemperature: 0.0\nbatch_size: 2\n")
+    options = ["--corpus", str(corpus), "--tools", "calculator", "--config", str(config), "--backend", "transformers"]
+    jobs("add", "real", "toolformer", "--every", "1d", "--shard-size", "2", "--db", db_url, "--", *options)
+    jobs("run-now", "real", "--db", db_url)
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = [start_worker(db_url, log, "--once", timeout=60) for log in logs]
+    assert [w.wait(timeout=900) for w in workers] == [0, 0], [log.read_text() for log in logs]
+    whole = CliRunner().invoke(app, ["toolformer", *options, "--run", "whole", "--db", db_url])
+    assert whole.exit_code == 0, whole.output
+
+    def export(run: str) -> tuple[list[str], dict]:
+        out = tmp_path / run
+        result = CliRunner().invoke(app, ["export", "--run", run, "--format", "toolformer", "--out", str(out), "--test-size", "0", "--db", db_url])
+        assert result.exit_code == 0, result.output
+        return datasets.load_from_disk(str(out))["train"]["text"], json.loads((out / "datagen.json").read_text())
+
+    merged, merged_meta = export("real")
+    unsharded, _ = export("whole")
+    with Session(open_engine(db_url)) as session:
+        rows = {name: session.exec(select(ToolformerText.line, ToolformerText.annotated, ToolformerText.calls_inserted)
+                                   .join(Run, Run.id == ToolformerText.run_id).where(Run.name.startswith(name)).order_by(ToolformerText.line)).all()
+                for name in ("real.shard-", "whole")}  # fmt: skip
+    assert rows["real.shard-"] == rows["whole"] and [line for line, _, _ in rows["whole"]] == [1, 2, 3, 4]
+    assert merged == unsharded and sorted(merged) == sorted(a for _, a, n in rows["whole"] if n) and len(set(merged)) == len(merged) > 0
+    assert merged_meta["runs"] == ["real.shard-0000", "real.shard-0001"]
+
+
+# ---- SIGTERM: the batch in flight is committed ---------------------------------------------------------------------
+
+BATCH_SECONDS = 3.0
+
+
+class _SlowModel(BaseHTTPRequestHandler):
+    """/v1/completions like a model running Self-Instruct: each instruction request takes BATCH_SECONDS and answers the
+    next of NOVEL's instructions in turn (one server for every process of a test), classification "No", one instance."""
+
+    answered = 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
+        if prompt.endswith("Is it classification?"):
+            text = " No"
+        elif prompt.endswith("Example 1\n"):
+            text = "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
+        else:
+            with _SlowModel.lock:
+                text, _SlowModel.answered = f" {NOVEL[_SlowModel.answered % len(NOVEL)]}\n", _SlowModel.answered + 1
+            time.sleep(BATCH_SECONDS)
+        body = json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_model():
+    """The options of a Self-Instruct run of 4 batches (one instruction request each) against the scripted server."""
+    _SlowModel.answered = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield ["--seeds", str(SEEDS), "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1",
+           "--model", "scripted", "--request-batch-size", "1", "--num-instructions", "4"]  # fmt: skip
+    server.shutdown()
+    server.server_close()
+
+
+def committed_batches(url: str, run_name: str) -> list[tuple[int, str]]:
+    """The (batch, purpose) of every stored generation of the run, in order."""
+    with Session(open_engine(url)) as session:
+        run = session.exec(select(Run).where(Run.name == run_name)).first()
+        if run is None:
+            return []
+        return list(session.exec(select(Generation.batch, Generation.purpose).where(Generation.run_id == run.id).order_by(Generation.id)).all())
+
+
+def whole_batches(n: int) -> list[tuple[int, str]]:
+    return [(b, purpose) for b in range(1, n + 1) for purpose in ("instructions", "classification", "instances")]
+
+
+def test_sigterm_lets_the_batch_in_flight_commit_and_another_worker_resumes_the_run(store_url, slow_model, tmp_path):
+    jobs("add", "si", "self-instruct", "--every", "1d", "--db", store_url, "--", *slow_model)
+    jobs("run-now", "si", "--db", store_url)
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first = start_worker(store_url, first_log)
+    try:
+        seen = wait_for(lambda: {b for b, _ in committed_batches(store_url, "si")}, 180, "a first batch committed")
+    finally:
+        code = stop(first)
+    # The next batch started as the first committed and takes BATCH_SECONDS: it was in flight at SIGTERM.
+    assert code == 0, first_log.read_text()
+    committed = len(seen) + 1
+    assert "SIGTERM: the current job runs stop after their batch in flight" in first_log.read_text()
+    with Session(open_engine(store_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "si")).one()
+        accepted = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted")).all()
+    assert (run.status, run.error) == ("stopped", f"SIGTERM: stopped after batch {committed}; rerun to resume")
+    assert committed_batches(store_url, "si") == whole_batches(committed)  # no batch rolled back, none half stored
+    assert run.accepted == len(accepted) == committed
+
+    second = start_worker(store_url, second_log)
+    try:
+        runs = wait_for(lambda: (r := job_runs(store_url, ["si"])["si"]) and r[0].status in ("SUCCESS", "ERROR") and r, 180, "run finished")
+    finally:
+        assert stop(second) == 0
+    log = second_log.read_text()
+    assert [(r.status, r.outcome) for r in runs] == [("SUCCESS", "completed")], log
+    assert "recovering the pending job runs of worker(s)" in log and "Traceback" not in first_log.read_text() + log
+    with Session(open_engine(store_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "si")).one()
+        instructions = session.exec(select(Task.instruction).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
+    assert (run.status, run.error, run.accepted) == ("completed", None, 4)
+    assert committed_batches(store_url, "si") == whole_batches(4)  # each batch once: nothing redone, nothing lost
+    assert instructions == NOVEL[:4]
+
+
+def test_sigterm_to_a_command_in_a_terminal_stops_after_its_batch_and_a_rerun_resumes(db_url, slow_model):
+    command = [sys.executable, "-m", "datagen.cli", "self-instruct", *slow_model, "--run", "t", "--db", db_url]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        seen = wait_for(lambda: {b for b, _ in committed_batches(db_url, "t")}, 120, "a first batch committed")
+        process.send_signal(signal.SIGTERM)
+        stderr = process.communicate(timeout=60)[1]
+    finally:
+        process.kill()
+    committed = len(seen) + 1
+    assert process.returncode == 143
+    assert stderr.strip().splitlines()[-1] == f"error: SIGTERM: stopped after batch {committed}; rerun to resume", stderr
+    assert "Traceback" not in stderr and committed_batches(db_url, "t") == whole_batches(committed)
+    rerun = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    with Session(open_engine(db_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "t")).one()
+        assert (run.status, run.accepted) == ("completed", 4)
+    assert committed_batches(db_url, "t") == whole_batches(4)

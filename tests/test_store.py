@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 from datagen.backends import Completion, Request, Result, SamplingParams
 from datagen.errors import BadInput, StoreError
 from storage.store import add_generations, check_store, get_run, open_engine
-from storage.tables import SCHEMA_VERSION, Generation, Instance, Run, SchemaInfo, Task
+from storage.tables import SCHEMA_VERSION, Generation, Instance, Job, Run, SchemaInfo, Task
 
 
 class _Backend:
@@ -89,6 +89,18 @@ def test_newer_schema_is_refused(db_url):
         session.commit()
     with pytest.raises(StoreError, match="newer than this datagen"):
         open_engine(db_url)
+
+
+@pytest.mark.parametrize("create", [True, False], ids=["writer", "reader"])
+def test_a_version_1_store_gains_job_shard_size(db_url, create):
+    """Version 2 added a column, job.shard_size: the next open of a version-1 store adds it, a reader's too."""
+    with open_engine(db_url).begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE job DROP COLUMN shard_size")
+        connection.exec_driver_sql("UPDATE schema_info SET value = '1'")
+    engine = open_engine(db_url, create=create)
+    with Session(engine) as session:
+        assert session.get(SchemaInfo, "schema_version").value == str(SCHEMA_VERSION) == "2"
+        assert session.exec(select(Job.shard_size)).all() == []
 
 
 def test_unreachable_database_is_one_clear_error():

@@ -745,6 +745,29 @@ def test_a_missing_search_corpus_exits_2_with_one_line_and_stores_nothing(tmp_pa
     assert not db.exists()  # no run row, no store
 
 
+@pytest.mark.parametrize("lines, message", [
+    ("5", "--lines: '5' is not FIRST:LAST"), ("0:3", "--lines: '0:3' is not FIRST:LAST"), ("4:2", "--lines: '4:2' is not FIRST:LAST"),
+    ("a:b", "--lines: 'a:b' is not FIRST:LAST"), ("90:99", "--lines 90:99: the corpus has no text there (its texts are on lines 1 to 32)"),
+])  # fmt: skip
+def test_bad_lines_exit_2_with_one_line_and_store_nothing(tmp_path, lines, message):
+    from typer.testing import CliRunner
+
+    from datagen.cli import app
+
+    db = tmp_path / "store.db"
+    result = CliRunner().invoke(app, ["toolformer", "--corpus", str(CORPUS), "--lines", lines, "--run", "x", "--db", f"sqlite:///{db}"])
+    (line,) = result.output.strip().splitlines()
+    assert result.exit_code == 2 and line.startswith(f"error: {message}"), result.output
+    assert not db.exists()
+
+
+def test_select_lines_keeps_the_texts_on_those_lines():
+    texts = tf.read_corpus(CORPUS)
+    assert [t.line for t in tf.select_lines(texts, "3:5")] == [3, 4, 5]
+    assert [t.line for t in tf.select_lines(texts, "31:40")] == [31, 32]
+    assert tf.select_lines(texts, None) == texts
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume(tmp_path):
     """kill -9 once a first batch is stored and the next is under way, rerun: the rows from before are kept

@@ -15,7 +15,7 @@ from storage.store import open_engine
 
 
 def export_command(
-    runs: Annotated[list[str], typer.Option("--run", help="Run name or id; repeat to merge runs.")],
+    runs: Annotated[list[str], typer.Option("--run", help="Run name or id, or a sharded job's name (its shard runs); repeat to merge runs.")],
     format: Annotated[Format, typer.Option("--format", "-f", help="Columns trainers read (see the dataset card).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (save_to_disk + data/*.parquet, *.jsonl + README.md).")],
     test_size: Annotated[float, typer.Option(help="Share of instructions held out as the test split; 0: train only.")] = 0.05,

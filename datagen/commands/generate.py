@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from sqlmodel import Session
 
+from datagen import sigterm
 from datagen.backends import BackendName, SamplingParams, mask_url
 from datagen.console import err_console, progress, summary_table
 from datagen.generate import GenerateConfig, read_requests, run_generate
@@ -57,7 +58,7 @@ def generate(
         raise
     started = time.perf_counter()
     output = out.open("w", encoding="utf-8") if out else None
-    with Session(engine) as session:
+    with sigterm.stop_between_batches(), Session(engine) as session:
         run = Run(
             name=run_name or f"generate-{utcnow():%Y%m%d-%H%M%S}",
             pipeline="generate",

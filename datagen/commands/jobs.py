@@ -28,6 +28,7 @@ def add(
     every: Annotated[Optional[str], typer.Option("--every", help="Interval: 30s, 15m, 6h, 1d (dividing a minute, hour or day).")] = None,
     cron: Annotated[Optional[str], typer.Option("--cron", help="Cron expression, UTC: '0 3 * * *' (5 fields) or with seconds first (6).")] = None,
     target: Annotated[Optional[int], typer.Option("--target", help="Per run: accepted instructions (toolformer: texts) to add beyond what the run has.")] = None,
+    shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="toolformer: texts per shard; each firing queues one run per shard, JOB.shard-0000, ...")] = None,
     queue: Annotated[str, typer.Option("--queue", help="DBOS queue the job's runs go to; `datagen worker --queue` takes from it.")] = "datagen",
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -35,7 +36,7 @@ def add(
     """Add a job: `datagen jobs add nightly self-instruct --every 1d --target 500 -- --seeds seeds.jsonl --config si.yaml`.
 
     The options after -- are checked as `datagen PIPELINE` checks them (config, seeds or corpus file); nothing is stored unless all pass."""
-    job = check_job(name, pipeline, list(ctx.args), every, cron, target, queue)
+    job = check_job(name, pipeline, list(ctx.args), every, cron, target, shard_size, queue)
     row = schedules.add_job(open_engine(db), db, job, every)
     show_jobs([row], {}, as_json, title=f"Added job {row.name}")
 
@@ -113,7 +114,7 @@ def worker(
 def job_dict(job: Job) -> dict[str, Any]:
     due = schedules.next_due(job)
     return {"name": job.name, "pipeline": job.pipeline, "options": " ".join(job.args), "schedule": job.every and f"every {job.every}" or job.schedule,
-            "cron": job.schedule, "target": job.target, "queue": job.queue, "enabled": job.enabled,
+            "cron": job.schedule, "target": job.target, "shard_size": job.shard_size, "queue": job.queue, "enabled": job.enabled,
             "next_due": due.isoformat() if due else None}  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from sqlmodel import Session, func, select
 
+from datagen import sigterm
 from datagen.backends import BackendName
 from datagen.console import err_console, print_json, progress, summary_table
 from datagen.errors import BadInput
@@ -129,7 +130,8 @@ def execute(
     needs_instances = getattr(settings, "instance_demos", "seeds") == "seeds"  # Alpaca shows seed records: always
     bootstrap.check_seeds(seeds, str(seeds_path), needs_instances)
     engine = open_engine(db)
-    with hold_run(engine, run_name):  # one writer per run, held before the model loads (storage/run_lock.py)
+    # One writer per run, held before the model loads (storage/run_lock.py); SIGTERM stops between batches.
+    with sigterm.stop_between_batches(), hold_run(engine, run_name):
         with Session(engine) as session:
             run = find_run(session, run_name) if run_name else None
             if run is not None:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.table import Table
 from sqlmodel import Session
 
+from datagen import sigterm
 from datagen.backends import BackendName
 from datagen.console import err_console, print_json, progress
 from datagen.errors import BadInput
@@ -40,6 +41,7 @@ def toolformer(
     date: Annotated[Optional[str], typer.Option("--date", help="Calendar date (YYYY-MM-DD) for texts without a 'date' field.")] = None,
     run_name: Annotated[Optional[str], typer.Option("--run", help="Run name; rerun with the same name to resume (default: toolformer-TIMESTAMP).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N texts of the corpus.", min=1)] = None,
+    lines: Annotated[Optional[str], typer.Option("--lines", help="Only the texts on corpus lines FIRST:LAST (from 1, both included): one shard.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Texts per batch, one transaction each (default: 8).", min=1)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the call sampling (default: 0).")] = None,
     model: ModelOption = DEFAULT_MODEL,
@@ -52,11 +54,11 @@ def toolformer(
     """Toolformer (Schick et al. 2023): sample API calls into texts, execute them, keep the calls whose results lower the loss."""
     flags = {"tools": tools.split(",") if tools else None, "search_corpus": search_corpus, "date": date, "batch_size": batch_size, "seed": seed}
     config = load_config(config_file, {k: v for k, v in flags.items() if v is not None})
-    texts = tf.read_corpus(corpus)[:limit]  # every line checked before anything is written
+    texts = tf.select_lines(tf.read_corpus(corpus), lines)[:limit]  # every line checked before anything is written
     index = search_index(config.tools, config.search_corpus)  # so is the search corpus
-    stored = {"corpus": str(corpus), "corpus_sha256": tf.corpus_digest(corpus), **config.model_dump(mode="json")}
+    stored = {"corpus": str(corpus), "corpus_sha256": tf.corpus_digest(corpus), "lines": lines, **config.model_dump(mode="json")}
     engine = open_engine(db)
-    with hold_run(engine, run_name), Session(engine) as session:
+    with sigterm.stop_between_batches(), hold_run(engine, run_name), Session(engine) as session:
         run = run_to_resume(session, run_name, stored, model)
         llm = make_backend(backend, model, base_url)
         if run is None:

@@ -14,6 +14,8 @@ from datagen.errors import BadInput
 PIPELINES = ("self-instruct", "alpaca", "toolformer")
 WORKER_OPTIONS = ("--run", "--db", "--json")
 """Set by the worker for every job run (the job's run, the worker's store); a job may not set them."""
+SHARD_OPTIONS = ("--lines", "--limit")
+"""Set by the worker for each shard of a sharded job (datagen/shards.py); such a job may not set them."""
 
 _EVERY = re.compile(r"(\d+)([smhd])")
 _EVERY_FIELDS = {"s": (60, "*/{n} * * * * *"), "m": (60, "0 */{n} * * * *"), "h": (24, "0 0 */{n} * * *"), "d": (1, "0 0 0 * * *")}
@@ -31,6 +33,8 @@ class JobDefinition:
     """Cron with seconds first, as DBOS's scheduler reads it: "0 0 */6 * * *" for --every 6h."""
     target: int | None
     """Per run: accepted instructions (self-instruct, alpaca) or corpus texts (toolformer) beyond what the run has."""
+    shard_size: int | None
+    """Toolformer: corpus texts per shard, each shard its own run (datagen/shards.py); None: one run."""
     queue: str
 
 
@@ -52,22 +56,34 @@ def cron_of(every: str | None, cron: str | None) -> str:
     return expression
 
 
-def check_job(name: str, pipeline: str, args: list[str], every: str | None, cron: str | None, target: int | None, queue: str) -> JobDefinition:
+def check_job(name: str, pipeline: str, args: list[str], every: str | None, cron: str | None, target: int | None,
+              shard_size: int | None, queue: str) -> JobDefinition:  # fmt: skip
     """Every check `datagen PIPELINE ARGS` would make before writing, without loading a model; BadInput names the field."""
     if pipeline not in PIPELINES:
         raise BadInput(f"pipeline: unknown '{pipeline}' (known: {', '.join(PIPELINES)})")
     if target is not None and target < 1:
         raise BadInput(f"--target: {target} is not a positive number")
+    if shard_size is not None:
+        if pipeline != "toolformer":
+            raise BadInput(f"--shard-size: only toolformer jobs are sharded, not {pipeline}")
+        if shard_size < 1:
+            raise BadInput(f"--shard-size: {shard_size} is not a positive number")
+        if target is not None:
+            raise BadInput("--shard-size: each firing annotates the whole corpus, shard by shard; leave out --target")
     schedule = cron_of(every, cron)
     for arg in args:
-        if arg.split("=")[0] in WORKER_OPTIONS:
-            raise BadInput(f"{arg.split('=')[0]}: set by the worker for each job run; leave it out of the job's options")
+        option = arg.split("=")[0]
+        if option in WORKER_OPTIONS:
+            raise BadInput(f"{option}: set by the worker for each job run; leave it out of the job's options")
+        if shard_size is not None and option in SHARD_OPTIONS:
+            raise BadInput(f"{option}: set by the worker for each shard of a sharded job; leave it out of the job's options")
     check_pipeline_options(pipeline, args)
-    return JobDefinition(name=name, pipeline=pipeline, args=list(args), schedule=schedule, target=target, queue=queue)
+    return JobDefinition(name=name, pipeline=pipeline, args=list(args), schedule=schedule, target=target, shard_size=shard_size,
+                         queue=queue)  # fmt: skip
 
 
-def check_pipeline_options(pipeline: str, args: list[str]) -> None:
-    """Parse the options with the pipeline command itself, then build its config and read its input file."""
+def pipeline_params(pipeline: str, args: list[str]) -> dict:
+    """The options as the pipeline command itself parses them, by name: {"corpus": "c.jsonl", "limit": None, ...}."""
     from typer import TyperException
     from typer.main import get_command
 
@@ -75,19 +91,24 @@ def check_pipeline_options(pipeline: str, args: list[str]) -> None:
 
     command = get_command(app).commands[pipeline]
     try:
-        params = command.make_context(pipeline, list(args), resilient_parsing=False).params
+        return command.make_context(pipeline, list(args), resilient_parsing=False).params
     except TyperException as err:  # typer's click: unknown option, bad value, missing --seeds
         raise BadInput(f"{pipeline} options: {err.format_message()}") from None
+
+
+def check_pipeline_options(pipeline: str, args: list[str]) -> None:
+    """Parse the options with the pipeline command itself, then build its config and read its input file."""
+    params = pipeline_params(pipeline, args)
     if pipeline == "toolformer":
         from datagen.commands.toolformer import load_config
-        from pipelines.toolformer import read_corpus
+        from pipelines.toolformer import read_corpus, select_lines
         from pipelines.tools import search_index
 
         tools = params["tools"]
         flags = {"tools": tools.split(",") if tools else None, "search_corpus": params["search_corpus"], "date": params["date"],
                  "batch_size": params["batch_size"], "seed": params["seed"]}  # fmt: skip
         config = load_config(params["config_file"], {k: v for k, v in flags.items() if v is not None})
-        read_corpus(Path(params["corpus"]))
+        select_lines(read_corpus(Path(params["corpus"])), params["lines"])
         search_index(config.tools, config.search_corpus)  # a missing search corpus is refused here too
         return
     from dataclasses import fields

@@ -27,6 +27,8 @@ APP_VERSION = f"datagen-{__version__}"
 """Fixed, not DBOS's hash of the workflow code: workers recover each other's workflows only within one version."""
 RUN_JOB = "run_job"
 """The workflow every schedule starts (datagen/jobs/worker.py); its context argument is the job's name."""
+RUN_SHARD = "run_shard"
+"""The workflow a sharded job's firing queues for each shard (datagen/shards.py), a child of the firing."""
 
 
 @contextmanager
@@ -61,7 +63,8 @@ def add_job(engine: Engine, url: str | None, job: JobDefinition, every: str | No
     with Session(engine) as session:
         if session.exec(select(Job.id).where(Job.name == job.name)).first() is not None:
             raise BadInput(f"NAME: a job named '{job.name}' exists already (datagen jobs remove {job.name})")
-    row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target, queue=job.queue)
+    row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target,
+              shard_size=job.shard_size, queue=job.queue)  # fmt: skip
     with dbos_client(url) as client:
         client.register_queue(job.queue, on_conflict="never_update")  # declared for the schedule; workers set its limits
         client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, context=job.name, queue_name=job.queue)
@@ -114,7 +117,8 @@ class JobRun:
     status: str
     """DBOS's: ENQUEUED, PENDING (running), SUCCESS, ERROR, CANCELLED, ..."""
     outcome: str | None
-    """completed, stopped or skipped (the previous run was still going); the error for ERROR."""
+    """completed, stopped, skipped (the previous run was still going) or sharded (its shard runs were queued); the
+    error for ERROR."""
     executor: str | None
     created_at: dt.datetime | None
     seconds: float | None

@@ -1,11 +1,14 @@
 """`datagen worker`: a DBOS process that runs the job runs its queue hands it, each as the pipeline's own command.
 
-The glue over DBOS (dbos-inc/dbos-transact-py) is the one workflow below, which every job's schedule starts:
+The glue over DBOS (dbos-inc/dbos-transact-py) is the workflow below that every job's schedule starts:
   1. plan_run (a step, so a recovered firing keeps its plan): skip the firing if the job's run is still being
      written (storage/run_lock.py), else the command line `datagen PIPELINE OPTIONS --run JOB --db URL` with the
      target raised by the job's --target;
   2. run_pipeline (a step DBOS retries with backoff): that command in a child process. The pipeline resumes the
      run from the store by itself, so a retried or recovered step continues where the last one stopped.
+A sharded Toolformer job (datagen/shards.py) plans one command per shard instead, each with its shard's --lines and
+run, and the firing queues each as its own workflow (run_shard, step 2 alone) on the job's queue through DBOS's
+enqueue call, then ends: the workers take the shards as they take any job run, `--concurrency` at a time each.
 DBOS provides the queue (per-worker concurrency), the schedules, the retries and the recovery of this process's
 own pending workflows at restart. What self-hosted DBOS leaves out is a worker that dies and never comes back: its
 workflows stay pending under its executor id. So each worker heartbeats into `worker_beat`, and a live worker
@@ -27,6 +30,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from dbos import DBOS
@@ -35,7 +39,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from datagen.console import err_console
-from datagen.jobs.schedules import APP_NAME, APP_VERSION, RUN_JOB
+from datagen.jobs.schedules import APP_NAME, APP_VERSION, RUN_JOB, RUN_SHARD
+from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
 from storage.run_lock import holder_of
 from storage.store import database_url, find_run, open_engine
@@ -74,7 +79,17 @@ def run_job(scheduled_at: datetime, job_name: str) -> dict[str, Any]:
     if "skipped" in plan:
         say(f"job {job_name}: skipped ({plan['skipped']})")
         return {"outcome": "skipped", "reason": plan["skipped"], "run": job_name}
+    if "shards" in plan:
+        for shard in plan["shards"]:
+            DBOS.enqueue_workflow(plan["queue"], run_shard, shard["run"], shard["argv"])
+        say(f"job {job_name}: queued {len(plan['shards'])} shard runs, {plan['shards'][0]['run']} to {plan['shards'][-1]['run']}")
+        return {"outcome": "sharded", "run": job_name, "shards": [shard["run"] for shard in plan["shards"]]}
     return run_pipeline(job_name, plan["argv"])
+
+
+@DBOS.workflow(name=RUN_SHARD)
+def run_shard(run_name: str, argv: list[str]) -> dict[str, Any]:
+    return run_pipeline(run_name, argv)
 
 
 @DBOS.step()
@@ -84,6 +99,8 @@ def plan_run(job_name: str) -> dict[str, Any]:
         job = session.exec(select(Job).where(Job.name == job_name)).first()
         if job is None:
             return {"skipped": "the job was removed"}
+        if job.shard_size is not None:
+            return plan_sharded_run(engine, job, _worker.url)
         holder = holder_of(engine, job.name)
         if holder is not None:
             return {"skipped": f"its previous run is still going, written by {holder}"}
@@ -102,6 +119,19 @@ def pipeline_argv(session: Session, job: Job, url: str) -> list[str]:
         else:
             argv += ["--num-instructions", str((run.accepted if run else 0) + job.target)]
     return argv
+
+
+def plan_sharded_run(engine, job: Job, url: str) -> dict[str, Any]:
+    """One command line per shard of the job's corpus as it is now; skipped while a shard run is still being written."""
+    from datagen.jobs.definition import pipeline_params
+    from pipelines.toolformer import read_corpus
+
+    shards = plan_shards(job.name, read_corpus(Path(pipeline_params(job.pipeline, job.args)["corpus"])), job.shard_size)
+    for shard in shards:
+        if (holder := holder_of(engine, shard.run)) is not None:
+            return {"skipped": f"its previous run is still going: {shard.run}, written by {holder}"}
+    return {"queue": job.queue,
+            "shards": [{"run": s.run, "argv": [job.pipeline, *job.args, "--lines", s.lines, "--run", s.run, "--db", url]} for s in shards]}  # fmt: skip
 
 
 class JobRunFailed(Exception):
@@ -197,14 +227,15 @@ def _has_work(queue: str) -> bool:
 
 
 def _stop(engine) -> None:
-    """SIGTERM: interrupt each child pipeline (its batch in flight rolls back; the run resumes from the last committed
-    batch), drop this worker's heartbeat so another recovers its pending runs at once, and exit 0."""
+    """SIGTERM: pass it on to each child pipeline, which finishes and commits its batch in flight, stores its run as
+    `stopped` and exits (datagen/sigterm.py); then drop this worker's heartbeat so another recovers its pending runs at
+    once (they resume after the last committed batch), and exit 0. A child killed before that loses its batch only."""
     _worker.stopping.set()
-    say("SIGTERM: stopping the current job runs; another worker (or the next start) resumes them")
+    say("SIGTERM: the current job runs stop after their batch in flight; another worker (or the next start) resumes them")
     with _worker.lock:
         children = list(_worker.children)
     for child in children:
-        child.send_signal(signal.SIGINT)
+        child.send_signal(signal.SIGTERM)
     for child in children:
         child.wait()
     try:

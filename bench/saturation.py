@@ -11,11 +11,12 @@ none). Cases, each measured in this run:
   - Self-Instruct sequential, 16 requests a batch: the loop before issue 16 (1.26 measured then);
   - Self-Instruct pipelined (batch k's instruction requests with batch k-1's instance requests), 16 a batch;
   - Self-Instruct pipelined at the engine default batch (64), the defaults now;
-  - Alpaca at 8 a batch (before) and at the engine default (32).
+  - Alpaca at 8 a batch (before) and at the engine default (32), by a request budget (--alpaca-requests).
 Target (issue 16): <= 1.10 here for Self-Instruct and Alpaca at the defaults.
 
-vLLM's CPU build turns prefix caching off (vllm/platforms/cpu.py); on a GPU it is on by default and the shared
-few-shot prefixes of the classification and instance prompts are prefilled once. The script prints which.
+vLLM V1 caches prefixes by default (the CPU build too, in this version; the script prints it), so the shared few-shot
+prefixes of the classification and instance prompts are prefilled once; the cache is reset before each replay, so
+the replay does not reuse what the run prefilled.
 """
 
 from __future__ import annotations

@@ -107,6 +107,10 @@ BAD = [
     (["j", "toolformer", "--every", "1h", "--shard-size", "2", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--lines", "1:4"],
      "--lines: set by the worker for each shard"),
     (["j", "toolformer", "--every", "1h", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--lines", "9:1"], "--lines: '9:1'"),
+    (["j", "e2e", "--every", "1d", "--", "--config", "missing.yaml"], "missing.yaml"),
+    (["j", "e2e", "--every", "1d", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml"), "--name", "x"], "--name: set by the worker"),
+    (["j", "e2e", "--every", "1d", "--target", "5", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml")], "leave out --target"),
+    (["j", "e2e", "--every", "1d", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml"), "--steps", "0"], "steps"),
 ]
 
 
@@ -268,6 +272,31 @@ def test_a_job_runs_the_embedded_model(db_url, tmp_path, embedded_model_path):
         texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == stored.id)).all()
     assert (stored.status, stored.backend, len(texts)) == ("completed", "transformers", 1)
     assert texts[0].tools == ["calculator"]  # the text passed the calculator's pre-filter, so the model scored it
+
+
+def test_an_e2e_job_runs_the_tiny_loop_and_a_second_firing_resumes_it(db_url, tmp_path, embedded_model_path):
+    """An e2e job's loop is named after the job; a worker runs it end to end, and the next firing finds every stage
+    done: nothing is run or stored twice."""
+    from storage.tables import Loop, LoopStage
+
+    config = tmp_path / "tiny.yaml"
+    text = (REPO / "examples" / "e2e_tiny.yaml").read_text(encoding="utf-8")
+    text = text.replace("seeds: examples/seed_tasks.jsonl", f"seeds: {SEEDS}").replace("out: runs/e2e-tiny", f"out: {tmp_path / 'loop'}")
+    config.write_text(text, encoding="utf-8")
+    jobs("add", "nightly", "e2e", "--every", "1d", "--db", db_url, "--", "--config", str(config))
+    stages = []
+    for firing in range(2):
+        jobs("run-now", "nightly", "--db", db_url)
+        log = tmp_path / f"worker-{firing}.log"
+        assert start_worker(db_url, log, "--once", timeout=60).wait(timeout=1200) == 0, log.read_text()
+        assert "--name nightly" in log.read_text()
+        with Session(open_engine(db_url)) as session:
+            loop = session.exec(select(Loop)).one()
+            stages.append([(s.round, s.stage, s.status) for s in session.exec(select(LoopStage).order_by(LoopStage.id)).all()])
+        assert (loop.name, loop.status) == ("nightly", "completed"), log.read_text()
+    assert stages[0] == stages[1] and ("generate" in {stage for _, stage, _ in stages[0]})
+    assert [r.outcome for r in job_runs(db_url, ["nightly"])["nightly"]] == ["completed", "completed"]
+    assert (tmp_path / "loop" / "metrics.json").exists()
 
 
 # ---- a sharded Toolformer job -------------------------------------------------------------------------------------

@@ -277,18 +277,21 @@ def bootstrap_pipelined(
             on_batch(run, stats)
         finished.clear()
 
+    def finish_alone(drafted: Drafted) -> None:
+        """The batch in flight, when no next batch goes out with it (the run stops): its requests alone, stored."""
+        finished.append(drafted.finish(timed_generate(backend, drafted.requests, drafted.stats)))
+        commit()
+
     while run.accepted < config.num_instructions:
         if sigterm.requested() and pending is not None:  # SIGTERM: the batch in flight is finished and stored first
-            finished.append(pending.finish(timed_generate(backend, pending.requests, pending.stats)))
-            commit()
+            finish_alone(pending)
             pending, pending_requests = None, 0
             continue  # it may have reached the target
         sigterm.check(batch_number - 1)
         requests = batch_requests(session, run, config, decided_through=batch_number - 2, pending=pending_requests)
         if requests == 0:
             if pending is not None:  # a stopped run still stores the batch in flight
-                finished.append(pending.finish(timed_generate(backend, pending.requests, pending.stats)))
-                commit()
+                finish_alone(pending)
             break
         rng = batch_rng(config, batch_number)
         stats = BatchStats(requests=requests)

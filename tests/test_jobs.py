@@ -107,6 +107,10 @@ BAD = [
     (["j", "toolformer", "--every", "1h", "--shard-size", "2", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--lines", "1:4"],
      "--lines: set by the worker for each shard"),
     (["j", "toolformer", "--every", "1h", "--", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--lines", "9:1"], "--lines: '9:1'"),
+    (["j", "e2e", "--every", "1d", "--", "--config", "missing.yaml"], "missing.yaml"),
+    (["j", "e2e", "--every", "1d", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml"), "--name", "x"], "--name: set by the worker"),
+    (["j", "e2e", "--every", "1d", "--target", "5", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml")], "leave out --target"),
+    (["j", "e2e", "--every", "1d", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml"), "--steps", "0"], "steps"),
 ]
 
 
@@ -270,6 +274,31 @@ def test_a_job_runs_the_embedded_model(db_url, tmp_path, embedded_model_path):
     assert texts[0].tools == ["calculator"]  # the text passed the calculator's pre-filter, so the model scored it
 
 
+def test_an_e2e_job_runs_the_tiny_loop_and_a_second_firing_resumes_it(db_url, tmp_path, embedded_model_path):
+    """An e2e job's loop is named after the job; a worker runs it end to end, and the next firing finds every stage
+    done: nothing is run or stored twice."""
+    from storage.tables import Loop, LoopStage
+
+    config = tmp_path / "tiny.yaml"
+    text = (REPO / "examples" / "e2e_tiny.yaml").read_text(encoding="utf-8")
+    text = text.replace("seeds: examples/seed_tasks.jsonl", f"seeds: {SEEDS}").replace("out: runs/e2e-tiny", f"out: {tmp_path / 'loop'}")
+    config.write_text(text, encoding="utf-8")
+    jobs("add", "nightly", "e2e", "--every", "1d", "--db", db_url, "--", "--config", str(config))
+    stages = []
+    for firing in range(2):
+        jobs("run-now", "nightly", "--db", db_url)
+        log = tmp_path / f"worker-{firing}.log"
+        assert start_worker(db_url, log, "--once", timeout=60).wait(timeout=1200) == 0, log.read_text()
+        assert "--name nightly" in log.read_text()
+        with Session(open_engine(db_url)) as session:
+            loop = session.exec(select(Loop)).one()
+            stages.append([(s.round, s.stage, s.status) for s in session.exec(select(LoopStage).order_by(LoopStage.id)).all()])
+        assert (loop.name, loop.status) == ("nightly", "completed"), log.read_text()
+    assert stages[0] == stages[1] and ("generate" in {stage for _, stage, _ in stages[0]})
+    assert [r.outcome for r in job_runs(db_url, ["nightly"])["nightly"]] == ["completed", "completed"]
+    assert (tmp_path / "loop" / "metrics.json").exists()
+
+
 # ---- a sharded Toolformer job -------------------------------------------------------------------------------------
 
 SIX = [*TEXTS, "The cat slept on the warm windowsill.", "Rain fell softly on the quiet town.", "He read a long letter from home."]
@@ -409,6 +438,20 @@ def whole_batches(n: int) -> list[tuple[int, str]]:
     return [(b, purpose) for b in range(1, n + 1) for purpose in ("instructions", "classification", "instances")]
 
 
+COMPLETED = whole_batches(4) + [(5, "instructions")]
+"""A completed run's calls: the pipelined loop sent batch 5's instruction request with batch 4's instances, and stored
+it, its instruction target_reached, in batch 4's transaction."""
+
+
+def in_flight_at_sigterm(seen: set[int], stored: list[tuple[int, str]]) -> int:
+    """The batches stored after SIGTERM: those committed when it came, and the ones in flight, finished. The openai
+    backend's loop is pipelined (pipelines/bootstrap.py): a call carries the next batch's instruction requests with
+    this batch's instance requests, so one or two batches are in flight, never none."""
+    last = max(b for b, _ in stored)
+    assert last - len(seen) in (1, 2), (seen, stored)
+    return last
+
+
 def test_sigterm_lets_the_batch_in_flight_commit_and_another_worker_resumes_the_run(store_url, slow_model, tmp_path):
     jobs("add", "si", "self-instruct", "--every", "1d", "--db", store_url, "--", *slow_model)
     jobs("run-now", "si", "--db", store_url)
@@ -418,9 +461,8 @@ def test_sigterm_lets_the_batch_in_flight_commit_and_another_worker_resumes_the_
         seen = wait_for(lambda: {b for b, _ in committed_batches(store_url, "si")}, 180, "a first batch committed")
     finally:
         code = stop(first)
-    # The next batch started as the first committed and takes BATCH_SECONDS: it was in flight at SIGTERM.
     assert code == 0, first_log.read_text()
-    committed = len(seen) + 1
+    committed = in_flight_at_sigterm(seen, committed_batches(store_url, "si"))
     assert "SIGTERM: the current job runs stop after their batch in flight" in first_log.read_text()
     with Session(open_engine(store_url)) as session:
         run = session.exec(select(Run).where(Run.name == "si")).one()
@@ -441,8 +483,8 @@ def test_sigterm_lets_the_batch_in_flight_commit_and_another_worker_resumes_the_
         run = session.exec(select(Run).where(Run.name == "si")).one()
         instructions = session.exec(select(Task.instruction).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
     assert (run.status, run.error, run.accepted) == ("completed", None, 4)
-    assert committed_batches(store_url, "si") == whole_batches(4)  # each batch once: nothing redone, nothing lost
-    assert instructions == NOVEL[:4]
+    assert committed_batches(store_url, "si") == COMPLETED  # each batch once: nothing redone, nothing lost
+    assert instructions == NOVEL[:5]
 
 
 def test_sigterm_to_a_command_in_a_terminal_stops_after_its_batch_and_a_rerun_resumes(db_url, slow_model):
@@ -454,7 +496,7 @@ def test_sigterm_to_a_command_in_a_terminal_stops_after_its_batch_and_a_rerun_re
         stderr = process.communicate(timeout=60)[1]
     finally:
         process.kill()
-    committed = len(seen) + 1
+    committed = in_flight_at_sigterm(seen, committed_batches(db_url, "t"))
     assert process.returncode == 143
     assert stderr.strip().splitlines()[-1] == f"error: SIGTERM: stopped after batch {committed}; rerun to resume", stderr
     assert "Traceback" not in stderr and committed_batches(db_url, "t") == whole_batches(committed)
@@ -463,4 +505,4 @@ def test_sigterm_to_a_command_in_a_terminal_stops_after_its_batch_and_a_rerun_re
     with Session(open_engine(db_url)) as session:
         run = session.exec(select(Run).where(Run.name == "t")).one()
         assert (run.status, run.accepted) == ("completed", 4)
-    assert committed_batches(db_url, "t") == whole_batches(4)
+    assert committed_batches(db_url, "t") == COMPLETED

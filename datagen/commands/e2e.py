@@ -24,11 +24,14 @@ def e2e(
 ) -> None:
     """Self-Instruct's experiment in one command: tune on seeds + generated data, compare with the base and seeds alone."""
     from datagen.e2e import load_loop_config, run_loop
+    from storage.run_lock import hold_run
     from storage.store import open_engine
 
     settings = load_loop_config(config, dict(rounds=rounds, out=out, name=name, eval_file=eval_file, steps=steps))
     started = time.perf_counter()
-    metrics = run_loop(settings, open_engine(db), db, log=lambda line: err_console.print(line, markup=False))
+    engine = open_engine(db)
+    with hold_run(engine, settings.name):  # one writer per loop, as per run (storage/run_lock.py)
+        metrics = run_loop(settings, engine, db, log=lambda line: err_console.print(line, markup=False))
     if as_json:
         print_json(metrics)
         return

@@ -24,7 +24,7 @@ NameArg = Annotated[str, typer.Argument(help="Job name; also the name of the run
 def add(
     ctx: typer.Context,
     name: NameArg,
-    pipeline: Annotated[str, typer.Argument(help="self-instruct, alpaca or toolformer; its options follow after --.")],
+    pipeline: Annotated[str, typer.Argument(help="self-instruct, alpaca, toolformer or e2e; its options follow after --.")],
     every: Annotated[Optional[str], typer.Option("--every", help="Interval: 30s, 15m, 6h, 1d (dividing a minute, hour or day).")] = None,
     cron: Annotated[Optional[str], typer.Option("--cron", help="Cron expression, UTC: '0 3 * * *' (5 fields) or with seconds first (6).")] = None,
     target: Annotated[Optional[int], typer.Option("--target", help="Per run: accepted instructions (toolformer: texts) to add beyond what the run has.")] = None,

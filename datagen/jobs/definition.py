@@ -11,9 +11,10 @@ from croniter import croniter
 
 from datagen.errors import BadInput
 
-PIPELINES = ("self-instruct", "alpaca", "toolformer")
-WORKER_OPTIONS = ("--run", "--db", "--json")
-"""Set by the worker for every job run (the job's run, the worker's store); a job may not set them."""
+PIPELINES = ("self-instruct", "alpaca", "toolformer", "e2e")
+WORKER_OPTIONS = ("--run", "--name", "--db", "--json")
+"""Set by the worker for every job run (the job's run, or for e2e the loop's name; the worker's store); a job may not
+set them."""
 SHARD_OPTIONS = ("--lines", "--limit")
 """Set by the worker for each shard of a sharded job (datagen/shards.py); such a job may not set them."""
 
@@ -63,6 +64,8 @@ def check_job(name: str, pipeline: str, args: list[str], every: str | None, cron
         raise BadInput(f"pipeline: unknown '{pipeline}' (known: {', '.join(PIPELINES)})")
     if target is not None and target < 1:
         raise BadInput(f"--target: {target} is not a positive number")
+    if target is not None and pipeline == "e2e":
+        raise BadInput("--target: an e2e loop's size is in its config (generate.num_instructions, rounds); leave out --target")
     if shard_size is not None:
         if pipeline != "toolformer":
             raise BadInput(f"--shard-size: only toolformer jobs are sharded, not {pipeline}")
@@ -99,6 +102,14 @@ def pipeline_params(pipeline: str, args: list[str]) -> dict:
 def check_pipeline_options(pipeline: str, args: list[str]) -> None:
     """Parse the options with the pipeline command itself, then build its config and read its input file."""
     params = pipeline_params(pipeline, args)
+    if pipeline == "e2e":
+        from datagen.e2e import load_loop_config
+        from pipelines.seeds import read_seeds
+
+        overrides = {k: params[k] for k in ("rounds", "out", "eval_file", "steps")}
+        config = load_loop_config(params["config"], overrides)
+        read_seeds(config.seeds)  # every line checked, as the loop's first stage does
+        return
     if pipeline == "toolformer":
         from datagen.commands.toolformer import load_config
         from pipelines.toolformer import read_corpus, select_lines

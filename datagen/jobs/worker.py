@@ -108,7 +108,10 @@ def plan_run(job_name: str) -> dict[str, Any]:
 
 
 def pipeline_argv(session: Session, job: Job, url: str) -> list[str]:
-    """The job's command line: its options, its run, this worker's store, and the target raised from where the run is."""
+    """The job's command line: its options, its run, this worker's store, and the target raised from where the run is.
+    An e2e job's loop is named after the job, and each firing resumes it (a completed loop returns at once)."""
+    if job.pipeline == "e2e":
+        return ["e2e", *job.args, "--name", job.name, "--db", url]
     argv = [job.pipeline, *job.args, "--run", job.name, "--db", url]
     if job.target is not None:
         run = find_run(session, job.name)

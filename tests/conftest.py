@@ -36,6 +36,22 @@ def db_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'datagen.db'}"
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request, db_url):
+    """A fresh store for one test, once on each: a SQLite file, or a new database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return db_url
+    import time
+
+    from sqlalchemy import create_engine
+
+    server = request.getfixturevalue("postgres_url")
+    name = f"store_{os.getpid()}_{time.monotonic_ns()}"
+    with create_engine(server, isolation_level="AUTOCOMMIT").connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"
+
+
 @pytest.fixture(scope="session")
 def postgres_url():
     """A real PostgreSQL server for the session; skipped only outside CI when none can be started."""

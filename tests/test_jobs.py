@@ -49,20 +49,6 @@ def corpus(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request, db_url):
-    """A fresh store: a SQLite file, or a new database on the session's PostgreSQL server."""
-    if request.param == "sqlite":
-        return db_url
-    from sqlalchemy import create_engine
-
-    server = request.getfixturevalue("postgres_url")
-    name = f"jobs_{os.getpid()}_{time.monotonic_ns()}"
-    with create_engine(server, isolation_level="AUTOCOMMIT").connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    return server.rsplit("/", 1)[0] + f"/{name}"
-
-
 def jobs(*args: str, code: int = 0):
     result = CliRunner().invoke(app, ["jobs", *args])
     assert result.exit_code == code, result.output

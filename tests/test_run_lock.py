@@ -42,19 +42,6 @@ def datagen(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "datagen.cli", *args], capture_output=True, text=True, env=env(), timeout=120)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request, db_url):
-    if request.param == "sqlite":
-        return db_url
-    from sqlalchemy import create_engine
-
-    server = request.getfixturevalue("postgres_url")
-    name = f"lock_{os.getpid()}_{time.monotonic_ns()}"
-    with create_engine(server, isolation_level="AUTOCOMMIT").connect() as connection:
-        connection.exec_driver_sql(f"CREATE DATABASE {name}")
-    return server.rsplit("/", 1)[0] + f"/{name}"
-
-
 def test_second_writer_exits_at_once_and_a_killed_holder_releases_after_the_timeout(store_url):
     holder = start_holder(store_url, "r")
     try:

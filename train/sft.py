@@ -501,8 +501,11 @@ def load_model(path: str, config: TrainConfig, precision: Precision, state, mode
     on_gpu = torch.cuda.is_available()
     options: dict[str, Any] = {"dtype": torch.float32, "config": copy.deepcopy(model_config)}
     if config.s2_attn:
-        from train.s2_attn import register
+        from transformers import AutoConfig
 
+        from train.s2_attn import check_model_config, register
+
+        check_model_config(model_config if model_config is not None else AutoConfig.from_pretrained(path))
         options["attn_implementation"] = register(config.s2_group_size_ratio)
     if config.method is not Method.full and precision is Precision.bf16:
         options["dtype"] = torch.bfloat16

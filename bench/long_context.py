@@ -8,7 +8,9 @@
 "s2_attn" function in training mode vs transformers' sdpa function with no mask, i.e. torch's fused causal
 kernel): query, key and value of (1, --heads, length, 64) with gradients, LongLoRA's group of a quarter of the
 length. Peak memory: the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs after
-the inputs are made) minus its resident size then, on CPU; max allocated minus allocated on a GPU. Tokens/s:
+the inputs are made) minus its resident size then, on CPU, with glibc told to map every allocation of 64 KiB or
+more on its own (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set; max allocated minus
+allocated on a GPU. Tokens/s:
 length / the median call time of --steps calls after one warm-up.
 
 Each (length, attention) point trains in its own process (so the peak memory is its own): one batch of one
@@ -188,6 +190,10 @@ def main() -> None:
     started = time.perf_counter()
     load = os.getloadavg()[0]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if args.call:
+        # glibc: every allocation of 64 KiB or more is its own mapping, unmapped when freed, so the resident size
+        # follows the tensors alive (otherwise freed heap memory is reused unseen and the high-water mark lags)
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     points = []
     for length in [int(n) for n in args.lengths.split(",")]:
         for attention in ("full", "s2"):

@@ -76,19 +76,20 @@ def test_yarn_matches_transformers_init_function_and_the_paper_temperature():
     assert rotary.inv_freq[-1] == pytest.approx(default[-1].item() / 4)
 
 
-def test_dynamic_matches_transformers_and_leaves_short_sequences_alone():
-    config = scaled(RopeType.dynamic)
-    assert config.max_position_embeddings == NATIVE  # dynamic NTK reads it as the pretraining length
-    rotary = LlamaRotaryEmbedding(config)
-    short_cos, _ = rotary(torch.zeros(1, 1, 16), torch.arange(NATIVE)[None])
-    default_cos, _ = angles(tiny_config(), torch.arange(NATIVE))
-    torch.testing.assert_close(short_cos, default_cos)
-    rotary(torch.zeros(1, 1, 16), torch.arange(LONG)[None])
-    inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu", seq_len=LONG)
-    torch.testing.assert_close(rotary.inv_freq, inv_freq)
-    dim = 16
-    base = 10000.0 * (4 * LONG / NATIVE - 3) ** (dim / (dim - 2))  # dynamic NTK's base at length L
-    torch.testing.assert_close(rotary.inv_freq, 1.0 / base ** (torch.arange(0, dim, 2).float() / dim))
+def test_dynamic_is_refused_naming_yarn_and_linear():
+    """vLLM's dynamic NTK is not transformers' (a fixed base, no cache rows past the original length): refused
+    before any training, in one line that names the modes vLLM serves as transformers trains them."""
+    with pytest.raises(BadInput, match="--rope dynamic") as refused:
+        scaled(RopeType.dynamic)
+    assert "\n" not in str(refused.value) and "--rope yarn" in str(refused.value) and "--rope linear" in str(refused.value)
+
+
+def test_transformers_backend_context_length_is_the_scaled_length():
+    from datagen.backends.transformers_backend import context_length
+
+    assert context_length(scaled(RopeType.linear)) == LONG
+    assert context_length(scaled(RopeType.yarn)) == LONG
+    assert context_length(tiny_config()) == NATIVE
 
 
 def test_rope_refuses_a_scaled_model_and_a_shorter_context():

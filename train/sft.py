@@ -698,7 +698,8 @@ def token_eval_loss(model, dataset, collator, batch_size: int) -> float:
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-            logits = model(**inputs).logits[:, :-1].float()
+            # no cache: with one, transformers skips its packed-sequence mask and packed documents would see each other
+            logits = model(**inputs, use_cache=False).logits[:, :-1].float()
             labels = batch["labels"][:, 1:].to(logits.device)
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum").item()
             tokens += int((labels != -100).sum())

@@ -285,3 +285,24 @@ def test_s2_attn_refuses_softcap_and_sinks():
     q = torch.zeros(1, 4, 8, 16)
     with pytest.raises(ValueError, match="softcap"):
         forward(model.model.layers[0].self_attn, q, q, q, None, softcap=30.0)
+
+
+def test_token_eval_loss_keeps_packed_documents_apart():
+    """A padding-free batch (TRL's collator: position ids restarting per document) scores each document as if it
+    were alone. With the model's cache on, transformers skips its packed-sequence mask and the second document
+    would see the first."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from train.sft import token_eval_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config()).eval()
+    documents = [{"input_ids": torch.randint(0, 128, (n,)).tolist()} for n in (30, 20)]
+    packed = token_eval_loss(model, documents, DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True), batch_size=2)
+    alone = []
+    for document in documents:
+        ids = torch.tensor([document["input_ids"]])
+        with torch.no_grad():
+            alone.append(float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1))
+    # the collator masks each document's first label (position 0), so both count length - 1 tokens
+    assert packed == pytest.approx(sum(alone) / (29 + 19), abs=1e-5)

@@ -19,10 +19,11 @@ Groups, as LongLoRA's flash path cuts them (cu_q_lens in forward_flashattn): the
 (heads // 2 of them) attends within [0, G), [G, 2G), ...; the other half within [0, G/2), [G/2, 3G/2), ...,
 [L - G/2, L): the shifted groups are split at both ends of the sequence, so no query sees a later key and nothing
 wraps around. A last group shorter than G (a length that is not a multiple of G) is attended as it is (LongLoRA
-raises instead). LongLoRA's non-flash path (forward_noflashattn) differs: it rolls the shifted heads by half a
-group, so its last group joins the sequence's last G/2 tokens with its first G/2 and masks that group by slot: the
-last G/2 tokens see the first G/2 (a wrap-around), and the first G/2 tokens, placed after them, see the last G/2
-(keys later than the query, a causal leak). Both paths agree on every other group.
+raises instead). LongLoRA's non-flash path (forward_noflashattn) differs in one group: it rolls the shifted heads
+by half a group, so its last group holds the last G/2 tokens followed by the first G/2, masked causally by slot.
+The last G/2 tokens then see only each other, as here; the first G/2 tokens see each other and also the last G/2
+tokens of the sequence, keys later than the query: a causal leak, which the flash path (and this module) does not
+have. Every other group is the same in both paths.
 
 Packed documents and padding: a new document starts where the position ids do not go up by one (TRL's
 padding-free batches, `position_ids` restarting at 0; transformers' find_packed_sequence_indices reads them the

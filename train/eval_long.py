@@ -349,15 +349,16 @@ def run(config: EvalLongConfig, db_url: str | None = None) -> dict[str, Any]:
     with Session(open_engine(db_url)) as session:
         run_id = training_run_id(session, config.training_run)  # an unknown name fails before any model loads
         train_path = config.train_data or (Path(session.get(TrainingRun, run_id).dataset) if run_id is not None else None)
+    if train_path is not None and not train_path.is_dir():
+        raise BadInput(f"--training-run {config.training_run}: its dataset {train_path} is gone; pass --train-data DIR")
     texts = read_corpus(config.text)
     training = read_training_data(train_path) if train_path is not None else None
     overlap = text_overlap(texts, training.texts) if training is not None and texts else None
-    if overlap is not None:
-        if overlap > OVERLAP_LIMIT:
-            raise BadInput(
-                f"--text {', '.join(map(str, config.text))}: {overlap:.1%} of its word {OVERLAP_NGRAM}-grams are in the training "
-                f"data {training.path}; perplexity on it would measure memorisation (give held-out text)"
-            )
+    if overlap is not None and overlap > OVERLAP_LIMIT:
+        raise BadInput(
+            f"--text {', '.join(map(str, config.text))}: {overlap:.1%} of its word {OVERLAP_NGRAM}-grams are in the training "
+            f"data {training.path}; perplexity on it would measure memorisation (give held-out text)"
+        )
     models.configure_offline()
     names = [n for n in (config.baseline, config.model) if n]
     for name in names:
@@ -370,9 +371,9 @@ def run(config: EvalLongConfig, db_url: str | None = None) -> dict[str, Any]:
         task = bar.add_task("eval-long", total=len(names) * len(config.lengths) * len(config.depths), status="")
         for name in names:
             results.append(evaluate_model(name, config, texts, training.passkeys if training else frozenset(), lambda: bar.advance(task)))
-    keys = set(results[0].keys)
-    if training is not None and keys & training.passkeys:  # passkey_sample excludes them; checked, not assumed
-        raise RuntimeError(f"eval passkeys {sorted(keys & training.passkeys)} are training keys")
+    if training is not None:  # passkey_sample excluded them; checked, not assumed
+        assert not set(results[0].keys) & training.passkeys, "an eval passkey is a training key"
+    device, dtype = resolve_device(config.device, config.dtype)
     report = {
         "lengths": list(config.lengths),
         "depths": list(config.depths),
@@ -381,7 +382,8 @@ def run(config: EvalLongConfig, db_url: str | None = None) -> dict[str, Any]:
         "text": [str(p) for p in config.text],
         "training_data": None if training is None else
             {"path": str(training.path), "passkeys_excluded": len(training.passkeys), "text_overlap": overlap},
-        "device": resolve_device(config.device, config.dtype)[0], "dtype": str(resolve_device(config.device, config.dtype)[1]).removeprefix("torch."),
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
         "models": {label: {"model": r.model, "perplexity": r.perplexity, "passkey": r.passkey}
                    for label, r in zip(_labels(results), results)},  # fmt: skip
         "table": table_rows(results, config.lengths),

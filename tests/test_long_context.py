@@ -144,13 +144,19 @@ def test_packed_documents_match_the_dense_reference():
     document, in any group of either half of the heads."""
     torch.manual_seed(1)
     length, group = 40, 12
-    q, k, v = (torch.randn(2, 4, length, 8, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, 4, length, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     position_ids = torch.tensor([[*range(7), *range(20), *range(13)], [*range(1), *range(30), *range(1), *range(8)]])
     starts = document_starts(position_ids, None, 2, length)
     documents = starts.long().cumsum(-1)
     assert documents[0].tolist() == [0] * 7 + [1] * 20 + [2] * 13
     got = s2_attention(q, k, v, group, starts=starts)
-    assert (got - dense_reference(q, k, v, group, documents)).abs().max() < 1e-6
+    expected = dense_reference(q, k, v, group, documents)
+    assert (got - expected).abs().max() < 1e-6
+    # and the gradients (training is what S²-Attn is for)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    assert max((a - b).abs().max() for a, b in zip(grads, expected_grads)) < 1e-6
 
 
 def test_one_group_without_shift_equals_sdpa():

@@ -1,8 +1,17 @@
-"""Training step time and peak memory at long contexts, full attention vs S²-Attn, in one run.
+"""Peak memory and speed at long contexts, causal sdpa (full attention) vs S²-Attn, in one run.
 
-    python bench/long_context.py                                   # tiny Llama, 1k/2k/4k tokens, CPU
-    python bench/long_context.py --save bench/results/long_context.txt
+    python bench/long_context.py --call --save bench/results/long_context_call.txt   # one attention call, 4k/16k/32k
+    python bench/long_context.py                                   # tiny Llama training steps, 1k/2k/4k tokens, CPU
     python bench/long_context.py --model smollm2-135m --lengths 4096,8192,16384    # the real model (a GPU)
+
+--call: one attention call, forward and backward, through the function transformers calls (the registered
+"s2_attn" function in training mode vs transformers' sdpa function with no mask, i.e. torch's fused causal
+kernel): query, key and value of (1, --heads, length, 64) with gradients, LongLoRA's group of a quarter of the
+length. Peak memory: the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs after
+the inputs are made) minus its resident size then, on CPU, with glibc told to map every allocation of 64 KiB or
+more on its own (MALLOC_MMAP_THRESHOLD_), so that freed tensors leave the resident set; max allocated minus
+allocated on a GPU. Tokens/s:
+length / the median call time of --steps calls after one warm-up.
 
 Each (length, attention) point trains in its own process (so the peak memory is its own): one batch of one
 sequence of random tokens, forward + backward + AdamW step of every weight, gradient checkpointing off; the median
@@ -90,10 +99,75 @@ def measure(name: str, length: int, attention: str, steps: int, group_size: int 
     return {"length": length, "attention": attention, "step_s": statistics.median(times), "peak_bytes": int(peak)}
 
 
+def measure_call(length: int, attention: str, steps: int, heads: int) -> dict:
+    """One attention call's forward + backward, in this process."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from train.s2_attn import register
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    module = torch.nn.Module().train()
+    module.is_causal = True
+    if attention == "s2":
+        from transformers import AttentionInterface
+
+        function = AttentionInterface()[register(0.25)]
+    else:
+        function = sdpa_attention_forward
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, 64, device=device, requires_grad=True) for _ in range(3))
+    times = []
+    peak = 0
+    for step in range(steps + 1):
+        if on_gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+            base = _status_kb("VmRSS")
+        started = time.perf_counter()
+        out, _ = function(module, q, k, v, None, scaling=None)
+        out.sum().backward()
+        if on_gpu:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        used = torch.cuda.max_memory_allocated() - base if on_gpu else (_status_kb("VmHWM") - base) * 1024
+        q.grad = k.grad = v.grad = None
+        del out
+        if step:
+            times.append(elapsed)
+            peak = max(peak, used)
+    return {"length": length, "attention": attention, "call_s": statistics.median(times), "peak_bytes": int(peak)}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def call_report(args, points: list[dict]) -> list[str]:
+    lines = [f"{'length':>6} {'sdpa s/call':>12} {'S2 s/call':>10} {'tokens/s S2/sdpa':>17} {'sdpa peak MB':>13} {'S2 peak MB':>11} {'memory S2/sdpa':>15}"]
+    by = {(p["length"], p["attention"]): p for p in points}
+    for length in sorted({p["length"] for p in points}):
+        full, s2 = by[length, "full"], by[length, "s2"]
+        lines.append(
+            f"{length:>6} {full['call_s']:>12.3f} {s2['call_s']:>10.3f} {full['call_s'] / s2['call_s']:>16.2f}x "
+            f"{full['peak_bytes'] / 1e6:>13.1f} {s2['peak_bytes'] / 1e6:>11.1f} {s2['peak_bytes'] / max(full['peak_bytes'], 1):>15.2f}"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=TINY, help="'tiny' (built here) or a datagen model name / folder")
-    parser.add_argument("--lengths", default="1024,2048,4096")
+    parser.add_argument("--lengths", help="default: 4096,16384,32768 with --call, else 1024,2048,4096")
+    parser.add_argument("--call", action="store_true", help="one attention call (forward + backward) instead of a model's training step")
+    parser.add_argument("--heads", type=int, default=2, help="--call: attention heads (head_dim 64)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--group-size", type=int, help="a fixed S²-Attn group size in tokens (default: a quarter of the length)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
@@ -106,37 +180,51 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.point:
         length, attention = args.point.split(",")
-        print(json.dumps(measure(args.model, int(length), attention, args.steps, args.group_size)))
+        if args.call:
+            print(json.dumps(measure_call(int(length), attention, args.steps, args.heads)))
+        else:
+            print(json.dumps(measure(args.model, int(length), attention, args.steps, args.group_size)))
         return
+    args.lengths = args.lengths or ("4096,16384,32768" if args.call else "1024,2048,4096")
 
     started = time.perf_counter()
     load = os.getloadavg()[0]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if args.call:
+        # glibc: every allocation of 64 KiB or more is its own mapping, unmapped when freed, so the resident size
+        # follows the tensors alive (otherwise freed heap memory is reused unseen and the high-water mark lags)
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     points = []
     for length in [int(n) for n in args.lengths.split(",")]:
         for attention in ("full", "s2"):
             command = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--threads", str(args.threads),
-                       "--point", f"{length},{attention}", *(["--group-size", str(args.group_size)] if args.group_size else [])]  # fmt: skip
+                       "--point", f"{length},{attention}", *(["--group-size", str(args.group_size)] if args.group_size else []),
+                       *(["--call", "--heads", str(args.heads)] if args.call else [])]  # fmt: skip
             output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
             points.append(json.loads(output.strip().splitlines()[-1]))
-            print(f"  {length} {attention}: {points[-1]['step_s']:.2f} s", file=sys.stderr)
+            print(f"  {length} {attention}: {points[-1]['call_s' if args.call else 'step_s']:.2f} s", file=sys.stderr)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    what = (f"one attention call (forward + backward), {args.heads} heads of 64, S²-Attn groups of a quarter of the length"
+            if args.call else f"model {args.model}; S²-Attn groups: {f'{args.group_size} tokens' if args.group_size else 'a quarter of the length'}")
     lines = [
         f"$ python bench/long_context.py {' '.join(sys.argv[1:])}",
         f"commit {commit}; {device}, load average {load:.2f} at start; torch {torch.__version__}; "
-        f"{args.threads} torch thread(s); model {args.model}; S²-Attn groups: {f'{args.group_size} tokens' if args.group_size else 'a quarter of the length'}; "
-        f"{args.steps} timed steps per point; {time.perf_counter() - started:.0f} s in all",
+        f"{args.threads} torch thread(s); {what}; {args.steps} timed {'calls' if args.call else 'steps'} per point; "
+        f"{time.perf_counter() - started:.0f} s in all",
         "",
-        f"{'length':>6} {'full s/step':>12} {'S2 s/step':>10} {'speed-up':>9} {'full peak GB':>13} {'S2 peak GB':>11} {'memory ratio':>13}",
     ]
-    by = {(p["length"], p["attention"]): p for p in points}
-    for length in sorted({p["length"] for p in points}):
-        full, s2 = by[length, "full"], by[length, "s2"]
-        lines.append(
-            f"{length:>6} {full['step_s']:>12.3f} {s2['step_s']:>10.3f} {full['step_s'] / s2['step_s']:>8.2f}x "
-            f"{full['peak_bytes'] / 1e9:>13.3f} {s2['peak_bytes'] / 1e9:>11.3f} {s2['peak_bytes'] / full['peak_bytes']:>13.2f}"
-        )
+    if args.call:
+        lines += call_report(args, points)
+    else:
+        lines.append(f"{'length':>6} {'full s/step':>12} {'S2 s/step':>10} {'speed-up':>9} {'full peak GB':>13} {'S2 peak GB':>11} {'memory ratio':>13}")
+        by = {(p["length"], p["attention"]): p for p in points}
+        for length in sorted({p["length"] for p in points}):
+            full, s2 = by[length, "full"], by[length, "s2"]
+            lines.append(
+                f"{length:>6} {full['step_s']:>12.3f} {s2['step_s']:>10.3f} {full['step_s'] / s2['step_s']:>8.2f}x "
+                f"{full['peak_bytes'] / 1e9:>13.3f} {s2['peak_bytes'] / 1e9:>11.3f} {s2['peak_bytes'] / full['peak_bytes']:>13.2f}"
+            )
     report = "\n".join(lines) + "\n"
     print(report)
     if args.save:

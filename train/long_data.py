@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -66,11 +66,17 @@ def passkey_prompt(passkey: int, prefix: int, suffix: int) -> tuple[str, str]:
     return "\n".join([before, information, " ".join([FILLER] * suffix), QUESTION]), before
 
 
-def passkey_sample(count_tokens: Callable[[str], int], length: int, depth: float, rng: random.Random) -> LongSample:
-    """A passkey sample of at most `length` tokens with the key at `depth` (0..1) of the filler."""
+def passkey_sample(count_tokens: Callable[[str], int], length: int, depth: float, rng: random.Random,
+                   exclude: Set[int] = frozenset()) -> LongSample:  # fmt: skip
+    """A passkey sample of at most `length` tokens with the key at `depth` (0..1) of the filler; the key is drawn
+    again while it is in `exclude` (the training keys, for an eval)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth {depth} is outside 0..1")
+    if len(exclude) >= PASSKEY_RANGE[1] - PASSKEY_RANGE[0]:
+        raise ValueError("every passkey is excluded")
     passkey = rng.randint(*PASSKEY_RANGE)
+    while passkey in exclude:
+        passkey = rng.randint(*PASSKEY_RANGE)
     fixed = count_tokens(passkey_prompt(passkey, 0, 0)[0] + f" {passkey}")
     per_filler = count_tokens(" ".join([FILLER] * 8)) / 8
     fillers = max(0, int((length - fixed) / per_filler))

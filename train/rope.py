@@ -9,7 +9,12 @@ weights load. The saved and merged model carries it in config.json, and vLLM rea
 - linear: Position Interpolation (Chen et al. 2023, "Extending Context Window of Large Language Models via
   Positional Interpolation", section 2.2): position m is used as m / s, s = L / L_original.
 - dynamic: dynamic NTK (bloc97 and emozilla, reddit r/LocalLLaMA 2023): the RoPE base grows with the sequence
-  length once it passes the original length; shorter sequences keep the original angles.
+  length once it passes the original length; shorter sequences keep the original angles. Refused: vLLM does not
+  serve the model transformers trains. Its DynamicNTKScalingRotaryEmbedding fixes the base at the longest length
+  for every sequence (transformers keeps the original base up to the original length and grows it with each
+  sequence's length) and builds its cos/sin cache for max_position_embeddings rows only, so positions past the
+  original length read outside it (NaN log-probs past 256 positions on a tiny Llama x4). A base that depends on
+  the sequence's length cannot share one KV cache anyway, so no config makes the two agree.
 - yarn: YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large Language Models", section
   3.2-3.4): NTK-by-parts interpolation plus the attention temperature 0.1 ln(s) + 1; transformers' defaults
   beta_fast 32, beta_slow 1 are the paper's alpha and beta for Llama.
@@ -30,9 +35,15 @@ class RopeType(str, enum.Enum):
     linear = "linear"
     """Position Interpolation: every position divided by the factor."""
     dynamic = "dynamic"
-    """Dynamic NTK: the base grows with the sequence length past the original length."""
+    """Dynamic NTK: the base grows with the sequence length past the original length. Refused (DYNAMIC_REFUSED)."""
     yarn = "yarn"
     """YaRN: NTK-by-parts interpolation and an attention temperature."""
+
+
+DYNAMIC_REFUSED = (
+    "--rope dynamic: vLLM would not serve it as transformers trains it (a fixed NTK base, no positions past the "
+    "original length); use --rope yarn or --rope linear"
+)
 
 
 def scaled_rope(rope_parameters: dict[str, Any], original_length: int, context_length: int, rope: RopeType,
@@ -46,6 +57,8 @@ def scaled_rope(rope_parameters: dict[str, Any], original_length: int, context_l
     NTK reads max_position_embeddings as the pretraining length, leaving every shorter sequence unscaled
     (modeling_rope_utils.py, _compute_dynamic_ntk_parameters); its linear scaling does not read the field.
     """
+    if rope is RopeType.dynamic:
+        raise BadInput(DYNAMIC_REFUSED)
     current = rope_parameters.get("rope_type", "default")
     if current != "default":
         raise BadInput(

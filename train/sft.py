@@ -501,8 +501,11 @@ def load_model(path: str, config: TrainConfig, precision: Precision, state, mode
     on_gpu = torch.cuda.is_available()
     options: dict[str, Any] = {"dtype": torch.float32, "config": copy.deepcopy(model_config)}
     if config.s2_attn:
-        from train.s2_attn import register
+        from transformers import AutoConfig
 
+        from train.s2_attn import check_model_config, register
+
+        check_model_config(model_config if model_config is not None else AutoConfig.from_pretrained(path))
         options["attn_implementation"] = register(config.s2_group_size_ratio)
     if config.method is not Method.full and precision is Precision.bf16:
         options["dtype"] = torch.bfloat16
@@ -695,7 +698,8 @@ def token_eval_loss(model, dataset, collator, batch_size: int) -> float:
         for start in range(0, len(dataset), batch_size):
             batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
             inputs = {k: batch[k].to(model.device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-            logits = model(**inputs).logits[:, :-1].float()
+            # no cache: with one, transformers skips its packed-sequence mask and packed documents would see each other
+            logits = model(**inputs, use_cache=False).logits[:, :-1].float()
             labels = batch["labels"][:, 1:].to(logits.device)
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum").item()
             tokens += int((labels != -100).sum())

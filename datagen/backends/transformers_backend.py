@@ -35,7 +35,7 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.hf_model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
         self.hf_model.eval()
-        self.max_model_len = self.hf_model.config.max_position_embeddings
+        self.max_model_len = context_length(self.hf_model.config)
         """The context length, as vLLM's backend names it (Toolformer chunks texts to fit it)."""
 
     def render_chat(self, messages: Sequence[Message]) -> str:
@@ -170,3 +170,12 @@ class OutputPenalties(LogitsProcessor):
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
         return scores - self.presence_penalty * (counts > 0).to(scores.dtype) - self.frequency_penalty * counts
+
+
+def context_length(config) -> int:
+    """The positions the model serves, read as vLLM reads them (vllm/config/model.py, _get_and_verify_max_len):
+    max_position_embeddings, times the RoPE factor for linear and dynamic scaling, whose configs keep the
+    original length there (train/rope.py); a YaRN config already holds the scaled length."""
+    parameters = getattr(config, "rope_parameters", None) or {}
+    factor = parameters.get("factor") if parameters.get("rope_type") in ("linear", "dynamic") else None
+    return int(config.max_position_embeddings * (factor or 1.0))

@@ -38,7 +38,7 @@ def train(
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward: less memory, ~30% slower (default: on).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for adapter init, shuffling and dropout (default: 42).")] = None,
     context_length: Annotated[Optional[int], typer.Option(help="Extend the model to this many positions by RoPE scaling; --max-length defaults to it.")] = None,
-    rope: Annotated[Optional[RopeType], typer.Option(help="RoPE scaling with --context-length: linear, dynamic or yarn (default: linear).")] = None,
+    rope: Annotated[Optional[RopeType], typer.Option(help="RoPE scaling with --context-length: linear or yarn (default: linear); dynamic is refused (vLLM serves it differently).")] = None,
     rope_factor: Annotated[Optional[float], typer.Option(help="RoPE scaling factor (default: context length / the model's positions).")] = None,
     s2_attn: Annotated[Optional[bool], typer.Option("--s2-attn/--no-s2-attn", help="Train with LongLoRA's shifted sparse attention (full attention after).")] = None,
     trainable: Annotated[Optional[str], typer.Option(help="Adapters: also train these in full, comma-separated: embed,norm (LongLoRA's LoRA+).")] = None,

@@ -179,6 +179,21 @@ def test_a_killed_worker_s_run_is_finished_by_another(store_url, corpus, tmp_pat
     assert [(t.line, t.text, t.annotated) for t in texts] == [(i + 1, t, t) for i, t in enumerate(TEXTS)]  # as an uninterrupted run
 
 
+def test_bad_input_is_not_retried_and_jobs_show_prints_its_reason(store_url, corpus, tmp_path):
+    """The corpus deleted after `jobs add`: the child exits 2, once; the firing ends in ERROR with the child's line."""
+    jobs("add", "gone", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    corpus.unlink()
+    jobs("run-now", "gone", "--db", store_url)
+    log = tmp_path / "worker.log"
+    assert start_worker(store_url, log, "--once").wait(timeout=120) == 0, log.read_text()
+    text = log.read_text()
+    assert text.count("running datagen toolformer") == 1 and "exit 2, bad input, not retried" in text, text
+    [run] = job_runs(store_url, ["gone"])["gone"]
+    assert run.status == "ERROR" and run.outcome.startswith("exit 2, bad input: ") and f"{corpus}" in run.outcome, run.outcome
+    shown = jobs("show", "gone", "--db", store_url).output
+    assert f"{run.workflow_id}: {run.outcome}" in shown.splitlines(), shown
+
+
 HOLDER = """
 import sys, time
 from storage.run_lock import hold_run

@@ -61,11 +61,15 @@ def show(name: NameArg, last: Annotated[int, typer.Option(help="Runs to list.", 
     err_console.print(summary_table(f"Job {job.name}", [(k, v) for k, v in job_dict(job).items() if k != "name"]))
     table = Table(title=f"Last {len(runs)} runs", title_justify="left")
     for column in ("workflow", "status", "outcome", "worker", "created", "seconds"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # whole ids, wrapped, never cut to "sched-r-trigge..."
     for r in runs:
-        table.add_row(r.workflow_id, r.status, r.outcome or "", (r.executor or "")[:8], f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "",
+        outcome = "see below" if r.status == "ERROR" else r.outcome or ""
+        table.add_row(r.workflow_id, r.status, outcome, (r.executor or "")[:8], f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "",
                       "" if r.seconds is None else f"{r.seconds:.1f}")  # fmt: skip
     err_console.print(table)
+    for r in runs:  # the reason of each failure on its own line, whole
+        if r.status == "ERROR":
+            err_console.print(f"{r.workflow_id}: {r.outcome}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("pause")

@@ -4,8 +4,10 @@ The glue over DBOS (dbos-inc/dbos-transact-py) is the workflow below that every 
   1. plan_run (a step, so a recovered firing keeps its plan): skip the firing if the job's run is still being
      written (storage/run_lock.py), else the command line `datagen PIPELINE OPTIONS --run JOB --db URL` with the
      target raised by the job's --target;
-  2. run_pipeline (a step DBOS retries with backoff): that command in a child process. The pipeline resumes the
-     run from the store by itself, so a retried or recovered step continues where the last one stopped.
+  2. run_pipeline (a step): that command in a child process. The pipeline resumes the run from the store by itself,
+     so a retried or recovered step continues where the last one stopped. DBOS retries it with backoff only when it
+     was interrupted by something that passes (a dead writer's run lock, the store unreachable, the child killed);
+     bad input (exit 2) and a failed run (exit 1) end the workflow in ERROR with the child's last error line.
 A sharded Toolformer job (datagen/shards.py) plans one command per shard instead, each with its shard's --lines and
 run, and the firing queues each as its own workflow (run_shard, step 2 alone) on the job's queue through DBOS's
 enqueue call, then ends: the workers take the shards as they take any job run, `--concurrency` at a time each.
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dbos import DBOS
+from dbos import error as dbos_error
 from sqlalchemy import delete, insert, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
@@ -51,8 +54,9 @@ WORKER_TIMEOUT_S = float(os.environ.get("DATAGEN_WORKER_TIMEOUT", "30"))
 It beats every WORKER_TIMEOUT_S / 6."""
 
 RETRIES = 5
-"""Attempts of one job run before its workflow ends in ERROR: 1 + 4 retries, waiting RUN_LOCK_TIMEOUT_S / 2 and
-doubling, which outlasts a dead holder's run lock (a recovered run waits for it) and a short database outage."""
+"""Attempts of one job run interrupted by something that passes (JobRunInterrupted) before its workflow ends in ERROR:
+1 + 4 retries, waiting RUN_LOCK_TIMEOUT_S / 2 and doubling, which outlasts a dead holder's run lock (a recovered run
+waits for it) and a short database outage. Bad input (exit 2) and a failed run (exit 1) are not retried."""
 
 
 @dataclass
@@ -84,12 +88,20 @@ def run_job(scheduled_at: datetime, job_name: str) -> dict[str, Any]:
             DBOS.enqueue_workflow(plan["queue"], run_shard, shard["run"], shard["argv"])
         say(f"job {job_name}: queued {len(plan['shards'])} shard runs, {plan['shards'][0]['run']} to {plan['shards'][-1]['run']}")
         return {"outcome": "sharded", "run": job_name, "shards": [shard["run"] for shard in plan["shards"]]}
-    return run_pipeline(job_name, plan["argv"])
+    return run_to_end(job_name, plan["argv"])
 
 
 @DBOS.workflow(name=RUN_SHARD)
 def run_shard(run_name: str, argv: list[str]) -> dict[str, Any]:
-    return run_pipeline(run_name, argv)
+    return run_to_end(run_name, argv)
+
+
+def run_to_end(run_name: str, argv: list[str]) -> dict[str, Any]:
+    """The pipeline's step; when DBOS gives up retrying it, the workflow's error is the last attempt's, not DBOS's count."""
+    try:
+        return run_pipeline(run_name, argv)
+    except dbos_error.DBOSMaxStepRetriesExceeded as err:
+        raise JobRunFailed(f"{err.errors[-1] if err.errors else err} ({err.max_retries} attempts)") from None
 
 
 @DBOS.step()
@@ -138,10 +150,26 @@ def plan_sharded_run(engine, job: Job, url: str) -> dict[str, Any]:
 
 
 class JobRunFailed(Exception):
-    """The pipeline's command exited non-zero; DBOS retries the step with backoff."""
+    """The pipeline's command failed for a reason a retry does not fix: bad input (exit 2), or the run itself failed
+    (exit 1: too many failed batches, a model error). The workflow ends in ERROR with the child's last error line."""
 
 
-@DBOS.step(retries_allowed=True, max_attempts=RETRIES, interval_seconds=RUN_LOCK_TIMEOUT_S / 2, backoff_rate=2.0)
+class JobRunInterrupted(JobRunFailed):
+    """A failure that passes: the run still held by a writer that died (its lock expires), the store unreachable, the
+    child killed (out of memory). DBOS retries the step with backoff."""
+
+
+TRANSIENT = ("one writer per run", "cannot open the database", "database error:", "the database is locked")
+"""The last error lines of `datagen` (exit 1) that a later attempt may not meet: the run lock (storage/run_lock.py) and
+the store's connection errors (storage/store.py)."""
+
+
+def _is_transient(err: BaseException) -> bool:
+    return isinstance(err, JobRunInterrupted)
+
+
+@DBOS.step(retries_allowed=True, max_attempts=RETRIES, interval_seconds=RUN_LOCK_TIMEOUT_S / 2, backoff_rate=2.0,
+           should_retry=_is_transient)  # fmt: skip
 def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     say(f"job {job_name}: running datagen {' '.join(argv)}")
@@ -155,9 +183,14 @@ def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
     if code == 1 and tail and tail[-1].startswith("stopped before the target"):
         say(f"job {job_name}: {tail[-1]}")
         return {"outcome": "stopped", "run": job_name, "seconds": seconds, "reason": tail[-1]}
-    last = tail[-1] if tail else f"exit code {code}"
-    say(f"job {job_name}: failed after {seconds} s (exit {code}): {last}; DBOS retries it with backoff")
-    raise JobRunFailed(f"exit {code}: {last}")
+    last = tail[-1].removeprefix("error: ") if tail else "no error line"
+    if code < 0 or (code == 1 and any(mark in last for mark in TRANSIENT)):
+        cause = f"killed by signal {-code}" if code < 0 else f"exit 1: {last}"
+        say(f"job {job_name}: interrupted after {seconds} s ({cause}); DBOS retries it with backoff")
+        raise JobRunInterrupted(cause)
+    kind = "bad input" if code == 2 else "run failed"
+    say(f"job {job_name}: failed after {seconds} s (exit {code}, {kind}, not retried): {last}")
+    raise JobRunFailed(f"exit {code}, {kind}: {last}")
 
 
 def _run_child(argv: list[str]) -> tuple[int, list[str]]:

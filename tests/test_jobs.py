@@ -156,6 +156,19 @@ def test_three_workers_run_ten_due_jobs_each_exactly_once(store_url, corpus, tmp
         assert len(rows) == len(set(rows)) == 10 * len(TEXTS)
 
 
+def test_a_worker_limited_to_one_never_runs_two(store_url, corpus, tmp_path):
+    """Two due jobs on a new store: the worker's first poll already keeps its limit (set before DBOS launches)."""
+    names = ["one", "two"]
+    for name in names:
+        jobs("add", name, "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+        jobs("run-now", name, "--db", store_url)
+    log = tmp_path / "worker.log"
+    assert start_worker(store_url, log, "--once", "--concurrency", "1").wait(timeout=300) == 0, log.read_text()
+    events = [line.split("] ", 1)[1].split(":")[0] + (" start" if "running datagen" in line else " end")
+              for line in log.read_text().splitlines() if "running datagen" in line or ": completed in" in line]  # fmt: skip
+    assert len(events) == 4 and all(a.endswith("start") and b == a.replace("start", "end") for a, b in zip(events[::2], events[1::2])), events
+
+
 def test_a_killed_worker_s_run_is_finished_by_another(store_url, corpus, tmp_path):
     jobs("add", "k", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
     jobs("run-now", "k", "--db", store_url)

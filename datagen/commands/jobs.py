@@ -105,7 +105,8 @@ def run_now(name: NameArg, db: DbOption = None, as_json: JsonOption = False) -> 
 
 def worker(
     once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty instead of waiting for more.")] = False,
-    concurrency: Annotated[int, typer.Option("--concurrency", help="Job runs at a time in this worker.", min=1)] = 1,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1,
+                           help="Job runs at a time in each worker of --queue; DBOS keeps one such limit per queue, so this sets it for all its workers (default: the queue's, 1 for a new queue).")] = None,
     queue: Annotated[str, typer.Option("--queue", help="Queue to take job runs from.")] = "datagen",
     db: DbOption = None,
 ) -> None:

@@ -48,6 +48,17 @@ def dbos_client(url: str | None) -> Iterator[Any]:
         client.destroy()
 
 
+def set_worker_limit(client: Any, queue: str, concurrency: int | None) -> int:
+    """The queue's job runs at a time per worker, set (with `concurrency`) before a worker launches, so its first
+    poll already keeps it. DBOS keeps one limit per queue in the system database, read by every worker at each poll:
+    setting it sets it for every worker of the queue, so machines of different sizes take different queues."""
+    current = client.retrieve_queue(queue)
+    limit = concurrency or (current.worker_concurrency if current is not None else None) or 1
+    if current is None or current.worker_concurrency != limit:
+        client.register_queue(queue, worker_concurrency=limit, on_conflict="always_update")
+    return limit
+
+
 def get_job(session: Session, name: str) -> Job:
     job = session.exec(select(Job).where(Job.name == name)).first()
     if job is None:
@@ -66,7 +77,8 @@ def add_job(engine: Engine, url: str | None, job: JobDefinition, every: str | No
     row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target,
               shard_size=job.shard_size, queue=job.queue)  # fmt: skip
     with dbos_client(url) as client:
-        client.register_queue(job.queue, on_conflict="never_update")  # declared for the schedule; workers set its limits
+        # A new queue runs one job run per worker until a worker's --concurrency says otherwise (set_worker_limit).
+        client.register_queue(job.queue, worker_concurrency=1, on_conflict="never_update")
         client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, context=job.name, queue_name=job.queue)
         try:
             with Session(engine, expire_on_commit=False) as session:

@@ -42,7 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from datagen.console import err_console
-from datagen.jobs.schedules import APP_NAME, APP_VERSION, RUN_JOB, RUN_SHARD
+from datagen.jobs.schedules import APP_NAME, APP_VERSION, RUN_JOB, RUN_SHARD, dbos_client, set_worker_limit
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
 from storage.run_lock import holder_of
@@ -216,9 +216,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def serve(url: str | None, concurrency: int, queue: str, once: bool) -> None:
-    """Run job runs from `queue`, `concurrency` at a time, until SIGTERM (or, with `once`, until the queue is empty)."""
+def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> None:
+    """Run job runs from `queue`, `concurrency` at a time (None: the queue's limit), until SIGTERM (or, with `once`,
+    until the queue is empty)."""
     url = database_url(url)
+    with dbos_client(url) as client:
+        concurrency = set_worker_limit(client, queue, concurrency)
     engine = open_engine(url)
     _worker.url, _worker.executor_id = url, uuid.uuid4().hex
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
@@ -231,9 +234,6 @@ def serve(url: str | None, concurrency: int, queue: str, once: bool) -> None:
         handler.addFilter(_one_line)
     signal.signal(signal.SIGTERM, lambda *_: _stop(engine))
     DBOS.launch()
-    # The queue's settings live in the system database, shared by all its workers: the latest worker's --concurrency
-    # is every worker's limit on this queue.
-    DBOS.register_queue(queue, worker_concurrency=concurrency, on_conflict="always_update")
     say(f"worker {_worker.executor_id[:8]} ({holder}) on queue '{queue}', {concurrency} at a time")
     sweeper = threading.Thread(target=_beat_and_sweep, args=(engine, holder), daemon=True)
     sweeper.start()

@@ -169,7 +169,7 @@ def test_a_worker_limited_to_one_never_runs_two(store_url, corpus, tmp_path):
     assert len(events) == 4 and all(a.endswith("start") and b == a.replace("start", "end") for a, b in zip(events[::2], events[1::2])), events
 
 
-def test_a_killed_worker_s_run_is_finished_by_another(store_url, corpus, tmp_path):
+def test_a_killed_worker_s_run_is_finished_by_a_once_worker(store_url, corpus, tmp_path):
     jobs("add", "k", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
     jobs("run-now", "k", "--db", store_url)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
@@ -177,11 +177,10 @@ def test_a_killed_worker_s_run_is_finished_by_another(store_url, corpus, tmp_pat
     wait_for(lambda: "running datagen toolformer" in first_log.read_text(), 120, "the first worker started the run")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    second = start_worker(store_url, second_log)
-    try:
-        runs = wait_for(lambda: (r := job_runs(store_url, ["k"])["k"]) and r[0].status in ("SUCCESS", "ERROR") and r, 300, "run finished")
-    finally:
-        assert stop(second) == 0
+    # A cron- or Slurm-started `--once` worker: it waits for the dead worker's beat to go stale, recovers its run,
+    # finishes it, and only then exits.
+    assert start_worker(store_url, second_log, "--once").wait(timeout=300) == 0, second_log.read_text()
+    runs = job_runs(store_url, ["k"])["k"]
     log = second_log.read_text()
     assert [(r.status, r.outcome) for r in runs] == [("SUCCESS", "completed")], log
     assert "recovering the pending job runs of worker(s)" in log and "Traceback" not in log
@@ -205,6 +204,28 @@ def test_bad_input_is_not_retried_and_jobs_show_prints_its_reason(store_url, cor
     assert run.status == "ERROR" and run.outcome.startswith("exit 2, bad input: ") and f"{corpus}" in run.outcome, run.outcome
     shown = jobs("show", "gone", "--db", store_url).output
     assert f"{run.workflow_id}: {run.outcome}" in shown.splitlines(), shown
+
+
+def test_read_only_commands_register_no_version_and_another_version_s_firing_is_run(store_url, corpus, tmp_path):
+    """`jobs list` of another datagen registers nothing (it used to become the latest version, which firings go to and
+    no live worker takes). A firing queued for an older datagen whose workers were stopped (an upgrade) is rerun by a
+    worker of this version once it has waited the timeout, through DBOS's cancel and rewind."""
+    from datagen.jobs.schedules import dbos_client
+
+    jobs("add", "v", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    other = {**env(), "DATAGEN_APP_VERSION": "datagen-old"}
+    for command in (["list"], ["show", "v"]):
+        done = subprocess.run([sys.executable, "-m", "datagen.cli", "jobs", *command, "--db", store_url], capture_output=True, text=True, env=other)
+        assert done.returncode == 0, done.stderr
+    with dbos_client(store_url) as client:
+        assert client.list_application_versions() == []
+    queued = subprocess.run([sys.executable, "-m", "datagen.cli", "jobs", "run-now", "v", "--db", store_url], capture_output=True, text=True, env=other)
+    assert queued.returncode == 0, queued.stderr
+    log = tmp_path / "worker.log"
+    assert start_worker(store_url, log, "--once").wait(timeout=300) == 0, log.read_text()
+    [run] = job_runs(store_url, ["v"])["v"]
+    assert (run.status, run.outcome) == ("SUCCESS", "completed"), log.read_text()
+    assert f"job run {run.workflow_id} of datagen-old: no live worker of that version runs it" in log.read_text()
 
 
 HOLDER = """

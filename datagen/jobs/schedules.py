@@ -8,6 +8,7 @@ their outcomes are DBOS workflows, read back here for `datagen jobs list/show`.
 from __future__ import annotations
 
 import datetime as dt
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -23,8 +24,10 @@ from storage.store import database_url
 from storage.tables import Job
 
 APP_NAME = "datagen"
-APP_VERSION = f"datagen-{__version__}"
-"""Fixed, not DBOS's hash of the workflow code: workers recover each other's workflows only within one version."""
+APP_VERSION = os.environ.get("DATAGEN_APP_VERSION") or f"datagen-{__version__}"
+"""Fixed, not DBOS's hash of the workflow code. Only a worker registers it (and makes it the latest, which schedules
+fire for); a worker also reruns another version's stranded runs (datagen/jobs/worker.py). DATAGEN_APP_VERSION
+overrides it: the tests' second datagen version."""
 RUN_JOB = "run_job"
 """The workflow every schedule starts (datagen/jobs/worker.py); its context argument is the job's name."""
 RUN_SHARD = "run_shard"
@@ -39,9 +42,6 @@ def dbos_client(url: str | None) -> Iterator[Any]:
     url = database_url(url)
     DBOS.migrate(url)
     client = DBOSClient(system_database_url=url, application_name=APP_NAME)
-    # Firings are enqueued for the latest registered version, which a worker registers at launch; register it here
-    # too so `jobs run-now` works before the first worker starts (the client has no public call for it).
-    client._sys_db.create_application_version(APP_VERSION, APP_NAME)
     try:
         yield client
     finally:
@@ -118,6 +118,11 @@ def run_now(engine: Engine, url: str | None, name: str) -> str:
     with Session(engine) as session:
         get_job(session, name)
     with dbos_client(url) as client:
+        if not client.list_application_versions():
+            # Firings go to the latest version a worker registered. Before any worker ever started there is none, and
+            # DBOSClient has no public call to register one: this is the only private DBOS call left, and it never
+            # registers a version over a worker's.
+            client._sys_db.create_application_version(APP_VERSION, APP_NAME)
         return client.trigger_schedule(name).get_workflow_id()
 
 

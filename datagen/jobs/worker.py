@@ -11,10 +11,12 @@ The glue over DBOS (dbos-inc/dbos-transact-py) is the workflow below that every 
 A sharded Toolformer job (datagen/shards.py) plans one command per shard instead, each with its shard's --lines and
 run, and the firing queues each as its own workflow (run_shard, step 2 alone) on the job's queue through DBOS's
 enqueue call, then ends: the workers take the shards as they take any job run, `--concurrency` at a time each.
-DBOS provides the queue (per-worker concurrency), the schedules, the retries and the recovery of this process's
-own pending workflows at restart. What self-hosted DBOS leaves out is a worker that dies and never comes back: its
-workflows stay pending under its executor id. So each worker heartbeats into `worker_beat`, and a live worker
-recovers, through DBOS's recovery call, the pending workflows of every executor whose beat is stale.
+DBOS provides the queue (its per-worker concurrency limit, set before launch), the schedules, the retries and the
+recovery of this process's own pending workflows at restart. What self-hosted DBOS leaves out is a worker that dies and
+never comes back: its workflows stay pending under its executor id. So each worker heartbeats into `worker_beat`, and
+a live worker puts back on the queue, through DBOS's public cancel and rewind calls, the pending workflows of every
+worker whose beat is stale, and the workflows of another datagen version that no worker of it takes (an upgrade or a
+rollback; README, "Upgrading workers"). A `--once` worker sweeps before it exits.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class _Worker:
 
     url: str = ""
     executor_id: str = ""
+    queue: str = ""
     stopping: threading.Event = field(default_factory=threading.Event)
     children: set[subprocess.Popen] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -218,14 +221,15 @@ def _die_with_parent() -> None:
 
 def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> None:
     """Run job runs from `queue`, `concurrency` at a time (None: the queue's limit), until SIGTERM (or, with `once`,
-    until the queue is empty)."""
+    until nothing is queued or stranded)."""
     url = database_url(url)
     with dbos_client(url) as client:
         concurrency = set_worker_limit(client, queue, concurrency)
     engine = open_engine(url)
-    _worker.url, _worker.executor_id = url, uuid.uuid4().hex
+    _worker.url, _worker.executor_id, _worker.queue = url, uuid.uuid4().hex, queue
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
     _beat(engine, holder)  # before DBOS takes work, so no live worker takes this one for dead
+    started = time.time()
     DBOS(config={"name": APP_NAME, "system_database_url": url, "executor_id": _worker.executor_id,
                  "application_version": APP_VERSION, "log_level": "WARNING",
                  "scheduler_polling_interval_sec": 5})  # fmt: skip
@@ -234,17 +238,25 @@ def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> N
         handler.addFilter(_one_line)
     signal.signal(signal.SIGTERM, lambda *_: _stop(engine))
     DBOS.launch()
-    say(f"worker {_worker.executor_id[:8]} ({holder}) on queue '{queue}', {concurrency} at a time")
-    sweeper = threading.Thread(target=_beat_and_sweep, args=(engine, holder), daemon=True)
-    sweeper.start()
-    idle = 0
-    while not _worker.stopping.wait(1.0):
-        if once:
-            idle = idle + 1 if not _has_work(queue) else 0
-            if idle >= 3:
-                say("queue empty: exiting (--once)")
+    # Schedules fire for the latest registered version: this one from now on, after an upgrade and after a rollback.
+    DBOS.set_latest_application_version(APP_VERSION)
+    say(f"worker {_worker.executor_id[:8]} ({holder}, {APP_VERSION}) on queue '{queue}', {concurrency} at a time")
+    if once:
+        # --once (cron, Slurm): sweep first, then run until nothing is queued, running here, or stranded by a dead
+        # worker whose beat has not yet gone stale (it never beats again after this worker started).
+        idle = 0
+        while not _worker.stopping.is_set():
+            _beat_and_sweep_once(engine, holder)
+            idle = idle + 1 if not _has_work(engine, started) else 0
+            if idle >= 2:
+                say("nothing queued or stranded: exiting (--once)")
                 DBOS.destroy()
                 return
+            _worker.stopping.wait(min(1.0, WORKER_TIMEOUT_S / 6))
+        return
+    sweeper = threading.Thread(target=_beat_and_sweep, args=(engine, holder), daemon=True)
+    sweeper.start()
+    _worker.stopping.wait()
 
 
 def _one_line(record: logging.LogRecord) -> bool:
@@ -257,9 +269,15 @@ def _one_line(record: logging.LogRecord) -> bool:
     return True
 
 
-def _has_work(queue: str) -> bool:
-    waiting = DBOS.list_workflows(status=["ENQUEUED", "PENDING"], load_input=False, load_output=False)
-    return any((w.status == "ENQUEUED" and w.queue_name == queue) or w.executor_id == _worker.executor_id for w in waiting)
+def _has_work(engine, started: float) -> bool:
+    """Queued on this queue (any version), running here, or pending under a worker that has not beaten since this
+    one started (dead, or about to be found dead: a live worker beats every WORKER_TIMEOUT_S / 6)."""
+    waiting = DBOS.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=_worker.queue, load_input=False, load_output=False)
+    if any(w.status == "ENQUEUED" or w.executor_id == _worker.executor_id for w in waiting):
+        return True
+    with Session(engine) as session:
+        beating = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at > started)).all())
+    return any(w.executor_id not in beating for w in waiting)
 
 
 def _stop(engine) -> None:
@@ -291,22 +309,13 @@ def _beat(engine, holder: str) -> None:
 
 
 def _beat_and_sweep(engine, holder: str) -> None:
-    """Heartbeat, and recover the pending workflows of executors without a fresh beat; an unreachable store is retried
-    with doubling waits, one line each, and said when it is back."""
+    """Every WORKER_TIMEOUT_S / 6: heartbeat and sweep; an unreachable store is retried with doubling waits, one line
+    each, and said when it is back."""
     every = WORKER_TIMEOUT_S / 6
     wait, failing = every, False
     while not _worker.stopping.wait(wait):
         try:
-            _beat(engine, holder)
-            with Session(engine) as session:
-                fresh = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at >= time.time() - WORKER_TIMEOUT_S)).all())
-            pending = DBOS.list_workflows(status="PENDING", load_input=False, load_output=False)
-            stale = sorted({w.executor_id for w in pending if w.executor_id and w.executor_id not in fresh})
-            if stale:
-                say(f"recovering the pending job runs of worker(s) {', '.join(s[:8] for s in stale)} (no heartbeat for {WORKER_TIMEOUT_S:.0f} s)")
-                DBOS._recover_pending_workflows(stale)
-                with engine.begin() as connection:
-                    connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id.in_(stale)))
+            _beat_and_sweep_once(engine, holder)
             if failing:
                 say("store reachable again")
             wait, failing = every, False
@@ -314,3 +323,42 @@ def _beat_and_sweep(engine, holder: str) -> None:
             wait, failing = min(wait * 2, 60.0), True
             first = str(getattr(err, "orig", None) or err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             say(f"store unreachable ({first}); retrying in {wait:.0f} s")
+
+
+def _beat_and_sweep_once(engine, holder: str) -> None:
+    """Heartbeat, then put back on the queue, for any worker of this version, each workflow that no live worker will
+    finish: pending under a worker whose beat is stale (dead), or of another datagen version and queued longer than the
+    timeout or pending under a dead worker (after an upgrade or a rollback; see README, "Upgrading workers").
+    Through DBOS's public calls: cancel it, then rewind it to its first unfinished step on this version and queue,
+    so its finished steps (the plan) are kept and the queue's concurrency limit holds for it."""
+    _beat(engine, holder)
+    with Session(engine) as session:
+        fresh = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at >= time.time() - WORKER_TIMEOUT_S)).all())
+    waiting = DBOS.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=_worker.queue, load_input=False, load_output=False)
+    now_ms = time.time() * 1000
+    stranded = [w for w in waiting
+                if (w.status == "PENDING" and w.executor_id not in fresh)
+                or (w.status == "ENQUEUED" and w.app_version != APP_VERSION and now_ms - (w.created_at or now_ms) > WORKER_TIMEOUT_S * 1000)]  # fmt: skip
+    dead = sorted({w.executor_id[:8] for w in stranded if w.status == "PENDING" and w.executor_id})
+    if dead:
+        say(f"recovering the pending job runs of worker(s) {', '.join(dead)} (no heartbeat for {WORKER_TIMEOUT_S:.0f} s)")
+    for w in stranded:
+        if w.app_version != APP_VERSION:
+            say(f"job run {w.workflow_id} of {w.app_version}: no live worker of that version runs it; rerun here as {APP_VERSION}")
+        _requeue(w.workflow_id)
+    if dead:
+        with engine.begin() as connection:
+            connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id.in_([w.executor_id for w in stranded if w.executor_id])))
+
+
+def _requeue(workflow_id: str) -> None:
+    steps = DBOS.list_workflow_steps(workflow_id)
+    finished = [s["function_id"] for s in steps if s["completed_at_epoch_ms"] is not None or s["output"] is not None or s["error"] is not None]
+    start = 1
+    while start in finished:
+        start += 1
+    DBOS.cancel_workflow(workflow_id)
+    try:
+        DBOS.rewind_workflow(workflow_id, start_step=start, application_version=APP_VERSION, queue_name=_worker.queue)
+    except Exception as err:  # another sweeper rewound it first
+        say(f"job run {workflow_id}: not requeued ({str(err).splitlines()[0]})")

@@ -67,9 +67,12 @@ def show(name: NameArg, last: Annotated[int, typer.Option(help="Runs to list.", 
         table.add_row(r.workflow_id, r.status, outcome, (r.executor or "")[:8], f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "",
                       "" if r.seconds is None else f"{r.seconds:.1f}")  # fmt: skip
     err_console.print(table)
-    for r in runs:  # the reason of each failure on its own line, whole
+    for r in runs:  # the reason of each failure on its own line, whole; a sharded firing's shard runs
         if r.status == "ERROR":
             err_console.print(f"{r.workflow_id}: {r.outcome}", markup=False, highlight=False, soft_wrap=True)
+        if len(r.parts) > 1:
+            for part in r.parts:
+                err_console.print(f"  {part.run}: {part.status} {part.outcome or ''}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("pause")

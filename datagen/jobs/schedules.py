@@ -30,6 +30,8 @@ fire for); a worker also reruns another version's stranded runs (datagen/jobs/wo
 overrides it: the tests' second datagen version."""
 RUN_JOB = "run_job"
 """The workflow every schedule starts (datagen/jobs/worker.py); its context argument is the job's name."""
+JOB_RUN = "job_run"
+"""The workflow of one run of a job that a firing queues, deduplicated on the run's name."""
 RUN_SHARD = "run_shard"
 """The workflow a sharded job's firing queues for each shard (datagen/shards.py), a child of the firing."""
 
@@ -127,18 +129,31 @@ def run_now(engine: Engine, url: str | None, name: str) -> str:
 
 
 @dataclass
+class RunPart:
+    """A run workflow a firing queued: the job's run, or one shard's."""
+
+    run: str
+    workflow_id: str
+    status: str
+    outcome: str | None
+    """completed, stopped, skipped; the error for ERROR."""
+
+
+@dataclass
 class JobRun:
-    """One firing of a job: a DBOS workflow and, once it ended, what the worker returned or raised."""
+    """One firing of a job, as the operator reads it: the firing's DBOS workflow, and the status and outcome of the
+    run(s) it queued, which the firing itself does not wait for."""
 
     workflow_id: str
     status: str
-    """DBOS's: ENQUEUED, PENDING (running), SUCCESS, ERROR, CANCELLED, ..."""
+    """DBOS's, of the firing's runs once it queued them: ENQUEUED, PENDING (running), SUCCESS, ERROR, CANCELLED."""
     outcome: str | None
-    """completed, stopped, skipped (the previous run was still going) or sharded (its shard runs were queued); the
-    error for ERROR."""
+    """completed, stopped, skipped (the previous run was still queued or running) or sharded; the error for ERROR."""
     executor: str | None
     created_at: dt.datetime | None
     seconds: float | None
+    """From the first run's start to the last one's end: the time run, not the time queued."""
+    parts: list[RunPart]
 
 
 def next_due(job: Job, now: dt.datetime | None = None) -> dt.datetime | None:
@@ -148,17 +163,48 @@ def next_due(job: Job, now: dt.datetime | None = None) -> dt.datetime | None:
 
 
 def job_runs(url: str | None, names: list[str], limit: int = 10) -> dict[str, list[JobRun]]:
-    """The latest firings of each job, newest first."""
+    """The latest firings of each job, newest first, each with the runs it queued."""
     if not names:
         return {}
+    runs = {}
     with dbos_client(url) as client:
-        return {name: [_job_run(w) for w in client.list_workflows(schedule_name=name, sort_desc=True, limit=limit,
-                                                                   load_input=False)]
-                for name in names}  # fmt: skip
+        for name in names:
+            firings = client.list_workflows(schedule_name=name, sort_desc=True, limit=limit, load_input=False)
+            runs[name] = [_job_run(f, client.list_workflows(parent_workflow_id=f.workflow_id) if _queued(f) else []) for f in firings]
+    return runs
 
 
-def _job_run(w) -> JobRun:
-    created = dt.datetime.fromtimestamp(w.created_at / 1000, dt.timezone.utc) if w.created_at else None
-    seconds = (w.updated_at - w.created_at) / 1000 if w.status in ("SUCCESS", "ERROR") and w.created_at and w.updated_at else None
-    outcome = w.output.get("outcome") if isinstance(w.output, dict) else (str(w.error) if w.error else None)
-    return JobRun(workflow_id=w.workflow_id, status=w.status, outcome=outcome, executor=w.executor_id, created_at=created, seconds=seconds)
+def _queued(w) -> bool:
+    return w.status == "SUCCESS" and isinstance(w.output, dict) and w.output.get("outcome") in ("queued", "sharded")
+
+
+def _run_name(w) -> str:
+    """A run workflow's first argument is its run's name (job_run: the job's; run_shard: the shard's)."""
+    args = w.input.get("args") if isinstance(w.input, dict) else None
+    return str(args[0]) if args else w.workflow_id
+
+
+def _outcome(w) -> str | None:
+    return w.output.get("outcome") if isinstance(w.output, dict) else (str(w.error) if w.error else None)
+
+
+def _job_run(firing, children: list) -> JobRun:
+    created = dt.datetime.fromtimestamp(firing.created_at / 1000, dt.timezone.utc) if firing.created_at else None
+    parts = [RunPart(run=_run_name(w), workflow_id=w.workflow_id, status=w.status, outcome=_outcome(w)) for w in children]
+    if not _queued(firing):
+        seconds = (firing.updated_at - firing.created_at) / 1000 if firing.status in ("SUCCESS", "ERROR") and firing.updated_at and firing.created_at else None
+        return JobRun(workflow_id=firing.workflow_id, status=firing.status, outcome=_outcome(firing), executor=firing.executor_id,
+                      created_at=created, seconds=seconds, parts=parts)  # fmt: skip
+    statuses = {w.status for w in children}
+    status = next((s for s in ("PENDING", "ENQUEUED", "ERROR", "CANCELLED") if s in statuses), "SUCCESS" if children else firing.status)
+    failed = next((w for w in children if w.status == "ERROR"), None)
+    if firing.output["outcome"] == "sharded":
+        outcome = "sharded" if failed is None else f"sharded: {_run_name(failed)}: {failed.error}"
+    else:
+        outcome = _outcome(children[0]) if children else None
+    starts = [w.dequeued_at for w in children if w.dequeued_at]
+    ends = [w.completed_at for w in children if w.completed_at]
+    seconds = (max(ends) - min(starts)) / 1000 if status in ("SUCCESS", "ERROR") and starts and ends else None
+    executor = children[0].executor_id if len(children) == 1 else None
+    return JobRun(workflow_id=firing.workflow_id, status=status, outcome=outcome, executor=executor, created_at=created,
+                  seconds=seconds, parts=parts)  # fmt: skip

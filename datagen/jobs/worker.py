@@ -1,16 +1,18 @@
 """`datagen worker`: a DBOS process that runs the job runs its queue hands it, each as the pipeline's own command.
 
-The glue over DBOS (dbos-inc/dbos-transact-py) is the workflow below that every job's schedule starts:
-  1. plan_run (a step, so a recovered firing keeps its plan): skip the firing if the job's run is still being
-     written (storage/run_lock.py), else the command line `datagen PIPELINE OPTIONS --run JOB --db URL` with the
-     target raised by the job's --target;
+The glue over DBOS (dbos-inc/dbos-transact-py) is two workflows. Every job's schedule starts a firing (run_job),
+which queues the job's run as its own workflow (job_run) with DBOS's deduplication id set to the run's name: while that
+run is queued or running, DBOS refuses a second one, and the firing is recorded `skipped`. The run:
+  1. plan_run (a step, so a recovered run keeps its plan): skip it if a command outside the jobs writes the run
+     (storage/run_lock.py), else the command line `datagen PIPELINE OPTIONS --run JOB --db URL` with the target
+     raised by the job's --target from where the run is now;
   2. run_pipeline (a step): that command in a child process. The pipeline resumes the run from the store by itself,
      so a retried or recovered step continues where the last one stopped. DBOS retries it with backoff only when it
      was interrupted by something that passes (a dead writer's run lock, the store unreachable, the child killed);
      bad input (exit 2) and a failed run (exit 1) end the workflow in ERROR with the child's last error line.
 A sharded Toolformer job (datagen/shards.py) plans one command per shard instead, each with its shard's --lines and
-run, and the firing queues each as its own workflow (run_shard, step 2 alone) on the job's queue through DBOS's
-enqueue call, then ends: the workers take the shards as they take any job run, `--concurrency` at a time each.
+run, and the firing queues each as its own workflow (run_shard, step 2 alone), deduplicated on the shard's run name:
+the workers take the shards as they take any job run, the queue's limit at a time each.
 DBOS provides the queue (its per-worker concurrency limit, set before launch), the schedules, the retries and the
 recovery of this process's own pending workflows at restart. What self-hosted DBOS leaves out is a worker that dies and
 never comes back: its workflows stay pending under its executor id. So each worker heartbeats into `worker_beat`, and
@@ -37,14 +39,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dbos import DBOS
+from dbos import DBOS, SetEnqueueOptions
 from dbos import error as dbos_error
 from sqlalchemy import delete, insert, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from datagen.console import err_console
-from datagen.jobs.schedules import APP_NAME, APP_VERSION, RUN_JOB, RUN_SHARD, dbos_client, set_worker_limit
+from datagen.jobs.schedules import APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, set_worker_limit
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
 from storage.run_lock import holder_of
@@ -82,20 +84,45 @@ def say(message: str) -> None:
 
 @DBOS.workflow(name=RUN_JOB)
 def run_job(scheduled_at: datetime, job_name: str) -> dict[str, Any]:
+    """A firing: queue the job's run (or each shard's run) as its own workflow, deduplicated by DBOS on the run's
+    name, so a run is in one workflow at a time: a firing while the previous run is queued or running is skipped."""
+    plan = plan_firing(job_name)
+    if "skipped" in plan:
+        say(f"job {job_name}: skipped ({plan['skipped']})")
+        return {"outcome": "skipped", "reason": plan["skipped"], "run": job_name}
+    queued, skipped = [], []
+    for run in plan["runs"]:
+        try:
+            with SetEnqueueOptions(deduplication_id=run["run"]):
+                if run["argv"] is None:
+                    DBOS.enqueue_workflow(plan["queue"], job_run, job_name)
+                else:
+                    DBOS.enqueue_workflow(plan["queue"], run_shard, run["run"], run["argv"])
+            queued.append(run["run"])
+        except dbos_error.DBOSQueueDeduplicatedError:
+            skipped.append(run["run"])
+    if not queued:
+        reason = f"its previous run is still queued or running: {', '.join(skipped)}"
+        say(f"job {job_name}: skipped ({reason})")
+        return {"outcome": "skipped", "reason": reason, "run": job_name}
+    say(f"job {job_name}: queued {', '.join(queued)}" + (f"; skipped {', '.join(skipped)} (still queued or running)" if skipped else ""))
+    return {"outcome": "sharded" if plan["sharded"] else "queued", "run": job_name, "queued": queued, "skipped": skipped}
+
+
+@DBOS.workflow(name=JOB_RUN)
+def job_run(job_name: str) -> dict[str, Any]:
+    """The job's run: planned now that it is the only workflow of its run (the target raised from where the run is)."""
     plan = plan_run(job_name)
     if "skipped" in plan:
         say(f"job {job_name}: skipped ({plan['skipped']})")
         return {"outcome": "skipped", "reason": plan["skipped"], "run": job_name}
-    if "shards" in plan:
-        for shard in plan["shards"]:
-            DBOS.enqueue_workflow(plan["queue"], run_shard, shard["run"], shard["argv"])
-        say(f"job {job_name}: queued {len(plan['shards'])} shard runs, {plan['shards'][0]['run']} to {plan['shards'][-1]['run']}")
-        return {"outcome": "sharded", "run": job_name, "shards": [shard["run"] for shard in plan["shards"]]}
     return run_to_end(job_name, plan["argv"])
 
 
 @DBOS.workflow(name=RUN_SHARD)
 def run_shard(run_name: str, argv: list[str]) -> dict[str, Any]:
+    if (holder := holder_of(open_engine(_worker.url), run_name)) is not None:  # a command outside the jobs writes it
+        return {"outcome": "skipped", "reason": f"written by {holder}", "run": run_name}
     return run_to_end(run_name, argv)
 
 
@@ -108,14 +135,31 @@ def run_to_end(run_name: str, argv: list[str]) -> dict[str, Any]:
 
 
 @DBOS.step()
+def plan_firing(job_name: str) -> dict[str, Any]:
+    """The runs a firing queues: the job's run, or one per shard of the corpus as it is now, with its command line."""
+    engine = open_engine(_worker.url)
+    with Session(engine) as session:
+        job = session.exec(select(Job).where(Job.name == job_name)).first()
+    if job is None:
+        return {"skipped": "the job was removed"}
+    if job.shard_size is None:
+        return {"queue": job.queue, "sharded": False, "runs": [{"run": job.name, "argv": None}]}
+    from datagen.jobs.definition import pipeline_params
+    from pipelines.toolformer import read_corpus
+
+    shards = plan_shards(job.name, read_corpus(Path(pipeline_params(job.pipeline, job.args)["corpus"])), job.shard_size)
+    return {"queue": job.queue, "sharded": True,
+            "runs": [{"run": s.run, "argv": [job.pipeline, *job.args, "--lines", s.lines, "--run", s.run, "--db", _worker.url]} for s in shards]}  # fmt: skip
+
+
+@DBOS.step()
 def plan_run(job_name: str) -> dict[str, Any]:
+    """The command line; skipped while a command outside the jobs writes the run (storage/run_lock.py)."""
     engine = open_engine(_worker.url)
     with Session(engine) as session:
         job = session.exec(select(Job).where(Job.name == job_name)).first()
         if job is None:
             return {"skipped": "the job was removed"}
-        if job.shard_size is not None:
-            return plan_sharded_run(engine, job, _worker.url)
         holder = holder_of(engine, job.name)
         if holder is not None:
             return {"skipped": f"its previous run is still going, written by {holder}"}
@@ -137,19 +181,6 @@ def pipeline_argv(session: Session, job: Job, url: str) -> list[str]:
         else:
             argv += ["--num-instructions", str((run.accepted if run else 0) + job.target)]
     return argv
-
-
-def plan_sharded_run(engine, job: Job, url: str) -> dict[str, Any]:
-    """One command line per shard of the job's corpus as it is now; skipped while a shard run is still being written."""
-    from datagen.jobs.definition import pipeline_params
-    from pipelines.toolformer import read_corpus
-
-    shards = plan_shards(job.name, read_corpus(Path(pipeline_params(job.pipeline, job.args)["corpus"])), job.shard_size)
-    for shard in shards:
-        if (holder := holder_of(engine, shard.run)) is not None:
-            return {"skipped": f"its previous run is still going: {shard.run}, written by {holder}"}
-    return {"queue": job.queue,
-            "shards": [{"run": s.run, "argv": [job.pipeline, *job.args, "--lines", s.lines, "--run", s.run, "--db", url]} for s in shards]}  # fmt: skip
 
 
 class JobRunFailed(Exception):

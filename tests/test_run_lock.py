@@ -85,6 +85,49 @@ def test_a_dead_holder_on_another_machine_releases_after_the_timeout(store_url):
         pass
 
 
+WRITER = """
+import sys, time
+from sqlmodel import Session, select
+from storage.run_lock import hold_run
+from storage.store import open_engine
+from storage.tables import Run
+engine = open_engine(sys.argv[1])
+with hold_run(engine, "w"), Session(engine) as session:
+    run = session.exec(select(Run).where(Run.name == "w")).one()
+    while True:
+        run.accepted += 1
+        session.add(run)
+        session.commit()
+        print("committed", run.accepted, flush=True)
+        time.sleep(0.2)
+"""
+
+
+def test_a_writer_paused_past_the_timeout_commits_nothing_after_waking(store_url):
+    """SIGSTOP past the timeout, another process takes the run over, SIGCONT: the paused writer's next commit is
+    refused in its own transaction (the fencing check), so the run has one writer's batches only."""
+    engine = open_engine(store_url)
+    with Session(engine) as session:
+        session.add(Run(name="w", pipeline="generate", config={}, model="m", backend="b"))
+        session.commit()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, store_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        assert writer.stdout.readline().startswith("committed"), writer.stderr.read()
+        writer.send_signal(signal.SIGSTOP)
+        time.sleep(TIMEOUT + 1)
+        with hold_run(engine, "w", timeout_s=TIMEOUT):  # taken over: the writer's heartbeat is stale
+            with Session(engine) as session:
+                before = session.exec(select(Run.accepted).where(Run.name == "w")).one()
+            writer.send_signal(signal.SIGCONT)
+            _, stderr = writer.communicate(timeout=60)
+            with Session(engine) as session:
+                after = session.exec(select(Run.accepted).where(Run.name == "w")).one()
+    finally:
+        writer.kill()
+    assert writer.returncode == 1 and "LeaseLost" in stderr and "committing nothing more" in stderr, stderr
+    assert after == before
+
+
 def test_toolformer_refuses_a_held_run(db_url):
     holder = start_holder(db_url, "tf")
     try:

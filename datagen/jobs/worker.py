@@ -49,7 +49,7 @@ from datagen.console import err_console
 from datagen.jobs.schedules import APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, set_worker_limit
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
-from storage.run_lock import holder_of
+from storage.run_lock import holder_of, server_now
 from storage.store import database_url, find_run, open_engine
 from storage.tables import Job, WorkerBeat
 
@@ -70,6 +70,11 @@ class _Worker:
     url: str = ""
     executor_id: str = ""
     queue: str = ""
+    last_beat: float = 0.0
+    trusted_from: float = 0.0
+    """Server time before which this worker declares no other worker dead: one timeout after its own beats resumed
+    from a gap (it was paused, or the database was unreachable to it or to all: a failover), so that the others have
+    had the time to beat again."""
     stopping: threading.Event = field(default_factory=threading.Event)
     children: set[subprocess.Popen] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -259,8 +264,7 @@ def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> N
     engine = open_engine(url)
     _worker.url, _worker.executor_id, _worker.queue = url, uuid.uuid4().hex, queue
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
-    _beat(engine, holder)  # before DBOS takes work, so no live worker takes this one for dead
-    started = time.time()
+    started = _beat(engine, holder)  # before DBOS takes work, so no live worker takes this one for dead
     DBOS(config={"name": APP_NAME, "system_database_url": url, "executor_id": _worker.executor_id,
                  "application_version": APP_VERSION, "log_level": "WARNING",
                  "scheduler_polling_interval_sec": 5})  # fmt: skip
@@ -331,12 +335,16 @@ def _stop(engine) -> None:
     os._exit(0)
 
 
-def _beat(engine, holder: str) -> None:
-    """Refresh this worker's row, or insert it again if a sweeper took this worker for dead and deleted it."""
+def _beat(engine, holder: str) -> float:
+    """Refresh this worker's row, or insert it again if a sweeper took this worker for dead and deleted it; returns
+    the beat's time. Beats are the database server's clock (storage/run_lock.py's server_now): no clock skew between
+    machines makes a live worker look dead."""
     with engine.begin() as connection:
-        values = {"holder": holder, "beat_at": time.time()}
+        now = connection.execute(select(server_now(engine))).scalar_one()
+        values = {"holder": holder, "beat_at": now}
         if not connection.execute(update(WorkerBeat).where(WorkerBeat.executor_id == _worker.executor_id).values(**values)).rowcount:
             connection.execute(insert(WorkerBeat).values(executor_id=_worker.executor_id, **values))
+    return float(now)
 
 
 def _beat_and_sweep(engine, holder: str) -> None:
@@ -362,11 +370,16 @@ def _beat_and_sweep_once(engine, holder: str) -> None:
     timeout or pending under a dead worker (after an upgrade or a rollback; see README, "Upgrading workers").
     Through DBOS's public calls: cancel it, then rewind it to its first unfinished step on this version and queue,
     so its finished steps (the plan) are kept and the queue's concurrency limit holds for it."""
-    _beat(engine, holder)
+    now = _beat(engine, holder)
+    last, _worker.last_beat = _worker.last_beat, now
+    if now - last > WORKER_TIMEOUT_S / 2:  # this worker was itself paused or cut off: others may not have beaten yet
+        _worker.trusted_from = now + WORKER_TIMEOUT_S
     with Session(engine) as session:
-        fresh = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at >= time.time() - WORKER_TIMEOUT_S)).all())
+        fresh = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at >= now - WORKER_TIMEOUT_S)).all())
+    if now < _worker.trusted_from:
+        fresh |= {w.executor_id for w in DBOS.list_workflows(status="PENDING", queue_name=_worker.queue, load_input=False, load_output=False)}
     waiting = DBOS.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=_worker.queue, load_input=False, load_output=False)
-    now_ms = time.time() * 1000
+    now_ms = now * 1000
     stranded = [w for w in waiting
                 if (w.status == "PENDING" and w.executor_id not in fresh)
                 or (w.status == "ENQUEUED" and w.app_version != APP_VERSION and now_ms - (w.created_at or now_ms) > WORKER_TIMEOUT_S * 1000)]  # fmt: skip

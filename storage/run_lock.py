@@ -130,7 +130,7 @@ def hold_run(engine: Engine, run_name: str | None, timeout_s: float = TIMEOUT_S)
 
 def _fence(engine: Engine, run_name: str, token: str, timeout_s: float, lost: threading.Event):
     def check(session: OrmSession) -> None:
-        if session.get_bind() is not engine:
+        if session.bind is not engine:
             return
         if not lost.is_set():
             query = select(RunLock.run_name).where(RunLock.run_name == run_name, RunLock.token == token,

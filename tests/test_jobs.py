@@ -108,6 +108,12 @@ def test_bad_definitions_are_refused_before_anything_is_stored(tmp_path, args, m
     assert not db.exists()
 
 
+def test_list_and_show_refuse_a_store_that_does_not_exist(tmp_path):
+    for command in (["list"], ["show", "j"]):
+        assert "no database at" in jobs(*command, "--db", f"sqlite:///{tmp_path / 'typo.db'}", code=2).output
+    assert not (tmp_path / "typo.db").exists()
+
+
 def test_add_list_show_pause_resume_remove(db_url, corpus):
     added = json.loads(jobs("add", "tf", "toolformer", "--every", "6h", "--target", "2", "--db", db_url, "--json", "--", "--corpus", str(corpus)).stdout)
     assert (added[0]["cron"], added[0]["target"], added[0]["enabled"]) == ("0 0 */6 * * *", 2, True)
@@ -202,7 +208,9 @@ def test_a_killed_worker_s_run_is_finished_by_a_once_worker(store_url, corpus, t
 
 def test_bad_input_is_not_retried_and_jobs_show_prints_its_reason(store_url, corpus, tmp_path):
     """The corpus deleted after `jobs add`: the child exits 2, once; the firing ends in ERROR with the child's line."""
-    jobs("add", "gone", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    alerts = tmp_path / "alerts.txt"
+    jobs("add", "gone", "toolformer", "--every", "1d", "--on-failure", f'echo "$DATAGEN_JOB: $DATAGEN_REASON" >> {alerts}', "--db", store_url,
+         "--", "--corpus", str(corpus), *NO_MODEL)  # fmt: skip
     corpus.unlink()
     jobs("run-now", "gone", "--db", store_url)
     log = tmp_path / "worker.log"
@@ -213,6 +221,7 @@ def test_bad_input_is_not_retried_and_jobs_show_prints_its_reason(store_url, cor
     assert run.status == "ERROR" and run.outcome.startswith("exit 2, bad input: ") and f"{corpus}" in run.outcome, run.outcome
     shown = jobs("show", "gone", "--db", store_url).output
     assert f"{run.workflow_id}: {run.outcome}" in shown.splitlines(), shown
+    assert alerts.read_text() == f"gone: run gone failed: {run.outcome}\n"  # --on-failure, once
 
 
 def test_read_only_commands_register_no_version_and_another_version_s_firing_is_run(store_url, corpus, tmp_path):
@@ -235,6 +244,31 @@ def test_read_only_commands_register_no_version_and_another_version_s_firing_is_
     [run] = job_runs(store_url, ["v"])["v"]
     assert (run.status, run.outcome) == ("SUCCESS", "completed"), log.read_text()
     assert f"job run {run.workflow_id} of datagen-old: no live worker of that version runs it" in log.read_text()
+
+
+def test_firings_missed_while_no_worker_ran_are_recorded_and_run_per_the_job_s_policy(db_url, corpus, tmp_path):
+    """Two jobs due daily at 03:00, added three days ago, no worker since: `--backfill latest` runs the latest missed
+    firing late, `--backfill none` none; both record the three missed firings."""
+    from datetime import timedelta
+
+    from storage.tables import utcnow
+
+    for name, policy in (("late", "latest"), ("skip", "none")):
+        jobs("add", name, "toolformer", "--cron", "0 3 * * *", "--backfill", policy, "--db", db_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    engine = open_engine(db_url)
+    with Session(engine) as session:
+        for job in session.exec(select(Job)).all():
+            job.created_at = utcnow() - timedelta(days=3, hours=1)
+            session.add(job)
+        session.commit()
+    log = tmp_path / "worker.log"
+    assert start_worker(db_url, log, "--once").wait(timeout=300) == 0, log.read_text()
+    runs = job_runs(db_url, ["late", "skip"])
+    assert [(r.status, r.outcome) for r in runs["late"]] == [("SUCCESS", "completed")] and runs["skip"] == [], log.read_text()
+    shown = {name: json.loads(jobs("show", name, "--db", db_url, "--json").stdout)["missed"] for name in ("late", "skip")}
+    assert [m["backfilled"] for m in shown["late"]] == [True, False, False] and [m["backfilled"] for m in shown["skip"]] == [False] * 3
+    assert all("T03:00:00" in m["scheduled_at"] for m in shown["late"] + shown["skip"]), shown
+    assert "job late: 3 firing(s) missed while no worker ran" in log.read_text()
 
 
 HOLDER = """
@@ -542,3 +576,25 @@ def test_sigterm_to_a_command_in_a_terminal_stops_after_its_batch_and_a_rerun_re
         run = session.exec(select(Run).where(Run.name == "t")).one()
         assert (run.status, run.accepted) == ("completed", 4)
     assert committed_batches(db_url, "t") == COMPLETED
+
+
+def test_cancel_stops_a_running_job_run_after_its_batch_in_flight(db_url, slow_model, tmp_path):
+    jobs("add", "c", "self-instruct", "--every", "1d", "--db", db_url, "--", *slow_model)
+    jobs("run-now", "c", "--db", db_url)
+    log = tmp_path / "worker.log"
+    worker = start_worker(db_url, log)
+    try:
+        wait_for(lambda: committed_batches(db_url, "c"), 180, "a first batch committed")
+        assert "cancelled 1 queued or running workflow(s)" in jobs("cancel", "c", "--db", db_url).output
+
+        def stopped():
+            with Session(open_engine(db_url)) as session:
+                return session.exec(select(Run.status).where(Run.name == "c")).one() == "stopped"
+
+        wait_for(stopped, 60, "the run stored stopped")
+    finally:
+        assert stop(worker) == 0
+    assert "cancelled; its command stops after its batch in flight" in log.read_text()
+    [firing] = job_runs(db_url, ["c"])["c"]
+    assert firing.status == "CANCELLED"
+    assert committed_batches(db_url, "c") == whole_batches(max(b for b, _ in committed_batches(db_url, "c")))  # none half stored

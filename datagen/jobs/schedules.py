@@ -21,7 +21,7 @@ from datagen import __version__
 from datagen.errors import BadInput
 from datagen.jobs.definition import JobDefinition
 from storage.store import database_url
-from storage.tables import Job
+from storage.tables import Job, JobMissed
 
 APP_NAME = "datagen"
 APP_VERSION = os.environ.get("DATAGEN_APP_VERSION") or f"datagen-{__version__}"
@@ -37,12 +37,14 @@ RUN_SHARD = "run_shard"
 
 
 @contextmanager
-def dbos_client(url: str | None) -> Iterator[Any]:
-    """A DBOS client on the store's database, its system tables created first (the client itself never migrates)."""
+def dbos_client(url: str | None, migrate: bool = True) -> Iterator[Any]:
+    """A DBOS client on the store's database, its system tables created first (the client itself never migrates);
+    readers pass migrate=False: a store with jobs has them."""
     from dbos import DBOS, DBOSClient
 
     url = database_url(url)
-    DBOS.migrate(url)
+    if migrate:
+        DBOS.migrate(url)
     client = DBOSClient(system_database_url=url, application_name=APP_NAME)
     try:
         yield client
@@ -59,6 +61,16 @@ def set_worker_limit(client: Any, queue: str, concurrency: int | None) -> int:
     if current is None or current.worker_concurrency != limit:
         client.register_queue(queue, worker_concurrency=limit, on_conflict="always_update")
     return limit
+
+
+def schedule_context(context: Any) -> tuple[str, str]:
+    """(job name, backfill policy) from a schedule's context; a job added before --backfill has its name only."""
+    return (context["job"], context.get("backfill", "latest")) if isinstance(context, dict) else (str(context), "latest")
+
+
+def on_failure_command(context: Any) -> str | None:
+    """The job's --on-failure shell command, kept in its schedule's context with the backfill policy."""
+    return context.get("on_failure") if isinstance(context, dict) else None
 
 
 def get_job(session: Session, name: str) -> Job:
@@ -81,7 +93,8 @@ def add_job(engine: Engine, url: str | None, job: JobDefinition, every: str | No
     with dbos_client(url) as client:
         # A new queue runs one job run per worker until a worker's --concurrency says otherwise (set_worker_limit).
         client.register_queue(job.queue, worker_concurrency=1, on_conflict="never_update")
-        client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, context=job.name, queue_name=job.queue)
+        client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, queue_name=job.queue,
+                               context={"job": job.name, "backfill": job.backfill, "on_failure": job.on_failure})  # fmt: skip
         try:
             with Session(engine, expire_on_commit=False) as session:
                 session.add(row)
@@ -128,6 +141,27 @@ def run_now(engine: Engine, url: str | None, name: str) -> str:
         return client.trigger_schedule(name).get_workflow_id()
 
 
+def cancel_runs(engine: Engine, url: str | None, name: str) -> list[str]:
+    """Cancel the job's queued and running firings and runs (its shards' too); a worker running one stops its command
+    after the batch in flight, which stores the run `stopped`. Returns the workflow ids cancelled."""
+    with Session(engine) as session:
+        job = get_job(session, name)
+    with dbos_client(url, migrate=False) as client:
+        active = client.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=job.queue, load_output=False)
+        ids = [w.workflow_id for w in active if _of_job(w, name)]
+        for workflow_id in ids:
+            client.cancel_workflow(workflow_id)
+    return ids
+
+
+def _of_job(w, name: str) -> bool:
+    """A firing of the job, its run, or one of its shards' runs."""
+    if w.schedule_name == name:
+        return True
+    run = _run_name(w)
+    return w.name in (JOB_RUN, RUN_SHARD) and (run == name or run.startswith(f"{name}.shard-"))
+
+
 @dataclass
 class RunPart:
     """A run workflow a firing queued: the job's run, or one shard's."""
@@ -156,6 +190,12 @@ class JobRun:
     parts: list[RunPart]
 
 
+def missed_firings(engine: Engine, name: str, limit: int = 10) -> list[JobMissed]:
+    """The job's firings that fell while no worker ran, newest first (datagen/jobs/worker.py backfill)."""
+    with Session(engine) as session:
+        return list(session.exec(select(JobMissed).where(JobMissed.job == name).order_by(JobMissed.scheduled_at.desc()).limit(limit)).all())
+
+
 def next_due(job: Job, now: dt.datetime | None = None) -> dt.datetime | None:
     if not job.enabled:
         return None
@@ -167,7 +207,7 @@ def job_runs(url: str | None, names: list[str], limit: int = 10) -> dict[str, li
     if not names:
         return {}
     runs = {}
-    with dbos_client(url) as client:
+    with dbos_client(url, migrate=False) as client:
         for name in names:
             firings = client.list_workflows(schedule_name=name, sort_desc=True, limit=limit, load_input=False)
             runs[name] = [_job_run(f, client.list_workflows(parent_workflow_id=f.workflow_id) if _queued(f) else []) for f in firings]

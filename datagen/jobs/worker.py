@@ -35,7 +35,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +46,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from datagen.console import err_console
-from datagen.jobs.schedules import APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, set_worker_limit
+from datagen.jobs.schedules import APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, on_failure_command, schedule_context, set_worker_limit
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
 from storage.run_lock import holder_of, server_now
 from storage.store import database_url, find_run, open_engine
-from storage.tables import Job, WorkerBeat
+from storage.tables import Job, JobMissed, WorkerBeat
 
 WORKER_TIMEOUT_S = float(os.environ.get("DATAGEN_WORKER_TIMEOUT", "30"))
 """A worker whose heartbeat is older than this is taken for dead and its workflows are recovered by another.
@@ -76,7 +76,8 @@ class _Worker:
     from a gap (it was paused, or the database was unreachable to it or to all: a failover), so that the others have
     had the time to beat again."""
     stopping: threading.Event = field(default_factory=threading.Event)
-    children: set[subprocess.Popen] = field(default_factory=set)
+    children: dict[subprocess.Popen, str] = field(default_factory=dict)
+    """Each running pipeline command, with the workflow it runs for."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -88,9 +89,10 @@ def say(message: str) -> None:
 
 
 @DBOS.workflow(name=RUN_JOB)
-def run_job(scheduled_at: datetime, job_name: str) -> dict[str, Any]:
+def run_job(scheduled_at: datetime, context: Any) -> dict[str, Any]:
     """A firing: queue the job's run (or each shard's run) as its own workflow, deduplicated by DBOS on the run's
     name, so a run is in one workflow at a time: a firing while the previous run is queued or running is skipped."""
+    job_name, _ = schedule_context(context)
     plan = plan_firing(job_name)
     if "skipped" in plan:
         say(f"job {job_name}: skipped ({plan['skipped']})")
@@ -132,11 +134,32 @@ def run_shard(run_name: str, argv: list[str]) -> dict[str, Any]:
 
 
 def run_to_end(run_name: str, argv: list[str]) -> dict[str, Any]:
-    """The pipeline's step; when DBOS gives up retrying it, the workflow's error is the last attempt's, not DBOS's count."""
+    """The pipeline's step; when DBOS gives up retrying it, the workflow's error is the last attempt's, not DBOS's count.
+    A failure runs the job's --on-failure command."""
     try:
         return run_pipeline(run_name, argv)
     except dbos_error.DBOSMaxStepRetriesExceeded as err:
-        raise JobRunFailed(f"{err.errors[-1] if err.errors else err} ({err.max_retries} attempts)") from None
+        failure = JobRunFailed(f"{err.errors[-1] if err.errors else err} ({err.max_retries} attempts)")
+    except JobRunFailed as err:
+        failure = err
+    alert(run_name.split(".shard-")[0], f"run {run_name} failed: {failure}")
+    raise failure
+
+
+@DBOS.step()
+def alert(job_name: str, reason: str) -> None:
+    """The job's --on-failure command, if it has one (a step: run once, not again when the workflow is recovered)."""
+    schedule = DBOS.get_schedule(job_name)
+    command = on_failure_command(schedule["context"]) if schedule else None
+    if not command:
+        return
+    try:
+        done = subprocess.run(command, shell=True, env={**os.environ, "DATAGEN_JOB": job_name, "DATAGEN_REASON": reason},
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        if done.returncode:
+            say(f"job {job_name}: --on-failure exited {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+    except subprocess.TimeoutExpired:
+        say(f"job {job_name}: --on-failure still running after 60 s; left behind")
 
 
 @DBOS.step()
@@ -212,7 +235,7 @@ def _is_transient(err: BaseException) -> bool:
 def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     say(f"job {job_name}: running datagen {' '.join(argv)}")
-    code, tail = _run_child(argv)
+    code, tail = _run_child(argv, DBOS.workflow_id or "")
     if _worker.stopping.is_set():
         threading.Event().wait()  # shutting down: record nothing, the workflow stays pending for recovery
     seconds = round(time.monotonic() - started, 1)
@@ -232,13 +255,13 @@ def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
     raise JobRunFailed(f"exit {code}, {kind}: {last}")
 
 
-def _run_child(argv: list[str]) -> tuple[int, list[str]]:
+def _run_child(argv: list[str], workflow_id: str) -> tuple[int, list[str]]:
     """Run `datagen ARGV`, its stderr passed through, dying with this process (kill -9 of the worker kills it)."""
     env = {**os.environ, "DATAGEN_HOLDER": f"worker {_worker.executor_id[:8]}"}
     child = subprocess.Popen([sys.executable, "-m", "datagen.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
     with _worker.lock:
-        _worker.children.add(child)
+        _worker.children[child] = workflow_id
     tail: deque[str] = deque(maxlen=5)
     for line in child.stderr:
         sys.stderr.write(line)
@@ -246,7 +269,7 @@ def _run_child(argv: list[str]) -> tuple[int, list[str]]:
             tail.append(line.strip())
     code = child.wait()
     with _worker.lock:
-        _worker.children.discard(child)
+        _worker.children.pop(child, None)
     return code, list(tail)
 
 
@@ -276,6 +299,7 @@ def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> N
     # Schedules fire for the latest registered version: this one from now on, after an upgrade and after a rollback.
     DBOS.set_latest_application_version(APP_VERSION)
     say(f"worker {_worker.executor_id[:8]} ({holder}, {APP_VERSION}) on queue '{queue}', {concurrency} at a time")
+    backfill(engine, queue, started)
     if once:
         # --once (cron, Slurm): sweep first, then run until nothing is queued, running here, or stranded by a dead
         # worker whose beat has not yet gone stale (it never beats again after this worker started).
@@ -286,12 +310,57 @@ def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> N
             if idle >= 2:
                 say("nothing queued or stranded: exiting (--once)")
                 DBOS.destroy()
+                with engine.begin() as connection:  # gone for good: no row left behind
+                    connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id == _worker.executor_id))
                 return
             _worker.stopping.wait(min(1.0, WORKER_TIMEOUT_S / 6))
         return
     sweeper = threading.Thread(target=_beat_and_sweep, args=(engine, holder), daemon=True)
     sweeper.start()
     _worker.stopping.wait()
+
+
+MAX_MISSED = 1000
+"""Missed firings looked at per job (the latest ones): a 30 s job down for a month is not 86,400 rows."""
+
+
+def backfill(engine, queue: str, started: float) -> None:
+    """The firings of this queue's active jobs that fell while no worker ran (after the schedule last fired, or the
+    job was added, and before this worker started): each recorded in `job_missed`, and run late as the job's
+    --backfill says (latest, all, none) through DBOS's backfill call, whose workflow ids are the live scheduler's, so
+    two workers starting at once queue each firing once."""
+    from croniter import croniter
+    from sqlalchemy.exc import IntegrityError
+
+    with Session(engine) as session:
+        jobs = {j.name: j for j in session.exec(select(Job).where(Job.queue == queue, Job.enabled)).all()}
+    until = datetime.fromtimestamp(started - 10, timezone.utc)  # a firing due in the last seconds is the scheduler's
+    for schedule in DBOS.list_schedules(status="ACTIVE"):
+        name, policy = schedule_context(schedule["context"])
+        job = jobs.get(schedule["schedule_name"])
+        if job is None:
+            continue
+        since = datetime.fromisoformat(schedule["last_fired_at"]) if schedule["last_fired_at"] else job.created_at
+        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        due, missed = croniter(job.schedule, until, second_at_beginning=True), []
+        while len(missed) < MAX_MISSED and (t := due.get_prev(datetime)) > since:
+            missed.append(t)
+        late = missed if policy == "all" else missed[:1] if policy == "latest" else []
+        for t in late:
+            DBOS.backfill_schedule(schedule["schedule_name"], t - timedelta(milliseconds=1), t + timedelta(milliseconds=1))
+        recorded = 0
+        for t in missed:
+            try:
+                with Session(engine) as session:
+                    session.add(JobMissed(job=name, scheduled_at=t, backfilled=t in late))
+                    session.commit()
+                recorded += 1
+            except IntegrityError:
+                pass  # recorded by another worker starting at the same time
+        if recorded:
+            alert(name, f"{len(missed)} firing(s) missed while no worker ran, the latest due {missed[0]:%Y-%m-%d %H:%M:%S} UTC; {len(late)} run late")
+            say(f"job {name}: {len(missed)} firing(s) missed while no worker ran, the latest due {missed[0]:%Y-%m-%d %H:%M:%S} UTC; "
+                f"--backfill {policy}: {len(late)} run late")  # fmt: skip
 
 
 def _one_line(record: logging.LogRecord) -> bool:
@@ -390,9 +459,28 @@ def _beat_and_sweep_once(engine, holder: str) -> None:
         if w.app_version != APP_VERSION:
             say(f"job run {w.workflow_id} of {w.app_version}: no live worker of that version runs it; rerun here as {APP_VERSION}")
         _requeue(w.workflow_id)
+    _stop_cancelled()
     if dead:
         with engine.begin() as connection:
             connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id.in_([w.executor_id for w in stranded if w.executor_id])))
+
+
+def _stop_cancelled() -> None:
+    """SIGTERM (stop after the batch in flight) each pipeline command whose workflow is no longer this worker's:
+    cancelled (`datagen jobs cancel`), or requeued by another worker that took this one for dead while it was stalled."""
+    with _worker.lock:
+        running = dict(_worker.children)
+    if not running:
+        return
+    states = {w.workflow_id: w for w in DBOS.list_workflows(workflow_ids=list(running.values()), load_input=False, load_output=False)}
+    for child, workflow_id in running.items():
+        w = states.get(workflow_id)
+        if w is not None and (w.status == "CANCELLED" or (w.status in ("ENQUEUED", "PENDING") and w.executor_id != _worker.executor_id)):
+            why = "cancelled" if w.status == "CANCELLED" else "taken over by another worker"
+            say(f"job run {workflow_id}: {why}; its command stops after its batch in flight")
+            with _worker.lock:
+                _worker.children.pop(child, None)
+            child.send_signal(signal.SIGTERM)
 
 
 def _requeue(workflow_id: str) -> None:

@@ -5,7 +5,7 @@ PostgreSQL: what scheduling a job run costs on top of the pipeline it runs.
     python bench/workers.py --jobs 30 --concurrency 1 --poll 1   # `datagen worker`'s defaults
 
 Each worker is a process configured as `datagen worker` configures DBOS (datagen/jobs/worker.py: one queue, listened
-to, with a per-worker concurrency), running an empty workflow in place of `run_job`, whose real body is a pipeline
+to, its per-worker concurrency set before launch), running an empty workflow in place of `run_job`, whose real body is a pipeline
 command that runs for minutes. All jobs are enqueued through a DBOS client, the workers started, and the clock runs from the first
 job's dequeue to the last one's completion (DBOS's own timestamps); workers start one after another, so the first
 fraction of a second of a many-worker figure has fewer workers. Per-job overhead is the worker time one job
@@ -31,17 +31,20 @@ QUEUE = "bench"
 
 
 def worker(url: str, concurrency: int, poll: float) -> None:
-    from dbos import DBOS
+    from dbos import DBOS, DBOSClient
 
     @DBOS.workflow(name="empty")
     def empty(i: int) -> int:
         return i
 
+    client = DBOSClient(system_database_url=url, application_name="datagen-bench")
+    # As `datagen worker` does (datagen/jobs/schedules.py set_worker_limit): the limit set before launch.
+    client.register_queue(QUEUE, worker_concurrency=concurrency, polling_interval_sec=poll, on_conflict="always_update")
+    client.destroy()
     DBOS(config={"name": "datagen-bench", "system_database_url": url, "executor_id": uuid.uuid4().hex,
                  "application_version": "bench", "log_level": "WARNING"})  # fmt: skip
     DBOS.listen_queues([QUEUE])
     DBOS.launch()
-    DBOS.register_queue(QUEUE, worker_concurrency=concurrency, polling_interval_sec=poll)
     print("ready", flush=True)
     signal.sigwait([signal.SIGTERM])
     os._exit(0)

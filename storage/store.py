@@ -15,6 +15,7 @@ datagen ignores it, so SCHEMA_VERSION stays. Changing an existing table's column
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlmodel import Session, SQLModel, create_engine, select
 
 from datagen.errors import BadInput, Stopped, StoreError
@@ -237,6 +238,23 @@ def get_run(session: Session, run: str | int) -> Run:
 
 def find_run(session: Session, name: str) -> Run | None:
     return session.exec(select(Run).where(Run.name == name)).first()
+
+
+def default_run_name(pipeline: str) -> str:
+    """`PIPELINE-YYYYMMDD-HHMMSS-xxxxxx`: the start time for people, and 6 random hex digits so that processes started
+    in the same second (a shell loop, a worker's shards) never share a name."""
+    return f"{pipeline}-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def add_run(session: Session, run: Run) -> Run:
+    """Store a new run; a name another process stored first is one line (exit 2), not an IntegrityError traceback."""
+    session.add(run)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise BadInput(f"--run: a run named '{run.name}' exists already in this store; choose another name") from None
+    return run
 
 
 def touch(run: Run, **changes) -> None:

@@ -279,6 +279,21 @@ class Job(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class JobMissed(SQLModel, table=True):
+    """A firing of a job that fell while no worker ran (datagen/jobs/worker.py backfill), whether the job's backfill
+    policy ran it late or not."""
+
+    __tablename__ = "job_missed"
+    __table_args__ = (UniqueConstraint("job", "scheduled_at"),)
+    id: int | None = Field(default=None, primary_key=True)
+    job: str = Field(index=True)
+    scheduled_at: datetime
+    """When it was due (UTC)."""
+    backfilled: bool
+    """Run late (policy `all`, or the latest one under `latest`), or only recorded (`none`, the older ones under `latest`)."""
+    recorded_at: datetime = Field(default_factory=utcnow)
+
+
 class WorkerBeat(SQLModel, table=True):
     """A live `datagen worker`'s heartbeat; workflows of an executor whose beat is stale are recovered by another."""
 

@@ -108,6 +108,12 @@ def test_bad_definitions_are_refused_before_anything_is_stored(tmp_path, args, m
     assert not db.exists()
 
 
+def test_list_and_show_refuse_a_store_that_does_not_exist(tmp_path):
+    for command in (["list"], ["show", "j"]):
+        assert "no database at" in jobs(*command, "--db", f"sqlite:///{tmp_path / 'typo.db'}", code=2).output
+    assert not (tmp_path / "typo.db").exists()
+
+
 def test_add_list_show_pause_resume_remove(db_url, corpus):
     added = json.loads(jobs("add", "tf", "toolformer", "--every", "6h", "--target", "2", "--db", db_url, "--json", "--", "--corpus", str(corpus)).stdout)
     assert (added[0]["cron"], added[0]["target"], added[0]["enabled"]) == ("0 0 */6 * * *", 2, True)
@@ -156,7 +162,29 @@ def test_three_workers_run_ten_due_jobs_each_exactly_once(store_url, corpus, tmp
         assert len(rows) == len(set(rows)) == 10 * len(TEXTS)
 
 
-def test_a_killed_worker_s_run_is_finished_by_another(store_url, corpus, tmp_path):
+def test_a_worker_limited_to_one_never_runs_two_and_two_firings_make_one_run(store_url, corpus, tmp_path):
+    """Two due jobs on a new store, one of them fired twice: the worker's first poll already keeps its limit (set
+    before DBOS launches), and DBOS refuses the second firing's run while the first is queued (deduplication id = the
+    run's name), so the run reaches its target once."""
+    jobs("add", "one", "toolformer", "--every", "1d", "--target", "1", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    jobs("add", "two", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    for name in ("one", "one", "two"):
+        jobs("run-now", name, "--db", store_url)
+    log = tmp_path / "worker.log"
+    assert start_worker(store_url, log, "--once", "--concurrency", "1").wait(timeout=300) == 0, log.read_text()
+    events = [line.split("] ", 1)[1].split(":")[0] + (" start" if "running datagen" in line else " end")
+              for line in log.read_text().splitlines() if "running datagen" in line or ": completed in" in line]  # fmt: skip
+    assert sorted(events) == ["job one end", "job one start", "job two end", "job two start"], log.read_text()
+    assert all(a.endswith("start") and b == a.replace("start", "end") for a, b in zip(events[::2], events[1::2])), events
+    runs = job_runs(store_url, ["one", "two"])
+    assert sorted((r.status, r.outcome) for r in runs["one"]) == [("SUCCESS", "completed"), ("SUCCESS", "skipped")], log.read_text()
+    assert [(r.status, r.outcome) for r in runs["two"]] == [("SUCCESS", "completed")]
+    with Session(open_engine(store_url)) as session:
+        run = session.exec(select(Run).where(Run.name == "one")).one()
+        assert len(session.exec(select(ToolformerText).where(ToolformerText.run_id == run.id)).all()) == 1  # --target 1, once
+
+
+def test_a_killed_worker_s_run_is_finished_by_a_once_worker(store_url, corpus, tmp_path):
     jobs("add", "k", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
     jobs("run-now", "k", "--db", store_url)
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
@@ -164,11 +192,10 @@ def test_a_killed_worker_s_run_is_finished_by_another(store_url, corpus, tmp_pat
     wait_for(lambda: "running datagen toolformer" in first_log.read_text(), 120, "the first worker started the run")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    second = start_worker(store_url, second_log)
-    try:
-        runs = wait_for(lambda: (r := job_runs(store_url, ["k"])["k"]) and r[0].status in ("SUCCESS", "ERROR") and r, 300, "run finished")
-    finally:
-        assert stop(second) == 0
+    # A cron- or Slurm-started `--once` worker: it waits for the dead worker's beat to go stale, recovers its run,
+    # finishes it, and only then exits.
+    assert start_worker(store_url, second_log, "--once").wait(timeout=300) == 0, second_log.read_text()
+    runs = job_runs(store_url, ["k"])["k"]
     log = second_log.read_text()
     assert [(r.status, r.outcome) for r in runs] == [("SUCCESS", "completed")], log
     assert "recovering the pending job runs of worker(s)" in log and "Traceback" not in log
@@ -177,6 +204,71 @@ def test_a_killed_worker_s_run_is_finished_by_another(store_url, corpus, tmp_pat
         texts = session.exec(select(ToolformerText).where(ToolformerText.run_id == run.id).order_by(ToolformerText.line)).all()
     assert run.status == "completed"
     assert [(t.line, t.text, t.annotated) for t in texts] == [(i + 1, t, t) for i, t in enumerate(TEXTS)]  # as an uninterrupted run
+
+
+def test_bad_input_is_not_retried_and_jobs_show_prints_its_reason(store_url, corpus, tmp_path):
+    """The corpus deleted after `jobs add`: the child exits 2, once; the firing ends in ERROR with the child's line."""
+    alerts = tmp_path / "alerts.txt"
+    jobs("add", "gone", "toolformer", "--every", "1d", "--on-failure", f'echo "$DATAGEN_JOB: $DATAGEN_REASON" >> {alerts}', "--db", store_url,
+         "--", "--corpus", str(corpus), *NO_MODEL)  # fmt: skip
+    corpus.unlink()
+    jobs("run-now", "gone", "--db", store_url)
+    log = tmp_path / "worker.log"
+    assert start_worker(store_url, log, "--once").wait(timeout=120) == 0, log.read_text()
+    text = log.read_text()
+    assert text.count("running datagen toolformer") == 1 and "exit 2, bad input, not retried" in text, text
+    [run] = job_runs(store_url, ["gone"])["gone"]
+    assert run.status == "ERROR" and run.outcome.startswith("exit 2, bad input: ") and f"{corpus}" in run.outcome, run.outcome
+    shown = jobs("show", "gone", "--db", store_url).output
+    assert f"{run.workflow_id}: {run.outcome}" in shown.splitlines(), shown
+    assert alerts.read_text() == f"gone: run gone failed: {run.outcome}\n"  # --on-failure, once
+
+
+def test_read_only_commands_register_no_version_and_another_version_s_firing_is_run(store_url, corpus, tmp_path):
+    """`jobs list` of another datagen registers nothing (it used to become the latest version, which firings go to and
+    no live worker takes). A firing queued for an older datagen whose workers were stopped (an upgrade) is rerun by a
+    worker of this version once it has waited the timeout, through DBOS's cancel and rewind."""
+    from datagen.jobs.schedules import dbos_client
+
+    jobs("add", "v", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    other = {**env(), "DATAGEN_APP_VERSION": "datagen-old"}
+    for command in (["list"], ["show", "v"]):
+        done = subprocess.run([sys.executable, "-m", "datagen.cli", "jobs", *command, "--db", store_url], capture_output=True, text=True, env=other)
+        assert done.returncode == 0, done.stderr
+    with dbos_client(store_url) as client:
+        assert client.list_application_versions() == []
+    queued = subprocess.run([sys.executable, "-m", "datagen.cli", "jobs", "run-now", "v", "--db", store_url], capture_output=True, text=True, env=other)
+    assert queued.returncode == 0, queued.stderr
+    log = tmp_path / "worker.log"
+    assert start_worker(store_url, log, "--once").wait(timeout=300) == 0, log.read_text()
+    [run] = job_runs(store_url, ["v"])["v"]
+    assert (run.status, run.outcome) == ("SUCCESS", "completed"), log.read_text()
+    assert f"job run {run.workflow_id} of datagen-old: no live worker of that version runs it" in log.read_text()
+
+
+def test_firings_missed_while_no_worker_ran_are_recorded_and_run_per_the_job_s_policy(db_url, corpus, tmp_path):
+    """Two jobs due daily at 03:00, added three days ago, no worker since: `--backfill latest` runs the latest missed
+    firing late, `--backfill none` none; both record the three missed firings."""
+    from datetime import timedelta
+
+    from storage.tables import utcnow
+
+    for name, policy in (("late", "latest"), ("skip", "none")):
+        jobs("add", name, "toolformer", "--cron", "0 3 * * *", "--backfill", policy, "--db", db_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    engine = open_engine(db_url)
+    with Session(engine) as session:
+        for job in session.exec(select(Job)).all():
+            job.created_at = utcnow() - timedelta(days=3, hours=1)
+            session.add(job)
+        session.commit()
+    log = tmp_path / "worker.log"
+    assert start_worker(db_url, log, "--once").wait(timeout=300) == 0, log.read_text()
+    runs = job_runs(db_url, ["late", "skip"])
+    assert [(r.status, r.outcome) for r in runs["late"]] == [("SUCCESS", "completed")] and runs["skip"] == [], log.read_text()
+    shown = {name: json.loads(jobs("show", name, "--db", db_url, "--json").stdout)["missed"] for name in ("late", "skip")}
+    assert [m["backfilled"] for m in shown["late"]] == [True, False, False] and [m["backfilled"] for m in shown["skip"]] == [False] * 3
+    assert all("T03:00:00" in m["scheduled_at"] for m in shown["late"] + shown["skip"]), shown
+    assert "job late: 3 firing(s) missed while no worker ran" in log.read_text()
 
 
 HOLDER = """
@@ -290,31 +382,23 @@ def test_an_e2e_job_runs_the_tiny_loop_and_a_second_firing_resumes_it(db_url, tm
 SIX = [*TEXTS, "The cat slept on the warm windowsill.", "Rain fell softly on the quiet town.", "He read a long letter from home."]
 
 
-def shard_workflows(url: str, firing: str) -> list[tuple[str, str, str | None]]:
-    """(run, status, outcome) of each shard workflow a firing queued."""
-    from datagen.jobs.schedules import dbos_client
-
-    with dbos_client(url) as client:
-        children = client.list_workflows(parent_workflow_id=firing)
-    return sorted((w.input["args"][0], w.status, w.output.get("outcome") if isinstance(w.output, dict) else None) for w in children)
-
-
-def test_a_sharded_job_runs_each_shard_once_on_two_workers(store_url, tmp_path):
+def test_two_firings_of_a_sharded_job_run_each_shard_once_on_two_workers(store_url, tmp_path):
     corpus = tmp_path / "six.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in SIX), encoding="utf-8")
     added = json.loads(jobs("add", "sh", "toolformer", "--every", "1d", "--shard-size", "2", "--db", store_url, "--json", "--",
                             "--corpus", str(corpus), "--batch-size", "1", *NO_MODEL).stdout)  # fmt: skip
     assert added[0]["shard_size"] == 2
     jobs("run-now", "sh", "--db", store_url)
+    jobs("run-now", "sh", "--db", store_url)  # fired again while its shards are queued: DBOS refuses them a second time
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
     workers = [start_worker(store_url, log, "--once", timeout=60) for log in logs]
     codes = [w.wait(timeout=600) for w in workers]
     texts = [log.read_text() for log in logs]
     assert codes == [0, 0], texts
-    [firing] = job_runs(store_url, ["sh"])["sh"]
-    assert (firing.status, firing.outcome) == ("SUCCESS", "sharded")
+    firings = job_runs(store_url, ["sh"])["sh"]
+    assert [f.status for f in firings] == ["SUCCESS", "SUCCESS"] and "sharded" in {f.outcome for f in firings}, texts
     shards = [f"sh.shard-{k:04d}" for k in range(3)]
-    assert shard_workflows(store_url, firing.workflow_id) == [(name, "SUCCESS", "completed") for name in shards]
+    assert sorted((p.run, p.status, p.outcome) for f in firings for p in f.parts) == [(name, "SUCCESS", "completed") for name in shards]
     assert all("".join(texts).count(f"--run {name} ") == 1 for name in shards), texts  # each shard started once
     assert all("--run sh.shard-" in text for text in texts), texts  # both workers took shards
     with Session(open_engine(store_url)) as session:
@@ -492,3 +576,25 @@ def test_sigterm_to_a_command_in_a_terminal_stops_after_its_batch_and_a_rerun_re
         run = session.exec(select(Run).where(Run.name == "t")).one()
         assert (run.status, run.accepted) == ("completed", 4)
     assert committed_batches(db_url, "t") == COMPLETED
+
+
+def test_cancel_stops_a_running_job_run_after_its_batch_in_flight(db_url, slow_model, tmp_path):
+    jobs("add", "c", "self-instruct", "--every", "1d", "--db", db_url, "--", *slow_model)
+    jobs("run-now", "c", "--db", db_url)
+    log = tmp_path / "worker.log"
+    worker = start_worker(db_url, log)
+    try:
+        wait_for(lambda: committed_batches(db_url, "c"), 180, "a first batch committed")
+        assert "cancelled 1 queued or running workflow(s)" in jobs("cancel", "c", "--db", db_url).output
+
+        def stopped():
+            with Session(open_engine(db_url)) as session:
+                return session.exec(select(Run.status).where(Run.name == "c")).one() == "stopped"
+
+        wait_for(stopped, 60, "the run stored stopped")
+    finally:
+        assert stop(worker) == 0
+    assert "cancelled; its command stops after its batch in flight" in log.read_text()
+    [firing] = job_runs(db_url, ["c"])["c"]
+    assert firing.status == "CANCELLED"
+    assert committed_batches(db_url, "c") == whole_batches(max(b for b, _ in committed_batches(db_url, "c")))  # none half stored

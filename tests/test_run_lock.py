@@ -5,16 +5,22 @@ loads; the holder's heartbeat keeps it held past the timeout; a holder killed wi
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from sqlmodel import Session, select
 
 from storage.run_lock import RunHeld, hold_run
 from storage.store import open_engine
+from storage.tables import Run
 from tests.conftest import REPO, SEEDS
 
 TIMEOUT = 2.0
@@ -79,6 +85,49 @@ def test_a_dead_holder_on_another_machine_releases_after_the_timeout(store_url):
         pass
 
 
+WRITER = """
+import sys, time
+from sqlmodel import Session, select
+from storage.run_lock import hold_run
+from storage.store import open_engine
+from storage.tables import Run
+engine = open_engine(sys.argv[1])
+with hold_run(engine, "w"), Session(engine) as session:
+    run = session.exec(select(Run).where(Run.name == "w")).one()
+    while True:
+        run.accepted += 1
+        session.add(run)
+        session.commit()
+        print("committed", run.accepted, flush=True)
+        time.sleep(0.2)
+"""
+
+
+def test_a_writer_paused_past_the_timeout_commits_nothing_after_waking(store_url):
+    """SIGSTOP past the timeout, another process takes the run over, SIGCONT: the paused writer's next commit is
+    refused in its own transaction (the fencing check), so the run has one writer's batches only."""
+    engine = open_engine(store_url)
+    with Session(engine) as session:
+        session.add(Run(name="w", pipeline="generate", config={}, model="m", backend="b"))
+        session.commit()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, store_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        assert writer.stdout.readline().startswith("committed"), writer.stderr.read()
+        writer.send_signal(signal.SIGSTOP)
+        time.sleep(TIMEOUT + 1)
+        with hold_run(engine, "w", timeout_s=TIMEOUT):  # taken over: the writer's heartbeat is stale
+            with Session(engine) as session:
+                before = session.exec(select(Run.accepted).where(Run.name == "w")).one()
+            writer.send_signal(signal.SIGCONT)
+            _, stderr = writer.communicate(timeout=60)
+            with Session(engine) as session:
+                after = session.exec(select(Run.accepted).where(Run.name == "w")).one()
+    finally:
+        writer.kill()
+    assert writer.returncode == 1 and "LeaseLost" in stderr and "committing nothing more" in stderr, stderr
+    assert after == before
+
+
 def test_toolformer_refuses_a_held_run(db_url):
     holder = start_holder(db_url, "tf")
     try:
@@ -93,3 +142,43 @@ def test_other_runs_and_unnamed_runs_are_not_held(db_url):
     engine = open_engine(db_url)
     with hold_run(engine, "a"), hold_run(engine, "b"), hold_run(engine, None), hold_run(engine, None):
         pass
+
+
+class _Echo(BaseHTTPRequestHandler):
+    """/v1/completions answering one token at once: the six processes below need a backend, not a model."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_six_parallel_runs_on_one_new_store_get_distinct_default_names(store_url, tmp_path):
+    """Started in the same second, as a shell loop or a worker starts them: the default name is not just the time."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prompts = tmp_path / "ok.jsonl"
+    prompts.write_text('{"prompt": "Say ok."}\n', encoding="utf-8")
+    command = [sys.executable, "-m", "datagen.cli", "generate", str(prompts), "--max-tokens", "1", "--db", store_url, "--backend", "openai",
+               "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--model", "scripted"]  # fmt: skip
+    try:
+        processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env()) for _ in range(6)]
+        errors = [p.communicate(timeout=120)[1] for p in processes]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [p.returncode for p in processes] == [0] * 6, errors
+    with Session(open_engine(store_url)) as session:
+        names = session.exec(select(Run.name).where(Run.status == "completed")).all()
+    assert len(set(names)) == 6 and all(re.fullmatch(r"generate-\d{8}-\d{6}-[0-9a-f]{6}", n) for n in names), names
+    # A name another run holds is one line, not a traceback.
+    again = subprocess.run([*command, "--run", names[0]], capture_output=True, text=True, env=env(), timeout=120)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [f"error: --run: a run named '{names[0]}' exists already in this store; choose another name"], again.stderr

@@ -17,8 +17,8 @@ from datagen.generate import GenerateConfig, read_requests, run_generate
 from datagen.jsonl import check_output_file
 from datagen.models import DEFAULT_MODEL
 from datagen.options import BackendOption, BaseUrlOption, DbOption, JsonOption, ModelOption, make_backend
-from storage.store import check_store, open_engine, record_failure, touch
-from storage.tables import Run, utcnow
+from storage.store import add_run, check_store, default_run_name, open_engine, record_failure, touch
+from storage.tables import Run
 
 
 def generate(
@@ -33,7 +33,7 @@ def generate(
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string; repeatable.")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per backend call.")] = 16,
-    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name (default: generate-TIMESTAMP).")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name (default: generate-TIMESTAMP-RANDOM).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write completions as JSONL here instead of stdout.")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -60,15 +60,20 @@ def generate(
     output = out.open("w", encoding="utf-8") if out else None
     with sigterm.stop_between_batches(), Session(engine) as session:
         run = Run(
-            name=run_name or f"generate-{utcnow():%Y%m%d-%H%M%S}",
+            name=run_name or default_run_name("generate"),
             pipeline="generate",
             config={"prompts": str(prompts), "sampling": params.__dict__ | {"stop": list(params.stop)}, "batch_size": config.batch_size,
                     "base_urls": [mask_url(url) for url in base_url or ()]},
             model=model,
             backend=llm.name,
         )
-        session.add(run)
-        session.commit()
+        try:
+            add_run(session, run)
+        except BaseException:
+            llm.close()
+            if output:
+                output.close()
+            raise
         line = 0
         with progress("prompts") as bar:
             task = bar.add_task("generating", total=len(requests), status="")

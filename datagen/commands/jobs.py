@@ -16,7 +16,7 @@ from datagen.options import DbOption, JsonOption
 from storage.store import open_engine
 from storage.tables import Job
 
-app = typer.Typer(help="Recurring generation jobs: add, list, show, pause, resume, remove, run-now.", no_args_is_help=True)
+app = typer.Typer(help="Recurring generation jobs: add, list, show, pause, resume, remove, run-now, cancel.", no_args_is_help=True)
 NameArg = Annotated[str, typer.Argument(help="Job name; also the name of the run each firing resumes.")]
 
 
@@ -30,13 +30,15 @@ def add(
     target: Annotated[Optional[int], typer.Option("--target", help="Per run: accepted instructions (toolformer: texts) to add beyond what the run has.")] = None,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="toolformer: texts per shard; each firing queues one run per shard, JOB.shard-0000, ...")] = None,
     queue: Annotated[str, typer.Option("--queue", help="DBOS queue the job's runs go to; `datagen worker --queue` takes from it.")] = "datagen",
+    backfill: Annotated[str, typer.Option("--backfill", help="Firings due while no worker ran: latest (run the latest one late), all, or none; each is recorded as missed either way.")] = "latest",
+    on_failure: Annotated[Optional[str], typer.Option("--on-failure", help="Shell command run by the worker when a run fails or firings were missed; DATAGEN_JOB and DATAGEN_REASON are set.")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Add a job: `datagen jobs add nightly self-instruct --every 1d --target 500 -- --seeds seeds.jsonl --config si.yaml`.
 
     The options after -- are checked as `datagen PIPELINE` checks them (config, seeds or corpus file); nothing is stored unless all pass."""
-    job = check_job(name, pipeline, list(ctx.args), every, cron, target, shard_size, queue)
+    job = check_job(name, pipeline, list(ctx.args), every, cron, target, shard_size, queue, backfill, on_failure)
     row = schedules.add_job(open_engine(db), db, job, every)
     show_jobs([row], {}, as_json, title=f"Added job {row.name}")
 
@@ -44,7 +46,7 @@ def add(
 @app.command("list")
 def list_jobs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """Jobs with their schedule, next due time and last run's outcome."""
-    with Session(open_engine(db)) as session:
+    with Session(open_engine(db, create=False)) as session:  # a mistyped --db is refused, not created
         jobs = list(session.exec(select(Job).order_by(Job.name)).all())
     show_jobs(jobs, schedules.job_runs(db, [j.name for j in jobs], limit=1), as_json, title="Jobs")
 
@@ -52,20 +54,33 @@ def list_jobs(db: DbOption = None, as_json: JsonOption = False) -> None:
 @app.command("show")
 def show(name: NameArg, last: Annotated[int, typer.Option(help="Runs to list.", min=1)] = 10, db: DbOption = None, as_json: JsonOption = False) -> None:
     """One job's definition, next due time, and its last runs with their outcomes."""
-    with Session(open_engine(db)) as session:
+    engine = open_engine(db, create=False)
+    with Session(engine) as session:
         job = schedules.get_job(session, name)
     runs = schedules.job_runs(db, [name], limit=last)[name]
+    missed = schedules.missed_firings(engine, name, limit=last)
     if as_json:
-        print_json({**job_dict(job), "runs": [run_dict(r) for r in runs]})
+        print_json({**job_dict(job), "runs": [run_dict(r) for r in runs],
+                    "missed": [{"scheduled_at": m.scheduled_at.isoformat(), "backfilled": m.backfilled} for m in missed]})  # fmt: skip
         return
     err_console.print(summary_table(f"Job {job.name}", [(k, v) for k, v in job_dict(job).items() if k != "name"]))
     table = Table(title=f"Last {len(runs)} runs", title_justify="left")
     for column in ("workflow", "status", "outcome", "worker", "created", "seconds"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # whole ids, wrapped, never cut to "sched-r-trigge..."
     for r in runs:
-        table.add_row(r.workflow_id, r.status, r.outcome or "", (r.executor or "")[:8], f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "",
+        outcome = "see below" if r.status == "ERROR" else r.outcome or ""
+        table.add_row(r.workflow_id, r.status, outcome, (r.executor or "")[:8], f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "",
                       "" if r.seconds is None else f"{r.seconds:.1f}")  # fmt: skip
     err_console.print(table)
+    for r in runs:  # the reason of each failure on its own line, whole; a sharded firing's shard runs
+        if r.status == "ERROR":
+            err_console.print(f"{r.workflow_id}: {r.outcome}", markup=False, highlight=False, soft_wrap=True)
+        if len(r.parts) > 1:
+            for part in r.parts:
+                err_console.print(f"  {part.run}: {part.status} {part.outcome or ''}", markup=False, highlight=False, soft_wrap=True)
+    for m in missed:
+        err_console.print(f"missed while no worker ran: {m.scheduled_at:%Y-%m-%d %H:%M:%S} UTC ({'run late' if m.backfilled else 'not run'})",
+                          markup=False, highlight=False)  # fmt: skip
 
 
 @app.command("pause")
@@ -99,9 +114,17 @@ def run_now(name: NameArg, db: DbOption = None, as_json: JsonOption = False) -> 
         err_console.print(f"job {name}: queued as {workflow_id}")
 
 
+@app.command("cancel")
+def cancel(name: NameArg, db: DbOption = None) -> None:
+    """Cancel the job's queued and running runs: a running one stops after its batch in flight (stored `stopped`)."""
+    cancelled = schedules.cancel_runs(open_engine(db, create=False), db, name)
+    err_console.print(f"job {name}: cancelled {len(cancelled)} queued or running workflow(s)" + (f": {', '.join(cancelled)}" if cancelled else ""))
+
+
 def worker(
     once: Annotated[bool, typer.Option("--once", help="Exit when the queue is empty instead of waiting for more.")] = False,
-    concurrency: Annotated[int, typer.Option("--concurrency", help="Job runs at a time in this worker.", min=1)] = 1,
+    concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1,
+                           help="Job runs at a time in each worker of --queue; DBOS keeps one such limit per queue, so this sets it for all its workers (default: the queue's, 1 for a new queue).")] = None,
     queue: Annotated[str, typer.Option("--queue", help="Queue to take job runs from.")] = "datagen",
     db: DbOption = None,
 ) -> None:

@@ -33,8 +33,8 @@ from datagen.options import (
 from pipelines import bootstrap, self_instruct
 from pipelines.seeds import SeedTask, read_seeds
 from storage.run_lock import hold_run
-from storage.store import add_generations, find_run, open_engine, record_failure, touch
-from storage.tables import Run, Task, utcnow
+from storage.store import add_generations, add_run, default_run_name, find_run, open_engine, record_failure, touch
+from storage.tables import Run, Task
 
 
 class PromptStyle(str, enum.Enum):
@@ -55,7 +55,7 @@ class RougeTokenizer(str, enum.Enum):
 
 SeedsOption = Annotated[Path, typer.Option("--seeds", help="Seed tasks: Self-Instruct or Alpaca records, JSONL or a JSON array.")]
 NumOption = Annotated[Optional[int], typer.Option("--num-instructions", "-n", help="Accepted instructions to reach (default: 100).")]
-RunOption = Annotated[Optional[str], typer.Option("--run", help="Run name; an existing run of that name is resumed (default: PIPELINE-TIMESTAMP).")]
+RunOption = Annotated[Optional[str], typer.Option("--run", help="Run name; an existing run of that name is resumed (default: PIPELINE-TIMESTAMP-RANDOM).")]
 StyleOption = Annotated[Optional[PromptStyle], typer.Option(help="raw: the paper's completion prompt; chat: the same request through the chat template; auto: chat when the model has one (default: auto).")]
 
 
@@ -144,10 +144,8 @@ def execute(
             config = {"seeds": str(seeds_path), **bootstrap.config_dict(settings)}
             try:
                 if run is None:
-                    run = Run(name=run_name or f"{pipeline}-{utcnow():%Y%m%d-%H%M%S}", pipeline=pipeline, config=config,
-                              model=model, backend=llm.name)  # fmt: skip
-                    session.add(run)
-                    session.commit()
+                    run = add_run(session, Run(name=run_name or default_run_name(pipeline), pipeline=pipeline, config=config,
+                                               model=model, backend=llm.name))  # fmt: skip
                 if not session.exec(select(Task.id).where(Task.run_id == run.id, Task.source == "seed")).first():
                     start_run(session, run, llm, seeds, settings, pipeline)  # committed with the status below
                 touch(run, status="running", error=None, config=config)

@@ -30,8 +30,8 @@ from datagen.options import (
 from pipelines import toolformer as tf
 from pipelines.tools import build_tools, search_index
 from storage.run_lock import hold_run
-from storage.store import find_run, open_engine, record_failure, touch
-from storage.tables import Run, utcnow
+from storage.store import add_run, default_run_name, find_run, open_engine, record_failure, touch
+from storage.tables import Run
 
 
 def toolformer(
@@ -39,7 +39,7 @@ def toolformer(
     tools: Annotated[Optional[str], typer.Option("--tools", help="Comma-separated, from calculator,calendar,wikisearch,qa (default: calculator,calendar).")] = None,
     search_corpus: Annotated[Optional[Path], typer.Option("--search-corpus", help="Folder of .txt/.jsonl passages for wikisearch and qa.")] = None,
     date: Annotated[Optional[str], typer.Option("--date", help="Calendar date (YYYY-MM-DD) for texts without a 'date' field.")] = None,
-    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name; rerun with the same name to resume (default: toolformer-TIMESTAMP).")] = None,
+    run_name: Annotated[Optional[str], typer.Option("--run", help="Run name; rerun with the same name to resume (default: toolformer-TIMESTAMP-RANDOM).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N texts of the corpus.", min=1)] = None,
     lines: Annotated[Optional[str], typer.Option("--lines", help="Only the texts on corpus lines FIRST:LAST (from 1, both included): one shard.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Texts per batch, one transaction each (default: 8).", min=1)] = None,
@@ -62,10 +62,8 @@ def toolformer(
         run = run_to_resume(session, run_name, stored, model)
         llm = make_backend(backend, model, base_url)
         if run is None:
-            run = Run(name=run_name or f"toolformer-{utcnow():%Y%m%d-%H%M%S}", pipeline="toolformer", config=stored,
-                      model=model, backend=llm.name)  # fmt: skip
-            session.add(run)
-            session.commit()
+            run = add_run(session, Run(name=run_name or default_run_name("toolformer"), pipeline="toolformer", config=stored,
+                                       model=model, backend=llm.name))  # fmt: skip
         elif run.backend != llm.name:
             llm.close()
             raise BadInput(f"run '{run.name}' ran on the {run.backend} backend; resume it with --backend {run.backend}")

@@ -37,6 +37,14 @@ class JobDefinition:
     shard_size: int | None
     """Toolformer: corpus texts per shard, each shard its own run (datagen/shards.py); None: one run."""
     queue: str
+    backfill: str = "latest"
+    """Firings that fell while no worker ran: run the latest one late, or all, or none; each is recorded either way."""
+    on_failure: str | None = None
+    """A shell command the worker runs when a run of the job fails or firings were missed, with DATAGEN_JOB and
+    DATAGEN_REASON set: `--on-failure 'mail -s "$DATAGEN_JOB failed" ops@example.com <<< "$DATAGEN_REASON"'`."""
+
+
+BACKFILL = ("latest", "all", "none")
 
 
 def cron_of(every: str | None, cron: str | None) -> str:
@@ -58,7 +66,7 @@ def cron_of(every: str | None, cron: str | None) -> str:
 
 
 def check_job(name: str, pipeline: str, args: list[str], every: str | None, cron: str | None, target: int | None,
-              shard_size: int | None, queue: str) -> JobDefinition:  # fmt: skip
+              shard_size: int | None, queue: str, backfill: str = "latest", on_failure: str | None = None) -> JobDefinition:  # fmt: skip
     """Every check `datagen PIPELINE ARGS` would make before writing, without loading a model; BadInput names the field."""
     if pipeline not in PIPELINES:
         raise BadInput(f"pipeline: unknown '{pipeline}' (known: {', '.join(PIPELINES)})")
@@ -73,6 +81,8 @@ def check_job(name: str, pipeline: str, args: list[str], every: str | None, cron
             raise BadInput(f"--shard-size: {shard_size} is not a positive number")
         if target is not None:
             raise BadInput("--shard-size: each firing annotates the whole corpus, shard by shard; leave out --target")
+    if backfill not in BACKFILL:
+        raise BadInput(f"--backfill: '{backfill}' is not one of {', '.join(BACKFILL)}")
     schedule = cron_of(every, cron)
     for arg in args:
         option = arg.split("=")[0]
@@ -82,7 +92,7 @@ def check_job(name: str, pipeline: str, args: list[str], every: str | None, cron
             raise BadInput(f"{option}: set by the worker for each shard of a sharded job; leave it out of the job's options")
     check_pipeline_options(pipeline, args)
     return JobDefinition(name=name, pipeline=pipeline, args=list(args), schedule=schedule, target=target, shard_size=shard_size,
-                         queue=queue)  # fmt: skip
+                         queue=queue, backfill=backfill, on_failure=on_failure)  # fmt: skip
 
 
 def pipeline_params(pipeline: str, args: list[str]) -> dict:

@@ -1,18 +1,24 @@
 """`datagen worker`: a DBOS process that runs the job runs its queue hands it, each as the pipeline's own command.
 
-The glue over DBOS (dbos-inc/dbos-transact-py) is the workflow below that every job's schedule starts:
-  1. plan_run (a step, so a recovered firing keeps its plan): skip the firing if the job's run is still being
-     written (storage/run_lock.py), else the command line `datagen PIPELINE OPTIONS --run JOB --db URL` with the
-     target raised by the job's --target;
-  2. run_pipeline (a step DBOS retries with backoff): that command in a child process. The pipeline resumes the
-     run from the store by itself, so a retried or recovered step continues where the last one stopped.
+The glue over DBOS (dbos-inc/dbos-transact-py) is two workflows. Every job's schedule starts a firing (run_job),
+which queues the job's run as its own workflow (job_run) with DBOS's deduplication id set to the run's name: while that
+run is queued or running, DBOS refuses a second one, and the firing is recorded `skipped`. The run:
+  1. plan_run (a step, so a recovered run keeps its plan): skip it if a command outside the jobs writes the run
+     (storage/run_lock.py), else the command line `datagen PIPELINE OPTIONS --run JOB --db URL` with the target
+     raised by the job's --target from where the run is now;
+  2. run_pipeline (a step): that command in a child process. The pipeline resumes the run from the store by itself,
+     so a retried or recovered step continues where the last one stopped. DBOS retries it with backoff only when it
+     was interrupted by something that passes (a dead writer's run lock, the store unreachable, the child killed);
+     bad input (exit 2) and a failed run (exit 1) end the workflow in ERROR with the child's last error line.
 A sharded Toolformer job (datagen/shards.py) plans one command per shard instead, each with its shard's --lines and
-run, and the firing queues each as its own workflow (run_shard, step 2 alone) on the job's queue through DBOS's
-enqueue call, then ends: the workers take the shards as they take any job run, `--concurrency` at a time each.
-DBOS provides the queue (per-worker concurrency), the schedules, the retries and the recovery of this process's
-own pending workflows at restart. What self-hosted DBOS leaves out is a worker that dies and never comes back: its
-workflows stay pending under its executor id. So each worker heartbeats into `worker_beat`, and a live worker
-recovers, through DBOS's recovery call, the pending workflows of every executor whose beat is stale.
+run, and the firing queues each as its own workflow (run_shard, step 2 alone), deduplicated on the shard's run name:
+the workers take the shards as they take any job run, the queue's limit at a time each.
+DBOS provides the queue (its per-worker concurrency limit, set before launch), the schedules, the retries and the
+recovery of this process's own pending workflows at restart. What self-hosted DBOS leaves out is a worker that dies and
+never comes back: its workflows stay pending under its executor id. So each worker heartbeats into `worker_beat`, and
+a live worker puts back on the queue, through DBOS's public cancel and rewind calls, the pending workflows of every
+worker whose beat is stale, and the workflows of another datagen version that no worker of it takes (an upgrade or a
+rollback; README, "Upgrading workers"). A `--once` worker sweeps before it exits.
 """
 
 from __future__ import annotations
@@ -29,30 +35,32 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from dbos import DBOS
+from dbos import DBOS, SetEnqueueOptions
+from dbos import error as dbos_error
 from sqlalchemy import delete, insert, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from datagen.console import err_console
-from datagen.jobs.schedules import APP_NAME, APP_VERSION, RUN_JOB, RUN_SHARD
+from datagen.jobs.schedules import APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, on_failure_command, schedule_context, set_worker_limit
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
-from storage.run_lock import holder_of
+from storage.run_lock import holder_of, server_now
 from storage.store import database_url, find_run, open_engine
-from storage.tables import Job, WorkerBeat
+from storage.tables import Job, JobMissed, WorkerBeat
 
 WORKER_TIMEOUT_S = float(os.environ.get("DATAGEN_WORKER_TIMEOUT", "30"))
 """A worker whose heartbeat is older than this is taken for dead and its workflows are recovered by another.
 It beats every WORKER_TIMEOUT_S / 6."""
 
 RETRIES = 5
-"""Attempts of one job run before its workflow ends in ERROR: 1 + 4 retries, waiting RUN_LOCK_TIMEOUT_S / 2 and
-doubling, which outlasts a dead holder's run lock (a recovered run waits for it) and a short database outage."""
+"""Attempts of one job run interrupted by something that passes (JobRunInterrupted) before its workflow ends in ERROR:
+1 + 4 retries, waiting RUN_LOCK_TIMEOUT_S / 2 and doubling, which outlasts a dead holder's run lock (a recovered run
+waits for it) and a short database outage. Bad input (exit 2) and a failed run (exit 1) are not retried."""
 
 
 @dataclass
@@ -61,8 +69,15 @@ class _Worker:
 
     url: str = ""
     executor_id: str = ""
+    queue: str = ""
+    last_beat: float = 0.0
+    trusted_from: float = 0.0
+    """Server time before which this worker declares no other worker dead: one timeout after its own beats resumed
+    from a gap (it was paused, or the database was unreachable to it or to all: a failover), so that the others have
+    had the time to beat again."""
     stopping: threading.Event = field(default_factory=threading.Event)
-    children: set[subprocess.Popen] = field(default_factory=set)
+    children: dict[subprocess.Popen, str] = field(default_factory=dict)
+    """Each running pipeline command, with the workflow it runs for."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -74,33 +89,105 @@ def say(message: str) -> None:
 
 
 @DBOS.workflow(name=RUN_JOB)
-def run_job(scheduled_at: datetime, job_name: str) -> dict[str, Any]:
+def run_job(scheduled_at: datetime, context: Any) -> dict[str, Any]:
+    """A firing: queue the job's run (or each shard's run) as its own workflow, deduplicated by DBOS on the run's
+    name, so a run is in one workflow at a time: a firing while the previous run is queued or running is skipped."""
+    job_name, _ = schedule_context(context)
+    plan = plan_firing(job_name)
+    if "skipped" in plan:
+        say(f"job {job_name}: skipped ({plan['skipped']})")
+        return {"outcome": "skipped", "reason": plan["skipped"], "run": job_name}
+    queued, skipped = [], []
+    for run in plan["runs"]:
+        try:
+            with SetEnqueueOptions(deduplication_id=run["run"]):
+                if run["argv"] is None:
+                    DBOS.enqueue_workflow(plan["queue"], job_run, job_name)
+                else:
+                    DBOS.enqueue_workflow(plan["queue"], run_shard, run["run"], run["argv"])
+            queued.append(run["run"])
+        except dbos_error.DBOSQueueDeduplicatedError:
+            skipped.append(run["run"])
+    if not queued:
+        reason = f"its previous run is still queued or running: {', '.join(skipped)}"
+        say(f"job {job_name}: skipped ({reason})")
+        return {"outcome": "skipped", "reason": reason, "run": job_name}
+    say(f"job {job_name}: queued {', '.join(queued)}" + (f"; skipped {', '.join(skipped)} (still queued or running)" if skipped else ""))
+    return {"outcome": "sharded" if plan["sharded"] else "queued", "run": job_name, "queued": queued, "skipped": skipped}
+
+
+@DBOS.workflow(name=JOB_RUN)
+def job_run(job_name: str) -> dict[str, Any]:
+    """The job's run: planned now that it is the only workflow of its run (the target raised from where the run is)."""
     plan = plan_run(job_name)
     if "skipped" in plan:
         say(f"job {job_name}: skipped ({plan['skipped']})")
         return {"outcome": "skipped", "reason": plan["skipped"], "run": job_name}
-    if "shards" in plan:
-        for shard in plan["shards"]:
-            DBOS.enqueue_workflow(plan["queue"], run_shard, shard["run"], shard["argv"])
-        say(f"job {job_name}: queued {len(plan['shards'])} shard runs, {plan['shards'][0]['run']} to {plan['shards'][-1]['run']}")
-        return {"outcome": "sharded", "run": job_name, "shards": [shard["run"] for shard in plan["shards"]]}
-    return run_pipeline(job_name, plan["argv"])
+    return run_to_end(job_name, plan["argv"])
 
 
 @DBOS.workflow(name=RUN_SHARD)
 def run_shard(run_name: str, argv: list[str]) -> dict[str, Any]:
-    return run_pipeline(run_name, argv)
+    if (holder := holder_of(open_engine(_worker.url), run_name)) is not None:  # a command outside the jobs writes it
+        return {"outcome": "skipped", "reason": f"written by {holder}", "run": run_name}
+    return run_to_end(run_name, argv)
+
+
+def run_to_end(run_name: str, argv: list[str]) -> dict[str, Any]:
+    """The pipeline's step; when DBOS gives up retrying it, the workflow's error is the last attempt's, not DBOS's count.
+    A failure runs the job's --on-failure command."""
+    try:
+        return run_pipeline(run_name, argv)
+    except dbos_error.DBOSMaxStepRetriesExceeded as err:
+        failure = JobRunFailed(f"{err.errors[-1] if err.errors else err} ({err.max_retries} attempts)")
+    except JobRunFailed as err:
+        failure = err
+    alert(run_name.split(".shard-")[0], f"run {run_name} failed: {failure}")
+    raise failure
+
+
+@DBOS.step()
+def alert(job_name: str, reason: str) -> None:
+    """The job's --on-failure command, if it has one (a step: run once, not again when the workflow is recovered)."""
+    schedule = DBOS.get_schedule(job_name)
+    command = on_failure_command(schedule["context"]) if schedule else None
+    if not command:
+        return
+    try:
+        done = subprocess.run(command, shell=True, env={**os.environ, "DATAGEN_JOB": job_name, "DATAGEN_REASON": reason},
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        if done.returncode:
+            say(f"job {job_name}: --on-failure exited {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1]}")
+    except subprocess.TimeoutExpired:
+        say(f"job {job_name}: --on-failure still running after 60 s; left behind")
+
+
+@DBOS.step()
+def plan_firing(job_name: str) -> dict[str, Any]:
+    """The runs a firing queues: the job's run, or one per shard of the corpus as it is now, with its command line."""
+    engine = open_engine(_worker.url)
+    with Session(engine) as session:
+        job = session.exec(select(Job).where(Job.name == job_name)).first()
+    if job is None:
+        return {"skipped": "the job was removed"}
+    if job.shard_size is None:
+        return {"queue": job.queue, "sharded": False, "runs": [{"run": job.name, "argv": None}]}
+    from datagen.jobs.definition import pipeline_params
+    from pipelines.toolformer import read_corpus
+
+    shards = plan_shards(job.name, read_corpus(Path(pipeline_params(job.pipeline, job.args)["corpus"])), job.shard_size)
+    return {"queue": job.queue, "sharded": True,
+            "runs": [{"run": s.run, "argv": [job.pipeline, *job.args, "--lines", s.lines, "--run", s.run, "--db", _worker.url]} for s in shards]}  # fmt: skip
 
 
 @DBOS.step()
 def plan_run(job_name: str) -> dict[str, Any]:
+    """The command line; skipped while a command outside the jobs writes the run (storage/run_lock.py)."""
     engine = open_engine(_worker.url)
     with Session(engine) as session:
         job = session.exec(select(Job).where(Job.name == job_name)).first()
         if job is None:
             return {"skipped": "the job was removed"}
-        if job.shard_size is not None:
-            return plan_sharded_run(engine, job, _worker.url)
         holder = holder_of(engine, job.name)
         if holder is not None:
             return {"skipped": f"its previous run is still going, written by {holder}"}
@@ -124,28 +211,31 @@ def pipeline_argv(session: Session, job: Job, url: str) -> list[str]:
     return argv
 
 
-def plan_sharded_run(engine, job: Job, url: str) -> dict[str, Any]:
-    """One command line per shard of the job's corpus as it is now; skipped while a shard run is still being written."""
-    from datagen.jobs.definition import pipeline_params
-    from pipelines.toolformer import read_corpus
-
-    shards = plan_shards(job.name, read_corpus(Path(pipeline_params(job.pipeline, job.args)["corpus"])), job.shard_size)
-    for shard in shards:
-        if (holder := holder_of(engine, shard.run)) is not None:
-            return {"skipped": f"its previous run is still going: {shard.run}, written by {holder}"}
-    return {"queue": job.queue,
-            "shards": [{"run": s.run, "argv": [job.pipeline, *job.args, "--lines", s.lines, "--run", s.run, "--db", url]} for s in shards]}  # fmt: skip
-
-
 class JobRunFailed(Exception):
-    """The pipeline's command exited non-zero; DBOS retries the step with backoff."""
+    """The pipeline's command failed for a reason a retry does not fix: bad input (exit 2), or the run itself failed
+    (exit 1: too many failed batches, a model error). The workflow ends in ERROR with the child's last error line."""
 
 
-@DBOS.step(retries_allowed=True, max_attempts=RETRIES, interval_seconds=RUN_LOCK_TIMEOUT_S / 2, backoff_rate=2.0)
+class JobRunInterrupted(JobRunFailed):
+    """A failure that passes: the run still held by a writer that died (its lock expires), the store unreachable, the
+    child killed (out of memory). DBOS retries the step with backoff."""
+
+
+TRANSIENT = ("one writer per run", "cannot open the database", "database error:", "the database is locked")
+"""The last error lines of `datagen` (exit 1) that a later attempt may not meet: the run lock (storage/run_lock.py) and
+the store's connection errors (storage/store.py)."""
+
+
+def _is_transient(err: BaseException) -> bool:
+    return isinstance(err, JobRunInterrupted)
+
+
+@DBOS.step(retries_allowed=True, max_attempts=RETRIES, interval_seconds=RUN_LOCK_TIMEOUT_S / 2, backoff_rate=2.0,
+           should_retry=_is_transient)  # fmt: skip
 def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     say(f"job {job_name}: running datagen {' '.join(argv)}")
-    code, tail = _run_child(argv)
+    code, tail = _run_child(argv, DBOS.workflow_id or "")
     if _worker.stopping.is_set():
         threading.Event().wait()  # shutting down: record nothing, the workflow stays pending for recovery
     seconds = round(time.monotonic() - started, 1)
@@ -155,18 +245,23 @@ def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
     if code == 1 and tail and tail[-1].startswith("stopped before the target"):
         say(f"job {job_name}: {tail[-1]}")
         return {"outcome": "stopped", "run": job_name, "seconds": seconds, "reason": tail[-1]}
-    last = tail[-1] if tail else f"exit code {code}"
-    say(f"job {job_name}: failed after {seconds} s (exit {code}): {last}; DBOS retries it with backoff")
-    raise JobRunFailed(f"exit {code}: {last}")
+    last = tail[-1].removeprefix("error: ") if tail else "no error line"
+    if code < 0 or (code == 1 and any(mark in last for mark in TRANSIENT)):
+        cause = f"killed by signal {-code}" if code < 0 else f"exit 1: {last}"
+        say(f"job {job_name}: interrupted after {seconds} s ({cause}); DBOS retries it with backoff")
+        raise JobRunInterrupted(cause)
+    kind = "bad input" if code == 2 else "run failed"
+    say(f"job {job_name}: failed after {seconds} s (exit {code}, {kind}, not retried): {last}")
+    raise JobRunFailed(f"exit {code}, {kind}: {last}")
 
 
-def _run_child(argv: list[str]) -> tuple[int, list[str]]:
+def _run_child(argv: list[str], workflow_id: str) -> tuple[int, list[str]]:
     """Run `datagen ARGV`, its stderr passed through, dying with this process (kill -9 of the worker kills it)."""
     env = {**os.environ, "DATAGEN_HOLDER": f"worker {_worker.executor_id[:8]}"}
     child = subprocess.Popen([sys.executable, "-m", "datagen.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
     with _worker.lock:
-        _worker.children.add(child)
+        _worker.children[child] = workflow_id
     tail: deque[str] = deque(maxlen=5)
     for line in child.stderr:
         sys.stderr.write(line)
@@ -174,7 +269,7 @@ def _run_child(argv: list[str]) -> tuple[int, list[str]]:
             tail.append(line.strip())
     code = child.wait()
     with _worker.lock:
-        _worker.children.discard(child)
+        _worker.children.pop(child, None)
     return code, list(tail)
 
 
@@ -183,13 +278,16 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def serve(url: str | None, concurrency: int, queue: str, once: bool) -> None:
-    """Run job runs from `queue`, `concurrency` at a time, until SIGTERM (or, with `once`, until the queue is empty)."""
+def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> None:
+    """Run job runs from `queue`, `concurrency` at a time (None: the queue's limit), until SIGTERM (or, with `once`,
+    until nothing is queued or stranded)."""
     url = database_url(url)
+    with dbos_client(url) as client:
+        concurrency = set_worker_limit(client, queue, concurrency)
     engine = open_engine(url)
-    _worker.url, _worker.executor_id = url, uuid.uuid4().hex
+    _worker.url, _worker.executor_id, _worker.queue = url, uuid.uuid4().hex, queue
     holder = f"pid {os.getpid()} on {socket.gethostname()}"
-    _beat(engine, holder)  # before DBOS takes work, so no live worker takes this one for dead
+    started = _beat(engine, holder)  # before DBOS takes work, so no live worker takes this one for dead
     DBOS(config={"name": APP_NAME, "system_database_url": url, "executor_id": _worker.executor_id,
                  "application_version": APP_VERSION, "log_level": "WARNING",
                  "scheduler_polling_interval_sec": 5})  # fmt: skip
@@ -198,20 +296,71 @@ def serve(url: str | None, concurrency: int, queue: str, once: bool) -> None:
         handler.addFilter(_one_line)
     signal.signal(signal.SIGTERM, lambda *_: _stop(engine))
     DBOS.launch()
-    # The queue's settings live in the system database, shared by all its workers: the latest worker's --concurrency
-    # is every worker's limit on this queue.
-    DBOS.register_queue(queue, worker_concurrency=concurrency, on_conflict="always_update")
-    say(f"worker {_worker.executor_id[:8]} ({holder}) on queue '{queue}', {concurrency} at a time")
+    # Schedules fire for the latest registered version: this one from now on, after an upgrade and after a rollback.
+    DBOS.set_latest_application_version(APP_VERSION)
+    say(f"worker {_worker.executor_id[:8]} ({holder}, {APP_VERSION}) on queue '{queue}', {concurrency} at a time")
+    backfill(engine, queue, started)
+    if once:
+        # --once (cron, Slurm): sweep first, then run until nothing is queued, running here, or stranded by a dead
+        # worker whose beat has not yet gone stale (it never beats again after this worker started).
+        idle = 0
+        while not _worker.stopping.is_set():
+            _beat_and_sweep_once(engine, holder)
+            idle = idle + 1 if not _has_work(engine, started) else 0
+            if idle >= 2:
+                say("nothing queued or stranded: exiting (--once)")
+                DBOS.destroy()
+                with engine.begin() as connection:  # gone for good: no row left behind
+                    connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id == _worker.executor_id))
+                return
+            _worker.stopping.wait(min(1.0, WORKER_TIMEOUT_S / 6))
+        return
     sweeper = threading.Thread(target=_beat_and_sweep, args=(engine, holder), daemon=True)
     sweeper.start()
-    idle = 0
-    while not _worker.stopping.wait(1.0):
-        if once:
-            idle = idle + 1 if not _has_work(queue) else 0
-            if idle >= 3:
-                say("queue empty: exiting (--once)")
-                DBOS.destroy()
-                return
+    _worker.stopping.wait()
+
+
+MAX_MISSED = 1000
+"""Missed firings looked at per job (the latest ones): a 30 s job down for a month is not 86,400 rows."""
+
+
+def backfill(engine, queue: str, started: float) -> None:
+    """The firings of this queue's active jobs that fell while no worker ran (after the schedule last fired, or the
+    job was added, and before this worker started): each recorded in `job_missed`, and run late as the job's
+    --backfill says (latest, all, none) through DBOS's backfill call, whose workflow ids are the live scheduler's, so
+    two workers starting at once queue each firing once."""
+    from croniter import croniter
+    from sqlalchemy.exc import IntegrityError
+
+    with Session(engine) as session:
+        jobs = {j.name: j for j in session.exec(select(Job).where(Job.queue == queue, Job.enabled)).all()}
+    until = datetime.fromtimestamp(started - 10, timezone.utc)  # a firing due in the last seconds is the scheduler's
+    for schedule in DBOS.list_schedules(status="ACTIVE"):
+        name, policy = schedule_context(schedule["context"])
+        job = jobs.get(schedule["schedule_name"])
+        if job is None:
+            continue
+        since = datetime.fromisoformat(schedule["last_fired_at"]) if schedule["last_fired_at"] else job.created_at
+        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        due, missed = croniter(job.schedule, until, second_at_beginning=True), []
+        while len(missed) < MAX_MISSED and (t := due.get_prev(datetime)) > since:
+            missed.append(t)
+        late = missed if policy == "all" else missed[:1] if policy == "latest" else []
+        for t in late:
+            DBOS.backfill_schedule(schedule["schedule_name"], t - timedelta(milliseconds=1), t + timedelta(milliseconds=1))
+        recorded = 0
+        for t in missed:
+            try:
+                with Session(engine) as session:
+                    session.add(JobMissed(job=name, scheduled_at=t, backfilled=t in late))
+                    session.commit()
+                recorded += 1
+            except IntegrityError:
+                pass  # recorded by another worker starting at the same time
+        if recorded:
+            alert(name, f"{len(missed)} firing(s) missed while no worker ran, the latest due {missed[0]:%Y-%m-%d %H:%M:%S} UTC; {len(late)} run late")
+            say(f"job {name}: {len(missed)} firing(s) missed while no worker ran, the latest due {missed[0]:%Y-%m-%d %H:%M:%S} UTC; "
+                f"--backfill {policy}: {len(late)} run late")  # fmt: skip
 
 
 def _one_line(record: logging.LogRecord) -> bool:
@@ -224,9 +373,15 @@ def _one_line(record: logging.LogRecord) -> bool:
     return True
 
 
-def _has_work(queue: str) -> bool:
-    waiting = DBOS.list_workflows(status=["ENQUEUED", "PENDING"], load_input=False, load_output=False)
-    return any((w.status == "ENQUEUED" and w.queue_name == queue) or w.executor_id == _worker.executor_id for w in waiting)
+def _has_work(engine, started: float) -> bool:
+    """Queued on this queue (any version), running here, or pending under a worker that has not beaten since this
+    one started (dead, or about to be found dead: a live worker beats every WORKER_TIMEOUT_S / 6)."""
+    waiting = DBOS.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=_worker.queue, load_input=False, load_output=False)
+    if any(w.status == "ENQUEUED" or w.executor_id == _worker.executor_id for w in waiting):
+        return True
+    with Session(engine) as session:
+        beating = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at > started)).all())
+    return any(w.executor_id not in beating for w in waiting)
 
 
 def _stop(engine) -> None:
@@ -249,31 +404,26 @@ def _stop(engine) -> None:
     os._exit(0)
 
 
-def _beat(engine, holder: str) -> None:
-    """Refresh this worker's row, or insert it again if a sweeper took this worker for dead and deleted it."""
+def _beat(engine, holder: str) -> float:
+    """Refresh this worker's row, or insert it again if a sweeper took this worker for dead and deleted it; returns
+    the beat's time. Beats are the database server's clock (storage/run_lock.py's server_now): no clock skew between
+    machines makes a live worker look dead."""
     with engine.begin() as connection:
-        values = {"holder": holder, "beat_at": time.time()}
+        now = connection.execute(select(server_now(engine))).scalar_one()
+        values = {"holder": holder, "beat_at": now}
         if not connection.execute(update(WorkerBeat).where(WorkerBeat.executor_id == _worker.executor_id).values(**values)).rowcount:
             connection.execute(insert(WorkerBeat).values(executor_id=_worker.executor_id, **values))
+    return float(now)
 
 
 def _beat_and_sweep(engine, holder: str) -> None:
-    """Heartbeat, and recover the pending workflows of executors without a fresh beat; an unreachable store is retried
-    with doubling waits, one line each, and said when it is back."""
+    """Every WORKER_TIMEOUT_S / 6: heartbeat and sweep; an unreachable store is retried with doubling waits, one line
+    each, and said when it is back."""
     every = WORKER_TIMEOUT_S / 6
     wait, failing = every, False
     while not _worker.stopping.wait(wait):
         try:
-            _beat(engine, holder)
-            with Session(engine) as session:
-                fresh = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at >= time.time() - WORKER_TIMEOUT_S)).all())
-            pending = DBOS.list_workflows(status="PENDING", load_input=False, load_output=False)
-            stale = sorted({w.executor_id for w in pending if w.executor_id and w.executor_id not in fresh})
-            if stale:
-                say(f"recovering the pending job runs of worker(s) {', '.join(s[:8] for s in stale)} (no heartbeat for {WORKER_TIMEOUT_S:.0f} s)")
-                DBOS._recover_pending_workflows(stale)
-                with engine.begin() as connection:
-                    connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id.in_(stale)))
+            _beat_and_sweep_once(engine, holder)
             if failing:
                 say("store reachable again")
             wait, failing = every, False
@@ -281,3 +431,66 @@ def _beat_and_sweep(engine, holder: str) -> None:
             wait, failing = min(wait * 2, 60.0), True
             first = str(getattr(err, "orig", None) or err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             say(f"store unreachable ({first}); retrying in {wait:.0f} s")
+
+
+def _beat_and_sweep_once(engine, holder: str) -> None:
+    """Heartbeat, then put back on the queue, for any worker of this version, each workflow that no live worker will
+    finish: pending under a worker whose beat is stale (dead), or of another datagen version and queued longer than the
+    timeout or pending under a dead worker (after an upgrade or a rollback; see README, "Upgrading workers").
+    Through DBOS's public calls: cancel it, then rewind it to its first unfinished step on this version and queue,
+    so its finished steps (the plan) are kept and the queue's concurrency limit holds for it."""
+    now = _beat(engine, holder)
+    last, _worker.last_beat = _worker.last_beat, now
+    if now - last > WORKER_TIMEOUT_S / 2:  # this worker was itself paused or cut off: others may not have beaten yet
+        _worker.trusted_from = now + WORKER_TIMEOUT_S
+    with Session(engine) as session:
+        fresh = set(session.exec(select(WorkerBeat.executor_id).where(WorkerBeat.beat_at >= now - WORKER_TIMEOUT_S)).all())
+    if now < _worker.trusted_from:
+        fresh |= {w.executor_id for w in DBOS.list_workflows(status="PENDING", queue_name=_worker.queue, load_input=False, load_output=False)}
+    waiting = DBOS.list_workflows(status=["ENQUEUED", "PENDING"], queue_name=_worker.queue, load_input=False, load_output=False)
+    now_ms = now * 1000
+    stranded = [w for w in waiting
+                if (w.status == "PENDING" and w.executor_id not in fresh)
+                or (w.status == "ENQUEUED" and w.app_version != APP_VERSION and now_ms - (w.created_at or now_ms) > WORKER_TIMEOUT_S * 1000)]  # fmt: skip
+    dead = sorted({w.executor_id[:8] for w in stranded if w.status == "PENDING" and w.executor_id})
+    if dead:
+        say(f"recovering the pending job runs of worker(s) {', '.join(dead)} (no heartbeat for {WORKER_TIMEOUT_S:.0f} s)")
+    for w in stranded:
+        if w.app_version != APP_VERSION:
+            say(f"job run {w.workflow_id} of {w.app_version}: no live worker of that version runs it; rerun here as {APP_VERSION}")
+        _requeue(w.workflow_id)
+    _stop_cancelled()
+    if dead:
+        with engine.begin() as connection:
+            connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id.in_([w.executor_id for w in stranded if w.executor_id])))
+
+
+def _stop_cancelled() -> None:
+    """SIGTERM (stop after the batch in flight) each pipeline command whose workflow is no longer this worker's:
+    cancelled (`datagen jobs cancel`), or requeued by another worker that took this one for dead while it was stalled."""
+    with _worker.lock:
+        running = dict(_worker.children)
+    if not running:
+        return
+    states = {w.workflow_id: w for w in DBOS.list_workflows(workflow_ids=list(running.values()), load_input=False, load_output=False)}
+    for child, workflow_id in running.items():
+        w = states.get(workflow_id)
+        if w is not None and (w.status == "CANCELLED" or (w.status in ("ENQUEUED", "PENDING") and w.executor_id != _worker.executor_id)):
+            why = "cancelled" if w.status == "CANCELLED" else "taken over by another worker"
+            say(f"job run {workflow_id}: {why}; its command stops after its batch in flight")
+            with _worker.lock:
+                _worker.children.pop(child, None)
+            child.send_signal(signal.SIGTERM)
+
+
+def _requeue(workflow_id: str) -> None:
+    steps = DBOS.list_workflow_steps(workflow_id)
+    finished = [s["function_id"] for s in steps if s["completed_at_epoch_ms"] is not None or s["output"] is not None or s["error"] is not None]
+    start = 1
+    while start in finished:
+        start += 1
+    DBOS.cancel_workflow(workflow_id)
+    try:
+        DBOS.rewind_workflow(workflow_id, start_step=start, application_version=APP_VERSION, queue_name=_worker.queue)
+    except Exception as err:  # another sweeper rewound it first
+        say(f"job run {workflow_id}: not requeued ({str(err).splitlines()[0]})")

@@ -56,7 +56,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from datagen import sigterm
-from datagen.backends import PROBE_TOP_K, Backend, Completion, Request, SamplingParams
+from datagen.backends import MAX_N, MAX_SEED, PROBE_TOP_K, Backend, Completion, Request, SamplingParams
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records, require_str
 from pipelines.tools import TOOL_NAMES, CallContext, Executed, Tool, ToolError, execute
@@ -133,7 +133,8 @@ class ToolformerConfig(BaseModel):
     """Texts per batch: one pass per text for positions, one generate call per tool, one score call for the
     filter; each batch is committed in one transaction."""
     seed: int | None = 0
-    """Seed of the call sampling."""
+    """Run seed of the call sampling: the m calls at each position get their own seed from it and the batch, tool,
+    text and word (`call_seed`); None: unseeded."""
 
     @field_validator("tools")
     @classmethod
@@ -585,16 +586,17 @@ def sample_calls(
     """Step 2: m samples at every position, in one generate call; each completion becomes a Candidate,
     parsed or marked unclosed/unparsed, and repeated calls at one position are marked duplicate."""
     settings = config.settings[tool_name]
-    params = SamplingParams(
-        temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_call_tokens,
-        stop=(config.api_end,), n=settings.m, seed=config.seed,
-    )  # fmt: skip
     requests, where = [], []
     for j, selected in zip(text_indices, positions):
         text = batch.texts[j].text
         for word, p in selected:
             offset = batch.tokens[j].word_offsets[word]
             prefix = build_prompt(tool_name, text, config) + " " + text[:offset] + " " + config.api_start
+            seed = None if config.seed is None else call_seed(config.seed, batch_number, tool_name, j, word)
+            params = SamplingParams(
+                temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_call_tokens,
+                stop=(config.api_end,), n=settings.m, seed=seed,
+            )  # fmt: skip
             requests.append(Request(prompt=prefix, params=params))
             where.append((j, word, p))
     if not requests:
@@ -617,6 +619,16 @@ def sample_calls(
                 candidate.status, candidate.reason = err.status, err.reason
             candidates.append(candidate)
     return candidates
+
+
+def call_seed(seed: int, batch: int, tool: str, text: int, word: int) -> int:
+    """The sampling seed of the m calls at one position (word `word` of text `text` of batch `batch`, for `tool`): its
+    own, as Self-Instruct's `request_seed` gives each request one, so no two positions draw the same random numbers.
+
+    A hash of the five values, a multiple of MAX_N: vLLM seeds the n samples of a request seed + 0 .. seed + n - 1
+    (its parallel sampling), so the blocks of two positions never overlap either."""
+    digest = hashlib.sha256(f"{seed}/{batch}/{tool}/{text}/{word}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (MAX_SEED + 1) // MAX_N * MAX_N
 
 
 def execute_calls(tool_name: str, tool: Tool, batch: Batch, candidates: Sequence[Candidate], config: ToolformerConfig) -> Executed:

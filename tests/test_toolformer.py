@@ -401,6 +401,39 @@ def test_run_stores_every_candidate_with_its_verdict_and_resumes(tmp_path):
     assert backend.generate_calls == generate_calls + 1
 
 
+def test_each_position_samples_with_its_own_seed(tmp_path, hf_backend):
+    """One seed for every call request made every position of every text, tool and batch draw the same random
+    numbers (issue 19, item 8): each position's seed is its own, and its m samples differ and repeat under it."""
+    assert tf.call_seed(0, 0, "calculator", 0, 3) % 128 == 0  # vLLM seeds sample i with seed + i: blocks never overlap
+    seeds = {tf.call_seed(s, b, tool, j, w) for s in (0, 1) for b in (0, 1) for tool in ("calculator", "calendar")
+             for j in (0, 1) for w in range(1, 6)}  # fmt: skip
+    assert len(seeds) == 2 * 2 * 2 * 2 * 5
+
+    class Recording:
+        name, model = "transformers", "smollm2-135m"
+        requests: list = []
+
+        def generate(self, requests):
+            self.requests = list(requests)
+            return hf_backend.generate(requests)
+
+    session, run = _store(tmp_path)
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"m": 4}}, max_call_tokens=6)
+    batch = tf.make_batch(hf_backend.tokenize, [tf.CorpusText(1, TEXT)], ["calculator"], None, config)
+    backend = Recording()
+
+    def sample(batch_number):
+        candidates = tf.sample_calls(session, run, backend, "calculator", CALCULATOR, batch, [0], [[(4, None), (6, None)]],
+                                     batch_number, config)  # fmt: skip
+        return [r.params.seed for r in backend.requests], [c.completion for c in candidates]
+
+    seeds, texts = sample(0)
+    assert seeds == [tf.call_seed(0, 0, "calculator", 0, 4), tf.call_seed(0, 0, "calculator", 0, 6)]
+    assert len(set(texts[:4])) > 1  # the m samples at one position are distinct draws
+    assert sample(0) == (seeds, texts)  # and repeat under the same seeds
+    assert set(sample(1)[0]).isdisjoint(seeds)  # another batch, other seeds
+
+
 def test_clean_result_removes_markers_and_caps():
     assert tf.clean_result("Paris ]\n-> [1] is\tthe\n\ncapital ", CONFIG) == "Paris 1 is the capital"
     capped = tf.clean_result("word " * 200, CONFIG)

@@ -237,6 +237,51 @@ def test_text_tokens_match_the_tokenizer(hf_backend):
         tf.api_token_id(hf_backend.tokenize, tf.ToolformerConfig(api_start="<API>"))
 
 
+def llama_like_tokenizer():
+    """A SentencePiece-style BPE tokenizer built here, normalized as Llama 2's and Mistral's: "▁" prepended to every
+    string and spaces written as "▁", so " participants" alone is "▁", "▁participant", "s"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = [TEXT, "Out of 1400 participants, 400 (or [Calculator(400 / 1400) -> 0.29] 29%) passed the test.",
+              "Today is [Calendar() -> Friday] Friday, and [QA(Who?) -> Bo] Bo [Calculator(2 + 2) -> 4] came."] * 20  # fmt: skip
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    from tokenizers.processors import TemplateProcessing
+
+    sp.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_tokenizer_that_prepends_a_space_marker_to_every_string():
+    """Word by word, a Llama-2-style tokenizer gives every word an extra "▁" and " [" two tokens (issue 19, item 9):
+    the text is tokenized once, words are mapped to tokens by offsets, and <API> is " [" as it follows a word."""
+    tokenizer = llama_like_tokenizer()
+
+    class Backend:
+        pass
+
+    backend = Backend()
+    backend.tokenizer = tokenizer
+    tokenize = lambda text: tokenizer(text)["input_ids"]  # noqa: E731  (BOS added, as a backend's tokenize does)
+    whole = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert len(tf.tokenize_words(tokenize, TEXT).ids) > len(whole)  # the extra "▁" per word, without offsets
+    encode = tf.offsets_encoder(backend)
+    for lead in ("", " "):  # in the prompt the text follows "Output:" and a space, which "▁Out" already carries
+        tokens = tf.tokenize_words(tokenize, TEXT, lead, encode)
+        assert list(tokens.ids) == whole
+        assert tokens.word_offsets == tuple(offset for offset, _ in tf.split_words(TEXT))
+        for (_, word), start in zip(tf.split_words(TEXT), tokens.word_starts):
+            assert tokenizer.convert_ids_to_tokens(whole[start]).startswith("▁" + word.strip()[:1])
+    api = tf.api_token_id(tokenize, CONFIG)
+    assert tokenizer.convert_ids_to_tokens(api) == "▁["
+    prompt = tokenizer("passed [", add_special_tokens=False)["input_ids"]
+    assert prompt[-1] == api  # the token the call prompts end with
+
+
 # --- The loss, by hand on the embedded model ------------------------------------------------------------------
 
 

@@ -52,9 +52,9 @@ class SamplingParams:
     seed: int | None = None
     """Makes sampling repeatable on the same backend and hardware; 0 to MAX_SEED."""
     presence_penalty: float = 0.0
-    """In [-2, 2] (OpenAI API and vLLM); used by vllm and openai; transformers has no such penalty and ignores it."""
+    """In [-2, 2] (OpenAI API and vLLM); every backend applies it (transformers as vLLM defines it: `OutputPenalties`)."""
     frequency_penalty: float = 0.0
-    """In [-2, 2] (OpenAI API and vLLM); used by vllm and openai; transformers has no such penalty and ignores it."""
+    """In [-2, 2] (OpenAI API and vLLM); every backend applies it (transformers as vLLM defines it: `OutputPenalties`)."""
     loop_ngram: int = 0
     """End a completion once the `loop_ngram` tokens just generated occur for the LOOP_REPEATS-th time in it: it is
     looping (degenerate repetition), and the rest would be more of the same. Its finish_reason is then "length" (cut

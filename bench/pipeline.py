@@ -1,7 +1,11 @@
-"""How much of a Self-Instruct run's wall time is spent outside the backend's generate calls, with a large pool.
+"""How much of a Self-Instruct (or Alpaca) run's wall time is spent outside the backend's generate calls, with a large pool.
 
     python bench/pipeline.py                       # embedded model on transformers, pool of 10,000
     python bench/pipeline.py --pool 10000 --target 12 --backend vllm
+    python bench/pipeline.py --pipeline alpaca --target 8   # examples/alpaca_cpu.yaml
+
+Alpaca's run is the same loop (pipelines/bootstrap.py) with its own prompt, parser and filters; its prompts show seed
+records only, but its ROUGE-L filter runs against seeds and pool alike, so the pool is loaded the same way.
 
 A run is started with the 175 seed tasks and 10,000 accepted machine instructions already in the store (seed
 instructions with words swapped, dropped and added, so they resemble real ones), then resumed for `--target` more
@@ -30,7 +34,7 @@ from sqlmodel import Session  # noqa: E402
 
 from datagen.backends import load_backend  # noqa: E402
 from datagen.commands.self_instruct import load_config  # noqa: E402
-from pipelines import bootstrap  # noqa: E402
+from pipelines import alpaca, bootstrap  # noqa: E402
 from pipelines import self_instruct as si  # noqa: E402
 from pipelines.seeds import read_seeds  # noqa: E402
 from storage.store import open_engine  # noqa: E402
@@ -85,16 +89,19 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=12, help="Accepted instructions to add on top of the pool.")
     parser.add_argument("--backend", default="transformers")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--config", type=Path, default=REPO / "examples" / "self_instruct.yaml")
+    parser.add_argument("--pipeline", choices=["self-instruct", "alpaca"], default="self-instruct")
+    parser.add_argument("--config", type=Path, help="default: examples/self_instruct.yaml, or examples/alpaca_cpu.yaml")
     args = parser.parse_args()
+    config_class, run_pipeline = (alpaca.AlpacaConfig, alpaca.run) if args.pipeline == "alpaca" else (si.SelfInstructConfig, si.run)
+    args.config = args.config or REPO / "examples" / ("alpaca_cpu.yaml" if args.pipeline == "alpaca" else "self_instruct.yaml")
 
     seeds = read_seeds(REPO / "examples" / "seed_tasks.jsonl")
-    config = load_config(si.SelfInstructConfig, args.config, {"num_instructions": args.pool + args.target})
+    config = load_config(config_class, args.config, {"num_instructions": args.pool + args.target})
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         engine = open_engine(f"sqlite:///{tmp}/bench.db")
         with Session(engine) as session:
-            run = Run(name="bench", pipeline="self-instruct", config=bootstrap.config_dict(config), model=args.model, backend=args.backend)
+            run = Run(name="bench", pipeline=args.pipeline, config=bootstrap.config_dict(config), model=args.model, backend=args.backend)
             session.add(run)
             session.flush()
             bootstrap.store_seeds(session, run, seeds)
@@ -113,14 +120,14 @@ def main() -> None:
                 batches.append((now - last[0]) - (backend.seconds - last[1]))
                 last[:] = [now, backend.seconds]
 
-            totals = si.run(session, run, backend, config, on_batch)
+            totals = run_pipeline(session, run, backend, config, on_batch)
             wall = time.perf_counter() - started
             status = run.status
         backend.close()
         outside = wall - backend.seconds
         setup = backend.first_call - started  # loading seeds and pool, building the index, the first prompts
         batches[0] -= setup
-        print(f"command: python bench/pipeline.py --pool {args.pool} --target {args.target} --backend {args.backend} --config {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}")
+        print(f"command: python bench/pipeline.py --pipeline {args.pipeline} --pool {args.pool} --target {args.target} --backend {args.backend} --config {args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config}")
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; load average {os.getloadavg()[0]:.1f}")
         print(f"pool: {len(seeds)} seeds + {args.pool:,} accepted machine instructions; run status {status}, "
               f"{totals.accepted} accepted in {len(batches)} batches ({totals.requests} instruction requests, {totals.generated} parsed)")  # fmt: skip

@@ -74,6 +74,15 @@ class AlpacaConfig:
     top_p: float = 1.0
     max_tokens: int = 3072
     """Per request (reference: "hard-code to maximize the length")."""
+    loop_ngram: int = 20
+    """transformers only: end a response once the 20 tokens just written occur for the 4th time in it, a loop
+    (`SamplingParams.loop_ngram`); it counts as cut by max_tokens, so its last record is dropped (length_cut). Ours:
+    the reference's API has no such stop; without it one runaway response holds the whole padded batch for
+    max_tokens steps (issue 19, item 8a). 0: off."""
+    block_eos: bool = True
+    """Forbid the model's end-of-sequence token, so it writes records until "20." or max_tokens (reference:
+    `logit_bias={"50256": -100}`, GPT-3's <|endoftext|>). Every backend blocks it, the openai backend only with a
+    local tokenizer (`SamplingParams.block_eos`)."""
     rouge_threshold: float = 0.7
     """Reject when ROUGE-L F-measure > 0.7 against a seed or a kept instruction (reference)."""
     tokenizer: str = "rouge"
@@ -98,6 +107,7 @@ class AlpacaConfig:
         if self.num_tasks <= self.num_prompt_instructions + 1:
             raise BadInput("--num-tasks must exceed --num-prompt-instructions + 1")
         self.blacklist = tuple(self.blacklist)
+        alpaca_params(self, 0)  # loop_ngram and block_eos are checked as the backends take them
 
 
 # ---- prompt (pure) --------------------------------------------------------------------------------------------
@@ -129,7 +139,8 @@ def alpaca_prompt(examples: Sequence[SeedTask], num_tasks: int) -> Prompt:
 
 def alpaca_params(config: AlpacaConfig, seed: int) -> SamplingParams:
     return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens, seed=seed,
-                          stop=(f"\n{config.num_tasks}", f"{config.num_tasks}."))  # fmt: skip
+                          stop=(f"\n{config.num_tasks}", f"{config.num_tasks}."), block_eos=config.block_eos,
+                          loop_ngram=config.loop_ngram)  # fmt: skip
 
 
 # ---- parsing (pure) -------------------------------------------------------------------------------------------

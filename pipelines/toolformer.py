@@ -19,8 +19,10 @@ Choices the paper leaves open, made here:
     before a word: position i is the first token of a whitespace-separated word, the place where " [" (which
     carries the space) continues the text as in the prompts' examples. The first word is never a position:
     L_1(empty) would have no context.
-  - The text's tokens are its words' tokens concatenated, so word starts are token boundaries on every
-    backend (for byte-level BPE tokenizers such as SmolLM2's this equals tokenizing the whole text).
+  - The text is tokenized once, and each word is mapped to the token where it starts by the tokenizer's
+    character offsets, so tokenizers that prepend "▁" to every string (SentencePiece: Llama 2, Mistral) see the
+    text as in the prompts; where a word starts inside a token, or a backend has no local tokenizer (openai
+    without `tokenizer`), the words' own tokens are concatenated (the same for byte-level BPE such as SmolLM2's).
   - The prefix z and the text are joined by a newline: tokens(z + "\\n") + tokens(x); L_i(empty) scores x alone.
   - w_t = 0 from t = 5 on, so a scored sequence ends at x_{i+4}; calls of a batch of texts that share a
     prefix z share one sequence, and all sequences of a batch go to the backend in one `score` call.
@@ -56,7 +58,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 
 from datagen import sigterm
-from datagen.backends import PROBE_TOP_K, Backend, Completion, Request, SamplingParams
+from datagen.backends import MAX_N, MAX_SEED, PROBE_TOP_K, Backend, Completion, Request, SamplingParams
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records, require_str
 from pipelines.tools import TOOL_NAMES, CallContext, Executed, Tool, ToolError, execute
@@ -133,7 +135,8 @@ class ToolformerConfig(BaseModel):
     """Texts per batch: one pass per text for positions, one generate call per tool, one score call for the
     filter; each batch is committed in one transaction."""
     seed: int | None = 0
-    """Seed of the call sampling."""
+    """Run seed of the call sampling: the m calls at each position get their own seed from it and the batch, tool,
+    text and word (`call_seed`); None: unseeded."""
 
     @field_validator("tools")
     @classmethod
@@ -284,7 +287,7 @@ def build_prompt(tool: str, text: str, config: ToolformerConfig) -> str:
 @dataclass(frozen=True)
 class TextTokens:
     ids: tuple[int, ...]
-    """The text's tokens: each word's tokens, concatenated (no BOS)."""
+    """The text's tokens (no BOS)."""
     word_starts: tuple[int, ...]
     """Index in `ids` of each word's first token."""
     word_offsets: tuple[int, ...]
@@ -296,12 +299,53 @@ def split_words(text: str) -> list[tuple[int, str]]:
     return [(m.start(), m.group()) for m in re.finditer(r"\s*\S+", text)]
 
 
-def tokenize_words(tokenize: Callable[[str], list[int]], text: str, lead: str = "") -> TextTokens:
-    """Tokens of `lead + text` word by word; special tokens the tokenizer adds (BOS) are left out."""
+Encode = Callable[[str], list[tuple[int, int, int]]]
+"""A text's tokens with their characters, (id, start, end), no special tokens: a fast Hugging Face tokenizer's
+offset mapping (`offsets_encoder`)."""
+
+ANCHOR = "."
+"""Tokenized before a text that continues a line (lead " ") and then dropped with its tokens: tokenizers that prepend
+"▁" to every string (SentencePiece: Llama 2, Mistral) would otherwise give the lead its own "▁" token, which the
+same text inside the prompt does not have."""
+
+
+def offsets_encoder(backend: Backend) -> Encode | None:
+    """The backend's tokenizer with offsets, or None where it has no fast local one (openai without `tokenizer`)."""
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None or not getattr(tokenizer, "is_fast", False):
+        return None
+
+    def encode(text: str) -> list[tuple[int, int, int]]:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [(i, start, end) for i, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+
+    return encode
+
+
+def tokenize_words(tokenize: Callable[[str], list[int]], text: str, lead: str = "", encode: Encode | None = None) -> TextTokens:
+    """Tokens of `lead + text` (special tokens such as BOS left out), and where each word's tokens start.
+
+    With `encode`, the text is tokenized once and each word starts at the first token that ends after the word's
+    offset, so tokenizers that prepend "▁" to every string tokenize it as they would the whole text (Llama 2,
+    Mistral); a word that starts inside a token has no start of its own, and then the words are tokenized one by
+    one. Without `encode` (or then), tokens are concatenated word by word: the same for byte-level BPE (SmolLM2)."""
+    words = split_words(text)
+    if encode is not None:
+        prefix = ANCHOR + lead if lead else ""
+        tokens = [(i, start - len(prefix), end - len(prefix)) for i, start, end in encode(prefix + text)
+                  if not prefix or end > len(ANCHOR)]  # fmt: skip
+        starts = [0] if words else []
+        for offset, _ in words[1:]:
+            first = next((t for t, (_, _, end) in enumerate(tokens) if end > offset), None)
+            if first is None or first <= starts[-1] or tokens[first][1] < offset:
+                break
+            starts.append(first)
+        else:
+            return TextTokens(tuple(i for i, _, _ in tokens), tuple(starts), tuple(offset for offset, _ in words))
     special = tokenize("")
     ids: list[int] = []
     starts, offsets = [], []
-    for index, (offset, word) in enumerate(split_words(text)):
+    for index, (offset, word) in enumerate(words):
         piece = tokenize(lead + word if index == 0 else word)
         if special and piece[: len(special)] == special:
             piece = piece[len(special) :]
@@ -312,9 +356,11 @@ def tokenize_words(tokenize: Callable[[str], list[int]], text: str, lead: str = 
 
 
 def api_token_id(tokenize: Callable[[str], list[int]], config: ToolformerConfig) -> int:
-    """The single token of " " + api_start whose probability is p_i (" [" in the paper's footnote 1)."""
-    special = tokenize("")
-    ids = tokenize(" " + config.api_start)[len(special) :]
+    """The single token of " " + api_start whose probability is p_i (" [" in the paper's footnote 1), as it is
+    tokenized after a word: after ANCHOR, so a tokenizer that prepends "▁" to every string adds it to the anchor."""
+    anchor = tokenize(ANCHOR)
+    ids = tokenize(ANCHOR + " " + config.api_start)
+    ids = ids[len(anchor) :] if ids[: len(anchor)] == anchor else ids
     if len(ids) != 1:
         raise BadInput(
             f"the API start marker {' ' + config.api_start!r} is {len(ids)} tokens for this model's tokenizer; "
@@ -529,9 +575,9 @@ class Batch:
 
 
 def make_batch(tokenize: Callable[[str], list[int]], texts: Sequence[CorpusText], tools: Sequence[str], budget: int | None,
-               config: ToolformerConfig) -> Batch:  # fmt: skip
+               config: ToolformerConfig, encode: Encode | None = None) -> Batch:  # fmt: skip
     """Tokenize, split what does not fit into chunks, and apply the pre-filters (to each piece the model sees)."""
-    source_tokens = [tokenize_words(tokenize, t.text) for t in texts]
+    source_tokens = [tokenize_words(tokenize, t.text, encode=encode) for t in texts]
     pieces, piece_texts = [], []
     for j, (text, tokens) in enumerate(zip(texts, source_tokens)):
         for first, end in split_chunks(tokens, budget):
@@ -541,7 +587,7 @@ def make_batch(tokenize: Callable[[str], list[int]], texts: Sequence[CorpusText]
             piece = raw.lstrip()
             pieces.append(Piece(j, offset + len(raw) - len(piece), first))
             piece_texts.append(CorpusText(text.line, piece, text.date, text.source_id))
-    batch = Batch(list(texts), source_tokens, piece_texts, [tokenize_words(tokenize, t.text) for t in piece_texts], pieces)
+    batch = Batch(list(texts), source_tokens, piece_texts, [tokenize_words(tokenize, t.text, encode=encode) for t in piece_texts], pieces)
     batch.tools = [[name for name in tools if passes_prefilter(name, t, config)] for t in piece_texts]
     return batch
 
@@ -557,7 +603,7 @@ def sample_positions(backend: Backend, tool: str, texts: Sequence[CorpusText], a
     sequences, starts = [], []
     for text in texts:
         prompt_ids = backend.tokenize(build_prompt(tool, text.text, config))
-        tokens = tokenize_words(backend.tokenize, text.text, lead=" ")
+        tokens = tokenize_words(backend.tokenize, text.text, lead=" ", encode=offsets_encoder(backend))
         sequences.append(prompt_ids + list(tokens.ids))
         starts.append([len(prompt_ids) + s for s in tokens.word_starts])
     logprobs = backend.next_token_logprobs(sequences, api_token)
@@ -585,16 +631,17 @@ def sample_calls(
     """Step 2: m samples at every position, in one generate call; each completion becomes a Candidate,
     parsed or marked unclosed/unparsed, and repeated calls at one position are marked duplicate."""
     settings = config.settings[tool_name]
-    params = SamplingParams(
-        temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_call_tokens,
-        stop=(config.api_end,), n=settings.m, seed=config.seed,
-    )  # fmt: skip
     requests, where = [], []
     for j, selected in zip(text_indices, positions):
         text = batch.texts[j].text
         for word, p in selected:
             offset = batch.tokens[j].word_offsets[word]
             prefix = build_prompt(tool_name, text, config) + " " + text[:offset] + " " + config.api_start
+            seed = None if config.seed is None else call_seed(config.seed, batch_number, tool_name, j, word)
+            params = SamplingParams(
+                temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_call_tokens,
+                stop=(config.api_end,), n=settings.m, seed=seed,
+            )  # fmt: skip
             requests.append(Request(prompt=prefix, params=params))
             where.append((j, word, p))
     if not requests:
@@ -617,6 +664,16 @@ def sample_calls(
                 candidate.status, candidate.reason = err.status, err.reason
             candidates.append(candidate)
     return candidates
+
+
+def call_seed(seed: int, batch: int, tool: str, text: int, word: int) -> int:
+    """The sampling seed of the m calls at one position (word `word` of text `text` of batch `batch`, for `tool`): its
+    own, as Self-Instruct's `request_seed` gives each request one, so no two positions draw the same random numbers.
+
+    A hash of the five values, a multiple of MAX_N: vLLM seeds the n samples of a request seed + 0 .. seed + n - 1
+    (its parallel sampling), so the blocks of two positions never overlap either."""
+    digest = hashlib.sha256(f"{seed}/{batch}/{tool}/{text}/{word}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (MAX_SEED + 1) // MAX_N * MAX_N
 
 
 def execute_calls(tool_name: str, tool: Tool, batch: Batch, candidates: Sequence[Candidate], config: ToolformerConfig) -> Executed:
@@ -770,6 +827,7 @@ def run(
             "(Backend.next_token_logprobs), which Toolformer's step 1 needs; use --backend transformers or vllm"
         )
     api_token = api_token_id(backend.tokenize, config)
+    encode = offsets_encoder(backend)
     context = config.max_context_tokens or getattr(backend, "max_model_len", None)
     budget = chunk_budget(backend.tokenize, list(tools), context, config)
     if run.config.get("chunk_tokens", budget) != budget:
@@ -779,7 +837,7 @@ def run(
     todo = [t for t in texts if t.line not in done]
     for batch_number, start in enumerate(range(0, len(todo), config.batch_size), start=len(done) // config.batch_size):
         sigterm.check(batch_number)
-        batch = make_batch(backend.tokenize, todo[start : start + config.batch_size], list(tools), budget, config)
+        batch = make_batch(backend.tokenize, todo[start : start + config.batch_size], list(tools), budget, config, encode)
         for name, tool in tools.items():
             indices = [j for j, applied in enumerate(batch.tools) if name in applied]
             if not indices:

@@ -224,3 +224,16 @@ def test_alpaca_on_vllm(vllm_llm, db_url):
         session.commit()
         alpaca.run(session, run, vllm_llm, config)
     check_store_independently(db_url, "v", 2)
+
+
+def test_alpaca_blocks_eos_and_cuts_loops():
+    """The reference forbids end-of-text (logit_bias {"50256": -100}, issue 19 item 3); a looping response ends on
+    the transformers backend (item 8a). Backends honour both: tests/backend_checks.py and test_transformers_backend."""
+    from datagen.errors import BadInput
+
+    params = alpaca.alpaca_params(alpaca.AlpacaConfig(), seed=1)
+    assert (params.block_eos, params.loop_ngram) == (True, 20)
+    off = alpaca.alpaca_params(alpaca.AlpacaConfig(block_eos=False, loop_ngram=0), seed=1)
+    assert (off.block_eos, off.loop_ngram) == (False, 0)
+    with pytest.raises(BadInput, match="loop_ngram must be an integer"):
+        alpaca.AlpacaConfig(loop_ngram=-1)

@@ -35,6 +35,11 @@ def load_shipped(path: Path):
         from pipelines.self_instruct import SelfInstructConfig
 
         return load_config(SelfInstructConfig, path, {})
+    if path.name == "alpaca_cpu.yaml":
+        from datagen.commands.self_instruct import load_config
+        from pipelines.alpaca import AlpacaConfig
+
+        return load_config(AlpacaConfig, path, {})
     if path.name == "train_lora.yaml":
         from train.config import load_config
 

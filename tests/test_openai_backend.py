@@ -18,7 +18,7 @@ import pytest
 from datagen.backends import Request, SamplingParams
 from datagen.backends.openai_backend import OpenAIBackend
 from datagen.errors import BadInput, DatagenError
-from tests.backend_checks import check_stop_reason
+from tests.backend_checks import check_block_eos, check_stop_reason
 
 pytestmark = pytest.mark.vllm
 
@@ -119,9 +119,13 @@ def test_score_agrees_with_transformers(openai_backend, hf_backend):
 
 
 def test_without_a_local_tokenizer_the_server_tokenizes(vllm_server, openai_backend):
-    remote = OpenAIBackend("smollm2-remote", base_urls=vllm_server + "/v1/")
+    notes = []
+    remote = OpenAIBackend("smollm2-remote", base_urls=vllm_server + "/v1/", notify=notes.append)
     try:
         assert remote.tokenizer is None
+        blocked = SamplingParams(temperature=0, max_tokens=2, block_eos=True)
+        remote.generate([Request(prompt="Hi", params=blocked)] * 2)
+        assert len(notes) == 1 and notes[0].startswith("end-of-sequence is not blocked for 'smollm2-remote'")
         assert remote.tokenize(SENTENCES[1]) == openai_backend.tokenize(SENTENCES[1])
         (result,) = remote.generate([Request(messages=CHAT, params=SamplingParams(temperature=0, max_tokens=4))])
         assert json.loads(result.prompt) == list(CHAT)
@@ -259,3 +263,7 @@ def test_the_progress_line_says_a_server_is_out(vllm_server, tmp_path):
 
 def test_stop_reason_names_the_stop_string_and_only_it(openai_backend):
     check_stop_reason(openai_backend)
+
+
+def test_block_eos_never_ends_a_completion(openai_backend):
+    check_block_eos(openai_backend)

@@ -237,6 +237,51 @@ def test_text_tokens_match_the_tokenizer(hf_backend):
         tf.api_token_id(hf_backend.tokenize, tf.ToolformerConfig(api_start="<API>"))
 
 
+def llama_like_tokenizer():
+    """A SentencePiece-style BPE tokenizer built here, normalized as Llama 2's and Mistral's: "▁" prepended to every
+    string and spaces written as "▁", so " participants" alone is "▁", "▁participant", "s"."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    sp.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    corpus = [TEXT, "Out of 1400 participants, 400 (or [Calculator(400 / 1400) -> 0.29] 29%) passed the test.",
+              "Today is [Calendar() -> Friday] Friday, and [QA(Who?) -> Bo] Bo [Calculator(2 + 2) -> 4] came."] * 20  # fmt: skip
+    sp.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    from tokenizers.processors import TemplateProcessing
+
+    sp.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", sp.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_tokenizer_that_prepends_a_space_marker_to_every_string():
+    """Word by word, a Llama-2-style tokenizer gives every word an extra "▁" and " [" two tokens (issue 19, item 9):
+    the text is tokenized once, words are mapped to tokens by offsets, and <API> is " [" as it follows a word."""
+    tokenizer = llama_like_tokenizer()
+
+    class Backend:
+        pass
+
+    backend = Backend()
+    backend.tokenizer = tokenizer
+    tokenize = lambda text: tokenizer(text)["input_ids"]  # noqa: E731  (BOS added, as a backend's tokenize does)
+    whole = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert len(tf.tokenize_words(tokenize, TEXT).ids) > len(whole)  # the extra "▁" per word, without offsets
+    encode = tf.offsets_encoder(backend)
+    for lead in ("", " "):  # in the prompt the text follows "Output:" and a space, which "▁Out" already carries
+        tokens = tf.tokenize_words(tokenize, TEXT, lead, encode)
+        assert list(tokens.ids) == whole
+        assert tokens.word_offsets == tuple(offset for offset, _ in tf.split_words(TEXT))
+        for (_, word), start in zip(tf.split_words(TEXT), tokens.word_starts):
+            assert tokenizer.convert_ids_to_tokens(whole[start]).startswith("▁" + word.strip()[:1])
+    api = tf.api_token_id(tokenize, CONFIG)
+    assert tokenizer.convert_ids_to_tokens(api) == "▁["
+    prompt = tokenizer("passed [", add_special_tokens=False)["input_ids"]
+    assert prompt[-1] == api  # the token the call prompts end with
+
+
 # --- The loss, by hand on the embedded model ------------------------------------------------------------------
 
 
@@ -399,6 +444,39 @@ def test_run_stores_every_candidate_with_its_verdict_and_resumes(tmp_path):
     assert [r.line for r in session.exec(select(ToolformerText).order_by(ToolformerText.line))] == [1, 2, 3]
     tf.run(session, run, backend, texts, build_tools(["calculator"]), config)
     assert backend.generate_calls == generate_calls + 1
+
+
+def test_each_position_samples_with_its_own_seed(tmp_path, hf_backend):
+    """One seed for every call request made every position of every text, tool and batch draw the same random
+    numbers (issue 19, item 8): each position's seed is its own, and its m samples differ and repeat under it."""
+    assert tf.call_seed(0, 0, "calculator", 0, 3) % 128 == 0  # vLLM seeds sample i with seed + i: blocks never overlap
+    seeds = {tf.call_seed(s, b, tool, j, w) for s in (0, 1) for b in (0, 1) for tool in ("calculator", "calendar")
+             for j in (0, 1) for w in range(1, 6)}  # fmt: skip
+    assert len(seeds) == 2 * 2 * 2 * 2 * 5
+
+    class Recording:
+        name, model = "transformers", "smollm2-135m"
+        requests: list = []
+
+        def generate(self, requests):
+            self.requests = list(requests)
+            return hf_backend.generate(requests)
+
+    session, run = _store(tmp_path)
+    config = tf.ToolformerConfig(tools=["calculator"], settings={"calculator": {"m": 4}}, max_call_tokens=6)
+    batch = tf.make_batch(hf_backend.tokenize, [tf.CorpusText(1, TEXT)], ["calculator"], None, config)
+    backend = Recording()
+
+    def sample(batch_number):
+        candidates = tf.sample_calls(session, run, backend, "calculator", CALCULATOR, batch, [0], [[(4, None), (6, None)]],
+                                     batch_number, config)  # fmt: skip
+        return [r.params.seed for r in backend.requests], [c.completion for c in candidates]
+
+    seeds, texts = sample(0)
+    assert seeds == [tf.call_seed(0, 0, "calculator", 0, 4), tf.call_seed(0, 0, "calculator", 0, 6)]
+    assert len(set(texts[:4])) > 1  # the m samples at one position are distinct draws
+    assert sample(0) == (seeds, texts)  # and repeat under the same seeds
+    assert set(sample(1)[0]).isdisjoint(seeds)  # another batch, other seeds
 
 
 def test_clean_result_removes_markers_and_caps():

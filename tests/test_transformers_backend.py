@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from datagen.backends import Request, SamplingParams, apply_stop
+from datagen.backends import Request, SamplingParams, apply_stop, ends_in_loop
 from datagen.errors import BadInput
-from tests.backend_checks import check_stop_reason
+from tests.backend_checks import check_block_eos, check_stop_reason
 
 CHAT = ({"role": "user", "content": "Name three fruits."},)
 
@@ -85,3 +85,26 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
 
 def test_stop_reason_names_the_stop_string_and_only_it(hf_backend):
     check_stop_reason(hf_backend)
+
+
+def test_block_eos_never_ends_a_completion(hf_backend):
+    check_block_eos(hf_backend)
+
+
+def test_ends_in_loop_counts_the_last_ngram():
+    assert ends_in_loop([1, 2] * 4, 2) and not ends_in_loop([1, 2] * 4, 3)  # (1, 2) 4 times; (2, 1, 2) 3 times
+    assert not ends_in_loop([1, 2] * 4 + [3], 2) and not ends_in_loop([7] * 9, 0) and not ends_in_loop([7], 2)
+
+
+def test_loop_ngram_cuts_a_looping_sequence_and_only_it(hf_backend):
+    """A runaway sequence held its whole padded batch until max_tokens (issue 19, item 8a): a loop ends its own
+    row, as cut ("length"), while the other row of the batch ends by its stop string."""
+    params = SamplingParams(temperature=0, max_tokens=64, loop_ngram=6, stop=("4",))
+    looping, stopping = hf_backend.generate([Request(prompt="a b a b a b a b a b", params=params),
+                                             Request(prompt="1 2 3", params=params)])  # fmt: skip
+    loop = looping.completions[0]
+    assert loop.finish_reason == "length" and loop.completion_tokens < 30 and loop.text.strip().startswith("a b a b")
+    assert ends_in_loop(hf_backend.tokenizer(loop.text, add_special_tokens=False)["input_ids"], 6)
+    assert stopping.completions[0].finish_reason == "stop" and stopping.completions[0].stop_reason == "4"
+    (free,) = hf_backend.generate([Request(prompt="a b a b a b a b a b", params=SamplingParams(temperature=0, max_tokens=40))])
+    assert free.completions[0].completion_tokens == 40  # without loop_ngram the loop runs to max_tokens

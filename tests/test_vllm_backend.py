@@ -8,7 +8,7 @@ import pytest
 
 from datagen.backends import Request, SamplingParams
 from datagen.errors import BadInput
-from tests.backend_checks import check_stop_reason
+from tests.backend_checks import check_block_eos, check_stop_reason
 
 pytestmark = pytest.mark.vllm
 
@@ -90,3 +90,7 @@ def test_seeded_prompts_longer_than_one_step_budget(vllm_llm):
 
 def test_stop_reason_names_the_stop_string_and_only_it(vllm_llm):
     check_stop_reason(vllm_llm)
+
+
+def test_block_eos_never_ends_a_completion(vllm_llm):
+    check_block_eos(vllm_llm)

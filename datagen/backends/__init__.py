@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -26,6 +27,8 @@ MAX_COUNT = 2**31 - 1
 """Largest max_tokens a backend can take: a C int in torch, vLLM and the servers behind the openai backend."""
 MAX_N = 128
 """Most completions per request: the OpenAI API's limit for `n`, far above the papers' needs."""
+LOOP_REPEATS = 4
+"""`SamplingParams.loop_ngram`: the occurrence of one n-gram that ends a completion as a loop."""
 MAX_SEED = 2**63 - 1
 """Seeds go to torch.manual_seed and vLLM's per-request generators, which take a signed 64-bit integer."""
 
@@ -49,9 +52,20 @@ class SamplingParams:
     seed: int | None = None
     """Makes sampling repeatable on the same backend and hardware; 0 to MAX_SEED."""
     presence_penalty: float = 0.0
-    """In [-2, 2] (OpenAI API and vLLM); used by vllm and openai; transformers has no such penalty and ignores it."""
+    """In [-2, 2] (OpenAI API and vLLM); every backend applies it (transformers as vLLM defines it: `OutputPenalties`)."""
     frequency_penalty: float = 0.0
-    """In [-2, 2] (OpenAI API and vLLM); used by vllm and openai; transformers has no such penalty and ignores it."""
+    """In [-2, 2] (OpenAI API and vLLM); every backend applies it (transformers as vLLM defines it: `OutputPenalties`)."""
+    loop_ngram: int = 0
+    """End a completion once the `loop_ngram` tokens just generated occur for the LOOP_REPEATS-th time in it: it is
+    looping (degenerate repetition), and the rest would be more of the same. Its finish_reason is then "length" (cut
+    before its end). 0: off. transformers only, whose padded batch runs until its longest completion ends, so one
+    runaway sequence holds up the whole batch; vllm and openai schedule each sequence on its own and ignore it (ours,
+    for Alpaca's 3,072-token requests on the CPU default)."""
+    block_eos: bool = False
+    """Forbid the model's end-of-sequence token(s), so a completion ends only at a stop string or max_tokens (Stanford
+    Alpaca's `logit_bias={"50256": -100}` on GPT-3's <|endoftext|>). transformers suppresses them (logit -inf);
+    vllm and openai send `logit_bias` -100 (the API's floor) on each; openai needs a local tokenizer to know their ids
+    and without one sends nothing (`OpenAIBackend` says so once through `notify`)."""
 
     def __post_init__(self) -> None:
         if not (_is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0):
@@ -60,6 +74,7 @@ class SamplingParams:
             raise BadInput(f"top_p must be in (0, 1], got {self.top_p!r}")
         check_int("max_tokens", self.max_tokens, 1, MAX_COUNT)
         check_int("n", self.n, 1, MAX_N)
+        check_int("loop_ngram", self.loop_ngram, 0, MAX_COUNT)
         if self.seed is not None:
             check_int("seed", self.seed, 0, MAX_SEED)
         for name in ("presence_penalty", "frequency_penalty"):
@@ -81,6 +96,33 @@ def check_int(name: str, value, low: int, high: int) -> None:
 Message = dict[str, str]
 
 
+def ends_in_loop(token_ids: Sequence[int], ngram: int, repeats: int = LOOP_REPEATS) -> bool:
+    """Whether the last `ngram` tokens occur `repeats` times or more in token_ids (`SamplingParams.loop_ngram`)."""
+    if ngram < 1 or len(token_ids) < ngram:
+        return False
+    tail, count = list(token_ids[-ngram:]), 0
+    for start in range(len(token_ids) - ngram + 1):
+        count += list(token_ids[start : start + ngram]) == tail
+    return count >= repeats
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """The ids that end a sequence: the tokenizer's EOS and the model's generation config's (SmolLM2-Instruct: 2,
+    <|im_end|>; Llama 3 lists several), in ascending order. generation_config: a GenerationConfig, or a model folder
+    to read generation_config.json from (none there: the tokenizer's alone)."""
+    if isinstance(generation_config, (str, os.PathLike)):
+        from transformers import GenerationConfig
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(generation_config)
+        except OSError:
+            generation_config = None
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        ids.update(value if isinstance(value, (list, tuple)) else [] if value is None else [value])
+    return sorted(ids)
+
+
 @dataclass(frozen=True)
 class Request:
     """A raw prompt or chat messages (rendered with the model's chat template), plus sampling settings."""
@@ -98,7 +140,7 @@ class Request:
 class Completion:
     text: str
     finish_reason: Literal["stop", "length"]
-    """'length' when max_tokens cut the completion."""
+    """'length' when max_tokens cut the completion, or the transformers backend cut a loop (`loop_ngram`)."""
     completion_tokens: int
     stop_reason: str | None = None
     """The stop string that ended the completion; None when it ended at the end-of-sequence token or at

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from datagen import models
-from datagen.backends import Completion, Message, Request, Result, SamplingParams, ScoredSequence, mask_url
+from datagen.backends import Completion, Message, Request, Result, SamplingParams, ScoredSequence, eos_token_ids, mask_url
 from datagen.errors import BadInput, DatagenError
 
 MAX_BACKOFF_S = 30.0
@@ -93,6 +93,9 @@ class OpenAIBackend:
         self._breakers = {url: Breaker() for url in self.base_urls}
         self._turns_lock = threading.Lock()
         self.tokenizer = load_tokenizer(tokenizer, model)
+        self.eos_ids = eos_token_ids(self.tokenizer, self.tokenizer.name_or_path) if self.tokenizer is not None else []
+        """Blocked by `SamplingParams.block_eos` (logit_bias); unknown without a local tokenizer."""
+        self._told_eos = False
 
     # -- text and tokens ---------------------------------------------------------------------
 
@@ -117,6 +120,13 @@ class OpenAIBackend:
     def _generate_one(self, request: Request, cancelled: threading.Event) -> Result:
         params = request.params
         body = sampling_body(params) | {"model": self.model}
+        if params.block_eos:
+            if self.eos_ids:
+                body["logit_bias"] = {str(i): -100 for i in self.eos_ids}
+            elif not self._told_eos:
+                self._told_eos = True
+                self.notify(f"end-of-sequence is not blocked for '{self.model}': its token id is unknown without a local "
+                            "tokenizer (pass tokenizer=<model folder or hub id>), so the model may end a response early")  # fmt: skip
         if request.prompt is not None:
             path, prompt = "/v1/completions", request.prompt
             body["prompt"] = request.prompt

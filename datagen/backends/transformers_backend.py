@@ -13,10 +13,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from datagen import models
-from datagen.backends import Completion, Message, Request, Result, SamplingParams, ScoredSequence, apply_stop
+from datagen.backends import (
+    LOOP_REPEATS,
+    Completion,
+    Message,
+    Request,
+    Result,
+    SamplingParams,
+    ScoredSequence,
+    apply_stop,
+    ends_in_loop,
+    eos_token_ids,
+)
 
 
 class TransformersBackend:
@@ -71,6 +82,10 @@ class TransformersBackend:
         if params.presence_penalty or params.frequency_penalty:
             penalties = OutputPenalties(encoded["input_ids"].shape[1], params.presence_penalty, params.frequency_penalty)
             sampling["logits_processor"] = LogitsProcessorList([penalties])
+        if params.loop_ngram:
+            sampling["stopping_criteria"] = StoppingCriteriaList([LoopStop(encoded["input_ids"].shape[1], params.loop_ngram)])
+        if params.block_eos:
+            sampling["suppress_tokens"] = eos_token_ids(self.tokenizer, self.hf_model.generation_config)
         output = self.hf_model.generate(
             **encoded,
             max_new_tokens=params.max_tokens,
@@ -103,7 +118,9 @@ class TransformersBackend:
                 break
         decoded = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         text, stopped = apply_stop(decoded, params.stop)
-        finish = "stop" if ended_by_eos or stopped or len(token_ids) < params.max_tokens else "length"
+        # A loop cut by LoopStop is padded like a completion that ended: its last n-gram tells it apart.
+        looped = not stopped and ends_in_loop(token_ids, params.loop_ngram)
+        finish = "stop" if (ended_by_eos or stopped or len(token_ids) < params.max_tokens) and not looped else "length"
         stop_reason = next(s for s in params.stop if decoded[len(text) :].startswith(s)) if stopped else None
         return Completion(text=text, finish_reason=finish, completion_tokens=len(token_ids), stop_reason=stop_reason)
 
@@ -179,3 +196,22 @@ def context_length(config) -> int:
     parameters = getattr(config, "rope_parameters", None) or {}
     factor = parameters.get("factor") if parameters.get("rope_type") in ("linear", "dynamic") else None
     return int(config.max_position_embeddings * (factor or 1.0))
+
+
+class LoopStop(StoppingCriteria):
+    """Ends each sequence of a batch on its own once its last `ngram` generated tokens have occurred LOOP_REPEATS
+    times in its completion (`SamplingParams.loop_ngram`); one count per sequence, one n-gram per step."""
+
+    def __init__(self, prompt_width: int, ngram: int, repeats: int = LOOP_REPEATS):
+        self.prompt_width, self.ngram, self.repeats = prompt_width, ngram, repeats
+        self.counts: list[dict[tuple[int, ...], int]] = []
+        self.looped: list[bool] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if not self.counts:
+            self.counts, self.looped = [{} for _ in range(input_ids.shape[0])], [False] * input_ids.shape[0]
+        if input_ids.shape[1] - self.prompt_width >= self.ngram:
+            for row, gram in enumerate(map(tuple, input_ids[:, -self.ngram :].tolist())):
+                self.counts[row][gram] = count = self.counts[row].get(gram, 0) + 1
+                self.looped[row] = self.looped[row] or count >= self.repeats
+        return torch.tensor(self.looped, dtype=torch.bool, device=input_ids.device)

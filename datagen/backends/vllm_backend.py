@@ -24,7 +24,7 @@ from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
 from datagen import models
-from datagen.backends import Completion, Message, Request, Result, SamplingParams, ScoredSequence
+from datagen.backends import Completion, Message, Request, Result, SamplingParams, ScoredSequence, eos_token_ids
 from datagen.errors import BadInput, DatagenError
 
 try:  # vLLM 0.32 raises VLLMClientError subclasses for bad requests; older versions raise ValueError
@@ -92,6 +92,8 @@ class VLLMBackend:
                 + (", and on CPU a KV cache that fits in memory (kv_cache_memory_bytes)" if on_cpu else "")
             ) from err
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.eos_ids = eos_token_ids(self.tokenizer, self.path)
+        """Blocked by `SamplingParams.block_eos`."""
 
     def render_chat(self, messages: Sequence[Message]) -> str:
         return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
@@ -114,7 +116,7 @@ class VLLMBackend:
         started = time.perf_counter()
         outputs = self._run(
             [TokensPrompt(prompt_token_ids=ids) for ids in token_ids],
-            [sampling_params(r.params, ignore_eos) for r in requests],
+            [sampling_params(r.params, ignore_eos, self.eos_ids) for r in requests],
         )
         latency = time.perf_counter() - started
         results = []
@@ -178,8 +180,9 @@ class VLLMBackend:
             self.llm = None
 
 
-def sampling_params(params: SamplingParams, ignore_eos: bool = False) -> vllm.SamplingParams:
+def sampling_params(params: SamplingParams, ignore_eos: bool = False, eos_ids: Sequence[int] = ()) -> vllm.SamplingParams:
     return vllm.SamplingParams(
+        logit_bias={i: -100.0 for i in eos_ids} if params.block_eos else None,
         n=params.n,
         temperature=params.temperature,
         top_p=params.top_p,

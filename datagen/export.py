@@ -39,7 +39,8 @@ from datagen import __version__
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records
 from datagen.shards import runs_named
-from storage.tables import ApiCall, Generation, Instance, ManualVerdict, Run, Task, ToolformerText
+from storage.queries import hand_rejected_ids
+from storage.tables import ApiCall, Generation, Instance, Run, Task, ToolformerText
 
 if TYPE_CHECKING:
     from datasets import DatasetDict, Features
@@ -189,7 +190,7 @@ def select_examples(session: Session, run: Run) -> tuple[list[Example], int]:
     Seeds are not exported: like Self-Instruct's and Alpaca's released data, the dataset is the generated part; nor are
     tasks rejected by hand in `datagen ui --allow-edits`.
     """
-    not_rejected_by_hand = Task.id.not_in(select(ManualVerdict.task_id).where(ManualVerdict.verdict == "rejected"))
+    not_rejected_by_hand = Task.id.not_in(hand_rejected_ids())  # the latest manual verdict is in force (undo restores)
     rows = session.exec(
         select(Task, Instance, Generation.model)
         .join(Instance, Instance.task_id == Task.id)

@@ -39,7 +39,7 @@ from datagen import __version__
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records
 from datagen.shards import runs_named
-from storage.queries import hand_rejected_ids
+from storage.queries import hand_rejected_ids, rejected_by_reason
 from storage.tables import ApiCall, Generation, Instance, Run, Task, ToolformerText
 
 if TYPE_CHECKING:
@@ -270,8 +270,8 @@ def run_facts(session: Session, run: Run, tasks_without_instances: int) -> RunFa
         config=dict(run.config),
         seed_tasks=count(select(func.count()).select_from(Task).where(Task.run_id == run.id, Task.source == "seed")),
         instructions=count(select(func.count()).select_from(Task).where(*generated)),
-        accepted=count(select(func.count()).select_from(Task).where(*generated, Task.status == "accepted")),
-        rejected_by_reason=reasons(Task, *generated),
+        accepted=count(select(func.count()).select_from(Task).where(*generated, Task.status == "accepted", Task.id.not_in(hand_rejected_ids()))),
+        rejected_by_reason=rejected_by_reason(session, run),
         instances_accepted=count(select(func.count()).select_from(Instance).where(of_run, Instance.status == "accepted")),
         instances_rejected_by_reason=reasons(Instance, of_run),
         tasks_without_instances=tasks_without_instances,

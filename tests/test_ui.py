@@ -697,3 +697,11 @@ def test_hand_verdicts_are_the_items_status_and_can_be_undone(db_url):
     with Session(open_engine(db_url)) as session:
         assert [v.verdict for v in session.exec(select(ManualVerdict).order_by(ManualVerdict.id)).all()] == ["rejected", "restored"]
         assert select_examples(session, session.get(Run, run.id))[0] == exported
+
+
+def test_report_figures_are_formatted():
+    from datagen.ui.app import shown
+
+    assert shown(0.515534, "keep_rate") == "51.6%" and shown(0.515534, "median_rouge_l_to_nearest_seed") == "0.516"
+    assert shown({"rouge_similarity": 16, "too_short": 2}) == "rouge_similarity 16, too_short 2"
+    assert shown({}) == "—" and shown(None) == "—" and shown(12) == "12" and shown("write") == "write"

@@ -48,6 +48,21 @@ templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoade
 """autoescape on every template: instructions and completions are model output and may contain HTML."""
 
 
+def shown(value: Any, key: str = "") -> str:
+    """A report figure as a reader wants it: a rate as a percentage, other fractions to 3 significant digits, a mapping
+    as "name count, name count" (most first, as the report orders them), nothing as a dash."""
+    if value is None or value == {}:
+        return "—"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {shown(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.1%}" if key.endswith("rate") else f"{value:.3g}"
+    return str(value)
+
+
+templates.env.filters["shown"] = shown
+
+
 def create_app(engine: Engine, allowed_hosts: tuple[str, ...] = LOCAL_NAMES, curator: str | None = None) -> FastAPI:
     """The viewer over `engine`. allowed_hosts: the host names (beside IP addresses) a request's Host header may
     name. curator: allow edits (manual verdicts), recorded under this name unless the form gives another; None keeps

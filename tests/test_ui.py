@@ -283,7 +283,7 @@ def test_item_page_shows_the_lineage(store):
     assert all(escape(s) in html for s in siblings)
     assert "ROUGE-L similarity passed" in shown and "instances passed" in shown
     assert re.search(r"Classification: (yes|no)", shown)  # the "Is it classification?" call was found
-    nearest_link = re.search(r'href="/runs/\d+/items/(\d+)">item \d+</a> \((seed|generated)\)', html)
+    nearest_link = re.search(r'href="/runs/\d+/items/(\d+)">item \d+</a> \((seed|generated)[,)]', html)
     assert nearest_link, "the nearest instruction should link to its row"
     with Session(open_engine(store)) as session:
         assert session.get(Task, int(nearest_link.group(1))).instruction == task.nearest
@@ -705,3 +705,23 @@ def test_report_figures_are_formatted():
     assert shown(0.515534, "keep_rate") == "51.6%" and shown(0.515534, "median_rouge_l_to_nearest_seed") == "0.516"
     assert shown({"rouge_similarity": 16, "too_short": 2}) == "rouge_similarity 16, too_short 2"
     assert shown({}) == "—" and shown(None) == "—" and shown(12) == "12" and shown("write") == "write"
+
+
+
+def test_nearest_earlier_instruction_column_and_word_diff(db_url):
+    from datagen.ui.queries import word_diff
+
+    assert word_diff("Write a poem about cats.", "Write a short poem about dogs.") == [
+        ("same", "Write a"), ("ins", "short"), ("same", "poem about"), ("del", "cats."), ("ins", "dogs."),
+    ]  # fmt: skip
+    with Session(open_engine(db_url)) as session:
+        run = build_run(session, "si", tasks=4)
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.nearest.is_not(None)).order_by(Task.id)).first()
+        seed = session.exec(select(Task).where(Task.run_id == run.id, Task.instruction == task.nearest).order_by(Task.id)).first()
+    web = client(db_url)
+    row = re.search(rf'<a href="/runs/{run.id}/items/{task.id}">{task.id}</a>.*?</tr>', web.get(f"/runs/{run.id}").text, re.S).group(0)
+    assert f'<td class="nearest"><a href="/runs/{run.id}/items/{seed.id}">{seed.id}</a> <small>seed</small>' in row
+    item = web.get(f"/runs/{run.id}/items/{task.id}").text
+    diff = re.search(r'<p class="diff" id="diff">(.*?)</p>', item, re.S).group(1)
+    assert "<del>" in diff and "<ins>" in diff
+    assert " ".join(re.sub(r"<del>.*?</del>|</?ins>", " ", unescape(diff)).split()) == " ".join(task.instruction.split())

@@ -173,11 +173,11 @@ def _routes(app: FastAPI) -> None:
         if run.pipeline == "toolformer":
             return _toolformer(request, db, run, live, interrupted)
         item_filter = parse_filter(request.query_params)
-        page, by_hand = queries.item_page(db, run, item_filter)
+        items = queries.item_page(db, run, item_filter)
         return _page(
-            request, "run.html", run=run, by_hand=by_hand, figures=shared.figures(db, [run])[run.id], interrupted=interrupted,
+            request, "run.html", run=run, items=items, page=items.page, by_hand=items.by_hand, figures=shared.figures(db, [run])[run.id], interrupted=interrupted,
             reasons=shared.rejected_by_reason(db, run), accepted_instances=shared.accepted_instances(db, run),
-            filter=item_filter, page=page, training=queries.training_runs(db, run), poll=live,
+            filter=item_filter, training=queries.training_runs(db, run), poll=live,
         )  # fmt: skip
 
     @app.get("/runs/{ref}/progress.json")
@@ -191,7 +191,8 @@ def _routes(app: FastAPI) -> None:
         lineage = queries.item_lineage(db, run, item_id) if 0 <= item_id <= MAX_ID else None
         if lineage is None:
             raise HTTPException(404, f"run '{run.name}' has no item {item_id}")
-        return _page(request, "item.html", run=run, item=lineage, threshold=report._threshold(run.config), curator=request.app.state.curator)
+        diff = queries.word_diff(lineage.task.nearest, lineage.task.instruction) if lineage.task.nearest is not None else []
+        return _page(request, "item.html", run=run, item=lineage, diff=diff, threshold=report._threshold(run.config), curator=request.app.state.curator)
 
     @app.get("/runs/{ref}/report", response_class=HTMLResponse)
     def report_page(request: Request, ref: str, db: Db):

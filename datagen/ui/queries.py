@@ -92,11 +92,55 @@ def _exists(session: Session, model, *conditions) -> bool:
     return session.exec(select(model.id).where(*conditions).limit(1)).first() is not None
 
 
-def item_page(session: Session, run: Run, item_filter: ItemFilter) -> tuple[Page, dict[int, ManualVerdict]]:
-    """A page of the run's instructions under the filter, and the hand rejections in force among them."""
-    page = keyset_page(session, Task, item_conditions(run, item_filter), item_filter.after, item_filter.before)
-    return page, hand_rejections(session, [t.id for t in page.rows])
+@dataclass
+class ItemPage:
+    page: Page
+    by_hand: dict[int, ManualVerdict]
+    """task id → the hand rejection in force."""
+    nearest: dict[int, Task]
+    """task id → the earlier instruction the similarity filter found closest, where it is in the store."""
+    nearest_by_hand: dict[int, ManualVerdict]
 
+
+def item_page(session: Session, run: Run, item_filter: ItemFilter) -> ItemPage:
+    """A page of the run's instructions under the filter, the hand rejections in force among them, and each one's
+    nearest earlier instruction (one query for the page)."""
+    page = keyset_page(session, Task, item_conditions(run, item_filter), item_filter.after, item_filter.before)
+    nearest = nearest_tasks(session, run, page.rows)
+    return ItemPage(page, hand_rejections(session, [t.id for t in page.rows]), nearest, hand_rejections(session, [t.id for t in nearest.values()]))
+
+
+def nearest_tasks(session: Session, run: Run, tasks: list[Task]) -> dict[int, Task]:
+    """For each task with a stored nearest instruction, the earliest row of the run with that text before it."""
+    texts = {t.nearest for t in tasks if t.nearest is not None}
+    if not texts:
+        return {}
+    candidates: dict[str, list[Task]] = {}
+    for row in session.exec(select(Task).where(Task.run_id == run.id, Task.instruction.in_(list(texts))).order_by(Task.id)).all():
+        candidates.setdefault(row.instruction, []).append(row)
+    found = {}
+    for task in tasks:
+        earlier = [c for c in candidates.get(task.nearest or "", []) if c.id < task.id]
+        if earlier:
+            found[task.id] = earlier[0]
+    return found
+
+
+def word_diff(old: str, new: str) -> list[tuple[str, str]]:
+    """Word-level differences from `old` to `new`: (kind, text) runs, kind "same", "del" or "ins" (difflib's opcodes)."""
+    import difflib
+
+    a, b = old.split(), new.split()
+    runs: list[tuple[str, str]] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            runs.append(("same", " ".join(a[i1:i2])))
+            continue
+        if i2 > i1:
+            runs.append(("del", " ".join(a[i1:i2])))
+        if j2 > j1:
+            runs.append(("ins", " ".join(b[j1:j2])))
+    return runs
 
 def hand_rejections(session: Session, task_ids: list[int]) -> dict[int, ManualVerdict]:
     """task id → the manual rejection in force (the task's latest manual verdict, when it is a rejection)."""
@@ -185,11 +229,7 @@ def item_lineage(session: Session, run: Run, task_id: int) -> Lineage | None:
         return None
     generation = session.get(Generation, task.generation_id) if task.generation_id else None
     parsed = list(session.exec(select(Task).where(Task.generation_id == task.generation_id).order_by(Task.id)).all()) if generation else [task]
-    nearest = None
-    if task.nearest is not None:
-        nearest = session.exec(
-            select(Task).where(Task.run_id == run.id, Task.instruction == task.nearest, Task.id < task.id).order_by(Task.id).limit(1)
-        ).first()
+    nearest = nearest_tasks(session, run, [task]).get(task.id)
     instances = list(session.exec(select(Instance).where(Instance.task_id == task.id).order_by(Instance.id)).all())
     instance_generation = session.get(Generation, instances[0].generation_id) if instances and instances[0].generation_id else None
     if instance_generation is not None and instance_generation.id == task.generation_id:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import func, text
+from sqlalchemy import func, or_, text
 from sqlmodel import Session, select
 
 from storage.tables import Generation, Instance, ManualVerdict, Run, RunLock, Task
@@ -191,13 +191,14 @@ def accepted_instances(session: Session, run: Run) -> int:
 
 
 def keep_by_batch(session: Session, run_ids: list[int]) -> dict[int, list[tuple[int, int, int]]]:
-    """(batch, accepted, rejected) generated instructions per batch, for each run, in batch order; one grouped query."""
+    """(batch, accepted, rejected) generated instructions per batch, for each run, in batch order; one grouped query.
+    target_reached rows are left out (not judged), as in the keep rate."""
     if not run_ids:
         return {}
     rows = session.exec(
         select(Task.run_id, Generation.batch, Task.status, func.count())
         .join(Generation, Task.generation_id == Generation.id)
-        .where(Task.run_id.in_(run_ids), Task.source == "generated")
+        .where(Task.run_id.in_(run_ids), Task.source == "generated", or_(Task.reason.is_(None), Task.reason != NOT_JUDGED))
         .group_by(Task.run_id, Generation.batch, Task.status)
     ).all()
     counts: dict[int, dict[int, list[int]]] = {}

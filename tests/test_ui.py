@@ -33,6 +33,7 @@ from datagen.ui.queries import Verdict, filter_verdicts
 from datagen.ui.sparkline import keep_rate_sparkline
 from pipelines import bootstrap
 from pipelines import self_instruct as si
+from storage.queries import figures
 from storage.store import get_run, open_engine
 from storage.tables import Generation, Instance, ManualVerdict, Run, RunLock, Task, TrainingRun, TrainingRunSource
 from tests.conftest import SEEDS
@@ -231,8 +232,10 @@ def test_runs_list_shows_the_runs_counters(store):
         run = get_run(session, "real")
     html = client(store).get("/").text
     shown = page_text(html)
-    assert f"{run.id} real self-instruct smollm2-135m (transformers) completed {run.requests} {run.generated} {run.accepted} " \
-           f"{run.rejected} {run.instances} {round(100 * run.accepted / (run.accepted + run.rejected))}%" in shown  # fmt: skip
+    with Session(open_engine(store)) as session:
+        f = figures(session, [run])[run.id]
+    assert f"{run.id} real self-instruct smollm2-135m (transformers) completed {run.requests} {run.generated} {f.instructions} {f.accepted} " \
+           f"{f.rejected} {f.not_judged} {run.instances} {round(100 * f.accepted / (f.accepted + f.rejected))}%" in shown  # fmt: skip
     assert re.search(r'<svg class="spark"[^>]*><title>keep rate per batch over \d+ batch', html)
     assert "data-poll" not in html  # nothing is running: no polling
 
@@ -725,3 +728,21 @@ def test_nearest_earlier_instruction_column_and_word_diff(db_url):
     diff = re.search(r'<p class="diff" id="diff">(.*?)</p>', item, re.S).group(1)
     assert "<del>" in diff and "<ins>" in diff
     assert " ".join(re.sub(r"<del>.*?</del>|</?ins>", " ", unescape(diff)).split()) == " ".join(task.instruction.split())
+
+
+def test_runs_side_by_side(db_url):
+    with Session(open_engine(db_url)) as session:
+        one = build_run(session, "one", tasks=8)
+        two = build_run(session, "two", tasks=12, batch_size=4)
+        two.config = {**two.config, "rouge_threshold": 0.6}
+        session.add(two)
+        session.commit()
+        one_id, two_id = one.id, two.id
+    web = client(db_url)
+    assert 'name="run" value="%d"' % one_id in web.get("/").text
+    html = web.get(f"/compare?run={one_id}&run={two_id}").text
+    shown = page_text(html)
+    assert "instructions 8 12" in shown and "rouge_threshold 0.7 0.6" in shown and "num_instructions 8 12" in shown
+    assert "rouge_similarity 1 1" in shown and "too_short 1 1" in shown
+    assert html.count("<polyline points=") == 2
+    assert web.get(f"/compare?run={one_id}").status_code == 400 and web.get(f"/compare?run={one_id}&run=999").status_code == 404

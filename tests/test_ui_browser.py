@@ -94,7 +94,7 @@ def test_runs_list(page, server, store, tmp_path):
     with Session(open_engine(store)) as session:
         run = get_run(session, "real")
     row = page.locator(f'tr[data-run="{run.id}"]')
-    assert row.locator("td").nth(1).inner_text() == "real"
+    assert row.locator("td").nth(2).inner_text() == "real"
     assert row.locator('[data-field="status"]').inner_text() == "completed"
     assert row.locator('[data-field="accepted"]').inner_text() == str(run.accepted)
     assert row.locator("svg.spark polyline").count() == 1

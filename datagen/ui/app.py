@@ -34,7 +34,7 @@ from datagen import report
 from datagen.errors import BadInput
 from datagen.ui import queries
 from datagen.ui.filters import MAX_ID, BadFilter, parse_filter
-from datagen.ui.sparkline import keep_rate_sparkline
+from datagen.ui.sparkline import keep_rate_curves, keep_rate_sparkline
 from storage import queries as shared
 from storage.store import find_run
 from storage.tables import Run, TrainingRun
@@ -158,6 +158,20 @@ def _routes(app: FastAPI) -> None:
     @app.get("/training")
     def training_alias():
         return RedirectResponse("/#training", status_code=307)
+
+    @app.get("/compare", response_class=HTMLResponse)
+    def compare(request: Request, db: Db):
+        refs = request.query_params.getlist("run")
+        if not 2 <= len(refs) <= 4 or len(set(refs)) != len(refs):
+            raise BadFilter(f"compare takes 2 to 4 different runs (run=ID&run=ID...), not {len(refs)}")
+        runs = [_run_or_404(db, ref) for ref in refs]
+        numbers = shared.figures(db, runs)
+        reasons = {r.id: shared.rejected_by_reason(db, r) for r in runs}
+        all_reasons = sorted({k for counts in reasons.values() for k in counts}, key=lambda k: -sum(c.get(k, 0) for c in reasons.values()))
+        return _page(
+            request, "compare.html", runs=runs, figures=numbers, reasons=reasons, all_reasons=all_reasons,
+            config=queries.config_differences([r.config for r in runs]), curves=keep_rate_curves(shared.keep_by_batch(db, [r.id for r in runs]), runs),
+        )  # fmt: skip
 
     @app.get("/runs.json")
     def runs_json(db: Db):

@@ -319,3 +319,19 @@ def training_sources(session: Session, training_run: TrainingRun) -> list[Run]:
         session.exec(select(Run).join(TrainingRunSource).where(TrainingRunSource.training_run_id == training_run.id).order_by(Run.id)).all()
     )
 
+
+
+def config_differences(configs: list[dict]) -> dict[str, list]:
+    """The configuration keys (nested ones dotted) whose values differ between runs, each with every run's value."""
+    def flat(config: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in config.items():
+            if isinstance(value, dict):
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    flats = [flat(c or {}) for c in configs]
+    keys = sorted({k for f in flats for k in f})
+    return {k: [f.get(k) for f in flats] for k in keys if len({repr(f.get(k)) for f in flats}) > 1}

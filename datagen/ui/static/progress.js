@@ -12,7 +12,10 @@
       const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
       for (const part of document.querySelectorAll("[data-live][id]")) {
         const update = fresh.getElementById(part.id);
-        if (update && update.innerHTML !== part.innerHTML) part.innerHTML = update.innerHTML;
+        if (!update || update.innerHTML === part.innerHTML) continue;
+        const checked = [...part.querySelectorAll("input:checked")].map((box) => `${box.name}=${box.value}`);
+        part.innerHTML = update.innerHTML;
+        for (const box of part.querySelectorAll("input[type=checkbox]")) box.checked = checked.includes(`${box.name}=${box.value}`);
       }
       document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
       if (!fresh.body.dataset.poll) {

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import func, or_, text
+from sqlalchemy import case, func, or_, text
 from sqlmodel import Session, select
 
 from storage.tables import Generation, Instance, ManualVerdict, Run, RunLock, Task
@@ -48,28 +48,33 @@ def keep_rate(accepted: int, rejected: int) -> float | None:
 
 
 def figures(session: Session, runs: list[Run]) -> dict[int, Figures]:
-    """Figures of each run from its counters, its target_reached rows and its hand verdicts (two grouped queries)."""
+    """Figures of each run, counted from its rows (its instructions, their target_reached and their hand verdicts) in two
+    grouped queries; completions, requests, instances and tokens from the run's counters."""
     ids = [r.id for r in runs]
-    not_judged = dict(
-        session.exec(
-            select(Task.run_id, func.count()).where(Task.run_id.in_(ids), Task.source == "generated", Task.reason == NOT_JUDGED)
-            .group_by(Task.run_id)
-        ).all()
-    ) if ids else {}  # fmt: skip
-    by_hand = dict(
-        session.exec(
-            select(Task.run_id, func.count()).where(Task.run_id.in_(ids), Task.status == "accepted", Task.id.in_(hand_rejected_ids()))
-            .group_by(Task.run_id)
-        ).all()
-    ) if ids else {}  # fmt: skip
+    counted: dict[int, tuple[int, int, int]] = {}
+    by_hand: dict[int, int] = {}
+    if ids:
+        rows = session.exec(
+            select(Task.run_id, func.count(), func.sum(case((Task.status == "accepted", 1), else_=0)),
+                   func.sum(case((Task.reason == NOT_JUDGED, 1), else_=0)))
+            .where(Task.run_id.in_(ids), Task.source == "generated").group_by(Task.run_id)
+        ).all()  # fmt: skip
+        counted = {run_id: (total, int(accepted or 0), int(surplus or 0)) for run_id, total, accepted, surplus in rows}
+        by_hand = dict(
+            session.exec(
+                select(Task.run_id, func.count()).where(Task.run_id.in_(ids), Task.status == "accepted", Task.id.in_(hand_rejected_ids()))
+                .group_by(Task.run_id)
+            ).all()
+        )  # fmt: skip
     result = {}
     for run in runs:
-        hand, surplus = by_hand.get(run.id, 0), not_judged.get(run.id, 0)
-        accepted, rejected = run.accepted - hand, run.rejected - surplus + hand
+        total, kept, surplus = counted.get(run.id, (0, 0, 0))
+        hand = by_hand.get(run.id, 0)
+        accepted, rejected = kept - hand, total - kept - surplus + hand
         result[run.id] = Figures(
-            completions=run.generated, instructions=run.accepted + run.rejected, accepted=accepted, rejected=rejected,
-            rejected_by_hand=hand, not_judged=surplus, keep_rate=keep_rate(accepted, rejected), instances=run.instances,
-            requests=run.requests, prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens,
+            completions=run.generated, instructions=total, accepted=accepted, rejected=rejected, rejected_by_hand=hand,
+            not_judged=surplus, keep_rate=keep_rate(accepted, rejected), instances=run.instances, requests=run.requests,
+            prompt_tokens=run.prompt_tokens, completion_tokens=run.completion_tokens,
         )  # fmt: skip
     return result
 

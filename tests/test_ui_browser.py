@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
+from storage.queries import figures
 from storage.store import get_run, open_engine
 from storage.tables import Generation, ManualVerdict, Run, Task
 from tests.test_ui import XSS, add_script_run, copy_store, fill_items, free_port, real_run_store
@@ -96,7 +97,9 @@ def test_runs_list(page, server, store, tmp_path):
     row = page.locator(f'tr[data-run="{run.id}"]')
     assert row.locator("td").nth(2).inner_text() == "real"
     assert row.locator('[data-field="status"]').inner_text() == "completed"
-    assert row.locator('[data-field="accepted"]').inner_text() == str(run.accepted)
+    with Session(open_engine(store)) as session:
+        accepted = figures(session, [run])[run.id].accepted
+    assert row.locator('[data-field="accepted"]').inner_text() == str(accepted)
     assert row.locator("svg.spark polyline").count() == 1
     assert page.locator("tbody tr").count() == 4  # real, xss, ten-thousand, live
     page.screenshot(path=tmp_path / "runs.png", full_page=True)
@@ -263,3 +266,16 @@ def test_reject_an_item_by_hand(page, server, store, tmp_path):
     page.click("form#undo button[type=submit]")
     page.wait_for_selector("form#reject")
     assert page.locator("h1 .status").inner_text() == "accepted"
+
+
+def test_compare_two_runs(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        first, second = get_run(session, "real"), get_run(session, "ten-thousand")
+    page.goto(server + "/")
+    page.check(f'input[name="run"][value="{first.id}"]')
+    page.check(f'input[name="run"][value="{second.id}"]')
+    page.click("#compare-form button[type=submit]")
+    page.wait_for_url(f"**/compare?run={second.id}&run={first.id}")
+    assert page.locator("#figures thead th a").all_inner_texts() == ["ten-thousand", "real"]
+    assert page.locator("svg.curves polyline").count() == 2
+    page.screenshot(path=tmp_path / "compare.png", full_page=True)

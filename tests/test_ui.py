@@ -556,10 +556,10 @@ def test_running_run_is_polled(db_url):
     assert "data-poll" not in web.get(f"/runs/{fill_items(db_url, 'done', 3).id}").text
 
 
-def test_a_run_whose_writer_is_gone_shows_interrupted(db_url):
+def test_a_run_whose_writer_is_gone_shows_interrupted(store_url):
     """A writer killed -9 leaves its run "running" and its lock row with a stale heartbeat (storage/run_lock.py): the
     viewer, `runs list` and `runs show` say interrupted, since when, and how to resume; a fresh heartbeat is running."""
-    with Session(open_engine(db_url)) as session:
+    with Session(open_engine(store_url)) as session:
         dead = build_run(session, "dead", tasks=4)
         alive = build_run(session, "alive", tasks=4)
         for run in (dead, alive):
@@ -572,20 +572,20 @@ def test_a_run_whose_writer_is_gone_shows_interrupted(db_url):
         dead_id, alive_id = dead.id, alive.id
     since = datetime.fromtimestamp(beat, timezone.utc).strftime("%H:%M")
     said = f"interrupted (writer gone since {since} UTC)"
-    web = client(db_url)
+    web = client(store_url)
     listing = page_text(web.get("/").text)
     assert f"{dead_id} dead self-instruct smollm2-135m (transformers) {said}" in listing
     assert f"{alive_id} alive self-instruct smollm2-135m (transformers) running" in listing
     page = page_text(web.get(f"/runs/{dead_id}").text)
     assert said in page and "Resume with datagen self-instruct --run dead --seeds examples/seed_tasks.jsonl" in page
     assert "data-poll" not in web.get(f"/runs/{dead_id}").text and "data-poll" in web.get(f"/runs/{alive_id}").text
-    listed = runner.invoke(cli, ["runs", "list", "--db", db_url])
+    listed = runner.invoke(cli, ["runs", "list", "--db", store_url])
     assert said in " ".join(listed.output.split()) or "interrupted" in listed.output, listed.output
-    shown = json.loads(runner.invoke(cli, ["runs", "list", "--db", db_url, "--json"]).stdout)
+    shown = json.loads(runner.invoke(cli, ["runs", "list", "--db", store_url, "--json"]).stdout)
     by_name = {row["name"]: row for row in shown}
     assert by_name["dead"]["shown_status"] == said and by_name["dead"]["interrupted"]["writer"] == "pid 4242 on box"
     assert by_name["alive"]["shown_status"] == "running" and by_name["alive"]["interrupted"] is None
-    show = runner.invoke(cli, ["runs", "show", "dead", "--db", db_url])
+    show = runner.invoke(cli, ["runs", "show", "dead", "--db", store_url])
     flat = " ".join(show.output.split())
     assert show.exit_code == 0 and "interrupted (writer gone since" in flat and "datagen self-instruct --run dead" in flat
 
@@ -679,7 +679,10 @@ def test_hand_verdicts_are_the_items_status_and_can_be_undone(db_url):
     web = TestClient(create_app(open_engine(db_url), curator="ana"), base_url=LOCAL, follow_redirects=False)
     path, origin = f"/runs/{run.id}/items/{task.id}/verdicts", {"origin": LOCAL}
     assert 'id="reject"' in web.get(f"/runs/{run.id}/items/{task.id}").text
+    assert "by_hand" not in web.get(f"/runs/{run.id}/report").text  # cached now: a verdict must refresh it
     assert web.post(path, data={"verdict": "rejected", "reason": "not a task"}, headers=origin).status_code == 303
+    assert f"accepted {accepted - 1}" in page_text(web.get(f"/runs/{run.id}/report").text)
+    assert "by_hand 1" in page_text(web.get(f"/runs/{run.id}/report").text)
     again = web.post(path, data={"verdict": "rejected", "reason": "twice"}, headers=origin)
     assert again.status_code == 409 and "already rejected by hand by ana" in unescape(again.text)
     item = web.get(f"/runs/{run.id}/items/{task.id}").text

@@ -27,7 +27,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlalchemy import func
+from sqlmodel import Session, select
 from starlette.exceptions import HTTPException
 
 from datagen import report
@@ -37,7 +38,7 @@ from datagen.ui.filters import MAX_ID, BadFilter, parse_filter
 from datagen.ui.sparkline import keep_rate_curves, keep_rate_sparkline
 from storage import queries as shared
 from storage.store import find_run
-from storage.tables import Run, TrainingRun
+from storage.tables import ManualVerdict, Run, Task, TrainingRun
 
 HERE = Path(__file__).parent
 LOCAL_NAMES = ("localhost",)
@@ -295,7 +296,7 @@ def _training_or_404(db: Session, training_id: int) -> TrainingRun:
 
 
 def _report(db: Session, run: Run) -> report.RunReport:
-    return _cached((str(db.get_bind().url), run.id, run.updated_at.isoformat()), lambda: report.collect(db, run.id))
+    return _cached((str(db.get_bind().url), run.id, run.updated_at.isoformat(), _last_verdict(db, run)), lambda: report.collect(db, run.id))
 
 
 def _plot_png(db: Session, run: Run, name: str) -> bytes:
@@ -304,7 +305,12 @@ def _plot_png(db: Session, run: Run, name: str) -> bytes:
         report.PLOTS[name](_report(db, run), buffer)
         return buffer.getvalue()
 
-    return _cached((str(db.get_bind().url), run.id, run.updated_at.isoformat(), name), draw)
+    return _cached((str(db.get_bind().url), run.id, run.updated_at.isoformat(), _last_verdict(db, run), name), draw)
+
+
+def _last_verdict(db: Session, run: Run) -> int | None:
+    """The newest hand verdict on the run's items: a verdict changes the report without touching the run's row."""
+    return db.exec(select(func.max(ManualVerdict.id)).join(Task, Task.id == ManualVerdict.task_id).where(Task.run_id == run.id)).one()
 
 
 _CACHE: dict[tuple, Any] = {}

@@ -95,6 +95,9 @@ class RunReport:
     verbs: list[VerbCount]
     without_leading_verb: int
     """Accepted instructions that open with a question word, a pronoun or similar rather than a verb."""
+    rouge_rejected_against_dropped: int = 0
+    """ROUGE-L rejections whose nearest instruction is a generated one that was itself dropped later (no valid
+    instances, target_reached, by hand): both copies lost, the idea is in neither."""
     accepted_samples: list[Sample] = field(default_factory=list)
     rejected_samples: list[Sample] = field(default_factory=list)
     rejected_instance_samples: list[Sample] = field(default_factory=list)
@@ -210,6 +213,15 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
         counts = keep.setdefault(batch_of.get(task.generation_id, 0), [0, 0])
         counts[task.status != "accepted" or task.id in by_hand] += 1
 
+    first_with_text: dict[str, Task] = {}
+    for task in generated:
+        first_with_text.setdefault(task.instruction, task)
+    kept = {t.id for t in accepted}
+    both_lost = sum(
+        1
+        for t in rejected
+        if (t.reason or "").startswith("rouge_similarity") and (n := first_with_text.get(t.nearest or "")) is not None and n.id < t.id and n.id not in kept
+    )
     verbs, without = count_verbs([t.instruction for t in accepted])
     rng = random.Random(seed)
     task_by_id = {t.id: t for t in generated}
@@ -235,6 +247,7 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
         rouge_threshold=_threshold(run.config),
         verbs=verbs,
         without_leading_verb=without,
+        rouge_rejected_against_dropped=both_lost,
         accepted_samples=[
             Sample(task_by_id[i.task_id].instruction, i.input, i.output, similarity=task_by_id[i.task_id].similarity)
             for i in _sample(rng, good, samples)
@@ -285,6 +298,7 @@ def summary(report: RunReport) -> dict[str, Any]:
         "instances_accepted": report.instances_accepted,
         "instances_rejected_by_reason": report.instances_rejected_by_reason,
         "tasks_without_instances": report.tasks_without_instances,
+        "rouge_rejected_against_a_dropped_instruction": report.rouge_rejected_against_dropped,
         "median_instruction_words": _median(report.instruction_words),
         "median_output_words": _median(report.output_words),
         "median_rouge_l_to_nearest_seed": _median(report.seed_similarity, 3),
@@ -501,6 +515,7 @@ def render_markdown(report: RunReport) -> str:
         f"| instances accepted | {report.instances_accepted} |",
         f"| instances rejected | {sum(report.instances_rejected_by_reason.values())} |",
         f"| accepted instructions without an accepted instance | {report.tasks_without_instances} |",
+        f"| ROUGE-L rejections whose nearest instruction was itself dropped later (both copies lost) | {report.rouge_rejected_against_dropped} |",
         f"| median instruction / output length (words) | {s['median_instruction_words']} / {s['median_output_words']} |",
         f"| median ROUGE-L to the nearest seed | {s['median_rouge_l_to_nearest_seed']} |",
         "",

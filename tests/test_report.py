@@ -151,3 +151,22 @@ def test_keep_rate_is_over_judged_instructions_everywhere(db_url, tmp_path):
     listed = json.loads(runner.invoke(app, ["runs", "list", "--db", db_url, "--json"]).stdout)[0]
     assert (listed["completions"], listed["instructions"], listed["keep_rate"], listed["not_judged"]) == (9, 8, 0.75, 4)
     assert "generated" not in listed
+
+
+def test_report_counts_rouge_rejections_against_a_dropped_instruction(db_url):
+    """Issue 25: five of the quick start's 16 ROUGE rejections collided with instructions later dropped for
+    no_valid_instances, so both copies were lost; the report counts them."""
+    with Session(open_engine(db_url)) as session:
+        run = Run(name="lost", pipeline="self-instruct", model="m", backend="scripted", status="completed")
+        session.add(run)
+        session.flush()
+        rows = [
+            ("Write a haiku about the sea.", "rejected", "no_valid_instances", None),
+            ("Write a haiku about the ocean.", "rejected", "rouge_similarity", "Write a haiku about the sea."),
+            ("List three prime numbers.", "accepted", None, None),
+            ("List three prime numbers below ten.", "rejected", "rouge_similarity", "List three prime numbers."),
+        ]
+        for instruction, status, reason, nearest in rows:
+            session.add(Task(run_id=run.id, instruction=instruction, status=status, reason=reason, nearest=nearest, similarity=0.8 if nearest else None))
+        session.commit()
+        assert summary(collect(session, run.id))["rouge_rejected_against_a_dropped_instruction"] == 1

@@ -315,7 +315,7 @@ def test_bad_requests_are_pages_not_tracebacks(store):
     with Session(open_engine(store)) as session:
         run = get_run(session, "real")
     cases = [
-        ("/runs/nope", 404, "no run named or numbered 'nope' in this database"),
+        ("/runs/nope", 404, "no run named 'nope' in this database"),
         (f"/runs/{run.id}/items/999999", 404, "run 'real' has no item 999999"),
         (f"/runs/{run.id}/items/abc", 400, "bad item_id: Input should be a valid integer"),
         (f"/runs/{run.id}?min_similarity=high", 400, "bad filter: min_similarity must be a number between 0 and 1, not 'high'"),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from datagen import __version__
+from storage.queries import NOT_JUDGED
 
 if TYPE_CHECKING:
     from datagen.export import ExportConfig, ExportResult, RunFacts
@@ -202,15 +203,17 @@ def _run_section(facts: RunFacts) -> list[str]:
     if facts.seed_tasks == 175 and seeds_path and "seed_tasks" in str(seeds_path):
         seeds += " (Self-Instruct's 175 human-written seed tasks, yizhongw/self-instruct)"
     threshold = _find(config, ("rouge_threshold", "similarity_threshold", "dedup_threshold"))
-    rejected = sum(facts.rejected_by_reason.values())
-    keep_rate = f"{facts.accepted / facts.instructions:.0%}" if facts.instructions else "n/a"
+    not_judged = facts.rejected_by_reason.get(NOT_JUDGED, 0)
+    rejected = sum(facts.rejected_by_reason.values()) - not_judged
+    keep_rate = f"{facts.accepted / (facts.accepted + rejected):.0%}" if facts.accepted + rejected else "n/a"
     lines = [
         f"### Run `{facts.name}`",
         "",
         f"- Pipeline: `{facts.pipeline}` (status {facts.status}, started {facts.created_at}).",
         f"- Model: `{facts.model}` on the `{facts.backend}` backend.",
         f"- Source seeds: {seeds}.",
-        f"- Instructions: {facts.instructions} generated, {facts.accepted} accepted, {rejected} rejected (keep rate {keep_rate}).",
+        f"- Instructions: {facts.instructions} generated, {facts.accepted} accepted, {rejected} rejected (keep rate {keep_rate}, "
+        f"accepted / (accepted + rejected)); {not_judged} not judged (stored as {NOT_JUDGED} after the run met its target).",
         f"- Instances: {facts.instances_accepted} accepted, {sum(facts.instances_rejected_by_reason.values())} rejected; "
         f"accepted instructions left without an accepted instance (not exported): {facts.tasks_without_instances}.",
         "- Near-duplicate filter: an instruction is dropped when its ROUGE-L F-measure with any seed or earlier kept "

@@ -16,7 +16,7 @@ from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 from sqlalchemy.exc import OperationalError  # noqa: E402
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption  # noqa: E402
 
 from datagen import __version__  # noqa: E402
 from datagen.commands import e2e, eval_long, export, generate, jobs, long_data, models, report, runs, train  # noqa: E402
@@ -29,6 +29,16 @@ from datagen.console import print_error  # noqa: E402
 from datagen.errors import DatagenError  # noqa: E402
 from datagen.options import server_options  # noqa: E402
 from storage.store import operational_error_message  # noqa: E402
+
+
+def _flag_type(self: TyperOption, ctx) -> str | None:
+    """A boolean flag takes no value, so its help shows no type. Typer 0.2x's rich help labels every option with its
+    type, flags too (`--overwrite <bool>`, `--version <bool>`), as if they took one; the value column stays empty for flags."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = TyperOption.display_type_rich
+TyperOption.display_type_rich = _flag_type
 
 
 class DatagenGroup(TyperGroup):

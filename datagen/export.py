@@ -39,7 +39,8 @@ from datagen import __version__
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records
 from datagen.shards import runs_named
-from storage.tables import ApiCall, Generation, Instance, ManualVerdict, Run, Task, ToolformerText
+from storage.queries import hand_rejected_ids, rejected_by_reason
+from storage.tables import ApiCall, Generation, Instance, Run, Task, ToolformerText
 
 if TYPE_CHECKING:
     from datasets import DatasetDict, Features
@@ -189,7 +190,7 @@ def select_examples(session: Session, run: Run) -> tuple[list[Example], int]:
     Seeds are not exported: like Self-Instruct's and Alpaca's released data, the dataset is the generated part; nor are
     tasks rejected by hand in `datagen ui --allow-edits`.
     """
-    not_rejected_by_hand = Task.id.not_in(select(ManualVerdict.task_id).where(ManualVerdict.verdict == "rejected"))
+    not_rejected_by_hand = Task.id.not_in(hand_rejected_ids())  # the latest manual verdict is in force (undo restores)
     rows = session.exec(
         select(Task, Instance, Generation.model)
         .join(Instance, Instance.task_id == Task.id)
@@ -269,8 +270,8 @@ def run_facts(session: Session, run: Run, tasks_without_instances: int) -> RunFa
         config=dict(run.config),
         seed_tasks=count(select(func.count()).select_from(Task).where(Task.run_id == run.id, Task.source == "seed")),
         instructions=count(select(func.count()).select_from(Task).where(*generated)),
-        accepted=count(select(func.count()).select_from(Task).where(*generated, Task.status == "accepted")),
-        rejected_by_reason=reasons(Task, *generated),
+        accepted=count(select(func.count()).select_from(Task).where(*generated, Task.status == "accepted", Task.id.not_in(hand_rejected_ids()))),
+        rejected_by_reason=rejected_by_reason(session, run),
         instances_accepted=count(select(func.count()).select_from(Instance).where(of_run, Instance.status == "accepted")),
         instances_rejected_by_reason=reasons(Instance, of_run),
         tasks_without_instances=tasks_without_instances,

@@ -28,6 +28,7 @@ from sqlmodel import Session, select
 from datagen.errors import BadInput
 from datagen.export import max_rouge_l
 from storage.store import get_run
+from storage.queries import BY_HAND, NOT_JUDGED, hand_rejected_ids, keep_rate
 from storage.tables import Generation, Instance, Run, Task
 
 SAMPLES = 5
@@ -94,13 +95,25 @@ class RunReport:
     verbs: list[VerbCount]
     without_leading_verb: int
     """Accepted instructions that open with a question word, a pronoun or similar rather than a verb."""
+    rouge_rejected_against_dropped: int = 0
+    """ROUGE-L rejections whose nearest instruction is a generated one that was itself dropped later (no valid
+    instances, target_reached, by hand): both copies lost, the idea is in neither."""
     accepted_samples: list[Sample] = field(default_factory=list)
     rejected_samples: list[Sample] = field(default_factory=list)
     rejected_instance_samples: list[Sample] = field(default_factory=list)
 
     @property
     def rejected(self) -> int:
-        return sum(self.rejected_by_reason.values())
+        """Rejected by a filter or by hand; target_reached is not a rejection (storage.queries.Figures)."""
+        return sum(self.rejected_by_reason.values()) - self.not_judged
+
+    @property
+    def not_judged(self) -> int:
+        return self.rejected_by_reason.get(NOT_JUDGED, 0)
+
+    @property
+    def keep_rate(self) -> float | None:
+        return keep_rate(self.accepted, self.rejected)
 
     @property
     def tasks_without_instances(self) -> int:
@@ -179,8 +192,9 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
     generated = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated").order_by(Task.id)).all()
     if not generated:
         raise BadInput(f"run '{run.name}' has no generated instructions to report on")
-    accepted = [t for t in generated if t.status == "accepted"]
-    rejected = [t for t in generated if t.status != "accepted"]
+    by_hand = set(session.exec(hand_rejected_ids()).all())
+    accepted = [t for t in generated if t.status == "accepted" and t.id not in by_hand]
+    rejected = [t for t in generated if t.status != "accepted" or t.id in by_hand]
     seeds = session.exec(select(Task.instruction).where(Task.run_id == run.id, Task.source == "seed")).all()
 
     instances = session.exec(
@@ -194,9 +208,20 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
     batch_of = dict(session.exec(select(Generation.id, Generation.batch).where(Generation.run_id == run.id)).all())
     keep: dict[int, list[int]] = {}
     for task in generated:
+        if task.reason == NOT_JUDGED:  # neither kept nor rejected: generated after the target was met
+            continue
         counts = keep.setdefault(batch_of.get(task.generation_id, 0), [0, 0])
-        counts[task.status != "accepted"] += 1
+        counts[task.status != "accepted" or task.id in by_hand] += 1
 
+    first_with_text: dict[str, Task] = {}
+    for task in generated:
+        first_with_text.setdefault(task.instruction, task)
+    kept = {t.id for t in accepted}
+    both_lost = sum(
+        1
+        for t in rejected
+        if (t.reason or "").startswith("rouge_similarity") and (n := first_with_text.get(t.nearest or "")) is not None and n.id < t.id and n.id not in kept
+    )
     verbs, without = count_verbs([t.instruction for t in accepted])
     rng = random.Random(seed)
     task_by_id = {t.id: t for t in generated}
@@ -210,7 +235,7 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
         completions=completions,
         instructions=len(generated),
         accepted=len(accepted),
-        rejected_by_reason=_by_reason(t.reason for t in rejected),
+        rejected_by_reason=_by_reason(BY_HAND if t.id in by_hand else t.reason for t in rejected),
         instances_accepted=len(good),
         instances_rejected_by_reason=_by_reason(i.reason for i in bad),
         keep_by_batch=[BatchKeep(b, a, r) for b, (a, r) in sorted(keep.items())],
@@ -222,6 +247,7 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
         rouge_threshold=_threshold(run.config),
         verbs=verbs,
         without_leading_verb=without,
+        rouge_rejected_against_dropped=both_lost,
         accepted_samples=[
             Sample(task_by_id[i.task_id].instruction, i.input, i.output, similarity=task_by_id[i.task_id].similarity)
             for i in _sample(rng, good, samples)
@@ -266,11 +292,13 @@ def summary(report: RunReport) -> dict[str, Any]:
         "instructions": report.instructions,
         "accepted": report.accepted,
         "rejected": report.rejected,
-        "keep_rate": round(report.accepted / report.instructions, 4),
+        "not_judged": report.not_judged,
+        "keep_rate": None if report.keep_rate is None else round(report.keep_rate, 4),
         "rejected_by_reason": report.rejected_by_reason,
         "instances_accepted": report.instances_accepted,
         "instances_rejected_by_reason": report.instances_rejected_by_reason,
         "tasks_without_instances": report.tasks_without_instances,
+        "rouge_rejected_against_a_dropped_instruction": report.rouge_rejected_against_dropped,
         "median_instruction_words": _median(report.instruction_words),
         "median_output_words": _median(report.output_words),
         "median_rouge_l_to_nearest_seed": _median(report.seed_similarity, 3),
@@ -313,8 +341,10 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_counts(report: RunReport, path: Path) -> Path:
-    """Accepted vs each rejection reason, for instructions (left) and instances (right)."""
-    fig, axes = _figure(8.0, max(2.6, 0.9 + 0.28 * max(len(report.rejected_by_reason), len(report.instances_rejected_by_reason), 2)), ncols=2)
+    """Accepted vs each rejection reason, for instructions (top) and instances (below): stacked, not side by side, so
+    the long reason labels of one panel never run into the other's bars; each panel's height follows its rows."""
+    rows = [len(report.rejected_by_reason) + 1, len(report.instances_rejected_by_reason) + 1]
+    fig, axes = _figure(7.0, 1.3 + 0.3 * sum(rows) + 0.6, nrows=2, gridspec_kw={"height_ratios": [r + 1.2 for r in rows]})
     panels = [
         ("Instructions", report.accepted, report.rejected_by_reason),
         ("Instances", report.instances_accepted, report.instances_rejected_by_reason),
@@ -348,7 +378,7 @@ def plot_keep_rate(report: RunReport, path: Path) -> Path:
     top.plot(batches, cumulative, linestyle="--", color=INK, label="whole run so far")
     top.set_ylim(0, 105)
     top.set_ylabel("instructions kept (%)")
-    top.set_title("Keep rate per batch (accepted / generated instructions)")
+    top.set_title("Keep rate per batch (accepted / judged instructions; target_reached left out)")
     top.legend(frameon=False, loc="lower left")
     accepted = [b.accepted for b in report.keep_by_batch]
     bottom.bar(batches, accepted, color=ACCEPTED, label="accepted")
@@ -463,6 +493,10 @@ PLOTS = {
 # --- The page ---------------------------------------------------------------------------------------------------------
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 def render_markdown(report: RunReport) -> str:
     s = summary(report)
     keep_rates = [b.keep_rate for b in report.keep_by_batch]
@@ -475,11 +509,13 @@ def render_markdown(report: RunReport) -> str:
         "|---|---:|",
         f"| completions from the model (all calls) | {report.completions} |",
         f"| instructions generated | {report.instructions} |",
-        f"| instructions accepted | {report.accepted} ({s['keep_rate']:.0%}) |",
-        f"| instructions rejected | {report.rejected} |",
+        f"| instructions accepted | {report.accepted} (keep rate {_percent(s['keep_rate'])}: accepted / (accepted + rejected)) |",
+        f"| instructions rejected (by a filter or by hand) | {report.rejected} |",
+        f"| instructions not judged (`target_reached`: generated after the target was met) | {report.not_judged} |",
         f"| instances accepted | {report.instances_accepted} |",
         f"| instances rejected | {sum(report.instances_rejected_by_reason.values())} |",
         f"| accepted instructions without an accepted instance | {report.tasks_without_instances} |",
+        f"| ROUGE-L rejections whose nearest instruction was itself dropped later (both copies lost) | {report.rouge_rejected_against_dropped} |",
         f"| median instruction / output length (words) | {s['median_instruction_words']} / {s['median_output_words']} |",
         f"| median ROUGE-L to the nearest seed | {s['median_rouge_l_to_nearest_seed']} |",
         "",

@@ -110,3 +110,15 @@ def test_unknown_run_is_exit_2(db_url):
 
 # Exit codes and tracebacks of bad input, unreachable or locked databases and dead servers are checked with
 # `datagen` as a real subprocess in tests/test_hardening.py: CliRunner catches what a user would see as a traceback.
+
+
+def test_boolean_flags_show_no_value_in_help():
+    """Typer's rich help labelled flags `<bool>` (`--overwrite <bool>`, `--version <bool>`) as if they took a value."""
+    from typer.testing import CliRunner as _Runner
+
+    from datagen.cli import app as _app
+
+    for args in (["--help"], ["export", "--help"], ["ui", "--help"], ["runs", "list", "--help"]):
+        shown = _Runner().invoke(_app, args, env={"COLUMNS": "200"}).output
+        assert "<bool>" not in shown and "--help" in shown, args
+    assert "<str>" in _Runner().invoke(_app, ["export", "--help"], env={"COLUMNS": "200"}).output  # options with values keep theirs

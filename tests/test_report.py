@@ -13,7 +13,7 @@ from sqlmodel import Session, select
 from typer.testing import CliRunner
 
 from datagen.cli import app
-from datagen.report import PLOTS, collect, count_verbs, leading_verb
+from datagen.report import PLOTS, collect, count_verbs, leading_verb, summary
 from storage.store import open_engine
 from storage.tables import Generation, Instance, Run, Task
 from tests.example_runs import build_run
@@ -122,5 +122,51 @@ def test_a_run_that_kept_nothing_still_gets_a_report(db_url, tmp_path):
     result = runner.invoke(app, ["report", "--run", "nothing", "--out", str(tmp_path / "r"), "--db", db_url])
     assert result.exit_code == 0, result.output
     page = (tmp_path / "r" / "report.md").read_text()
-    assert "| instructions accepted | 0 (0%) |" in page and "blacklist 1" in page
+    assert "| instructions accepted | 0 (keep rate 0%: accepted / (accepted + rejected)) |" in page and "blacklist 1" in page
     assert all((tmp_path / "r" / name).read_bytes()[:8] == PNG_MAGIC for name in PLOTS)
+
+
+def test_keep_rate_is_over_judged_instructions_everywhere(db_url, tmp_path):
+    """target_reached instructions were never judged: one keep rate, accepted / (accepted + rejected), in `datagen runs`,
+    the report and the card (the CLI summary and the viewer read the same storage.queries.figures)."""
+    from datagen.card import _run_section
+    from datagen.export import run_facts
+    from storage.queries import figures
+
+    with Session(open_engine(db_url)) as session:
+        run = Run(name="capped", pipeline="self-instruct", model="m", backend="scripted", status="completed", generated=9)
+        session.add(run)
+        session.flush()
+        rows = [("accepted", None)] * 3 + [("rejected", "rouge_similarity")] + [("rejected", "target_reached")] * 4
+        for k, (status, reason) in enumerate(rows):
+            session.add(Task(run_id=run.id, instruction=f"Describe the number {k} in words.", status=status, reason=reason))
+        run.accepted, run.rejected = 3, 5
+        session.commit()
+        numbers = figures(session, [run])[run.id]
+        report = summary(collect(session, run.id))
+        card = "\n".join(_run_section(run_facts(session, run, 0)))
+    assert (numbers.completions, numbers.instructions, numbers.accepted, numbers.rejected, numbers.not_judged) == (9, 8, 3, 1, 4)
+    assert numbers.keep_rate == 0.75 and report["keep_rate"] == 0.75 and (report["rejected"], report["not_judged"]) == (1, 4)
+    assert "8 generated, 3 accepted, 1 rejected (keep rate 75%" in card and "4 not judged" in card
+    listed = json.loads(runner.invoke(app, ["runs", "list", "--db", db_url, "--json"]).stdout)[0]
+    assert (listed["completions"], listed["instructions"], listed["keep_rate"], listed["not_judged"]) == (9, 8, 0.75, 4)
+    assert "generated" not in listed
+
+
+def test_report_counts_rouge_rejections_against_a_dropped_instruction(db_url):
+    """Issue 25: five of the quick start's 16 ROUGE rejections collided with instructions later dropped for
+    no_valid_instances, so both copies were lost; the report counts them."""
+    with Session(open_engine(db_url)) as session:
+        run = Run(name="lost", pipeline="self-instruct", model="m", backend="scripted", status="completed")
+        session.add(run)
+        session.flush()
+        rows = [
+            ("Write a haiku about the sea.", "rejected", "no_valid_instances", None),
+            ("Write a haiku about the ocean.", "rejected", "rouge_similarity", "Write a haiku about the sea."),
+            ("List three prime numbers.", "accepted", None, None),
+            ("List three prime numbers below ten.", "rejected", "rouge_similarity", "List three prime numbers."),
+        ]
+        for instruction, status, reason, nearest in rows:
+            session.add(Task(run_id=run.id, instruction=instruction, status=status, reason=reason, nearest=nearest, similarity=0.8 if nearest else None))
+        session.commit()
+        assert summary(collect(session, run.id))["rouge_rejected_against_a_dropped_instruction"] == 1

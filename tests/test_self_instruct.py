@@ -516,7 +516,7 @@ def test_real_run_on_the_embedded_model(db_url):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert (summary["accepted"], summary["status"]) == (5, "completed")
-    assert summary["instances"] >= 5 and summary["generated"] == summary["accepted"] + summary["rejected"]
+    assert summary["instances"] >= 5 and summary["instructions"] == summary["accepted"] + summary["rejected"] + summary["not_judged"]
     check_store_independently(db_url, "real", 5)
     with Session(open_engine(db_url)) as session:
         run = get_run(session, "real")

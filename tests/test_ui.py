@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from html import unescape
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import insert, text
 from sqlalchemy.engine import make_url
@@ -25,14 +26,16 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from datagen.cli import app as cli
+from datagen.commands.ui import allowed_host_names, browse_url, is_loopback
 from datagen.ui.app import create_app
 from datagen.ui.filters import BadFilter, ItemFilter, parse_filter
 from datagen.ui.queries import Verdict, filter_verdicts
 from datagen.ui.sparkline import keep_rate_sparkline
 from pipelines import bootstrap
 from pipelines import self_instruct as si
+from storage.queries import figures
 from storage.store import get_run, open_engine
-from storage.tables import Generation, Instance, ManualVerdict, Run, Task, TrainingRun, TrainingRunSource
+from storage.tables import Generation, Instance, ManualVerdict, Run, RunLock, Task, TrainingRun, TrainingRunSource
 from tests.conftest import SEEDS
 from tests.example_runs import build_run, build_toolformer_run
 from tests.test_self_instruct import SEED_TASKS, SMALL, ScriptedBackend, listing
@@ -62,7 +65,7 @@ def test_parse_filter_reads_the_form():
         ({"min_similarity": "high"}, "min_similarity must be a number between 0 and 1, not 'high'"),
         ({"max_similarity": "1.5"}, "max_similarity must be between 0 and 1 (ROUGE-L F), not 1.5"),
         ({"min_similarity": "0.8", "max_similarity": "0.2"}, "min_similarity 0.8 is above max_similarity 0.2"),
-        ({"after": "-3"}, "after must be an item id (a whole number), not '-3'"),
+        ({"after": "-3"}, "after must be an item id (a whole number up to 9223372036854775807), not '-3'"),
         ({"after": "3", "before": "9"}, "give after or before, not both"),
         ({"colour": "red"}, "unknown filter 'colour'"),
     ],
@@ -229,8 +232,10 @@ def test_runs_list_shows_the_runs_counters(store):
         run = get_run(session, "real")
     html = client(store).get("/").text
     shown = page_text(html)
-    assert f"{run.id} real self-instruct smollm2-135m (transformers) completed {run.requests} {run.generated} {run.accepted} " \
-           f"{run.rejected} {run.instances} {round(100 * run.accepted / (run.accepted + run.rejected))}%" in shown  # fmt: skip
+    with Session(open_engine(store)) as session:
+        f = figures(session, [run])[run.id]
+    assert f"{run.id} real self-instruct smollm2-135m (transformers) completed {run.requests} {run.generated} {f.instructions} {f.accepted} " \
+           f"{f.rejected} {f.not_judged} {run.instances} {round(100 * f.accepted / (f.accepted + f.rejected))}%" in shown  # fmt: skip
     assert re.search(r'<svg class="spark"[^>]*><title>keep rate per batch over \d+ batch', html)
     assert "data-poll" not in html  # nothing is running: no polling
 
@@ -281,7 +286,7 @@ def test_item_page_shows_the_lineage(store):
     assert all(escape(s) in html for s in siblings)
     assert "ROUGE-L similarity passed" in shown and "instances passed" in shown
     assert re.search(r"Classification: (yes|no)", shown)  # the "Is it classification?" call was found
-    nearest_link = re.search(r'href="/runs/\d+/items/(\d+)">item \d+</a> \((seed|generated)\)', html)
+    nearest_link = re.search(r'href="/runs/\d+/items/(\d+)">item \d+</a> \((seed|generated)[,)]', html)
     assert nearest_link, "the nearest instruction should link to its row"
     with Session(open_engine(store)) as session:
         assert session.get(Task, int(nearest_link.group(1))).instruction == task.nearest
@@ -310,7 +315,7 @@ def test_bad_requests_are_pages_not_tracebacks(store):
     with Session(open_engine(store)) as session:
         run = get_run(session, "real")
     cases = [
-        ("/runs/nope", 404, "no run named or numbered 'nope' in this database"),
+        ("/runs/nope", 404, "no run named 'nope' in this database"),
         (f"/runs/{run.id}/items/999999", 404, "run 'real' has no item 999999"),
         (f"/runs/{run.id}/items/abc", 400, "bad item_id: Input should be a valid integer"),
         (f"/runs/{run.id}?min_similarity=high", 400, "bad filter: min_similarity must be a number between 0 and 1, not 'high'"),
@@ -334,8 +339,102 @@ def test_host_header_must_be_local(db_url):
     assert web.get("/", headers={"host": "localhost:8765"}).status_code == 200
     refused = web.get("/", headers={"host": "attacker.example:8765"})
     assert refused.status_code == 400 and refused.text == "Invalid host header"
-    anywhere = TestClient(create_app(open_engine(db_url), local_only=False), base_url="http://datagen.lan:8765")
-    assert anywhere.get("/").status_code == 200
+    lan = TestClient(create_app(open_engine(db_url), allowed_hosts=("localhost", "datagen.lan")), base_url="http://datagen.lan:8765")
+    assert lan.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("host", ["::1", "0.0.0.0", "::", "192.0.2.7"])
+def test_host_check_holds_on_every_address(db_url, host):
+    """--host ::1 and 0.0.0.0 used to skip the Host check: a rebinding page (Host: its own domain) could read the
+    store and, with --allow-edits, write a verdict with an Origin equal to that Host."""
+    with Session(open_engine(db_url)) as session:
+        run = build_run(session, "si", tasks=4)
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated")).first()
+    app = create_app(open_engine(db_url), allowed_hosts=allowed_host_names(host, []), curator="ana")
+    web = TestClient(app, base_url="http://evil.example:8765", raise_server_exceptions=False)
+    assert web.get("/").status_code == 400
+    forged = web.post(f"/runs/{run.id}/items/{task.id}/verdicts", data={"reason": "x"}, headers={"origin": "http://evil.example:8765"})
+    assert forged.status_code == 400
+    with Session(open_engine(db_url)) as session:
+        assert session.exec(select(ManualVerdict)).all() == []
+    for good in ("[::1]:8765", "127.0.0.1:8765", "localhost", "[2001:db8::5]", "192.0.2.7:80"):
+        assert web.get("/", headers={"host": good}).status_code == 200, good
+    for bad in ("::1", "[::1", "evil.example.", "", "a b"):
+        assert web.get("/", headers={"host": bad}).status_code == 400, bad
+    if not is_loopback(host):  # serving the network: the machine's own name is fine
+        assert web.get("/", headers={"host": f"{socket.gethostname()}:8765"}).status_code == 200
+
+
+def test_printed_url_is_valid_for_ipv6():
+    assert browse_url("::1", 8765) == "http://[::1]:8765/"
+    assert browse_url("::", 80) == "http://[::1]:80/"
+    assert browse_url("0.0.0.0", 80) == "http://127.0.0.1:80/"
+    assert browse_url("127.0.0.1", 8765) == "http://127.0.0.1:8765/"
+    assert browse_url("datagen.lan", 8765) == "http://datagen.lan:8765/"
+    assert allowed_host_names("127.0.0.1", []) == ("localhost",)
+    assert allowed_host_names("::1", ["Viewer.Lab"]) == ("localhost", "viewer.lab")
+    assert "datagen.lan" in allowed_host_names("datagen.lan", [])
+
+
+def test_pages_refuse_to_be_framed(db_url):
+    web = client(db_url)
+    for path in ("/", "/no/such/page", "/static/style.css"):
+        response = web.get(path)
+        assert response.headers["x-frame-options"] == "DENY", path
+        assert response.headers["content-security-policy"] == "frame-ancestors 'none'", path
+
+
+def test_run_named_like_an_id_does_not_take_over_links(db_url):
+    with Session(open_engine(db_url)) as session:
+        first = build_run(session, "first", tasks=4)
+        impostor = build_run(session, str(first.id), tasks=4)
+        task = session.exec(select(Task).where(Task.run_id == first.id, Task.source == "generated")).first()
+    web = client(db_url)
+    assert "<h1>first " in web.get(f"/runs/{first.id}").text
+    assert web.get(f"/runs/{first.id}/items/{task.id}").status_code == 200
+    assert f"<h1>{first.id} " in web.get(f"/runs/{impostor.id}").text
+    assert web.get("/runs/first").status_code == 200  # a name typed by hand still works
+
+
+def test_ids_out_of_range_are_4xx_not_500(db_url):
+    with Session(open_engine(db_url)) as session:
+        run = build_run(session, "si", tasks=4)
+    web = client(db_url)
+    huge = str(2**63)
+    cases = [
+        (f"/runs/{huge}", 404), (f"/runs/{run.id}/items/{huge}", 404), (f"/training/{huge}", 404),
+        (f"/training/{huge}/loss_curve.png", 404), (f"/runs/{run.id}/items/-1", 404),
+        (f"/runs/{run.id}?after={huge}", 400), (f"/runs/{run.id}?before={huge}", 400), (f"/runs/{run.id}?after=²", 400),
+        (f"/runs/{run.id}?after=１", 400), (f"/runs/{run.id}?before=3.0", 400), (f"/runs/{huge}/progress.json", 404),
+    ]  # fmt: skip
+    for path, status in cases:
+        response = web.get(path)
+        assert response.status_code == status, (path, response.status_code, response.text[:300])
+    assert "after must be an item id (a whole number up to 9223372036854775807), not '²'" in unescape(web.get(f"/runs/{run.id}?after=²").text)
+
+
+def test_paging_past_either_end_links_back(db_url):
+    run = fill_items(db_url, "many", 120)
+    web = client(db_url)
+    with Session(open_engine(db_url)) as session:
+        ids = session.exec(select(Task.id).where(Task.run_id == run.id).order_by(Task.id)).all()
+    past_end = web.get(f"/runs/{run.id}?after={ids[-1]}").text
+    assert item_ids(past_end) == [] and 'rel="next"' not in past_end
+    back = re.search(r'<a rel="prev" href="\?([^"]+)"', past_end)
+    assert back and item_ids(web.get(f"/runs/{run.id}?" + unescape(back.group(1))).text) == list(ids[-50:])
+    before_start = web.get(f"/runs/{run.id}?before={ids[0]}").text
+    assert item_ids(before_start) == [] and 'rel="prev"' not in before_start
+    forward = re.search(r'<a rel="next" href="\?([^"]+)"', before_start)
+    assert forward and item_ids(web.get(f"/runs/{run.id}?" + unescape(forward.group(1))).text) == list(ids[:50])
+    last = web.get(f"/runs/{run.id}?after={ids[69]}").text
+    assert item_ids(last) == list(ids[70:]) and 'rel="next"' not in last and 'rel="prev"' in last
+
+
+def test_breadcrumb_targets_exist(db_url):
+    web = client(db_url)
+    for path in ("/runs", "/training"):
+        response = web.get(path)
+        assert response.status_code == 200 and "<h1>Runs</h1>" in response.text, path
 
 
 def test_model_output_is_escaped(db_url):
@@ -438,17 +537,57 @@ def test_running_run_is_polled(db_url):
     run = fill_items(db_url, "live", 10, status="running")
     web = client(db_url)
     html = web.get(f"/runs/{run.id}").text
-    assert f'data-poll="/runs/{run.id}/progress.json"' in html and '<script src="/static/progress.js"></script>' in html
+    assert 'data-poll="live"' in html and '<script src="/static/progress.js"></script>' in html
+    for live in ('id="live-state" data-live', 'id="count" data-live', 'id="items" data-live', 'id="reasons" data-live'):
+        assert live in html  # the parts the poll swaps in together
     assert f'data-run="{run.id}" data-field="accepted">{run.accepted}<' in html
     with Session(open_engine(db_url)) as session:
         row = session.get(Run, run.id)
+        for k in range(5):
+            session.add(Task(run_id=run.id, source="generated", instruction=f"Name {k} colours.", status="accepted"))
         row.accepted += 5
         row.updated_at = row.updated_at + timedelta(seconds=1)
         session.add(row)
         session.commit()
     progress = web.get(f"/runs/{run.id}/progress.json").json()
     assert progress[0]["accepted"] == run.accepted + 5 and progress[0]["status"] == "running"
-    assert "const url = document.body.dataset.poll" in web.get("/static/progress.js").text
+    assert progress[0]["updated_at"].endswith("+00:00")  # times carry their zone
+    assert "fresh.getElementById(part.id)" in web.get("/static/progress.js").text
+    assert "data-poll" not in web.get(f"/runs/{fill_items(db_url, 'done', 3).id}").text
+
+
+def test_a_run_whose_writer_is_gone_shows_interrupted(store_url):
+    """A writer killed -9 leaves its run "running" and its lock row with a stale heartbeat (storage/run_lock.py): the
+    viewer, `runs list` and `runs show` say interrupted, since when, and how to resume; a fresh heartbeat is running."""
+    with Session(open_engine(store_url)) as session:
+        dead = build_run(session, "dead", tasks=4)
+        alive = build_run(session, "alive", tasks=4)
+        for run in (dead, alive):
+            run.status = "running"
+            session.add(run)
+        beat = time.time() - 3600
+        session.add(RunLock(run_name="dead", holder="pid 4242 on box", host="box", pid=4242, token="a", acquired_at=beat, heartbeat_at=beat))
+        session.add(RunLock(run_name="alive", holder="pid 7 on box", host="box", pid=7, token="b", acquired_at=beat, heartbeat_at=time.time()))
+        session.commit()
+        dead_id, alive_id = dead.id, alive.id
+    since = datetime.fromtimestamp(beat, timezone.utc).strftime("%H:%M")
+    said = f"interrupted (writer gone since {since} UTC)"
+    web = client(store_url)
+    listing = page_text(web.get("/").text)
+    assert f"{dead_id} dead self-instruct smollm2-135m (transformers) {said}" in listing
+    assert f"{alive_id} alive self-instruct smollm2-135m (transformers) running" in listing
+    page = page_text(web.get(f"/runs/{dead_id}").text)
+    assert said in page and "Resume with datagen self-instruct --run dead --seeds examples/seed_tasks.jsonl" in page
+    assert "data-poll" not in web.get(f"/runs/{dead_id}").text and "data-poll" in web.get(f"/runs/{alive_id}").text
+    listed = runner.invoke(cli, ["runs", "list", "--db", store_url])
+    assert said in " ".join(listed.output.split()) or "interrupted" in listed.output, listed.output
+    shown = json.loads(runner.invoke(cli, ["runs", "list", "--db", store_url, "--json"]).stdout)
+    by_name = {row["name"]: row for row in shown}
+    assert by_name["dead"]["shown_status"] == said and by_name["dead"]["interrupted"]["writer"] == "pid 4242 on box"
+    assert by_name["alive"]["shown_status"] == "running" and by_name["alive"]["interrupted"] is None
+    show = runner.invoke(cli, ["runs", "show", "dead", "--db", store_url])
+    flat = " ".join(show.output.split())
+    assert show.exit_code == 0 and "interrupted (writer gone since" in flat and "datagen self-instruct --run dead" in flat
 
 
 def test_ui_command_refuses_a_bad_port_and_warns_off_loopback(db_url, tmp_path):
@@ -457,17 +596,27 @@ def test_ui_command_refuses_a_bad_port_and_warns_off_loopback(db_url, tmp_path):
     assert result.exit_code == 2 and "--port must be between 1 and 65535" in result.output
     log = tmp_path / "ui.log"
     with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "datagen.cli", "ui", "--db", db_url, "--host", "0.0.0.0", "--port", str(free_port())],
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-m", "datagen.cli", "ui", "--db", db_url, "--host", "0.0.0.0", "--port", str(port)],
                                   stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         try:
             deadline = time.monotonic() + 60
             while "Ctrl+C stops" not in log.read_text() and time.monotonic() < deadline and server.poll() is None:
                 time.sleep(0.2)
+            base = f"http://127.0.0.1:{port}/"
+            while time.monotonic() < deadline:
+                try:
+                    assert httpx.get(base).status_code == 200
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            assert httpx.get(base, headers={"host": "rebind.attacker.example"}).status_code == 400
         finally:
             server.terminate()
             server.wait(timeout=30)
     said = " ".join(log.read_text().split())
     assert "warning: listening on 0.0.0.0: anyone who can reach this machine can read the store" in said
+    assert f"at http://127.0.0.1:{port}/ (Ctrl+C stops)" in said
 
 
 def test_runs_show_and_the_run_page_count_rejections_alike(db_url):
@@ -513,3 +662,94 @@ def test_manual_rejection_needs_allow_edits_and_export_honours_it(db_url):
 def test_curator_needs_allow_edits(db_url):
     result = runner.invoke(cli, ["ui", "--db", db_url, "--curator", "ana"])
     assert result.exit_code == 2 and "--curator names who edits: it needs --allow-edits" in result.output
+
+
+def test_hand_verdicts_are_the_items_status_and_can_be_undone(db_url):
+    """A hand rejection is the item's status (header, list, status=rejected, counters, reasons, export); a second post
+    stores no duplicate; undo is a later row that restores the pipeline's verdict."""
+    from datagen.export import select_examples
+
+    with Session(open_engine(db_url)) as session:
+        run = build_run(session, "si", tasks=8)
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted").order_by(Task.id)).first()
+        exported, _ = select_examples(session, run)
+        statuses = session.exec(select(Task.status).where(Task.run_id == run.id, Task.source == "generated")).all()
+        accepted, rejected = statuses.count("accepted"), statuses.count("rejected")
+    assert (accepted, rejected) == (6, 2)  # build_run writes rows, not the run's counters: figures count rows
+    web = TestClient(create_app(open_engine(db_url), curator="ana"), base_url=LOCAL, follow_redirects=False)
+    path, origin = f"/runs/{run.id}/items/{task.id}/verdicts", {"origin": LOCAL}
+    assert 'id="reject"' in web.get(f"/runs/{run.id}/items/{task.id}").text
+    assert "by_hand" not in web.get(f"/runs/{run.id}/report").text  # cached now: a verdict must refresh it
+    assert web.post(path, data={"verdict": "rejected", "reason": "not a task"}, headers=origin).status_code == 303
+    assert f"accepted {accepted - 1}" in page_text(web.get(f"/runs/{run.id}/report").text)
+    assert "by_hand 1" in page_text(web.get(f"/runs/{run.id}/report").text)
+    again = web.post(path, data={"verdict": "rejected", "reason": "twice"}, headers=origin)
+    assert again.status_code == 409 and "already rejected by hand by ana" in unescape(again.text)
+    item = web.get(f"/runs/{run.id}/items/{task.id}").text
+    assert re.search(r'<h1>Item \d+ <span class="status rejected">rejected</span> <small class="reason" id="hand-rejection">by hand: ana, ', item)
+    assert 'id="reject"' not in item and 'id="undo"' in item  # one form: undo, not a second rejection
+    rejected_ids = item_ids(web.get(f"/runs/{run.id}?status=rejected").text)
+    assert task.id in rejected_ids and task.id not in item_ids(web.get(f"/runs/{run.id}?status=accepted").text)
+    assert item_ids(web.get(f"/runs/{run.id}?status=rejected&reason=by_hand").text) == [task.id]
+    listing = web.get(f"/runs/{run.id}").text
+    assert f'data-field="accepted">{accepted - 1}<' in listing and f'data-field="rejected">{rejected + 1}<' in listing
+    assert "by_hand 1" in page_text(listing) and "rejected by hand by ana" in page_text(listing)
+    assert f'data-field="accepted">{accepted - 1}<' in web.get("/").text
+    with Session(open_engine(db_url)) as session:
+        assert len(select_examples(session, session.get(Run, run.id))[0]) < len(exported)
+    shown = json.loads(runner.invoke(cli, ["runs", "show", "si", "--db", db_url, "--json"]).stdout)
+    assert (shown["accepted"], shown["rejected_by_hand"], shown["rejected_by_reason"]["by_hand"]) == (accepted - 1, 1, 1)
+    assert web.post(path, data={"verdict": "restored", "reason": ""}, headers=origin).status_code == 303
+    assert web.post(path, data={"verdict": "restored"}, headers=origin).status_code == 409  # nothing left to undo
+    item = web.get(f"/runs/{run.id}/items/{task.id}").text
+    assert '<h1>Item' in item and 'id="hand-rejection"' not in item and 'id="reject"' in item
+    assert task.id in item_ids(web.get(f"/runs/{run.id}?status=accepted").text)
+    with Session(open_engine(db_url)) as session:
+        assert [v.verdict for v in session.exec(select(ManualVerdict).order_by(ManualVerdict.id)).all()] == ["rejected", "restored"]
+        assert select_examples(session, session.get(Run, run.id))[0] == exported
+
+
+def test_report_figures_are_formatted():
+    from datagen.ui.app import shown
+
+    assert shown(0.515534, "keep_rate") == "51.6%" and shown(0.515534, "median_rouge_l_to_nearest_seed") == "0.516"
+    assert shown({"rouge_similarity": 16, "too_short": 2}) == "rouge_similarity 16, too_short 2"
+    assert shown({}) == "—" and shown(None) == "—" and shown(12) == "12" and shown("write") == "write"
+
+
+
+def test_nearest_earlier_instruction_column_and_word_diff(db_url):
+    from datagen.ui.queries import word_diff
+
+    assert word_diff("Write a poem about cats.", "Write a short poem about dogs.") == [
+        ("same", "Write a"), ("ins", "short"), ("same", "poem about"), ("del", "cats."), ("ins", "dogs."),
+    ]  # fmt: skip
+    with Session(open_engine(db_url)) as session:
+        run = build_run(session, "si", tasks=4)
+        task = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated", Task.nearest.is_not(None)).order_by(Task.id)).first()
+        seed = session.exec(select(Task).where(Task.run_id == run.id, Task.instruction == task.nearest).order_by(Task.id)).first()
+    web = client(db_url)
+    row = re.search(rf'<a href="/runs/{run.id}/items/{task.id}">{task.id}</a>.*?</tr>', web.get(f"/runs/{run.id}").text, re.S).group(0)
+    assert f'<td class="nearest"><a href="/runs/{run.id}/items/{seed.id}">{seed.id}</a> <small>seed</small>' in row
+    item = web.get(f"/runs/{run.id}/items/{task.id}").text
+    diff = re.search(r'<p class="diff" id="diff">(.*?)</p>', item, re.S).group(1)
+    assert "<del>" in diff and "<ins>" in diff
+    assert " ".join(re.sub(r"<del>.*?</del>|</?ins>", " ", unescape(diff)).split()) == " ".join(task.instruction.split())
+
+
+def test_runs_side_by_side(db_url):
+    with Session(open_engine(db_url)) as session:
+        one = build_run(session, "one", tasks=8)
+        two = build_run(session, "two", tasks=12, batch_size=4)
+        two.config = {**two.config, "rouge_threshold": 0.6}
+        session.add(two)
+        session.commit()
+        one_id, two_id = one.id, two.id
+    web = client(db_url)
+    assert 'name="run" value="%d"' % one_id in web.get("/").text
+    html = web.get(f"/compare?run={one_id}&run={two_id}").text
+    shown = page_text(html)
+    assert "instructions 8 12" in shown and "rouge_threshold 0.7 0.6" in shown and "num_instructions 8 12" in shown
+    assert "rouge_similarity 1 1" in shown and "too_short 1 1" in shown
+    assert html.count("<polyline points=") == 2
+    assert web.get(f"/compare?run={one_id}").status_code == 400 and web.get(f"/compare?run={one_id}&run=999").status_code == 404

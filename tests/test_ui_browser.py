@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
+from storage.queries import figures
 from storage.store import get_run, open_engine
 from storage.tables import Generation, ManualVerdict, Run, Task
 from tests.test_ui import XSS, add_script_run, copy_store, fill_items, free_port, real_run_store
@@ -94,9 +95,11 @@ def test_runs_list(page, server, store, tmp_path):
     with Session(open_engine(store)) as session:
         run = get_run(session, "real")
     row = page.locator(f'tr[data-run="{run.id}"]')
-    assert row.locator("td").nth(1).inner_text() == "real"
+    assert row.locator("td").nth(2).inner_text() == "real"
     assert row.locator('[data-field="status"]').inner_text() == "completed"
-    assert row.locator('[data-field="accepted"]').inner_text() == str(run.accepted)
+    with Session(open_engine(store)) as session:
+        accepted = figures(session, [run])[run.id].accepted
+    assert row.locator('[data-field="accepted"]').inner_text() == str(accepted)
     assert row.locator("svg.spark polyline").count() == 1
     assert page.locator("tbody tr").count() == 4  # real, xss, ten-thousand, live
     page.screenshot(path=tmp_path / "runs.png", full_page=True)
@@ -187,26 +190,58 @@ def test_non_local_host_header_is_refused(server):
     assert refused.status_code == 400 and refused.text == "Invalid host header"
 
 
-def test_running_run_updates_live(page, server, store, tmp_path):
+def write_batch(url: str, run_id: int, accepted: int, rejected: int, reason: str = "rouge_similarity") -> None:
+    """What a writer's batch commits: instructions (accepted and rejected) and the run's counters, in one transaction."""
+    with Session(open_engine(url)) as session:
+        run = session.get(Run, run_id)
+        for k in range(accepted + rejected):
+            session.add(Task(run_id=run_id, source="generated", instruction=f"Live instruction {run.accepted + run.rejected + k}.",
+                             status="accepted" if k < accepted else "rejected", reason=None if k < accepted else reason))  # fmt: skip
+        run.accepted += accepted
+        run.rejected += rejected
+        run.generated += 1
+        run.updated_at += timedelta(seconds=1)
+        session.add(run)
+        session.commit()
+
+
+def test_live_run_updates_in_place(page, server, store, tmp_path):
+    """One run live, others finished (the normal case): the runs list and the run page update in place, with no reload
+    and no scroll reset; on the run page the counters, "N matching", the item table and the reasons move together."""
     with Session(open_engine(store)) as session:
         run = get_run(session, "live")
+        accepted, rejected, items = run.accepted, run.rejected, run.accepted + run.rejected
+    page.set_viewport_size({"width": 900, "height": 200})
+    page.goto(server + "/")
+    page.evaluate("window.__loaded_once = true; window.scrollTo(0, 120)")
+    cell = f'td[data-run="{run.id}"][data-field="accepted"]'
+    write_batch(store, run.id, accepted=3, rejected=2, reason="too_long")
+    page.wait_for_function(f"document.querySelector('{cell}').textContent === '{accepted + 3}'")
+    page.wait_for_function("Number(document.body.dataset.polls) >= 3")  # several polls while another run has finished
+    assert page.evaluate("window.__loaded_once === true && window.scrollY === 120")  # no reload, no scroll reset
+
+    page.set_viewport_size({"width": 1400, "height": 900})
     page.goto(f"{server}/runs/{run.id}")
-    cell = page.locator(f'dd[data-run="{run.id}"][data-field="accepted"]')
-    assert cell.inner_text() == str(run.accepted)
-    with Session(open_engine(store)) as session:
-        row = session.get(Run, run.id)
-        row.accepted += 7
-        row.updated_at += timedelta(seconds=1)
-        session.add(row)
-        session.commit()
-    page.wait_for_function(f"document.querySelector('dd[data-run=\"{run.id}\"][data-field=\"accepted\"]').textContent === '{run.accepted + 7}'")
+    page.evaluate("window.__loaded_once = true")
+    assert page.inner_text("#count").startswith(f"{items + 5} matching")
+    write_batch(store, run.id, accepted=4, rejected=1, reason="blacklist")
+    page.wait_for_function(f"document.querySelector('#count').textContent.startsWith('{items + 10} matching')")
+    shown = {
+        "accepted": page.inner_text(f'dd[data-run="{run.id}"][data-field="accepted"]'),
+        "rows": page.locator("table.items tbody tr").count(),
+        "reasons": page.inner_text("#reasons"),
+    }
+    assert shown == {"accepted": str(accepted + 7), "rows": items + 10, "reasons": shown["reasons"]}
+    assert "blacklist 1" in shown["reasons"] and "too_long 2" in shown["reasons"]
+    page.screenshot(path=tmp_path / "live_run.png", full_page=True)
     with Session(open_engine(store)) as session:
         row = session.get(Run, run.id)
         row.status = "completed"
         session.add(row)
         session.commit()
-    page.wait_for_function("!document.body.dataset.poll")  # reloaded once the run stopped running
+    page.wait_for_function("!document.body.dataset.poll")  # the last poll saw it finished and stopped polling
     assert page.locator(f'dd[data-run="{run.id}"][data-field="status"]').inner_text() == "completed"
+    assert page.evaluate("window.__loaded_once === true")
 
 
 def test_reject_an_item_by_hand(page, server, store, tmp_path):
@@ -219,7 +254,28 @@ def test_reject_an_item_by_hand(page, server, store, tmp_path):
     page.wait_for_selector("#by-hand")
     verdict_cell, who, _when, why = page.locator("#by-hand tbody td").all_inner_texts()
     assert (verdict_cell, who, why) == ("rejected", "tester", "answers itself: not an instruction")
+    assert page.locator("h1 .status").inner_text() == "rejected" and "by hand: tester" in page.inner_text("#hand-rejection")
+    assert page.locator("form#reject").count() == 0 and page.locator("form#undo").count() == 1
     with Session(open_engine(store)) as session:
         verdict = session.exec(select(ManualVerdict).where(ManualVerdict.task_id == task.id)).one()
     assert (verdict.curator, verdict.reason) == ("tester", "answers itself: not an instruction")
     page.screenshot(path=tmp_path / "rejected_by_hand.png", full_page=False)
+    page.goto(f"{server}/runs/{run.id}?status=rejected&reason=by_hand")
+    assert page.locator("table.items tbody tr td:nth-child(1)").all_inner_texts() == [str(task.id)]
+    page.goto(f"{server}/runs/{run.id}/items/{task.id}")
+    page.click("form#undo button[type=submit]")
+    page.wait_for_selector("form#reject")
+    assert page.locator("h1 .status").inner_text() == "accepted"
+
+
+def test_compare_two_runs(page, server, store, tmp_path):
+    with Session(open_engine(store)) as session:
+        first, second = get_run(session, "real"), get_run(session, "ten-thousand")
+    page.goto(server + "/")
+    page.check(f'input[name="run"][value="{first.id}"]')
+    page.check(f'input[name="run"][value="{second.id}"]')
+    page.click("#compare-form button[type=submit]")
+    page.wait_for_url(f"**/compare?run={second.id}&run={first.id}")
+    assert page.locator("#figures thead th a").all_inner_texts() == ["ten-thousand", "real"]
+    assert page.locator("svg.curves polyline").count() == 2
+    page.screenshot(path=tmp_path / "compare.png", full_page=True)

@@ -22,16 +22,26 @@ app = typer.Typer(help="List and inspect runs in the store.", no_args_is_help=Tr
 def list_runs(db: DbOption = None, as_json: JsonOption = False) -> None:
     """List runs, newest first."""
     with Session(open_engine(db, create=False)) as session:
-        rows = [run_summary(r) for r in queries.list_runs(session)]
+        runs = queries.list_runs(session)
+        numbers, interrupted = queries.figures(session, runs), queries.interrupted_runs(session, runs)
+        rows = [run_summary(r, numbers[r.id], interrupted.get(r.id)) for r in runs]
     if as_json:
         print_json(rows)
         return
+    columns = ("id", "name", "pipeline", "model", "backend", "shown_status", "instructions", "accepted", "rejected", "not_judged", "keep_rate", "updated_at")
     table = Table(title="Runs")
-    for column in ("id", "name", "pipeline", "model", "backend", "status", "accepted", "rejected", "updated_at"):
-        table.add_column(column)
+    for column in columns:
+        table.add_column("status" if column == "shown_status" else column.replace("_", " "))
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("id", "name", "pipeline", "model", "backend", "status", "accepted", "rejected", "updated_at")))
+        table.add_row(*(_cell(row[c]) for c in columns))
     err_console.print(table)
+    for row in rows:
+        if row["interrupted"]:
+            err_console.print(f"run {row['name']}: {row['shown_status']}; resume: {row['interrupted']['resume']}")
+
+
+def _cell(value) -> str:
+    return "—" if value is None else f"{value:.0%}" if isinstance(value, float) else str(value)
 
 
 @app.command("show")
@@ -49,14 +59,16 @@ def show(
                 err_console.print(lineage_table(lineage))
             return
         found = get_run(session, run)
-        summary = run_summary(found)
+        summary = run_summary(found, queries.figures(session, [found])[found.id], queries.interrupted_runs(session, [found]).get(found.id))
         summary["config"] = found.config
         summary["rejected_by_reason"] = rejected_by_reason(session, found)
         summary["accepted_instances"] = accepted_instances(session, found)
     if as_json:
         print_json(summary)
         return
-    rows = [(k, v) for k, v in summary.items() if k not in ("config", "rejected_by_reason")]
+    rows = [(k, v) for k, v in summary.items() if k not in ("config", "rejected_by_reason", "interrupted")]
+    if summary["interrupted"]:
+        rows.append(("resume", summary["interrupted"]["resume"]))
     rows += [(f"rejected: {k}", v) for k, v in summary["rejected_by_reason"].items()]
     err_console.print(summary_table(f"Run {found.name}", rows))
     err_console.print_json(data=summary["config"])

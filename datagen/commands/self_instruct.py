@@ -33,6 +33,7 @@ from datagen.options import (
 from pipelines import bootstrap, self_instruct
 from pipelines.seeds import SeedTask, read_seeds
 from storage.run_lock import hold_run
+from storage import queries
 from storage.store import add_generations, add_run, default_run_name, find_run, open_engine, record_failure, touch
 from storage.tables import Run, Task
 
@@ -235,11 +236,12 @@ def summarize(session: Session, run: Run, totals: bootstrap.BatchStats, seconds:
         select(Task.reason, func.count()).where(Task.run_id == run.id, Task.source == "generated", Task.status == "rejected")
         .group_by(Task.reason).order_by(func.count().desc())
     ).all()  # fmt: skip
-    generated = run.accepted + run.rejected
+    numbers = queries.figures(session, [run])[run.id]  # the words `datagen runs`, the viewer, report and card use
     return {
-        "run": run.name, "status": run.status, "message": run.error,
-        "generated": generated, "accepted": run.accepted, "accepted_this_session": new, "rejected": run.rejected,
-        "keep_rate": round(run.accepted / max(generated, 1), 3), "instances": run.instances, "requests": run.requests,
+        "run": run.name, "status": run.status, "message": run.error, "completions": numbers.completions,
+        "instructions": numbers.instructions, "accepted": numbers.accepted, "accepted_this_session": new, "rejected": numbers.rejected,
+        "not_judged": numbers.not_judged, "keep_rate": None if numbers.keep_rate is None else round(numbers.keep_rate, 3),
+        "instances": run.instances, "requests": run.requests,
         "empty_responses_this_session": totals.empty_responses,
         "prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
         "seconds": round(seconds, 1), "generate_seconds": round(totals.generate_seconds, 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import ipaddress
+import socket
 from typing import Annotated, Optional
 
 import typer
@@ -15,15 +16,37 @@ from storage.store import _safe, database_url, open_engine
 
 
 def is_loopback(host: str) -> bool:
-    """127.x or localhost: served with the Host check. (IPv6 ::1 is served as non-local: Starlette's Host check cannot
-    parse a bracketed IPv6 Host header.)"""
+    """127.x, ::1 or localhost: only this machine can connect."""
     if host == "localhost":
         return True
     try:
-        address = ipaddress.ip_address(host)
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-    return address.version == 4 and address.is_loopback
+
+
+def allowed_host_names(host: str, extra: list[str]) -> tuple[str, ...]:
+    """The names a request's Host header may give (IP addresses always pass): localhost; serving the network, also the
+    name it listens on and the machine's own names; and any --allowed-host (a name a proxy or DNS gives it)."""
+    names = ["localhost", *extra]
+    if not is_loopback(host):
+        names += [socket.gethostname(), socket.getfqdn()]
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            names.append(host)
+    return tuple(dict.fromkeys(name.lower() for name in names))
+
+
+def browse_url(host: str, port: int) -> str:
+    """The URL to open: an address that listens everywhere is opened on loopback; IPv6 goes in brackets (RFC 3986)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}/"
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return f"http://[{address}]:{port}/" if address.version == 6 else f"http://{address}:{port}/"
 
 
 def ui(
@@ -32,6 +55,7 @@ def ui(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8765,
     allow_edits: Annotated[bool, typer.Option("--allow-edits", help="Let the item pages reject an item by hand (recorded with who and when; export honours it).")] = False,
     curator: Annotated[Optional[str], typer.Option(help="Name recorded with manual verdicts (default: your user name); needs --allow-edits.")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(help="Another host name the Host header may give (repeatable; IP addresses and localhost always pass).")] = None,
 ) -> None:
     """Browse runs, items, rejections with their reasons, lineage and plots in a web browser (read-only by default)."""
     try:
@@ -51,6 +75,7 @@ def ui(
             f"[bold yellow]warning:[/] listening on {host}: anyone who can reach this machine can read the store "
             "(prompts, completions, configs); use --host 127.0.0.1 to keep it local"
         )
-    err_console.print(f"datagen ui{' (edits allowed)' if allow_edits else ''}: {_safe(database_url(db))} at http://{'127.0.0.1' if local else host}:{port}/ (Ctrl+C stops)")
-    app = create_app(engine, local_only=local, curator=(curator or getpass.getuser()) if allow_edits else None)
+    err_console.print(f"datagen ui{' (edits allowed)' if allow_edits else ''}: {_safe(database_url(db))} at {browse_url(host, port)} (Ctrl+C stops)")
+    names = allowed_host_names(host, allowed_host or [])
+    app = create_app(engine, allowed_hosts=names, curator=(curator or getpass.getuser()) if allow_edits else None)
     uvicorn.run(app, host=host, port=port, log_level="warning")

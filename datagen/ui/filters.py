@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 PAGE_SIZE = 50
 """Items per page; paging is keyset (id > last seen), so page 2,000 of 100k items costs what page 1 does."""
+MAX_ID = 2**63 - 1
+"""The largest id the stores hold (a signed 64-bit integer)."""
 STATUSES = ("all", "accepted", "rejected")
 CLASSIFICATIONS = ("all", "yes", "no", "unknown")
 
@@ -81,6 +83,7 @@ def _similarity(given: Mapping[str, str], key: str) -> float | None:
 def _item_id(given: Mapping[str, str], key: str) -> int | None:
     if key not in given:
         return None
-    if not given[key].isdigit():
-        raise BadFilter(f"{key} must be an item id (a whole number), not '{given[key]}'")
-    return int(given[key])
+    value = given[key]
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_ID:  # "²".isdigit(), but int("²") fails
+        raise BadFilter(f"{key} must be an item id (a whole number up to {MAX_ID}), not '{value}'")
+    return int(value)

@@ -5,21 +5,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sqlalchemy import and_, func
+from sqlalchemy import and_, func, or_
 from sqlmodel import Session, select
 
-from datagen.ui.filters import PAGE_SIZE, ItemFilter
+from datagen.ui.filters import MAX_ID, PAGE_SIZE, ItemFilter
+from storage.queries import BY_HAND, hand_rejected_ids
 from storage.tables import ApiCall, Generation, Instance, ManualVerdict, Run, Task, ToolformerText, TrainingRun, TrainingRunSource
 
 
 @dataclass
 class Page:
-    """One page of rows in id order, and whether rows match before and after it."""
+    """One page of rows in id order, and where the pages before and after it start (None: no rows that way)."""
 
     rows: list
     total: int
-    has_previous: bool
-    has_next: bool
+    previous_before: int | None
+    """`before=` for the previous page."""
+    next_after: int | None
+    """`after=` for the next page."""
 
     @property
     def first_id(self) -> int | None:
@@ -38,9 +41,14 @@ def _like(text: str) -> str:
 def item_conditions(run: Run, item_filter: ItemFilter) -> list:
     """SQL conditions on Task for a run's generated instructions under the filter."""
     conditions = [Task.run_id == run.id, Task.source == "generated"]
-    if item_filter.status != "all":
-        conditions.append(Task.status == item_filter.status)
-    if item_filter.reason:
+    by_hand = Task.id.in_(hand_rejected_ids())
+    if item_filter.status == "accepted":
+        conditions += [Task.status == "accepted", ~by_hand]
+    elif item_filter.status == "rejected":
+        conditions.append(or_(Task.status == "rejected", by_hand))
+    if item_filter.reason == BY_HAND:
+        conditions += [Task.status == "accepted", by_hand]
+    elif item_filter.reason:
         conditions.append(Task.reason == item_filter.reason)
     if item_filter.min_similarity is not None:
         conditions.append(Task.similarity >= item_filter.min_similarity)
@@ -59,29 +67,88 @@ def item_conditions(run: Run, item_filter: ItemFilter) -> list:
 
 def keyset_page(session: Session, model, conditions: list, after: int | None, before: int | None, size: int = PAGE_SIZE) -> Page:
     """Rows of `model` matching `conditions`, `size` at a time in id order: after an id, before one, or from the start.
-    Each page is an indexed range scan (id > x ORDER BY id LIMIT n), never an OFFSET that reads every earlier row."""
+    Each page is an indexed range scan (id > x ORDER BY id LIMIT n), never an OFFSET that reads every earlier row.
+    A cursor past either end (after the last id, before the first) is an empty page that still links back.
+    """
     where = and_(*conditions)
     if before is not None:
         rows = list(session.exec(select(model).where(where, model.id < before).order_by(model.id.desc()).limit(size + 1)).all())
-        has_previous, rows = len(rows) > size, rows[:size][::-1]
-        has_next = True
+        more_before, rows = len(rows) > size, rows[:size][::-1]
+        more_after = _exists(session, model, where, model.id >= (rows[-1].id + 1 if rows else before))
     else:
         query = select(model).where(where)
         if after is not None:
             query = query.where(model.id > after)
         rows = list(session.exec(query.order_by(model.id).limit(size + 1)).all())
-        has_next, rows = len(rows) > size, rows[:size]
-        has_previous = after is not None and rows != [] and _exists(session, model, where, model.id < rows[0].id)
+        more_after, rows = len(rows) > size, rows[:size]
+        more_before = after is not None and _exists(session, model, where, model.id < (rows[0].id if rows else after + 1))
     total = session.exec(select(func.count()).select_from(model).where(where)).one()
-    return Page(rows, total, has_previous, has_next)
+    previous_before = (rows[0].id if rows else (min(after + 1, MAX_ID) if after is not None else before)) if more_before else None
+    next_after = (rows[-1].id if rows else (max(before - 1, 0) if before is not None else after)) if more_after else None
+    return Page(rows, total, previous_before, next_after)
 
 
 def _exists(session: Session, model, *conditions) -> bool:
     return session.exec(select(model.id).where(*conditions).limit(1)).first() is not None
 
 
-def item_page(session: Session, run: Run, item_filter: ItemFilter) -> Page:
-    return keyset_page(session, Task, item_conditions(run, item_filter), item_filter.after, item_filter.before)
+@dataclass
+class ItemPage:
+    page: Page
+    by_hand: dict[int, ManualVerdict]
+    """task id → the hand rejection in force."""
+    nearest: dict[int, Task]
+    """task id → the earlier instruction the similarity filter found closest, where it is in the store."""
+    nearest_by_hand: dict[int, ManualVerdict]
+
+
+def item_page(session: Session, run: Run, item_filter: ItemFilter) -> ItemPage:
+    """A page of the run's instructions under the filter, the hand rejections in force among them, and each one's
+    nearest earlier instruction (one query for the page)."""
+    page = keyset_page(session, Task, item_conditions(run, item_filter), item_filter.after, item_filter.before)
+    nearest = nearest_tasks(session, run, page.rows)
+    return ItemPage(page, hand_rejections(session, [t.id for t in page.rows]), nearest, hand_rejections(session, [t.id for t in nearest.values()]))
+
+
+def nearest_tasks(session: Session, run: Run, tasks: list[Task]) -> dict[int, Task]:
+    """For each task with a stored nearest instruction, the earliest row of the run with that text before it."""
+    texts = {t.nearest for t in tasks if t.nearest is not None}
+    if not texts:
+        return {}
+    candidates: dict[str, list[Task]] = {}
+    for row in session.exec(select(Task).where(Task.run_id == run.id, Task.instruction.in_(list(texts))).order_by(Task.id)).all():
+        candidates.setdefault(row.instruction, []).append(row)
+    found = {}
+    for task in tasks:
+        earlier = [c for c in candidates.get(task.nearest or "", []) if c.id < task.id]
+        if earlier:
+            found[task.id] = earlier[0]
+    return found
+
+
+def word_diff(old: str, new: str) -> list[tuple[str, str]]:
+    """Word-level differences from `old` to `new`: (kind, text) runs, kind "same", "del" or "ins" (difflib's opcodes)."""
+    import difflib
+
+    a, b = old.split(), new.split()
+    runs: list[tuple[str, str]] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op == "equal":
+            runs.append(("same", " ".join(a[i1:i2])))
+            continue
+        if i2 > i1:
+            runs.append(("del", " ".join(a[i1:i2])))
+        if j2 > j1:
+            runs.append(("ins", " ".join(b[j1:j2])))
+    return runs
+
+def hand_rejections(session: Session, task_ids: list[int]) -> dict[int, ManualVerdict]:
+    """task id → the manual rejection in force (the task's latest manual verdict, when it is a rejection)."""
+    if not task_ids:
+        return {}
+    latest = select(func.max(ManualVerdict.id)).where(ManualVerdict.task_id.in_(task_ids)).group_by(ManualVerdict.task_id)
+    rows = session.exec(select(ManualVerdict).where(ManualVerdict.id.in_(latest), ManualVerdict.verdict == "rejected")).all()
+    return {row.task_id: row for row in rows}
 
 
 # --- one item's lineage ---------------------------------------------------------------------------------------------
@@ -143,7 +210,17 @@ class Lineage:
     instances: list[Instance] = field(default_factory=list)
     instance_generation: Generation | None = None
     by_hand: list[ManualVerdict] = field(default_factory=list)
-    """Verdicts given in `datagen ui --allow-edits`, oldest first."""
+    """Verdicts given in `datagen ui --allow-edits`, oldest first (rejected, restored, ...)."""
+
+    @property
+    def hand_rejection(self) -> ManualVerdict | None:
+        """The manual rejection in force: the latest manual verdict, when it is a rejection (a later "restored" undoes it)."""
+        return self.by_hand[-1] if self.by_hand and self.by_hand[-1].verdict == "rejected" else None
+
+    @property
+    def status(self) -> str:
+        """What the item is now: the pipeline's verdict, or rejected when a curator rejected it and did not undo that."""
+        return "rejected" if self.hand_rejection else self.task.status
 
 
 def item_lineage(session: Session, run: Run, task_id: int) -> Lineage | None:
@@ -152,11 +229,7 @@ def item_lineage(session: Session, run: Run, task_id: int) -> Lineage | None:
         return None
     generation = session.get(Generation, task.generation_id) if task.generation_id else None
     parsed = list(session.exec(select(Task).where(Task.generation_id == task.generation_id).order_by(Task.id)).all()) if generation else [task]
-    nearest = None
-    if task.nearest is not None:
-        nearest = session.exec(
-            select(Task).where(Task.run_id == run.id, Task.instruction == task.nearest, Task.id < task.id).order_by(Task.id).limit(1)
-        ).first()
+    nearest = nearest_tasks(session, run, [task]).get(task.id)
     instances = list(session.exec(select(Instance).where(Instance.task_id == task.id).order_by(Instance.id)).all())
     instance_generation = session.get(Generation, instances[0].generation_id) if instances and instances[0].generation_id else None
     if instance_generation is not None and instance_generation.id == task.generation_id:
@@ -174,12 +247,31 @@ def item_lineage(session: Session, run: Run, task_id: int) -> Lineage | None:
     )
 
 
-def reject_by_hand(session: Session, task: Task, reason: str, curator: str) -> ManualVerdict:
-    """Record a manual rejection of one instruction (the viewer's only write); export leaves the task out from now on."""
-    verdict = ManualVerdict(task_id=task.id, verdict="rejected", reason=reason, curator=curator)
-    session.add(verdict)
+class VerdictConflict(ValueError):
+    """A manual verdict that would not change the item (rejecting it twice, restoring one not rejected by hand)."""
+
+
+def give_verdict(session: Session, task: Task, verdict: str, reason: str, curator: str) -> ManualVerdict:
+    """Record a manual verdict on one instruction (the viewer's only write): "rejected" (export leaves it out from now
+    on) or "restored" (undoes the rejection in force; the history stays). Rows are only ever added. The check and the
+    insert are one transaction holding the task's row (PostgreSQL) or the write lock (SQLite, BEGIN IMMEDIATE is not
+    needed: the viewer serializes its own posts), so a form posted twice stores one row."""
+    if verdict not in ("rejected", "restored"):
+        raise VerdictConflict(f"a verdict is rejected or restored, not '{verdict}'")
+    session.rollback()  # start clean: the check below must see the latest rows
+    if session.get_bind().dialect.name == "postgresql":  # two viewers on one store: one verdict at a time per task
+        session.exec(select(Task.id).where(Task.id == task.id).with_for_update())
+    current = hand_rejections(session, [task.id]).get(task.id)
+    if verdict == "rejected" and current is not None:
+        session.rollback()
+        raise VerdictConflict(f"already rejected by hand by {current.curator} at {current.created_at:%Y-%m-%d %H:%M} UTC")
+    if verdict == "restored" and current is None:
+        session.rollback()
+        raise VerdictConflict("not rejected by hand: nothing to undo")
+    row = ManualVerdict(task_id=task.id, verdict=verdict, reason=reason, curator=curator)
+    session.add(row)
     session.commit()
-    return verdict
+    return row
 
 
 def _classification_call(session: Session, run: Run, task: Task, generation: Generation | None) -> Generation | None:
@@ -227,3 +319,19 @@ def training_sources(session: Session, training_run: TrainingRun) -> list[Run]:
         session.exec(select(Run).join(TrainingRunSource).where(TrainingRunSource.training_run_id == training_run.id).order_by(Run.id)).all()
     )
 
+
+
+def config_differences(configs: list[dict]) -> dict[str, list]:
+    """The configuration keys (nested ones dotted) whose values differ between runs, each with every run's value."""
+    def flat(config: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in config.items():
+            if isinstance(value, dict):
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    flats = [flat(c or {}) for c in configs]
+    keys = sorted({k for f in flats for k in f})
+    return {k: [f.get(k) for f in flats] for k in keys if len({repr(f.get(k)) for f in flats}) > 1}

@@ -31,3 +31,26 @@ def keep_rate_sparkline(batches: Sequence[tuple[int, int, int]]) -> Sparkline | 
         f"min {min(rates):.0%}, max {max(rates):.0%}, last {rates[-1]:.0%}"
     )
     return Sparkline(points, title)
+
+
+COLOURS = ("#3b7dd8", "#d8643b", "#2e9e5b", "#8a4fbf")
+"""One colour per compared run (at most 4)."""
+
+
+@dataclass(frozen=True)
+class Curve:
+    name: str
+    colour: str
+    points: str
+    """SVG polyline points on a 600 x 220 plot: batch on x (0 to the longest run's last batch), keep rate 0-100% on y."""
+
+
+def keep_rate_curves(batches: dict[int, list[tuple[int, int, int]]], runs: Sequence) -> list[Curve]:
+    """Each run's keep rate per batch on one shared axis (the compare page's plot)."""
+    last = max((b for rows in batches.values() for b, _, _ in rows), default=0) or 1
+    curves = []
+    for run, colour in zip(runs, COLOURS):
+        rows = [(b, a / (a + r)) for b, a, r in batches.get(run.id, []) if a + r]
+        points = " ".join(f"{40 + 550 * b / last:.1f},{10 + 190 * (1 - rate):.1f}" for b, rate in rows)
+        curves.append(Curve(run.name, colour, points))
+    return curves

@@ -1,28 +1,30 @@
-// Live progress of running runs: every few seconds, fetch the counters (JSON) and update the cells that show them;
-// reload the page once a run stops running, so everything else on it is current too. No framework, no build step.
+// Live pages of running runs: every few seconds, fetch this same page again and swap in the parts marked data-live
+// (counters, "N matching", the item table, "Rejected by reason", the runs table), so they all move together, in place:
+// no reload, no scroll reset, the filter form untouched. Polling stops once the page says nothing is running any more
+// (after one last swap). No framework, no build step.
 (function () {
-  const url = document.body.dataset.poll;
   const seconds = Number(document.body.dataset.pollSeconds || 2);
+  let timer = null;
   async function poll() {
     try {
-      const response = await fetch(url, { cache: "no-store" });
+      const response = await fetch(location.href, { cache: "no-store", headers: { "X-Datagen-Poll": "1" } });
       if (!response.ok) return;
-      for (const run of await response.json()) {
-        for (const cell of document.querySelectorAll(`[data-run="${run.id}"][data-field]`)) {
-          const field = cell.dataset.field;
-          if (field === "status") {
-            if (run.status !== "running") { location.reload(); return; }
-            continue;
-          }
-          let value = run[field];
-          if (field === "keep_rate") value = value === null ? "—" : `${Math.round(100 * value)}%`;
-          if (field === "updated_at") value = value.replace("T", " ").slice(0, 19);
-          cell.textContent = value;
-        }
+      const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
+      for (const part of document.querySelectorAll("[data-live][id]")) {
+        const update = fresh.getElementById(part.id);
+        if (!update || update.innerHTML === part.innerHTML) continue;
+        const checked = [...part.querySelectorAll("input:checked")].map((box) => `${box.name}=${box.value}`);
+        part.innerHTML = update.innerHTML;
+        for (const box of part.querySelectorAll("input[type=checkbox]")) box.checked = checked.includes(`${box.name}=${box.value}`);
+      }
+      document.body.dataset.polls = String(Number(document.body.dataset.polls || 0) + 1);
+      if (!fresh.body.dataset.poll) {
+        clearInterval(timer);
+        delete document.body.dataset.poll;
       }
     } catch (error) {
       // the server is restarting or gone: try again at the next tick
     }
   }
-  setInterval(poll, seconds * 1000);
+  timer = setInterval(poll, seconds * 1000);
 })();

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import case, func, or_, text
+from sqlalchemy import case, func, or_
 from sqlmodel import Session, select
 
 from storage.tables import Generation, Instance, ManualVerdict, Run, RunLock, Task
@@ -120,10 +120,10 @@ def interrupted_runs(session: Session, runs: list[Run], timeout_s: float | None 
 
 
 def database_now(session: Session) -> float:
-    """Unix seconds on the database's clock (the one every writer's heartbeat is compared with on PostgreSQL)."""
-    if session.get_bind().dialect.name == "postgresql":
-        return float(session.exec(text("SELECT extract(epoch FROM clock_timestamp())")).one()[0])
-    return float(session.exec(text("SELECT (julianday('now') - 2440587.5) * 86400.0")).one()[0])
+    """Unix seconds on the database's clock, the one every lock heartbeat is written with (storage/run_lock.py)."""
+    from storage.run_lock import server_now
+
+    return float(session.exec(select(server_now(session.get_bind()))).one())
 
 
 def resume_command(run: Run) -> str:

@@ -253,23 +253,18 @@ def instance_params(config: SelfInstructConfig) -> SamplingParams:
 
 # ---- parsing and filters (pure) -------------------------------------------------------------------------------
 
-_ITEM = re.compile(r"^\s*\d+\s*[.)]\s?(.*)$")
+_ITEM_START = re.compile(r"\n\d+\s?\. ")
+"""Where a new item begins: a newline, a number, at most one space, a dot and a space (bootstrap_instructions.py,
+post_process_gpt3_response). A line that begins "3.5, 4.2" or "1)" stays inside its item."""
 
 
-def parse_instructions(completion: str, first_number: int) -> list[str]:
-    """The numbered items of a completion that continues a list after "first_number.".
+def parse_instructions(completion: str) -> list[str]:
+    """The numbered items of a completion that continues a list after its "N.", split as the reference splits them.
 
-    As in the reference, a line without a number continues the item before it and whitespace is collapsed. Ours: the
-    first letter is upper-cased (the reference's str.capitalize() also lower-cases the rest, which breaks names).
+    As in the reference, whitespace (newlines included) is collapsed and empty items are dropped. Ours: the first
+    letter is upper-cased (the reference's str.capitalize() also lower-cases the rest, which breaks names).
     """
-    items: list[str] = []
-    for line in f"{first_number}.{completion}".splitlines():
-        match = _ITEM.match(line)
-        if match:
-            items.append(match.group(1))
-        elif items and line.strip():
-            items[-1] += " " + line
-    items = [re.sub(r"\s+", " ", item).strip() for item in items]
+    items = [re.sub(r"\s+", " ", item).strip() for item in _ITEM_START.split(completion)]
     return [item[0].upper() + item[1:] for item in items if item]
 
 
@@ -291,7 +286,9 @@ def rejection_reason(
     for word in blacklist:
         if re.search(rf"\b{re.escape(word)}\b", instruction, flags=re.IGNORECASE):
             return f"blacklist:{word}"
-    if instruction.startswith("Write a program"):
+    # The reference tests startswith("Write a program") after str.capitalize(), which lower-cases all but the first
+    # letter: "write A Program" is caught too.
+    if instruction.lower().startswith("write a program"):
         return "write_a_program"
     if instruction[0] in string.punctuation:
         return "starts_with_punctuation"
@@ -478,7 +475,7 @@ class Phases:
         origin: list[int] = []  # the request each task came from
         for number, result in enumerate(results):
             completion = result.completions[0]
-            items = parse_instructions(completion.text, config.num_prompt_instructions + 1)
+            items = parse_instructions(completion.text)
             stats.empty_responses += not items
             cut = completion.finish_reason == "length"
             for position, text in enumerate(items):

@@ -103,10 +103,20 @@ def test_instance_prompts_show_the_chosen_demonstrations(db_url, instance_demos)
 
 
 def test_parse_instructions_continues_the_list():
-    completion = " plan a trip to Rome.\n10. Explain gravity\nto a child.\n11.Summarize the text below.\n\n"
-    assert si.parse_instructions(completion, 9) == ["Plan a trip to Rome.", "Explain gravity to a child.", "Summarize the text below."]
-    assert si.parse_instructions("", 9) == []
-    assert si.parse_instructions(" \n", 9) == []
+    completion = " plan a trip to Rome.\n10. Explain gravity\nto a child.\n11 . Summarize the text below.\n\n"
+    assert si.parse_instructions(completion) == ["Plan a trip to Rome.", "Explain gravity to a child.", "Summarize the text below."]
+    assert si.parse_instructions("") == []
+    assert si.parse_instructions(" \n") == []
+
+
+def test_parse_instructions_splits_only_where_the_reference_does():
+    # bootstrap_instructions.py splits at "\n\d+\s?\. " only: a line that begins with a decimal number, "1)" or
+    # "11.No space" stays inside its item (issue 19: "3.5, 4.2 and 7.1" became an instruction of its own).
+    completion = " Compute the average of the following numbers:\n3.5, 4.2 and 7.1\n10. List the steps:\n1) boil water\n2) add tea\n11.Done."
+    assert si.parse_instructions(completion) == [
+        "Compute the average of the following numbers: 3.5, 4.2 and 7.1",
+        "List the steps: 1) boil water 2) add tea 11.Done.",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -118,6 +128,7 @@ def test_parse_instructions_continues_the_list():
         ("Please Go To the store and buy milk today.", "blacklist:go to"),
         ("Plot the data points on a chart.", "blacklist:plot"),
         ("Write a program that sorts a list.", "write_a_program"),
+        ("Write A Program that sorts a list.", "write_a_program"),  # the reference compares after str.capitalize()
         ('"Quote this sentence back to me please."', "starts_with_punctuation"),
         ("Éxplain how a bicycle gear works.", "non_ascii_start"),
         ("Explain how a bicycle gear works.", None),

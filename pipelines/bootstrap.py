@@ -239,6 +239,9 @@ class Drafted:
     requests: list[Request]
     finish: Callable[[list[Result]], BatchStats]
     stats: BatchStats
+    reaches_target: bool = False
+    """Enough of its instructions passed the filter to reach the target if their instances are valid: the pipelined
+    loop then sends no next batch with it, which would be generated only to be discarded."""
 
 
 class TwoPhases(Protocol):
@@ -258,11 +261,13 @@ def bootstrap_pipelined(
     with nothing else to run (issue 16, bench/saturation.py).
 
     Batch k's prompts see the pool after batch k-1's similarity filter, as in the sequential loop, and batch k's
-    filter and target cap come after batch k-1 is stored, so every decision is the sequential loop's except two:
-    how many requests batch k sends, and when the stall guard stops, are decided from the batches before k-1 (the
-    last ones stored when batch k goes out); and when batch k-1 reaches the target, batch k's instructions are
-    already generated: they are stored with it, in its transaction, the ones that pass the filter as
-    `target_reached`. Both come from the store, so a resumed run makes the uninterrupted run's decisions.
+    filter and target cap come after batch k-1 is stored. Batch k is held back while batch k-1 can still reach the
+    target (enough of its instructions passed the filter): batch k-1's instances then go alone, and batch k goes
+    out only if they fall short, so no batch is generated only to be discarded. Every decision is the sequential
+    loop's except how many requests batch k sends and when the stall guard stops: both are decided from the batches
+    before k-1 (the last ones stored when batch k goes out). They come from the store, so a resumed run makes the
+    uninterrupted run's decisions where the engine's output for a request does not depend on which requests share
+    its call (vLLM and OpenAI-compatible servers with a per-request seed: up to batch-invariance of their kernels).
     """
     batch_number = next_batch_number(session, run)
     totals = BatchStats()
@@ -283,7 +288,9 @@ def bootstrap_pipelined(
         commit()
 
     while run.accepted < config.num_instructions:
-        if sigterm.requested() and pending is not None:  # SIGTERM: the batch in flight is finished and stored first
+        # SIGTERM: the batch in flight is finished and stored first; and a batch that can reach the target goes
+        # alone: the next batch goes out only if it falls short (an instance step that fails).
+        if pending is not None and (sigterm.requested() or pending.reaches_target):
             finish_alone(pending)
             pending, pending_requests = None, 0
             continue  # it may have reached the target

@@ -123,8 +123,10 @@ class SelfInstructConfig:
     max_instances: int = 5
     """Instances kept per task, at most (reference prepare_for_finetuning.py: "max 5 instances per task"; generation
     stops at "Example 6")."""
-    instance_max_tokens: int = 300
-    """Per instance request (reference: 300 when a batch holds a classification task, else 350)."""
+    instance_max_tokens: int | None = None
+    """Per instance request. None: 300 for a classification task, 350 for any other (reference generate_instances.py:
+    300 when its API batch of 5 tasks holds a classification task, else 350; here decided per task, since a batch
+    here holds far more than 5 tasks and would nearly always hold one)."""
     instance_demonstrations: int = 3
     """Tasks shown as worked examples in each instance prompt. Ours: the reference's fixed templates hold 12 to
     17 tasks (about 3,000 tokens), too long a prompt for a small model on a CPU; 3 tasks of the same kind, sampled
@@ -145,7 +147,9 @@ class SelfInstructConfig:
     """Seeds the sampling of in-context examples and the backend's sampling (reference: random.seed(42))."""
 
     def __post_init__(self) -> None:
-        check_bootstrap_config(self, ("max_instances", "instance_max_tokens", "max_new_instructions", "instance_demonstrations"))
+        check_bootstrap_config(self, ("max_instances", "max_new_instructions", "instance_demonstrations"))
+        if self.instance_max_tokens is not None and self.instance_max_tokens < 1:
+            raise BadInput(f"--instance-max-tokens must be at least 1, got {self.instance_max_tokens}")
         if not -2 <= self.presence_penalty <= 2:
             raise BadInput(f"presence_penalty must be in [-2, 2] (vLLM's and OpenAI's range), got {self.presence_penalty}")
         if self.instance_demos not in ("builtin", "seeds"):
@@ -245,9 +249,11 @@ def instance_prompt(instruction: str, demos: Sequence[SeedTask], classification:
     return Prompt(header, f"\n{shown}Task: {one_line(instruction)}\n{start}")
 
 
-def instance_params(config: SelfInstructConfig) -> SamplingParams:
-    """Reference generate_instances.py: temperature 0, presence penalty 1.5, stop at "Example 6" or "Task:"."""
-    return SamplingParams(temperature=0, max_tokens=config.instance_max_tokens, presence_penalty=1.5,
+def instance_params(config: SelfInstructConfig, classification: bool) -> SamplingParams:
+    """Reference generate_instances.py: temperature 0, presence penalty 1.5, stop at "Example 6" or "Task:", and
+    300 tokens for a classification task, 350 for any other (unless instance_max_tokens is set)."""
+    max_tokens = config.instance_max_tokens or (300 if classification else 350)
+    return SamplingParams(temperature=0, max_tokens=max_tokens, presence_penalty=1.5,
                           stop=(f"Example {config.max_instances + 1}", "Task:"))  # fmt: skip
 
 
@@ -443,11 +449,13 @@ class Phases:
         self.chat_template = backend.render_chat if uses_chat(backend, config.prompt_style) else None
         seeds = load_seeds(session, run_row)
         self.pool = load_pool(session, run_row)
-        self.index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
-        self.index.add([s.instruction for s in seeds] + self.pool)
         self.human = [s.instruction for s in seeds if s.is_classification or not config.generate_classification]
         if not self.human:
             raise BadInput("--generate-classification needs seed tasks with is_classification true")
+        # The seeds the prompts show are those the similarity filter compares against: with --generate-classification
+        # the classification seeds only (bootstrap_instructions.py filters seed_tasks before both).
+        self.index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
+        self.index.add(self.human + self.pool)
         demo_tasks = DEMONSTRATIONS if config.instance_demos == "builtin" else seeds
         self.demos = {kind: demonstration_pool(demo_tasks, kind) for kind in (True, False)}
 
@@ -489,7 +497,6 @@ class Phases:
 
         # ROUGE-L against seeds and everything kept so far, in order, the batch included (the dedup engine).
         survivors = [t for t in tasks if t.reason is None]
-        need = config.num_instructions - run_row.accepted
         passed: list[Task] = []
         # exact_nearest: an accepted instruction stores its true nearest earlier one too, as the reference records its
         # most similar instructions (bootstrap_instructions.py: most_similar_instructions)
@@ -499,58 +506,82 @@ class Phases:
                 task.reason = "rouge_similarity"
                 continue
             self.pool.append(task.instruction)
-            if len(passed) < need:
-                passed.append(task)
-            else:
-                task.reason = "target_reached"  # kept by the filter, not needed: no calls spent on it
+            passed.append(task)
 
-        # Classification identification: few-shot, temperature 0, 3 tokens.
-        clf_requests = [] if config.generate_classification else [
-            Request(prompt=classification_prompt(t.instruction).render(self.chat_template), params=CLASSIFICATION_PARAMS) for t in passed
-        ]  # fmt: skip
-        clf_results = timed_generate(self.backend, clf_requests, stats)
-        for task, result in zip(passed, clf_results):
-            task.is_classification = parse_yes_no(result.completions[0].text)
-        if config.generate_classification:
-            for task in passed:
-                task.is_classification = True
-
-        # Instances: input first, or label first for classification tasks.
-        inst_requests = []
-        for task in passed:
-            kind = bool(task.is_classification)
-            shown = rng.sample(self.demos[kind], min(config.instance_demonstrations, len(self.demos[kind])))
-            prompt = instance_prompt(task.instruction, shown, kind).render(self.chat_template)
-            inst_requests.append(Request(prompt=prompt, params=instance_params(config)))
+        # Classification and instances for as many as the target still needs, in order; `finish` admits the next
+        # ones when some of these get no valid instance, and only then labels the rest target_reached.
+        need = config.num_instructions - run_row.accepted
+        first = passed[:need]
+        clf_requests, clf_results = self.classify(first, stats)
+        inst_requests = self.instance_requests(first, rng)
 
         def finish(inst_results: list[Result]) -> BatchStats:
             """Store everything in one transaction: generations, every parsed instruction with its verdict, every instance."""
             generations = add_generations(session, run_row, self.backend, "instructions", batch_number, requests, results)
             for task, number in zip(tasks, origin):
                 task.generation_id = generations[number][0].id
-            add_generations(session, run_row, self.backend, "classification", batch_number, clf_requests, clf_results)
-            inst_generations = add_generations(session, run_row, self.backend, "instances", batch_number, inst_requests, inst_results)
             session.add_all(tasks)
             session.flush()
-            for task, rows, result in zip(passed, inst_generations, inst_results):
-                completion = result.completions[0]
-                pairs = parse_instances(completion.text, bool(task.is_classification))
-                verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
-                session.add_all(
-                    Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
-                             status="rejected" if reason else "accepted", reason=reason)
-                    for pair, reason in zip(pairs, verdicts)
-                )  # fmt: skip
-                kept = verdicts.count(None)
-                if kept:
-                    task.status, task.reason = "accepted", None
-                    run_row.instances += kept
-                    stats.accepted += 1
-                else:
-                    task.reason = "no_valid_instances"
+            self.store_instances(batch_number, first, clf_requests, clf_results, inst_requests, inst_results, stats)
+            waiting = passed[need:]
+            while waiting and stats.accepted < need:  # re-admit in order, as many as are still missing
+                more, waiting = waiting[: need - stats.accepted], waiting[need - stats.accepted :]
+                more_clf = self.classify(more, stats)
+                more_requests = self.instance_requests(more, rng)
+                more_results = timed_generate(self.backend, more_requests, stats)
+                self.store_instances(batch_number, more, *more_clf, more_requests, more_results, stats)
+            for task in waiting:
+                task.reason = "target_reached"  # passed the filter, not needed: no calls spent on it
             return finish_batch(session, run_row, tasks, stats)
 
-        return Drafted(inst_requests, finish, stats)
+        return Drafted(inst_requests, finish, stats, reaches_target=len(passed) >= need)
+
+    def classify(self, tasks: list[Task], stats: BatchStats) -> tuple[list[Request], list[Result]]:
+        """Classification identification: few-shot, temperature 0, 3 tokens (every task is one with
+        --generate-classification)."""
+        if self.config.generate_classification:
+            for task in tasks:
+                task.is_classification = True
+            return [], []
+        template = self.chat_template
+        requests = [Request(prompt=classification_prompt(t.instruction).render(template), params=CLASSIFICATION_PARAMS) for t in tasks]
+        results = timed_generate(self.backend, requests, stats)
+        for task, result in zip(tasks, results):
+            task.is_classification = parse_yes_no(result.completions[0].text)
+        return requests, results
+
+    def instance_requests(self, tasks: list[Task], rng: random.Random) -> list[Request]:
+        """Input first, or label first for classification tasks, with demonstrations of the same kind."""
+        config, requests = self.config, []
+        for task in tasks:
+            kind = bool(task.is_classification)
+            shown = rng.sample(self.demos[kind], min(config.instance_demonstrations, len(self.demos[kind])))
+            prompt = instance_prompt(task.instruction, shown, kind).render(self.chat_template)
+            requests.append(Request(prompt=prompt, params=instance_params(config, kind)))
+        return requests
+
+    def store_instances(self, batch_number: int, tasks: list[Task], clf_requests: list[Request], clf_results: list[Result],
+                        inst_requests: list[Request], inst_results: list[Result], stats: BatchStats) -> None:  # fmt: skip
+        """The tasks' classification and instance calls, their instances with verdicts, and each task's verdict."""
+        session, run_row, config = self.session, self.run_row, self.config
+        add_generations(session, run_row, self.backend, "classification", batch_number, clf_requests, clf_results)
+        inst_generations = add_generations(session, run_row, self.backend, "instances", batch_number, inst_requests, inst_results)
+        for task, rows, result in zip(tasks, inst_generations, inst_results):
+            completion = result.completions[0]
+            pairs = parse_instances(completion.text, bool(task.is_classification))
+            verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
+            session.add_all(
+                Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
+                         status="rejected" if reason else "accepted", reason=reason)
+                for pair, reason in zip(pairs, verdicts)
+            )  # fmt: skip
+            kept = verdicts.count(None)
+            if kept:
+                task.status, task.reason = "accepted", None
+                run_row.instances += kept
+                stats.accepted += 1
+            else:
+                task.reason = "no_valid_instances"
 
 
 def demonstration_pool(tasks: Sequence[SeedTask], classification: bool) -> list[SeedTask]:

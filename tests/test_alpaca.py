@@ -132,7 +132,7 @@ def test_run_bookkeeping(db_url):
             (seeds[7].instruction, "rejected", "rouge_similarity"),
             ("Compose a short piece of music for piano.", "rejected", "blacklist:music"),
             (NOVEL[1], "rejected", "no_valid_instances"),  # its input equals its output
-            (NOVEL[2], "accepted", None),
+            (NOVEL[2], "accepted", None),  # admitted in NOVEL[1]'s place: the cap comes after the instance filter
             (NOVEL[4], "rejected", "target_reached"),  # passed every filter after the target was met
             (alpaca.record(10, NOVEL[3], "", "Shorter showers.")[4:].strip(), "rejected", "cut_by_length"),  # raw: max_tokens cut it
         ]

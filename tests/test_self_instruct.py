@@ -69,7 +69,12 @@ def test_instance_prompts_input_first_and_label_first():
         "Task: Is the review positive or negative?\nClass label: Positive\nInput: Great film!\n\n"
         "Task: Is the email spam?\nClass label:"
     )
-    assert si.instance_params(si.SelfInstructConfig()).stop == ("Example 6", "Task:")
+    params = [si.instance_params(si.SelfInstructConfig(), kind) for kind in (True, False)]
+    assert [(p.stop, p.max_tokens, p.temperature, p.presence_penalty) for p in params] == [
+        (("Example 6", "Task:"), 300, 0, 1.5),  # generate_instances.py: 300 where a classification task is
+        (("Example 6", "Task:"), 350, 0, 1.5),  # and 350 otherwise
+    ]
+    assert si.instance_params(si.SelfInstructConfig(instance_max_tokens=96), True).max_tokens == 96
 
 
 def test_the_builtin_demonstrations_show_several_instances_and_every_label():
@@ -434,7 +439,10 @@ def test_a_run_killed_after_batch_k_and_resumed_is_the_uninterrupted_run(tmp_pat
     assert stores[1][3] == stores[0][3][: len(stores[1][3])]
     status, accepted, _, batches = stores[0]
     if candidates:
-        assert (status, accepted) == ("completed", 8) and batches[-1] < 4  # the last batch was cut to what the rate needs
+        assert (status, accepted) == ("completed", 8)
+        # the last batch was cut to what the rate needs (pipelined: batch 3 is sized from batch 1 alone, full here,
+        # and no batch 4 goes out while batch 3 can reach the target)
+        assert batches == ([4, 4, 4] if pipelined else [4, 4, 2])
     else:
         assert status == "stopped" and len(batches) == 4 + pipelined  # pipelined: the guard sees one batch later
 
@@ -469,6 +477,65 @@ def test_the_pipelined_loop_sends_two_batches_per_call_and_decides_as_the_sequen
     assert {"instructions", "instances"} not in calls[0]
     assert sum(phases == {"instructions", "instances"} for phases in calls[1]) == 3  # batches 2-4 carry 1-3's instances
     assert len(calls[1]) < len(calls[0])
+
+
+class FailingInstances(ScriptedBackend):
+    """The scripted model, whose instance answer for the instructions in `bad` has an empty output."""
+
+    def __init__(self, lists: list[str], bad: set[str]):
+        super().__init__(lists)
+        self.bad = bad
+
+    def generate(self, requests):
+        results = super().generate(requests)
+        return [
+            Result(r.prompt, r.prompt_tokens, (Completion("Input: some input\nOutput:", "stop", 3),), 0.0)
+            if r.prompt.endswith("Example 1\n") and r.prompt.rsplit("Task: ", 1)[1].split("\n")[0] in self.bad else r
+            for r in results
+        ]  # fmt: skip
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+def test_an_instruction_past_the_target_is_admitted_when_one_before_it_gets_no_instance(db_url, pipelined):
+    """Issue 19: the instructions past the target were labelled target_reached before the instances of those before
+    them existed; when one of those then failed, the run went on to a new batch. Now the next one is admitted, in
+    order, and only what is left past the target is target_reached."""
+    config = si.SelfInstructConfig(num_instructions=2, request_batch_size=1, pipelined=pipelined)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        backend = FailingInstances([listing(*NOVEL[:4])], bad={NOVEL[0]})
+        si.run(session, run, backend, config)
+        tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
+        assert [(t.instruction, t.reason) for t in tasks] == [
+            (NOVEL[0], "no_valid_instances"), (NOVEL[1], None), (NOVEL[2], None), (NOVEL[3], "target_reached")
+        ]  # fmt: skip
+        assert (run.status, run.accepted) == ("completed", 2)
+        calls = session.exec(select(Generation.batch, Generation.purpose).order_by(Generation.id)).all()
+        assert {batch for batch, _ in calls} == {1}  # no second batch of instructions
+        assert [p for _, p in calls].count("instances") == 3  # NOVEL[3]'s instance was never asked for
+
+
+def test_instance_tokens_are_the_references_per_kind(db_url):
+    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([listing(NOVEL[0])]), config)  # the scripted model says "No"
+        sampling = session.exec(select(Generation.sampling).where(Generation.purpose == "instances")).one()
+    assert sampling["max_tokens"] == 350
+
+
+def test_generate_classification_compares_with_the_classification_seeds_only(db_url):
+    """bootstrap_instructions.py drops the other seeds before both the prompt and the ROUGE-L filter: a copy of an
+    ordinary seed is no near-duplicate of any seed the run compares against."""
+    seeds = read_seeds(SEEDS)
+    ordinary = next(s for s in seeds if s.is_classification is False)
+    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1, max_requests=1, generate_classification=True)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, seeds, config)
+        si.run(session, run, ScriptedBackend([listing(ordinary.instruction)]), config)
+        task = session.exec(select(Task).where(Task.source == "generated")).one()
+    # passed the filter; the scripted model's answer to the label-first prompt has no marker
+    assert (task.reason, task.is_classification, task.similarity < 0.7) == ("no_valid_instances", True, True)
 
 
 def test_resume_rebuilds_the_pool_from_the_store(db_url):

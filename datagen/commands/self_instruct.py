@@ -72,7 +72,7 @@ def self_instruct_command(
     max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per instruction request (default: 1024, the reference's).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="(default: 0.7)")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="(default: 0.5)")] = None,
-    instance_max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per instance request (default: 300).")] = None,
+    instance_max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per instance request (default: 300 for a classification task, 350 for any other, the reference's).")] = None,
     rouge_threshold: Annotated[Optional[float], typer.Option(help="Reject above this ROUGE-L F-measure (default: 0.7).")] = None,
     tokenizer: Annotated[Optional[RougeTokenizer], typer.Option(help="ROUGE tokenizer: rouge (rouge-score's) or unicode (non-English data).")] = None,
     allow_non_ascii: Annotated[Optional[bool], typer.Option("--allow-non-ascii", help="Keep instructions that start with a non-ASCII character (non-English data).")] = None,

@@ -64,12 +64,16 @@ class AlpacaConfig:
     """Tasks the prompt asks for; generation stops at number 20, so at most 16 new records come per request
     (reference: prompt.txt "a set of 20", stop=["\\n20", "20.", "20."])."""
     batch_sizes: ClassVar[tuple[int, int]] = (8, 32)
-    """Default request_batch_size on transformers and on vllm/openai (continuous batching keeps a larger batch's
-    engine full; each request asks for up to 16 long records)."""
+    """Default max_request_batch_size on transformers and on vllm/openai (continuous batching keeps a larger batch's
+    engine full; each request asks for up to 16 long records; bench/saturation.py)."""
 
     request_batch_size: int | None = None
-    """Requests per batch, one backend call. None: 8 on transformers, 32 on vllm and openai (batch_sizes). Alpaca's
-    prompts show seed records only, so a larger batch changes no prompt; the reference sends 5 per call."""
+    """Requests per batch, one backend call. None: the ramp Self-Instruct uses (pipelines/bootstrap.py, ramp_size),
+    from the reference's 5 per call, growing while a batch adds at most 10% of the pool, up to
+    max_request_batch_size. Alpaca's prompts show seed records only, so the batch size changes no prompt; the ramp
+    keeps the run from generating a large batch past the target. A number: that many every batch."""
+    max_request_batch_size: int | None = None
+    """The ramp's ceiling. None: 8 on transformers, 32 on vllm and openai (batch_sizes)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 3072

@@ -70,8 +70,8 @@ class SelfInstructConfig:
     self_instruct/*.py) unless the comment says otherwise."""
 
     batch_sizes: ClassVar[tuple[int, int]] = (16, 64)
-    """Default request_batch_size on transformers (a padded batch runs to its longest completion) and on vllm/openai
-    (continuous batching: a larger batch keeps the engine full; bench/saturation.py measures it)."""
+    """Default max_request_batch_size on transformers (a padded batch runs to its longest completion) and on
+    vllm/openai (continuous batching: 64 keeps the engine full; bench/saturation.py measures it)."""
 
     num_instructions: int = 100
     """Accepted generated instructions to reach (reference `--num_instructions_to_generate`, default 100)."""
@@ -83,19 +83,24 @@ class SelfInstructConfig:
     max_new_instructions: int = 7
     """Stop sequences end a completion before item 8 + 7 + 1 = 16 (reference: stop at "\\n16", "16.", "16 .")."""
     request_batch_size: int | None = None
-    """Instruction requests per batch, sent in one backend call. None: 16 on transformers (its padded batch), 64 on
-    vllm and openai, whose engines schedule any number together (batch_sizes). The reference sends 5 per call
-    (`--request_batch_size` 5): each prompt then samples its 2 machine instructions from a pool at most 5 requests
-    old, here at most 16 or 64 (and with `pipelined`, one batch more): a staler pool, for a busy engine. Set 5 to
-    restore the reference's behaviour. Near the target, a batch asks only for about as many requests as the keep
-    rate so far needs."""
+    """Instruction requests per batch, sent in one backend call. None: a ramp (pipelines/bootstrap.py, ramp_size)
+    that starts at the reference's 5 (`--request_batch_size` 5) and grows once a batch adds at most 10% of the
+    machine pool at the run's rate so far, up to max_request_batch_size. Each prompt samples its 2 machine
+    instructions from the pool as it was when its batch went out, so a fixed large batch (64) would prompt a whole
+    -n 100 run with no machine instruction at all; the ramp keeps the pool nearly as fresh as the reference's while
+    the engine gets large batches once the pool is large. A number: that many every batch (5: the reference's).
+    Near the target, a batch asks only for about as many requests as the keep rate so far needs."""
+    max_request_batch_size: int | None = None
+    """The ramp's ceiling. None: 16 on transformers (its padded batch), 64 on vllm and openai, whose engines
+    schedule any number together (batch_sizes; bench/saturation.py)."""
     pipelined: bool | None = None
     """Send each batch's instruction requests in the same backend call as the previous batch's instance requests
     (pipelines/bootstrap.py, bootstrap_pipelined), so the engine is not left with one phase's stragglers. None: on
     for vllm and openai, off for transformers. Ours: the reference runs its phases one after another (and its whole
     instruction phase before any instance). Decisions differ from the sequential loop only in how many requests a
-    batch sends near the target and when the stall guard stops (decided one batch later), and a batch already
-    generated when the target is reached is stored as target_reached."""
+    batch sends (the ramp and the near-target cut are decided from the batches before the previous one) and when the
+    stall guard stops (one batch later). A batch that can reach the target goes alone, so none is generated only to
+    be discarded."""
     temperature: float = 0.7
     top_p: float = 0.5
     presence_penalty: float = 2.0

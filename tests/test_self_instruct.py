@@ -538,6 +538,70 @@ def test_generate_classification_compares_with_the_classification_seeds_only(db_
     assert (task.reason, task.is_classification, task.similarity < 0.7) == ("no_valid_instances", True, True)
 
 
+class SevenNew(ScriptedBackend):
+    """A model that writes 7 new instructions per request, all distinct (random words, one marker word the seeds
+    never use), named like an engine so the run takes its defaults."""
+
+    name = "openai"
+
+    def generate(self, requests):
+        import random
+
+        self.lists = []
+        for request in requests:
+            if not request.prompt.endswith(("Is it classification?", "Example 1\n")):
+                rng = random.Random(request.params.seed)
+                words = lambda: " ".join(f"w{rng.randrange(10**6)}" for _ in range(6))  # noqa: E731
+                self.lists.append(listing(*(f"Describe zork {words()}." for _ in range(7))))
+        return super().generate(requests)
+
+
+def machine_share(session: Session, run: Run) -> tuple[float, list[int], dict[int, dict[str, int]]]:
+    """The share of accepted instructions whose prompt showed a machine instruction, the instruction requests per
+    batch, and per batch the count of each verdict."""
+    rows = session.exec(
+        select(Generation.batch, Generation.prompt, Task.status, Task.reason)
+        .join(Task, Task.generation_id == Generation.id)
+        .where(Generation.run_id == run.id, Task.source == "generated")
+    ).all()  # fmt: skip
+    accepted = [prompt for _, prompt, status, _ in rows if status == "accepted"]
+    per_batch: dict[int, dict[str, int]] = {}
+    for batch, _, status, reason in rows:
+        verdicts = per_batch.setdefault(batch, {})
+        verdicts[reason or status] = verdicts.get(reason or status, 0) + 1
+    calls = session.exec(select(Generation.batch).where(Generation.run_id == run.id, Generation.purpose == "instructions")).all()
+    sizes = [calls.count(b) for b in sorted(set(calls))]
+    return sum("zork" in p.split("\n1. ", 1)[-1] for p in accepted) / len(accepted), sizes, per_batch
+
+
+def test_the_default_batch_ramps_so_prompts_show_machine_instructions(tmp_path):
+    """Issue 19: a fixed batch of 64 (the old default on vllm/openai) prompts a whole -n 100 run before any machine
+    instruction exists. The ramp starts at the reference's 5, so prompts show the pool as the reference's would,
+    and no batch is generated only to be discarded as target_reached."""
+    shares = {}
+    for label, size in (("reference", 5), ("ramp", None), ("fixed 64", 64)):
+        config = si.SelfInstructConfig(num_instructions=100, request_batch_size=size)
+        with Session(open_engine(f"sqlite:///{tmp_path / f'{size}.db'}")) as session:
+            run = new_run(session, SEED_TASKS, config)
+            si.run(session, run, SevenNew([]), config)
+            assert (run.status, run.accepted) == ("completed", 100)
+            shares[label], sizes, per_batch = machine_share(session, run)
+        if label == "ramp":
+            assert sizes[:3] == [5, 5, 5] and max(sizes) <= 64
+            assert all(v.get("accepted") for v in per_batch.values())  # every batch had a use
+            assert sum(v.get("target_reached", 0) for v in per_batch.values()) < 7 * sizes[-1]  # the last batch's surplus
+    assert shares["fixed 64"] == 0
+    assert shares["ramp"] >= shares["reference"] - 0.05 and shares["ramp"] > 0.5, shares
+
+
+def test_the_ramp_grows_with_the_pool_up_to_the_engine_cap():
+    assert bootstrap.ramp_size(0, 0, 0, 64) == 5  # nothing known yet: the reference's 5
+    assert bootstrap.ramp_size(35, 35, 5, 64) == 5  # 7 per request: 5 requests add more than 10% of a small pool
+    assert bootstrap.ramp_size(700, 700, 100, 64) == 10  # 10 requests add 70, 10% of 700
+    assert bootstrap.ramp_size(10_000, 700, 100, 64) == 64  # capped where the engine is full
+    assert bootstrap.ramp_size(700, 700, 100, 3) == 3
+
+
 def test_resume_rebuilds_the_pool_from_the_store(db_url):
     """An instruction without valid instances stays in the similarity pool: a near-copy of it is still rejected."""
     config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1)

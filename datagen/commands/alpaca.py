@@ -21,7 +21,7 @@ def alpaca_command(
     backend: BackendOption = BackendName.auto,
     base_url: BaseUrlOption = None,
     prompt_style: StyleOption = None,
-    request_batch_size: Annotated[Optional[int], typer.Option(help="Requests per batch (default: 8 on transformers, 32 on vllm/openai; the reference's is 5).")] = None,
+    request_batch_size: Annotated[Optional[int], typer.Option(help="Requests per batch (default: a ramp from the reference's 5, growing while a batch adds at most 10% of the pool, up to 8 on transformers, 32 on vllm/openai).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per request (default: 3072, the reference's).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="(default: 1.0)")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="(default: 1.0)")] = None,

@@ -67,7 +67,7 @@ def self_instruct_command(
     backend: BackendOption = BackendName.auto,
     base_url: BaseUrlOption = None,
     prompt_style: StyleOption = None,
-    request_batch_size: Annotated[Optional[int], typer.Option(help="Instruction requests per batch (default: 16 on transformers, 64 on vllm/openai; the reference's is 5).")] = None,
+    request_batch_size: Annotated[Optional[int], typer.Option(help="Instruction requests per batch (default: a ramp from the reference's 5, growing while a batch adds at most 10% of the machine pool, up to 16 on transformers, 64 on vllm/openai).")] = None,
     pipelined: Annotated[Optional[bool], typer.Option("--pipelined/--sequential", help="Send a batch's instruction requests with the previous batch's instance requests (default: on for vllm/openai).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per instruction request (default: 1024, the reference's).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="(default: 0.7)")] = None,

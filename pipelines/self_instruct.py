@@ -140,6 +140,10 @@ class SelfInstructConfig:
     """Where those tasks come from: builtin, datagen's own set of tasks with 2 to 4 instances each and classification
     tasks with all their labels (pipelines/demonstrations.py; the reference's templates are of that kind), or seeds,
     the run's seed tasks (one instance each in Self-Instruct's seed file)."""
+    instance_trim: bool = False
+    """Drop text before an instance's "Input:" marker (a preamble, "Here you go.") and text after a blank line in
+    its output (a trailer, "Hope this helps."). Off: kept, as the reference's prepare_for_finetuning.py keeps them;
+    the report counts the accepted instances that hold either (datagen report)."""
     length_cut: str = "drop_response"
     """What to do with an instruction response that max_tokens cut: drop_response, every instruction in it (the
     reference: bootstrap_instructions.py returns [] when finish_reason is "length"), or drop_last, only its last,
@@ -327,18 +331,47 @@ class ParsedInstance:
 
 _OUTPUT = re.compile(r"Output\s*\d*\s*:")
 _INPUT = re.compile(r"^\s*Input\s*\d*\s*:")
+_LATER_INPUT = re.compile(r"\n\s*Input\s*\d*\s*:")
 _MARKER = re.compile(r"^\s*(Output|Input|Class label)\s*\d*\s*:")
 
 
-def parse_instances(completion: str, classification: bool) -> list[ParsedInstance]:
+def has_preamble(given: str) -> bool:
+    """An input that holds text before its "Input:" marker ("Here you go.\\nInput: 3 1 2")."""
+    return bool(_LATER_INPUT.search(given.strip()))
+
+
+def has_trailer(output: str) -> bool:
+    """An output that goes on past a blank line ("5\\n\\nHope this helps.")."""
+    return "\n\n" in output.strip()
+
+
+def clean_input(given: str, trim: bool) -> str:
+    """The text before "Output:" without its leading "Input:" marker; a preamble before the marker is kept (the
+    reference: prepare_for_finetuning.py removes "Input:" only at the start), or dropped with `trim`."""
+    given = given.strip()
+    if trim and has_preamble(given):
+        given = _LATER_INPUT.split(given, maxsplit=1)[1]
+    return _INPUT.sub("", given).strip()
+
+
+def clean_output(output: str, trim: bool) -> str:
+    """The output, whole (the reference), or with `trim` only up to its first blank line."""
+    output = output.strip()
+    return output.split("\n\n", 1)[0].strip() if trim else output
+
+
+def parse_instances(completion: str, classification: bool, trim: bool = False) -> list[ParsedInstance]:
     """(input, output) pairs, the way the reference's prepare_for_finetuning.py reads them, markers required.
 
-    Input-first: the completion continues after "Example 1"; examples are split at "Example N", each at "Output:".
+    Input-first: the completion continues after "Example 1"; examples are split at "Example N", each at "Output:"
+    (the output runs to the next "Output:" or "Input:", as the reference's parse_input_output).
     Label-first: the completion continues after "Class label:"; each block's first line is the label, the rest the
     input after "Input:". The prompt writes the first marker itself, so a reply with no marker of its own would still
-    parse ("Sure, here you go..." as an output); the reference returns no pair without markers, and so do we: an
-    example without "Output:", a labelled block whose input has no "Input:", and a label without input where other
-    labels have one are kept as missing_marker, the block as written.
+    parse ("Sure, here you go..." as an output); ours: an example without "Output:", a labelled block whose input has
+    no "Input:", and a label without input where other labels have one are kept as missing_marker, the block as
+    written (the reference reads such a block as an output without input, or an input without marker).
+    Text before the "Input:" marker (a preamble) and text after a blank line in the output (a trailer) are kept,
+    as the reference keeps them; `trim` (instance_trim) drops both. The report counts kept instances with either.
     """
     if classification:
         blocks = [b.strip() for b in re.split(r"Class label\s*:", "Class label:" + completion)[1:]]
@@ -346,8 +379,8 @@ def parse_instances(completion: str, classification: bool) -> list[ParsedInstanc
         any_input = any(rest.strip() for _, rest in split)
         pairs = []
         for block, (label, rest) in zip(blocks, split):
-            if _INPUT.match(rest) or (not any_input and len(blocks) > 1):
-                pairs.append(ParsedInstance(_INPUT.sub("", rest).strip(), label.strip()))
+            if _INPUT.match(rest) or has_preamble(rest) or (not any_input and len(blocks) > 1):
+                pairs.append(ParsedInstance(clean_input(rest, trim), label.strip()))
             else:
                 pairs.append(ParsedInstance("", block, "missing_marker"))
         return pairs
@@ -358,9 +391,9 @@ def parse_instances(completion: str, classification: bool) -> list[ParsedInstanc
         if not _OUTPUT.search(block):
             pairs.append(ParsedInstance("", block.strip(), "missing_marker"))
             continue
-        given, output = _OUTPUT.split(block, maxsplit=1)
+        given, output = _OUTPUT.split(block)[:2]
         output = re.split(r"Input\s*\d*\s*:", output)[0]  # one pair per example
-        pairs.append(ParsedInstance(_INPUT.sub("", given.strip()).strip(), output.strip()))
+        pairs.append(ParsedInstance(clean_input(given, trim), clean_output(output, trim)))
     return pairs
 
 
@@ -573,7 +606,7 @@ class Phases:
         inst_generations = add_generations(session, run_row, self.backend, "instances", batch_number, inst_requests, inst_results)
         for task, rows, result in zip(tasks, inst_generations, inst_results):
             completion = result.completions[0]
-            pairs = parse_instances(completion.text, bool(task.is_classification))
+            pairs = parse_instances(completion.text, bool(task.is_classification), config.instance_trim)
             verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
             session.add_all(
                 Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,

@@ -151,6 +151,20 @@ def test_non_ascii_start_can_be_allowed():
 P = si.ParsedInstance
 
 
+def test_instance_preamble_and_trailer_are_kept_as_the_reference_keeps_them_or_trimmed():
+    """prepare_for_finetuning.py removes "Input:" only at the start of the input and keeps the output whole up to the
+    next "Output:" or "Input:"; instance_trim drops both extras."""
+    text = "Here you go.\nInput: 3 1 2\nOutput: 1 2 3\n\nHope this helps.\nOutput: 9"
+    assert si.parse_instances(text, False) == [P("Here you go.\nInput: 3 1 2", "1 2 3\n\nHope this helps.")]
+    assert si.parse_instances(text, False, trim=True) == [P("3 1 2", "1 2 3")]
+    labelled = " Positive\nThe review:\nInput: I loved it."
+    assert si.parse_instances(labelled, True) == [P("The review:\nInput: I loved it.", "Positive")]
+    assert si.parse_instances(labelled, True, trim=True) == [P("I loved it.", "Positive")]
+    assert si.has_preamble("Here you go.\nInput: 3 1 2") and not si.has_preamble("3 1 2")
+    assert si.has_trailer("1 2 3\n\nHope this helps.") and not si.has_trailer("1 2 3\n")
+    assert si.SelfInstructConfig().instance_trim is False
+
+
 def test_instance_parsing():
     text = "Input: 2, 1\nOutput: 1, 2\nExample 2\nInput: b a\nOutput: a b\nExample 3\nInput: x:\nOutput: y\nExample 4\nInput: q"
     assert si.parse_instances(text, classification=False) == [P("2, 1", "1, 2"), P("b a", "a b"), P("x:", "y"), P("", "Input: q", "missing_marker")]

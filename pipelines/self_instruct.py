@@ -74,7 +74,9 @@ class SelfInstructConfig:
     vllm/openai (continuous batching: 64 keeps the engine full; bench/saturation.py measures it)."""
 
     num_instructions: int = 100
-    """Accepted generated instructions to reach (reference `--num_instructions_to_generate`, default 100)."""
+    """Accepted generated instructions to reach (reference `--num_instructions_to_generate`, default 100). Ours: the
+    reference counts instructions that passed the similarity filter and keeps the whole last batch; here an
+    instruction counts once it has a valid instance, and those past the target are stored as target_reached."""
     num_prompt_instructions: int = 8
     """In-context instructions per request (reference `--num_prompt_instructions` 8)."""
     num_machine_instructions: int = 2
@@ -87,8 +89,8 @@ class SelfInstructConfig:
     that starts at the reference's 5 (`--request_batch_size` 5) and grows once a batch adds at most 10% of the
     machine pool at the run's rate so far, up to max_request_batch_size. Each prompt samples its 2 machine
     instructions from the pool as it was when its batch went out, so a fixed large batch (64) would prompt a whole
-    -n 100 run with no machine instruction at all; the ramp keeps the pool nearly as fresh as the reference's while
-    the engine gets large batches once the pool is large. A number: that many every batch (5: the reference's).
+    -n 100 run with no machine instruction at all; the ramp (ours) keeps the pool nearly as fresh as the reference's
+    while the engine gets large batches once the pool is large. A number: that many every batch (5: the reference's).
     Near the target, a batch asks only for about as many requests as the keep rate so far needs."""
     max_request_batch_size: int | None = None
     """The ramp's ceiling. None: 16 on transformers (its padded batch), 64 on vllm and openai, whose engines
@@ -104,7 +106,8 @@ class SelfInstructConfig:
     temperature: float = 0.7
     top_p: float = 0.5
     presence_penalty: float = 2.0
-    """Reference: presence_penalty=2. vllm and openai apply it; transformers has no such penalty."""
+    """Reference: presence_penalty=2. Applied on every backend: vllm and openai natively, transformers by the same
+    rule (datagen/backends/transformers_backend.py, OutputPenalties)."""
     max_tokens: int = 1024
     """Per instruction request (reference 1024). On the transformers backend a batch runs until its longest
     completion ends, so one rambling completion costs the whole batch this many steps: 256 is plenty for 7

@@ -57,7 +57,9 @@ class AlpacaConfig:
     """Every knob of an Alpaca run; defaults are generate_instruction.py's unless the comment says otherwise."""
 
     num_instructions: int = 100
-    """Accepted instructions to reach (reference `num_instructions_to_generate` 100)."""
+    """Accepted instructions to reach (reference `num_instructions_to_generate` 100). Ours: the reference counts
+    records that passed the similarity filter and keeps its whole last batch; here a record counts once its
+    instance passes Self-Instruct's instance filters, and those past the target are stored as target_reached."""
     num_prompt_instructions: int = 3
     """Seed records shown per request (reference 3)."""
     num_tasks: int = 20

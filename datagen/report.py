@@ -27,6 +27,7 @@ from sqlmodel import Session, select
 
 from datagen.errors import BadInput
 from datagen.export import max_rouge_l
+from pipelines.self_instruct import has_preamble, has_trailer
 from storage.store import get_run
 from storage.queries import BY_HAND, NOT_JUDGED, hand_rejected_ids, keep_rate
 from storage.tables import Generation, Instance, Run, Task
@@ -101,6 +102,10 @@ class RunReport:
     accepted_samples: list[Sample] = field(default_factory=list)
     rejected_samples: list[Sample] = field(default_factory=list)
     rejected_instance_samples: list[Sample] = field(default_factory=list)
+    instances_with_preamble: int | None = None
+    """Accepted Self-Instruct instances whose input holds text before its "Input:" marker, and (next) whose output
+    goes on past a blank line: kept as the reference keeps them, dropped with instance_trim (pipelines/self_instruct.py)."""
+    instances_with_trailer: int | None = None
 
     @property
     def rejected(self) -> int:
@@ -256,6 +261,8 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
         rejected_instance_samples=[
             Sample(task_by_id[i.task_id].instruction, i.input, i.output, reason=i.reason) for i in _sample(rng, bad, samples)
         ],
+        instances_with_preamble=sum(has_preamble(i.input) for i in good) if run.pipeline == "self-instruct" else None,
+        instances_with_trailer=sum(has_trailer(i.output) for i in good) if run.pipeline == "self-instruct" else None,
     )
 
 
@@ -299,6 +306,8 @@ def summary(report: RunReport) -> dict[str, Any]:
         "instances_rejected_by_reason": report.instances_rejected_by_reason,
         "tasks_without_instances": report.tasks_without_instances,
         "rouge_rejected_against_a_dropped_instruction": report.rouge_rejected_against_dropped,
+        "instances_with_preamble": report.instances_with_preamble,
+        "instances_with_trailer": report.instances_with_trailer,
         "median_instruction_words": _median(report.instruction_words),
         "median_output_words": _median(report.output_words),
         "median_rouge_l_to_nearest_seed": _median(report.seed_similarity, 3),

@@ -57,19 +57,25 @@ class AlpacaConfig:
     """Every knob of an Alpaca run; defaults are generate_instruction.py's unless the comment says otherwise."""
 
     num_instructions: int = 100
-    """Accepted instructions to reach (reference `num_instructions_to_generate` 100)."""
+    """Accepted instructions to reach (reference `num_instructions_to_generate` 100). Ours: the reference counts
+    records that passed the similarity filter and keeps its whole last batch; here a record counts once its
+    instance passes Self-Instruct's instance filters, and those past the target are stored as target_reached."""
     num_prompt_instructions: int = 3
     """Seed records shown per request (reference 3)."""
     num_tasks: int = 20
     """Tasks the prompt asks for; generation stops at number 20, so at most 16 new records come per request
     (reference: prompt.txt "a set of 20", stop=["\\n20", "20.", "20."])."""
     batch_sizes: ClassVar[tuple[int, int]] = (8, 32)
-    """Default request_batch_size on transformers and on vllm/openai (continuous batching keeps a larger batch's
-    engine full; each request asks for up to 16 long records)."""
+    """Default max_request_batch_size on transformers and on vllm/openai (continuous batching keeps a larger batch's
+    engine full; each request asks for up to 16 long records; bench/saturation.py)."""
 
     request_batch_size: int | None = None
-    """Requests per batch, one backend call. None: 8 on transformers, 32 on vllm and openai (batch_sizes). Alpaca's
-    prompts show seed records only, so a larger batch changes no prompt; the reference sends 5 per call."""
+    """Requests per batch, one backend call. None: the ramp Self-Instruct uses (pipelines/bootstrap.py, ramp_size),
+    from the reference's 5 per call, growing while a batch adds at most 10% of the pool, up to
+    max_request_batch_size. Alpaca's prompts show seed records only, so the batch size changes no prompt; the ramp
+    keeps the run from generating a large batch past the target. A number: that many every batch."""
+    max_request_batch_size: int | None = None
+    """The ramp's ceiling. None: 8 on transformers, 32 on vllm and openai (batch_sizes)."""
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 3072
@@ -92,6 +98,10 @@ class AlpacaConfig:
     """Reject instructions whose first character is not ASCII (reference); turn off for non-English data."""
     prompt_style: str = "auto"
     """raw, chat (the requirements as the user's turn, the records as the start of the answer) or auto."""
+    requirements: str = "reference"
+    """The prompt's task description: reference, Stanford Alpaca's prompt.txt verbatim (REFERENCE_REQUIREMENTS), or
+    concise, ours: the same rules renumbered and shortened, without the "substantial content" line and the
+    "highest peak" example (CONCISE_REQUIREMENTS)."""
     length_cut: str = "drop_last"
     """What to do with a response that max_tokens cut: drop_last, only its last, possibly unfinished, record (the
     reference: generate_instruction.py), or drop_response, every record in it (Self-Instruct's rule)."""
@@ -104,6 +114,8 @@ class AlpacaConfig:
 
     def __post_init__(self) -> None:
         check_bootstrap_config(self)
+        if self.requirements not in REQUIREMENTS:
+            raise BadInput(f"requirements must be reference or concise, got {self.requirements}")
         if self.num_tasks <= self.num_prompt_instructions + 1:
             raise BadInput("--num-tasks must exceed --num-prompt-instructions + 1")
         self.blacklist = tuple(self.blacklist)
@@ -112,7 +124,27 @@ class AlpacaConfig:
 
 # ---- prompt (pure) --------------------------------------------------------------------------------------------
 
-REQUIREMENTS = """You are asked to come up with a set of {n} diverse task instructions. These task instructions will be given to a language model and we will evaluate the model for completing the instructions.
+REFERENCE_REQUIREMENTS = """You are asked to come up with a set of {n} diverse task instructions. These task instructions will be given to a GPT model and we will evaluate the GPT model for completing the instructions.
+
+Here are the requirements:
+1. Try not to repeat the verb for each instruction to maximize diversity.
+2. The language used for the instruction also should be diverse. For example, you should combine questions with imperative instructions.
+3. The type of instructions should be diverse. The list should include diverse types of tasks like open-ended generation, classification, editing, etc.
+2. A GPT language model should be able to complete the instruction. For example, do not ask the assistant to create any visual or audio output. For another example, do not ask the assistant to wake you up at 5pm or set a reminder because it cannot perform any action.
+3. The instructions should be in English.
+4. The instructions should be 1 to 2 sentences long. Either an imperative sentence or a question is permitted.
+5. You should generate an appropriate input to the instruction. The input field should contain a specific example provided for the instruction. It should involve realistic data and should not contain simple placeholders. The input should provide substantial content to make the instruction challenging but should ideally not exceed 100 words.
+6. Not all instructions require input. For example, when a instruction asks about some general information, "what is the highest peak in the world", it is not necessary to provide a specific context. In this case, we simply put "<noinput>" in the input field.
+7. The output should be an appropriate response to the instruction and the input. Make sure the output is less than 100 words.
+
+List of {n} tasks:
+"""
+"""prompt.txt of Stanford Alpaca, verbatim (github.com/tatsu-lab/stanford_alpaca, prompt.txt at commit 015c226;
+Copyright Stanford Alpaca authors, Apache License 2.0), its misnumbered rules and "GPT model" included; only the
+count, 20 there, is `num_tasks`. With the raw style the prompt is the reference's encode_prompt exactly: this text,
+a newline, then the records."""
+
+CONCISE_REQUIREMENTS = """You are asked to come up with a set of {n} diverse task instructions. These task instructions will be given to a language model and we will evaluate the model for completing the instructions.
 
 Here are the requirements:
 1. Try not to repeat the verb for each instruction to maximize diversity.
@@ -124,7 +156,11 @@ Here are the requirements:
 7. The output should be an appropriate response to the instruction and the input, in less than 100 words.
 
 List of {n} tasks:"""
-"""Ours, after Alpaca's prompt.txt: the same seven rules (numbered correctly) in our words."""
+"""Ours (`requirements: concise`), after prompt.txt: its rules numbered 1 to 7, "GPT" replaced by "language model",
+shorter; it drops "The input should provide substantial content to make the instruction challenging" and the
+"highest peak in the world" example."""
+
+REQUIREMENTS = {"reference": REFERENCE_REQUIREMENTS, "concise": CONCISE_REQUIREMENTS}
 
 
 def record(number: int, instruction: str, given: str, output: str) -> str:
@@ -132,9 +168,9 @@ def record(number: int, instruction: str, given: str, output: str) -> str:
     return f"###\n{number}. Instruction: {one_line(instruction)}\n{number}. Input:\n{given or '<noinput>'}\n{number}. Output:\n{output}\n"
 
 
-def alpaca_prompt(examples: Sequence[SeedTask], num_tasks: int) -> Prompt:
+def alpaca_prompt(examples: Sequence[SeedTask], num_tasks: int, requirements: str = "reference") -> Prompt:
     records = "".join(record(n, t.instruction, t.instances[0].input, t.instances[0].output) for n, t in enumerate(examples, 1))
-    return Prompt(REQUIREMENTS.format(n=num_tasks), f"{records}###\n{len(examples) + 1}. Instruction:")
+    return Prompt(REQUIREMENTS[requirements].format(n=num_tasks), f"{records}###\n{len(examples) + 1}. Instruction:")
 
 
 def alpaca_params(config: AlpacaConfig, seed: int) -> SamplingParams:
@@ -219,7 +255,7 @@ def run(
         requests = []
         for number in range(n_requests):
             shown = rng.sample(examples, min(config.num_prompt_instructions, len(examples)))
-            requests.append(Request(prompt=alpaca_prompt(shown, config.num_tasks).render(chat_template),
+            requests.append(Request(prompt=alpaca_prompt(shown, config.num_tasks, config.requirements).render(chat_template),
                                     params=alpaca_params(config, request_seed(config.seed, batch_number, number))))  # fmt: skip
         return process_batch(session, run_row, backend, config, requests, index, batch_number)
 

@@ -44,13 +44,15 @@ def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
     if config.tokenizer not in ("rouge", "unicode"):
         raise BadInput(f"--tokenizer must be rouge or unicode, got {config.tokenizer}")
     sizes = ("max_tokens", "num_prompt_instructions", "max_stalled_batches", *positive)
-    for name in (*sizes, "request_batch_size") if config.request_batch_size is not None else sizes:
+    for name in sizes:
         if getattr(config, name) < 1:
             raise BadInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if not 0 <= config.seed < 2**SEED_BITS:
         raise BadInput(f"--seed must be in [0, 2^{SEED_BITS}), got {config.seed}")
-    if config.request_batch_size is not None and config.request_batch_size > 2**INDEX_BITS:
-        raise BadInput(f"--request-batch-size must be at most {2**INDEX_BITS}, got {config.request_batch_size}")
+    for name in ("request_batch_size", "max_request_batch_size"):
+        value = getattr(config, name)
+        if value is not None and not 1 <= value <= 2**INDEX_BITS:
+            raise BadInput(f"--{name.replace('_', '-')} must be in [1, {2**INDEX_BITS}], got {value}")
     if config.max_requests is not None and config.max_requests < 1:
         raise BadInput(f"--max-requests must be at least 1, got {config.max_requests}")
 
@@ -75,15 +77,30 @@ backend pads a batch to its longest request and runs it to its longest completio
 
 
 def for_backend(config, backend: str):
-    """The config with the defaults that depend on the backend filled in: `request_batch_size` (None: the config's
+    """The config with the defaults that depend on the backend filled in: `max_request_batch_size` (None: the config's
     `batch_sizes`, the first on transformers, the second on continuous-batching engines) and, where the pipeline has
     it, `pipelined` (None: on for those engines). The CLI stores the filled config, so a resumed run keeps them."""
     engine = backend in CONTINUOUS_BATCHING
     padded, continuous = type(config).batch_sizes
-    filled = {"request_batch_size": config.request_batch_size or (continuous if engine else padded)}
+    filled = {"max_request_batch_size": config.max_request_batch_size or (continuous if engine else padded)}
     if getattr(config, "pipelined", False) is None:
         filled["pipelined"] = engine
     return replace(config, **filled)
+
+
+RAMP_START = 5
+"""The ramp's first batch size: the reference's `--request_batch_size` 5 (bootstrap_instructions.py)."""
+RAMP_POOL_SHARE = 0.10
+"""The ramp grows a batch while it adds at most this share of the machine pool, as the run's rate so far predicts:
+prompts then sample their machine instructions from a pool at most about 10% staler than the reference's."""
+
+
+def ramp_size(pool: int, added: int, requests: int, cap: int) -> int:
+    """Requests for the next batch under the ramp: RAMP_START until the pool is large enough, then as many as add
+    RAMP_POOL_SHARE of the pool at the run's rate so far (`added` pool instructions from `requests` instruction
+    requests), at most `cap` (where the engine is full: bench/saturation.py)."""
+    size = RAMP_START if not added else max(RAMP_START, math.floor(RAMP_POOL_SHARE * pool * requests / added))
+    return max(1, min(cap, size))
 
 
 def config_dict(config) -> dict:
@@ -192,7 +209,8 @@ class BatchStats:
 
 class LoopSettings(Protocol):
     num_instructions: int
-    request_batch_size: int
+    request_batch_size: int | None
+    max_request_batch_size: int
     max_requests: int | None
     max_stalled_batches: int
     seed: int
@@ -239,6 +257,9 @@ class Drafted:
     requests: list[Request]
     finish: Callable[[list[Result]], BatchStats]
     stats: BatchStats
+    reaches_target: bool = False
+    """Enough of its instructions passed the filter to reach the target if their instances are valid: the pipelined
+    loop then sends no next batch with it, which would be generated only to be discarded."""
 
 
 class TwoPhases(Protocol):
@@ -258,11 +279,13 @@ def bootstrap_pipelined(
     with nothing else to run (issue 16, bench/saturation.py).
 
     Batch k's prompts see the pool after batch k-1's similarity filter, as in the sequential loop, and batch k's
-    filter and target cap come after batch k-1 is stored, so every decision is the sequential loop's except two:
-    how many requests batch k sends, and when the stall guard stops, are decided from the batches before k-1 (the
-    last ones stored when batch k goes out); and when batch k-1 reaches the target, batch k's instructions are
-    already generated: they are stored with it, in its transaction, the ones that pass the filter as
-    `target_reached`. Both come from the store, so a resumed run makes the uninterrupted run's decisions.
+    filter and target cap come after batch k-1 is stored. Batch k is held back while batch k-1 can still reach the
+    target (enough of its instructions passed the filter): batch k-1's instances then go alone, and batch k goes
+    out only if they fall short, so no batch is generated only to be discarded. Every decision is the sequential
+    loop's except how many requests batch k sends and when the stall guard stops: both are decided from the batches
+    before k-1 (the last ones stored when batch k goes out). They come from the store, so a resumed run makes the
+    uninterrupted run's decisions where the engine's output for a request does not depend on which requests share
+    its call (vLLM and OpenAI-compatible servers with a per-request seed: up to batch-invariance of their kernels).
     """
     batch_number = next_batch_number(session, run)
     totals = BatchStats()
@@ -283,7 +306,9 @@ def bootstrap_pipelined(
         commit()
 
     while run.accepted < config.num_instructions:
-        if sigterm.requested() and pending is not None:  # SIGTERM: the batch in flight is finished and stored first
+        # SIGTERM: the batch in flight is finished and stored first; and a batch that can reach the target goes
+        # alone: the next batch goes out only if it falls short (an instance step that fails).
+        if pending is not None and (sigterm.requested() or pending.reaches_target):
             finish_alone(pending)
             pending, pending_requests = None, 0
             continue  # it may have reached the target
@@ -334,8 +359,10 @@ def batch_requests(session: Session, run: Run, config: LoopSettings, decided_thr
         return 0
     accepted = run.accepted - _accepted_after(session, run, decided_through)
     kept = _accepted_from_requests(session, run, decided_through)
-    requests = requests_needed(config.num_instructions - accepted, kept, _instruction_requests(session, run, decided_through),
-                               config.request_batch_size)  # fmt: skip
+    sent = _instruction_requests(session, run, decided_through)
+    pool, added = _pool_size(session, run, decided_through), _pool_size(session, run, decided_through, from_requests=True)
+    size = config.request_batch_size or ramp_size(pool, added, sent, config.max_request_batch_size)
+    requests = requests_needed(config.num_instructions - accepted, kept, sent, size)
     if config.max_requests is not None:
         requests = min(requests, config.max_requests - done)
     return requests
@@ -381,6 +408,21 @@ def _accepted_from_requests(session: Session, run: Run, through: int | None = No
         .select_from(Task)
         .join(Generation, Task.generation_id == Generation.id)
         .where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", _upto(through))
+    )
+    return session.exec(query).one()
+
+
+def _pool_size(session: Session, run: Run, through: int, from_requests: bool = False) -> int:
+    """Generated instructions that passed the similarity filter in the batches up to `through`, and those imported
+    into the store (no generation) unless `from_requests`: the machine pool the prompts sample from."""
+    passed = (Task.status == "accepted") | Task.reason.in_(POOL_REASONS)
+    in_batches = Generation.batch <= through
+    query = (
+        select(func.count())
+        .select_from(Task)
+        .outerjoin(Generation, Task.generation_id == Generation.id)
+        .where(Task.run_id == run.id, Task.source == "generated", passed)
+        .where(in_batches if from_requests else in_batches | Task.generation_id.is_(None))
     )
     return session.exec(query).one()
 

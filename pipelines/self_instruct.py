@@ -70,11 +70,13 @@ class SelfInstructConfig:
     self_instruct/*.py) unless the comment says otherwise."""
 
     batch_sizes: ClassVar[tuple[int, int]] = (16, 64)
-    """Default request_batch_size on transformers (a padded batch runs to its longest completion) and on vllm/openai
-    (continuous batching: a larger batch keeps the engine full; bench/saturation.py measures it)."""
+    """Default max_request_batch_size on transformers (a padded batch runs to its longest completion) and on
+    vllm/openai (continuous batching: 64 keeps the engine full; bench/saturation.py measures it)."""
 
     num_instructions: int = 100
-    """Accepted generated instructions to reach (reference `--num_instructions_to_generate`, default 100)."""
+    """Accepted generated instructions to reach (reference `--num_instructions_to_generate`, default 100). Ours: the
+    reference counts instructions that passed the similarity filter and keeps the whole last batch; here an
+    instruction counts once it has a valid instance, and those past the target are stored as target_reached."""
     num_prompt_instructions: int = 8
     """In-context instructions per request (reference `--num_prompt_instructions` 8)."""
     num_machine_instructions: int = 2
@@ -83,23 +85,29 @@ class SelfInstructConfig:
     max_new_instructions: int = 7
     """Stop sequences end a completion before item 8 + 7 + 1 = 16 (reference: stop at "\\n16", "16.", "16 .")."""
     request_batch_size: int | None = None
-    """Instruction requests per batch, sent in one backend call. None: 16 on transformers (its padded batch), 64 on
-    vllm and openai, whose engines schedule any number together (batch_sizes). The reference sends 5 per call
-    (`--request_batch_size` 5): each prompt then samples its 2 machine instructions from a pool at most 5 requests
-    old, here at most 16 or 64 (and with `pipelined`, one batch more): a staler pool, for a busy engine. Set 5 to
-    restore the reference's behaviour. Near the target, a batch asks only for about as many requests as the keep
-    rate so far needs."""
+    """Instruction requests per batch, sent in one backend call. None: a ramp (pipelines/bootstrap.py, ramp_size)
+    that starts at the reference's 5 (`--request_batch_size` 5) and grows once a batch adds at most 10% of the
+    machine pool at the run's rate so far, up to max_request_batch_size. Each prompt samples its 2 machine
+    instructions from the pool as it was when its batch went out, so a fixed large batch (64) would prompt a whole
+    -n 100 run with no machine instruction at all; the ramp (ours) keeps the pool nearly as fresh as the reference's
+    while the engine gets large batches once the pool is large. A number: that many every batch (5: the reference's).
+    Near the target, a batch asks only for about as many requests as the keep rate so far needs."""
+    max_request_batch_size: int | None = None
+    """The ramp's ceiling. None: 16 on transformers (its padded batch), 64 on vllm and openai, whose engines
+    schedule any number together (batch_sizes; bench/saturation.py)."""
     pipelined: bool | None = None
     """Send each batch's instruction requests in the same backend call as the previous batch's instance requests
     (pipelines/bootstrap.py, bootstrap_pipelined), so the engine is not left with one phase's stragglers. None: on
     for vllm and openai, off for transformers. Ours: the reference runs its phases one after another (and its whole
     instruction phase before any instance). Decisions differ from the sequential loop only in how many requests a
-    batch sends near the target and when the stall guard stops (decided one batch later), and a batch already
-    generated when the target is reached is stored as target_reached."""
+    batch sends (the ramp and the near-target cut are decided from the batches before the previous one) and when the
+    stall guard stops (one batch later). A batch that can reach the target goes alone, so none is generated only to
+    be discarded."""
     temperature: float = 0.7
     top_p: float = 0.5
     presence_penalty: float = 2.0
-    """Reference: presence_penalty=2. vllm and openai apply it; transformers has no such penalty."""
+    """Reference: presence_penalty=2. Applied on every backend: vllm and openai natively, transformers by the same
+    rule (datagen/backends/transformers_backend.py, OutputPenalties)."""
     max_tokens: int = 1024
     """Per instruction request (reference 1024). On the transformers backend a batch runs until its longest
     completion ends, so one rambling completion costs the whole batch this many steps: 256 is plenty for 7
@@ -123,8 +131,10 @@ class SelfInstructConfig:
     max_instances: int = 5
     """Instances kept per task, at most (reference prepare_for_finetuning.py: "max 5 instances per task"; generation
     stops at "Example 6")."""
-    instance_max_tokens: int = 300
-    """Per instance request (reference: 300 when a batch holds a classification task, else 350)."""
+    instance_max_tokens: int | None = None
+    """Per instance request. None: 300 for a classification task, 350 for any other (reference generate_instances.py:
+    300 when its API batch of 5 tasks holds a classification task, else 350; here decided per task, since a batch
+    here holds far more than 5 tasks and would nearly always hold one)."""
     instance_demonstrations: int = 3
     """Tasks shown as worked examples in each instance prompt. Ours: the reference's fixed templates hold 12 to
     17 tasks (about 3,000 tokens), too long a prompt for a small model on a CPU; 3 tasks of the same kind, sampled
@@ -133,6 +143,10 @@ class SelfInstructConfig:
     """Where those tasks come from: builtin, datagen's own set of tasks with 2 to 4 instances each and classification
     tasks with all their labels (pipelines/demonstrations.py; the reference's templates are of that kind), or seeds,
     the run's seed tasks (one instance each in Self-Instruct's seed file)."""
+    instance_trim: bool = False
+    """Drop text before an instance's "Input:" marker (a preamble, "Here you go.") and text after a blank line in
+    its output (a trailer, "Hope this helps."). Off: kept, as the reference's prepare_for_finetuning.py keeps them;
+    the report counts the accepted instances that hold either (datagen report)."""
     length_cut: str = "drop_response"
     """What to do with an instruction response that max_tokens cut: drop_response, every instruction in it (the
     reference: bootstrap_instructions.py returns [] when finish_reason is "length"), or drop_last, only its last,
@@ -145,7 +159,9 @@ class SelfInstructConfig:
     """Seeds the sampling of in-context examples and the backend's sampling (reference: random.seed(42))."""
 
     def __post_init__(self) -> None:
-        check_bootstrap_config(self, ("max_instances", "instance_max_tokens", "max_new_instructions", "instance_demonstrations"))
+        check_bootstrap_config(self, ("max_instances", "max_new_instructions", "instance_demonstrations"))
+        if self.instance_max_tokens is not None and self.instance_max_tokens < 1:
+            raise BadInput(f"--instance-max-tokens must be at least 1, got {self.instance_max_tokens}")
         if not -2 <= self.presence_penalty <= 2:
             raise BadInput(f"presence_penalty must be in [-2, 2] (vLLM's and OpenAI's range), got {self.presence_penalty}")
         if self.instance_demos not in ("builtin", "seeds"):
@@ -245,31 +261,28 @@ def instance_prompt(instruction: str, demos: Sequence[SeedTask], classification:
     return Prompt(header, f"\n{shown}Task: {one_line(instruction)}\n{start}")
 
 
-def instance_params(config: SelfInstructConfig) -> SamplingParams:
-    """Reference generate_instances.py: temperature 0, presence penalty 1.5, stop at "Example 6" or "Task:"."""
-    return SamplingParams(temperature=0, max_tokens=config.instance_max_tokens, presence_penalty=1.5,
+def instance_params(config: SelfInstructConfig, classification: bool) -> SamplingParams:
+    """Reference generate_instances.py: temperature 0, presence penalty 1.5, stop at "Example 6" or "Task:", and
+    300 tokens for a classification task, 350 for any other (unless instance_max_tokens is set)."""
+    max_tokens = config.instance_max_tokens or (300 if classification else 350)
+    return SamplingParams(temperature=0, max_tokens=max_tokens, presence_penalty=1.5,
                           stop=(f"Example {config.max_instances + 1}", "Task:"))  # fmt: skip
 
 
 # ---- parsing and filters (pure) -------------------------------------------------------------------------------
 
-_ITEM = re.compile(r"^\s*\d+\s*[.)]\s?(.*)$")
+_ITEM_START = re.compile(r"\n\d+\s?\. ")
+"""Where a new item begins: a newline, a number, at most one space, a dot and a space (bootstrap_instructions.py,
+post_process_gpt3_response). A line that begins "3.5, 4.2" or "1)" stays inside its item."""
 
 
-def parse_instructions(completion: str, first_number: int) -> list[str]:
-    """The numbered items of a completion that continues a list after "first_number.".
+def parse_instructions(completion: str) -> list[str]:
+    """The numbered items of a completion that continues a list after its "N.", split as the reference splits them.
 
-    As in the reference, a line without a number continues the item before it and whitespace is collapsed. Ours: the
-    first letter is upper-cased (the reference's str.capitalize() also lower-cases the rest, which breaks names).
+    As in the reference, whitespace (newlines included) is collapsed and empty items are dropped. Ours: the first
+    letter is upper-cased (the reference's str.capitalize() also lower-cases the rest, which breaks names).
     """
-    items: list[str] = []
-    for line in f"{first_number}.{completion}".splitlines():
-        match = _ITEM.match(line)
-        if match:
-            items.append(match.group(1))
-        elif items and line.strip():
-            items[-1] += " " + line
-    items = [re.sub(r"\s+", " ", item).strip() for item in items]
+    items = [re.sub(r"\s+", " ", item).strip() for item in _ITEM_START.split(completion)]
     return [item[0].upper() + item[1:] for item in items if item]
 
 
@@ -291,7 +304,9 @@ def rejection_reason(
     for word in blacklist:
         if re.search(rf"\b{re.escape(word)}\b", instruction, flags=re.IGNORECASE):
             return f"blacklist:{word}"
-    if instruction.startswith("Write a program"):
+    # The reference tests startswith("Write a program") after str.capitalize(), which lower-cases all but the first
+    # letter: "write A Program" is caught too.
+    if instruction.lower().startswith("write a program"):
         return "write_a_program"
     if instruction[0] in string.punctuation:
         return "starts_with_punctuation"
@@ -319,18 +334,47 @@ class ParsedInstance:
 
 _OUTPUT = re.compile(r"Output\s*\d*\s*:")
 _INPUT = re.compile(r"^\s*Input\s*\d*\s*:")
+_LATER_INPUT = re.compile(r"\n\s*Input\s*\d*\s*:")
 _MARKER = re.compile(r"^\s*(Output|Input|Class label)\s*\d*\s*:")
 
 
-def parse_instances(completion: str, classification: bool) -> list[ParsedInstance]:
+def has_preamble(given: str) -> bool:
+    """An input that holds text before its "Input:" marker ("Here you go.\\nInput: 3 1 2")."""
+    return bool(_LATER_INPUT.search(given.strip()))
+
+
+def has_trailer(output: str) -> bool:
+    """An output that goes on past a blank line ("5\\n\\nHope this helps.")."""
+    return "\n\n" in output.strip()
+
+
+def clean_input(given: str, trim: bool) -> str:
+    """The text before "Output:" without its leading "Input:" marker; a preamble before the marker is kept (the
+    reference: prepare_for_finetuning.py removes "Input:" only at the start), or dropped with `trim`."""
+    given = given.strip()
+    if trim and has_preamble(given):
+        given = _LATER_INPUT.split(given, maxsplit=1)[1]
+    return _INPUT.sub("", given).strip()
+
+
+def clean_output(output: str, trim: bool) -> str:
+    """The output, whole (the reference), or with `trim` only up to its first blank line."""
+    output = output.strip()
+    return output.split("\n\n", 1)[0].strip() if trim else output
+
+
+def parse_instances(completion: str, classification: bool, trim: bool = False) -> list[ParsedInstance]:
     """(input, output) pairs, the way the reference's prepare_for_finetuning.py reads them, markers required.
 
-    Input-first: the completion continues after "Example 1"; examples are split at "Example N", each at "Output:".
+    Input-first: the completion continues after "Example 1"; examples are split at "Example N", each at "Output:"
+    (the output runs to the next "Output:" or "Input:", as the reference's parse_input_output).
     Label-first: the completion continues after "Class label:"; each block's first line is the label, the rest the
     input after "Input:". The prompt writes the first marker itself, so a reply with no marker of its own would still
-    parse ("Sure, here you go..." as an output); the reference returns no pair without markers, and so do we: an
-    example without "Output:", a labelled block whose input has no "Input:", and a label without input where other
-    labels have one are kept as missing_marker, the block as written.
+    parse ("Sure, here you go..." as an output); ours: an example without "Output:", a labelled block whose input has
+    no "Input:", and a label without input where other labels have one are kept as missing_marker, the block as
+    written (the reference reads such a block as an output without input, or an input without marker).
+    Text before the "Input:" marker (a preamble) and text after a blank line in the output (a trailer) are kept,
+    as the reference keeps them; `trim` (instance_trim) drops both. The report counts kept instances with either.
     """
     if classification:
         blocks = [b.strip() for b in re.split(r"Class label\s*:", "Class label:" + completion)[1:]]
@@ -338,8 +382,8 @@ def parse_instances(completion: str, classification: bool) -> list[ParsedInstanc
         any_input = any(rest.strip() for _, rest in split)
         pairs = []
         for block, (label, rest) in zip(blocks, split):
-            if _INPUT.match(rest) or (not any_input and len(blocks) > 1):
-                pairs.append(ParsedInstance(_INPUT.sub("", rest).strip(), label.strip()))
+            if _INPUT.match(rest) or has_preamble(rest) or (not any_input and len(blocks) > 1):
+                pairs.append(ParsedInstance(clean_input(rest, trim), label.strip()))
             else:
                 pairs.append(ParsedInstance("", block, "missing_marker"))
         return pairs
@@ -350,9 +394,9 @@ def parse_instances(completion: str, classification: bool) -> list[ParsedInstanc
         if not _OUTPUT.search(block):
             pairs.append(ParsedInstance("", block.strip(), "missing_marker"))
             continue
-        given, output = _OUTPUT.split(block, maxsplit=1)
+        given, output = _OUTPUT.split(block)[:2]
         output = re.split(r"Input\s*\d*\s*:", output)[0]  # one pair per example
-        pairs.append(ParsedInstance(_INPUT.sub("", given.strip()).strip(), output.strip()))
+        pairs.append(ParsedInstance(clean_input(given, trim), clean_output(output, trim)))
     return pairs
 
 
@@ -446,11 +490,13 @@ class Phases:
         self.chat_template = backend.render_chat if uses_chat(backend, config.prompt_style) else None
         seeds = load_seeds(session, run_row)
         self.pool = load_pool(session, run_row)
-        self.index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
-        self.index.add([s.instruction for s in seeds] + self.pool)
         self.human = [s.instruction for s in seeds if s.is_classification or not config.generate_classification]
         if not self.human:
             raise BadInput("--generate-classification needs seed tasks with is_classification true")
+        # The seeds the prompts show are those the similarity filter compares against: with --generate-classification
+        # the classification seeds only (bootstrap_instructions.py filters seed_tasks before both).
+        self.index = RougeIndex(threshold=config.rouge_threshold, tokenizer=config.tokenizer)
+        self.index.add(self.human + self.pool)
         demo_tasks = DEMONSTRATIONS if config.instance_demos == "builtin" else seeds
         self.demos = {kind: demonstration_pool(demo_tasks, kind) for kind in (True, False)}
 
@@ -478,7 +524,7 @@ class Phases:
         origin: list[int] = []  # the request each task came from
         for number, result in enumerate(results):
             completion = result.completions[0]
-            items = parse_instructions(completion.text, config.num_prompt_instructions + 1)
+            items = parse_instructions(completion.text)
             stats.empty_responses += not items
             cut = completion.finish_reason == "length"
             for position, text in enumerate(items):
@@ -492,7 +538,6 @@ class Phases:
 
         # ROUGE-L against seeds and everything kept so far, in order, the batch included (the dedup engine).
         survivors = [t for t in tasks if t.reason is None]
-        need = config.num_instructions - run_row.accepted
         passed: list[Task] = []
         # exact_nearest: an accepted instruction stores its true nearest earlier one too, as the reference records its
         # most similar instructions (bootstrap_instructions.py: most_similar_instructions)
@@ -502,58 +547,82 @@ class Phases:
                 task.reason = "rouge_similarity"
                 continue
             self.pool.append(task.instruction)
-            if len(passed) < need:
-                passed.append(task)
-            else:
-                task.reason = "target_reached"  # kept by the filter, not needed: no calls spent on it
+            passed.append(task)
 
-        # Classification identification: few-shot, temperature 0, 3 tokens.
-        clf_requests = [] if config.generate_classification else [
-            Request(prompt=classification_prompt(t.instruction).render(self.chat_template), params=CLASSIFICATION_PARAMS) for t in passed
-        ]  # fmt: skip
-        clf_results = timed_generate(self.backend, clf_requests, stats)
-        for task, result in zip(passed, clf_results):
-            task.is_classification = parse_yes_no(result.completions[0].text)
-        if config.generate_classification:
-            for task in passed:
-                task.is_classification = True
-
-        # Instances: input first, or label first for classification tasks.
-        inst_requests = []
-        for task in passed:
-            kind = bool(task.is_classification)
-            shown = rng.sample(self.demos[kind], min(config.instance_demonstrations, len(self.demos[kind])))
-            prompt = instance_prompt(task.instruction, shown, kind).render(self.chat_template)
-            inst_requests.append(Request(prompt=prompt, params=instance_params(config)))
+        # Classification and instances for as many as the target still needs, in order; `finish` admits the next
+        # ones when some of these get no valid instance, and only then labels the rest target_reached.
+        need = config.num_instructions - run_row.accepted
+        first = passed[:need]
+        clf_requests, clf_results = self.classify(first, stats)
+        inst_requests = self.instance_requests(first, rng)
 
         def finish(inst_results: list[Result]) -> BatchStats:
             """Store everything in one transaction: generations, every parsed instruction with its verdict, every instance."""
             generations = add_generations(session, run_row, self.backend, "instructions", batch_number, requests, results)
             for task, number in zip(tasks, origin):
                 task.generation_id = generations[number][0].id
-            add_generations(session, run_row, self.backend, "classification", batch_number, clf_requests, clf_results)
-            inst_generations = add_generations(session, run_row, self.backend, "instances", batch_number, inst_requests, inst_results)
             session.add_all(tasks)
             session.flush()
-            for task, rows, result in zip(passed, inst_generations, inst_results):
-                completion = result.completions[0]
-                pairs = parse_instances(completion.text, bool(task.is_classification))
-                verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
-                session.add_all(
-                    Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
-                             status="rejected" if reason else "accepted", reason=reason)
-                    for pair, reason in zip(pairs, verdicts)
-                )  # fmt: skip
-                kept = verdicts.count(None)
-                if kept:
-                    task.status, task.reason = "accepted", None
-                    run_row.instances += kept
-                    stats.accepted += 1
-                else:
-                    task.reason = "no_valid_instances"
+            self.store_instances(batch_number, first, clf_requests, clf_results, inst_requests, inst_results, stats)
+            waiting = passed[need:]
+            while waiting and stats.accepted < need:  # re-admit in order, as many as are still missing
+                more, waiting = waiting[: need - stats.accepted], waiting[need - stats.accepted :]
+                more_clf = self.classify(more, stats)
+                more_requests = self.instance_requests(more, rng)
+                more_results = timed_generate(self.backend, more_requests, stats)
+                self.store_instances(batch_number, more, *more_clf, more_requests, more_results, stats)
+            for task in waiting:
+                task.reason = "target_reached"  # passed the filter, not needed: no calls spent on it
             return finish_batch(session, run_row, tasks, stats)
 
-        return Drafted(inst_requests, finish, stats)
+        return Drafted(inst_requests, finish, stats, reaches_target=len(passed) >= need)
+
+    def classify(self, tasks: list[Task], stats: BatchStats) -> tuple[list[Request], list[Result]]:
+        """Classification identification: few-shot, temperature 0, 3 tokens (every task is one with
+        --generate-classification)."""
+        if self.config.generate_classification:
+            for task in tasks:
+                task.is_classification = True
+            return [], []
+        template = self.chat_template
+        requests = [Request(prompt=classification_prompt(t.instruction).render(template), params=CLASSIFICATION_PARAMS) for t in tasks]
+        results = timed_generate(self.backend, requests, stats)
+        for task, result in zip(tasks, results):
+            task.is_classification = parse_yes_no(result.completions[0].text)
+        return requests, results
+
+    def instance_requests(self, tasks: list[Task], rng: random.Random) -> list[Request]:
+        """Input first, or label first for classification tasks, with demonstrations of the same kind."""
+        config, requests = self.config, []
+        for task in tasks:
+            kind = bool(task.is_classification)
+            shown = rng.sample(self.demos[kind], min(config.instance_demonstrations, len(self.demos[kind])))
+            prompt = instance_prompt(task.instruction, shown, kind).render(self.chat_template)
+            requests.append(Request(prompt=prompt, params=instance_params(config, kind)))
+        return requests
+
+    def store_instances(self, batch_number: int, tasks: list[Task], clf_requests: list[Request], clf_results: list[Result],
+                        inst_requests: list[Request], inst_results: list[Result], stats: BatchStats) -> None:  # fmt: skip
+        """The tasks' classification and instance calls, their instances with verdicts, and each task's verdict."""
+        session, run_row, config = self.session, self.run_row, self.config
+        add_generations(session, run_row, self.backend, "classification", batch_number, clf_requests, clf_results)
+        inst_generations = add_generations(session, run_row, self.backend, "instances", batch_number, inst_requests, inst_results)
+        for task, rows, result in zip(tasks, inst_generations, inst_results):
+            completion = result.completions[0]
+            pairs = parse_instances(completion.text, bool(task.is_classification), config.instance_trim)
+            verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
+            session.add_all(
+                Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
+                         status="rejected" if reason else "accepted", reason=reason)
+                for pair, reason in zip(pairs, verdicts)
+            )  # fmt: skip
+            kept = verdicts.count(None)
+            if kept:
+                task.status, task.reason = "accepted", None
+                run_row.instances += kept
+                stats.accepted += 1
+            else:
+                task.reason = "no_valid_instances"
 
 
 def demonstration_pool(tasks: Sequence[SeedTask], classification: bool) -> list[SeedTask]:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from datagen.backends import Completion, Result
 from datagen.cli import app
+from datagen.errors import BadInput
 from datagen.export import run_facts
 from pipelines import alpaca
 from pipelines import bootstrap
@@ -25,11 +26,32 @@ from tests.test_self_instruct import NOVEL, check_store_independently, kill_9_th
 runner = CliRunner()
 
 
+PROMPT_TXT_SHA256 = "ed519a72953a3b65e16990e1e0fe34d24aa380c5852b0eb9edb59b4d25bf9316"
+"""sha256 of Stanford Alpaca's prompt.txt (github.com/tatsu-lab/stanford_alpaca at commit 015c226)."""
+
+
+def test_the_default_prompt_is_alpacas_prompt_txt_verbatim():
+    import hashlib
+
+    seeds = read_seeds(SEEDS)[:2]
+    assert alpaca.AlpacaConfig().requirements == "reference"
+    assert hashlib.sha256(alpaca.REFERENCE_REQUIREMENTS.format(n=20).encode()).hexdigest() == PROMPT_TXT_SHA256
+    raw = alpaca.alpaca_prompt(seeds, 20).render(None)
+    # encode_prompt (generate_instruction.py): prompt.txt + "\n", then the records
+    assert raw.startswith(alpaca.REFERENCE_REQUIREMENTS.format(n=20) + "\n###\n1. Instruction: ")
+    assert "The input should provide substantial content to make the instruction challenging" in raw
+    assert '"what is the highest peak in the world"' in raw
+    concise = alpaca.alpaca_prompt(seeds, 20, "concise").render(None)
+    assert "highest peak" not in concise and concise.endswith(raw[raw.index("###") :])
+    with pytest.raises(BadInput, match="requirements must be reference or concise"):
+        alpaca.AlpacaConfig(requirements="mine")
+
+
 def test_prompt_is_alpacas_record_format():
     seeds = read_seeds(SEEDS)[:2]
     prompt = alpaca.alpaca_prompt(seeds, 20)
     assert prompt.ask.startswith("You are asked to come up with a set of 20 diverse task instructions.")
-    assert prompt.ask.endswith("List of 20 tasks:")
+    assert prompt.ask.endswith("List of 20 tasks:\n")
     assert prompt.answer == (
         f"###\n1. Instruction: {seeds[0].instruction}\n1. Input:\n<noinput>\n1. Output:\n{seeds[0].instances[0].output}\n"
         f"###\n2. Instruction: {seeds[1].instruction}\n2. Input:\n{seeds[1].instances[0].input}\n2. Output:\n{seeds[1].instances[0].output}\n"
@@ -132,7 +154,7 @@ def test_run_bookkeeping(db_url):
             (seeds[7].instruction, "rejected", "rouge_similarity"),
             ("Compose a short piece of music for piano.", "rejected", "blacklist:music"),
             (NOVEL[1], "rejected", "no_valid_instances"),  # its input equals its output
-            (NOVEL[2], "accepted", None),
+            (NOVEL[2], "accepted", None),  # admitted in NOVEL[1]'s place: the cap comes after the instance filter
             (NOVEL[4], "rejected", "target_reached"),  # passed every filter after the target was met
             (alpaca.record(10, NOVEL[3], "", "Shorter showers.")[4:].strip(), "rejected", "cut_by_length"),  # raw: max_tokens cut it
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import Counter
 
@@ -63,6 +64,9 @@ def test_report_numbers_match_the_store(store, tmp_path):
     assert summary["instances_accepted"] == sum(i.status == "accepted" for i in instances)
     assert summary["instances_rejected_by_reason"] == dict(Counter(i.reason for i in instances if i.status == "rejected"))
     assert summary["tasks_without_instances"] == 1
+    kept = [i for i in instances if i.status == "accepted" and i.task_id in {t.id for t in accepted}]
+    assert summary["instances_with_preamble"] == sum(bool(re.search(r"\n\s*Input\s*\d*\s*:", i.input.strip())) for i in kept)
+    assert summary["instances_with_trailer"] == sum("\n\n" in i.output.strip() for i in kept)
     assert summary["completions"] == run.generated
 
     per_batch = {}

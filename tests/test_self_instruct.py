@@ -69,7 +69,12 @@ def test_instance_prompts_input_first_and_label_first():
         "Task: Is the review positive or negative?\nClass label: Positive\nInput: Great film!\n\n"
         "Task: Is the email spam?\nClass label:"
     )
-    assert si.instance_params(si.SelfInstructConfig()).stop == ("Example 6", "Task:")
+    params = [si.instance_params(si.SelfInstructConfig(), kind) for kind in (True, False)]
+    assert [(p.stop, p.max_tokens, p.temperature, p.presence_penalty) for p in params] == [
+        (("Example 6", "Task:"), 300, 0, 1.5),  # generate_instances.py: 300 where a classification task is
+        (("Example 6", "Task:"), 350, 0, 1.5),  # and 350 otherwise
+    ]
+    assert si.instance_params(si.SelfInstructConfig(instance_max_tokens=96), True).max_tokens == 96
 
 
 def test_the_builtin_demonstrations_show_several_instances_and_every_label():
@@ -103,10 +108,20 @@ def test_instance_prompts_show_the_chosen_demonstrations(db_url, instance_demos)
 
 
 def test_parse_instructions_continues_the_list():
-    completion = " plan a trip to Rome.\n10. Explain gravity\nto a child.\n11.Summarize the text below.\n\n"
-    assert si.parse_instructions(completion, 9) == ["Plan a trip to Rome.", "Explain gravity to a child.", "Summarize the text below."]
-    assert si.parse_instructions("", 9) == []
-    assert si.parse_instructions(" \n", 9) == []
+    completion = " plan a trip to Rome.\n10. Explain gravity\nto a child.\n11 . Summarize the text below.\n\n"
+    assert si.parse_instructions(completion) == ["Plan a trip to Rome.", "Explain gravity to a child.", "Summarize the text below."]
+    assert si.parse_instructions("") == []
+    assert si.parse_instructions(" \n") == []
+
+
+def test_parse_instructions_splits_only_where_the_reference_does():
+    # bootstrap_instructions.py splits at "\n\d+\s?\. " only: a line that begins with a decimal number, "1)" or
+    # "11.No space" stays inside its item (issue 19: "3.5, 4.2 and 7.1" became an instruction of its own).
+    completion = " Compute the average of the following numbers:\n3.5, 4.2 and 7.1\n10. List the steps:\n1) boil water\n2) add tea\n11.Done."
+    assert si.parse_instructions(completion) == [
+        "Compute the average of the following numbers: 3.5, 4.2 and 7.1",
+        "List the steps: 1) boil water 2) add tea 11.Done.",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -118,6 +133,7 @@ def test_parse_instructions_continues_the_list():
         ("Please Go To the store and buy milk today.", "blacklist:go to"),
         ("Plot the data points on a chart.", "blacklist:plot"),
         ("Write a program that sorts a list.", "write_a_program"),
+        ("Write A Program that sorts a list.", "write_a_program"),  # the reference compares after str.capitalize()
         ('"Quote this sentence back to me please."', "starts_with_punctuation"),
         ("Éxplain how a bicycle gear works.", "non_ascii_start"),
         ("Explain how a bicycle gear works.", None),
@@ -133,6 +149,20 @@ def test_non_ascii_start_can_be_allowed():
 
 
 P = si.ParsedInstance
+
+
+def test_instance_preamble_and_trailer_are_kept_as_the_reference_keeps_them_or_trimmed():
+    """prepare_for_finetuning.py removes "Input:" only at the start of the input and keeps the output whole up to the
+    next "Output:" or "Input:"; instance_trim drops both extras."""
+    text = "Here you go.\nInput: 3 1 2\nOutput: 1 2 3\n\nHope this helps.\nOutput: 9"
+    assert si.parse_instances(text, False) == [P("Here you go.\nInput: 3 1 2", "1 2 3\n\nHope this helps.")]
+    assert si.parse_instances(text, False, trim=True) == [P("3 1 2", "1 2 3")]
+    labelled = " Positive\nThe review:\nInput: I loved it."
+    assert si.parse_instances(labelled, True) == [P("The review:\nInput: I loved it.", "Positive")]
+    assert si.parse_instances(labelled, True, trim=True) == [P("I loved it.", "Positive")]
+    assert si.has_preamble("Here you go.\nInput: 3 1 2") and not si.has_preamble("3 1 2")
+    assert si.has_trailer("1 2 3\n\nHope this helps.") and not si.has_trailer("1 2 3\n")
+    assert si.SelfInstructConfig().instance_trim is False
 
 
 def test_instance_parsing():
@@ -423,7 +453,10 @@ def test_a_run_killed_after_batch_k_and_resumed_is_the_uninterrupted_run(tmp_pat
     assert stores[1][3] == stores[0][3][: len(stores[1][3])]
     status, accepted, _, batches = stores[0]
     if candidates:
-        assert (status, accepted) == ("completed", 8) and batches[-1] < 4  # the last batch was cut to what the rate needs
+        assert (status, accepted) == ("completed", 8)
+        # the last batch was cut to what the rate needs (pipelined: batch 3 is sized from batch 1 alone, full here,
+        # and no batch 4 goes out while batch 3 can reach the target)
+        assert batches == ([4, 4, 4] if pipelined else [4, 4, 2])
     else:
         assert status == "stopped" and len(batches) == 4 + pipelined  # pipelined: the guard sees one batch later
 
@@ -458,6 +491,129 @@ def test_the_pipelined_loop_sends_two_batches_per_call_and_decides_as_the_sequen
     assert {"instructions", "instances"} not in calls[0]
     assert sum(phases == {"instructions", "instances"} for phases in calls[1]) == 3  # batches 2-4 carry 1-3's instances
     assert len(calls[1]) < len(calls[0])
+
+
+class FailingInstances(ScriptedBackend):
+    """The scripted model, whose instance answer for the instructions in `bad` has an empty output."""
+
+    def __init__(self, lists: list[str], bad: set[str]):
+        super().__init__(lists)
+        self.bad = bad
+
+    def generate(self, requests):
+        results = super().generate(requests)
+        return [
+            Result(r.prompt, r.prompt_tokens, (Completion("Input: some input\nOutput:", "stop", 3),), 0.0)
+            if r.prompt.endswith("Example 1\n") and r.prompt.rsplit("Task: ", 1)[1].split("\n")[0] in self.bad else r
+            for r in results
+        ]  # fmt: skip
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+def test_an_instruction_past_the_target_is_admitted_when_one_before_it_gets_no_instance(db_url, pipelined):
+    """Issue 19: the instructions past the target were labelled target_reached before the instances of those before
+    them existed; when one of those then failed, the run went on to a new batch. Now the next one is admitted, in
+    order, and only what is left past the target is target_reached."""
+    config = si.SelfInstructConfig(num_instructions=2, request_batch_size=1, pipelined=pipelined)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        backend = FailingInstances([listing(*NOVEL[:4])], bad={NOVEL[0]})
+        si.run(session, run, backend, config)
+        tasks = session.exec(select(Task).where(Task.source == "generated").order_by(Task.id)).all()
+        assert [(t.instruction, t.reason) for t in tasks] == [
+            (NOVEL[0], "no_valid_instances"), (NOVEL[1], None), (NOVEL[2], None), (NOVEL[3], "target_reached")
+        ]  # fmt: skip
+        assert (run.status, run.accepted) == ("completed", 2)
+        calls = session.exec(select(Generation.batch, Generation.purpose).order_by(Generation.id)).all()
+        assert {batch for batch, _ in calls} == {1}  # no second batch of instructions
+        assert [p for _, p in calls].count("instances") == 3  # NOVEL[3]'s instance was never asked for
+
+
+def test_instance_tokens_are_the_references_per_kind(db_url):
+    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([listing(NOVEL[0])]), config)  # the scripted model says "No"
+        sampling = session.exec(select(Generation.sampling).where(Generation.purpose == "instances")).one()
+    assert sampling["max_tokens"] == 350
+
+
+def test_generate_classification_compares_with_the_classification_seeds_only(db_url):
+    """bootstrap_instructions.py drops the other seeds before both the prompt and the ROUGE-L filter: a copy of an
+    ordinary seed is no near-duplicate of any seed the run compares against."""
+    seeds = read_seeds(SEEDS)
+    ordinary = next(s for s in seeds if s.is_classification is False)
+    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1, max_requests=1, generate_classification=True)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, seeds, config)
+        si.run(session, run, ScriptedBackend([listing(ordinary.instruction)]), config)
+        task = session.exec(select(Task).where(Task.source == "generated")).one()
+    # passed the filter; the scripted model's answer to the label-first prompt has no marker
+    assert (task.reason, task.is_classification, task.similarity < 0.7) == ("no_valid_instances", True, True)
+
+
+class SevenNew(ScriptedBackend):
+    """A model that writes 7 new instructions per request, all distinct (random words, one marker word the seeds
+    never use), named like an engine so the run takes its defaults."""
+
+    name = "openai"
+
+    def generate(self, requests):
+        import random
+
+        self.lists = []
+        for request in requests:
+            if not request.prompt.endswith(("Is it classification?", "Example 1\n")):
+                rng = random.Random(request.params.seed)
+                words = lambda: " ".join(f"w{rng.randrange(10**6)}" for _ in range(6))  # noqa: E731
+                self.lists.append(listing(*(f"Describe zork {words()}." for _ in range(7))))
+        return super().generate(requests)
+
+
+def machine_share(session: Session, run: Run) -> tuple[float, list[int], dict[int, dict[str, int]]]:
+    """The share of accepted instructions whose prompt showed a machine instruction, the instruction requests per
+    batch, and per batch the count of each verdict."""
+    rows = session.exec(
+        select(Generation.batch, Generation.prompt, Task.status, Task.reason)
+        .join(Task, Task.generation_id == Generation.id)
+        .where(Generation.run_id == run.id, Task.source == "generated")
+    ).all()  # fmt: skip
+    accepted = [prompt for _, prompt, status, _ in rows if status == "accepted"]
+    per_batch: dict[int, dict[str, int]] = {}
+    for batch, _, status, reason in rows:
+        verdicts = per_batch.setdefault(batch, {})
+        verdicts[reason or status] = verdicts.get(reason or status, 0) + 1
+    calls = session.exec(select(Generation.batch).where(Generation.run_id == run.id, Generation.purpose == "instructions")).all()
+    sizes = [calls.count(b) for b in sorted(set(calls))]
+    return sum("zork" in p.split("\n1. ", 1)[-1] for p in accepted) / len(accepted), sizes, per_batch
+
+
+def test_the_default_batch_ramps_so_prompts_show_machine_instructions(tmp_path):
+    """Issue 19: a fixed batch of 64 (the old default on vllm/openai) prompts a whole -n 100 run before any machine
+    instruction exists. The ramp starts at the reference's 5, so prompts show the pool as the reference's would,
+    and no batch is generated only to be discarded as target_reached."""
+    shares = {}
+    for label, size in (("reference", 5), ("ramp", None), ("fixed 64", 64)):
+        config = si.SelfInstructConfig(num_instructions=100, request_batch_size=size)
+        with Session(open_engine(f"sqlite:///{tmp_path / f'{size}.db'}")) as session:
+            run = new_run(session, SEED_TASKS, config)
+            si.run(session, run, SevenNew([]), config)
+            assert (run.status, run.accepted) == ("completed", 100)
+            shares[label], sizes, per_batch = machine_share(session, run)
+        if label == "ramp":
+            assert sizes[:3] == [5, 5, 5] and max(sizes) <= 64
+            assert all(v.get("accepted") for v in per_batch.values())  # every batch had a use
+            assert sum(v.get("target_reached", 0) for v in per_batch.values()) < 7 * sizes[-1]  # the last batch's surplus
+    assert shares["fixed 64"] == 0
+    assert shares["ramp"] >= shares["reference"] - 0.05 and shares["ramp"] > 0.5, shares
+
+
+def test_the_ramp_grows_with_the_pool_up_to_the_engine_cap():
+    assert bootstrap.ramp_size(0, 0, 0, 64) == 5  # nothing known yet: the reference's 5
+    assert bootstrap.ramp_size(35, 35, 5, 64) == 5  # 7 per request: 5 requests add more than 10% of a small pool
+    assert bootstrap.ramp_size(700, 700, 100, 64) == 10  # 10 requests add 70, 10% of 700
+    assert bootstrap.ramp_size(10_000, 700, 100, 64) == 64  # capped where the engine is full
+    assert bootstrap.ramp_size(700, 700, 100, 3) == 3
 
 
 def test_resume_rebuilds_the_pool_from_the_store(db_url):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Optional
 
 import typer
@@ -13,6 +14,11 @@ from datagen.options import BackendOption, BaseUrlOption, ConfigOption, DbOption
 from pipelines import alpaca
 
 
+class Requirements(str, enum.Enum):
+    reference = "reference"
+    concise = "concise"
+
+
 def alpaca_command(
     seeds: SeedsOption,
     num_instructions: NumOption = None,
@@ -21,7 +27,8 @@ def alpaca_command(
     backend: BackendOption = BackendName.auto,
     base_url: BaseUrlOption = None,
     prompt_style: StyleOption = None,
-    request_batch_size: Annotated[Optional[int], typer.Option(help="Requests per batch (default: 8 on transformers, 32 on vllm/openai; the reference's is 5).")] = None,
+    request_batch_size: Annotated[Optional[int], typer.Option(help="Requests per batch (default: a ramp from the reference's 5, growing while a batch adds at most 10% of the pool, up to 8 on transformers, 32 on vllm/openai).")] = None,
+    requirements: Annotated[Optional[Requirements], typer.Option(help="The prompt's task description: reference (Stanford Alpaca's prompt.txt, verbatim) or concise (ours) (default: reference).")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Tokens per request (default: 3072, the reference's).")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="(default: 1.0)")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="(default: 1.0)")] = None,
@@ -38,5 +45,5 @@ def alpaca_command(
     flags = dict(num_instructions=num_instructions, prompt_style=prompt_style, request_batch_size=request_batch_size,
                  max_tokens=max_tokens, temperature=temperature, top_p=top_p, rouge_threshold=rouge_threshold,
                  tokenizer=tokenizer, require_ascii_start=None if allow_non_ascii is None else not allow_non_ascii,
-                 max_requests=max_requests, seed=seed)  # fmt: skip
+                 max_requests=max_requests, seed=seed, requirements=requirements)  # fmt: skip
     execute("alpaca", alpaca.AlpacaConfig, alpaca.run, seeds, flags, config, run_name, model, backend, base_url, db, as_json)

@@ -561,7 +561,8 @@ def build_metrics(session, loop: Loop, config: LoopConfig, items, scores: Scores
                     "better": primary.better, "verdict": evaluate.verdict(primary)},
         "eval": {"source": str(config.eval_file) if config.eval_file else f"{config.eval_size} held-out seed tasks of {config.seeds} (seed {config.eval_seed})",
                  "items": len(items), "ids": [item.key for item in items], "format": fmt.name,
-                 "interval": f"{evaluate.CONFIDENCE:.0%} paired t-interval over items, each item averaged over replicates",
+                 "interval": f"{evaluate.CONFIDENCE:.0%} paired t-interval over items (each averaged over a model's replicates), "
+                             "its variance adding each model's training noise (Welch-Satterthwaite degrees of freedom)",
                  "max_tokens": config.eval_max_tokens},
         "budget_rule": f"every model trains {config.epochs} epochs over its own rows: each seed is seen equally often by every arm",
         "models": {name: evaluate.summarize(replicates) for name, replicates in scores.items()},

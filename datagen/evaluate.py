@@ -26,6 +26,7 @@ Everything here is a pure function except `score_model`, which runs a backend.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -308,6 +309,7 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t >= 0 else tail
 
 
+@functools.lru_cache(maxsize=4096)
 def t_quantile(p: float, df: float) -> float:
     """The p-quantile of Student's t with df degrees of freedom (bisection on t_cdf, to 1e-10)."""
     low, high = -1e3, 1e3

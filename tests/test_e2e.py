@@ -201,7 +201,9 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     assert set(metrics["noise_floor"]) == {"seeds-only", "round 1"}
     # budgets: the same epochs over the seeds for both arms, tokens recorded
     runs = [t for ts in metrics["training"].values() for t in ts]
-    assert {t["epochs_over_seeds"] for t in runs} == {runs[0]["epochs_over_seeds"]} and runs[0]["epochs_over_seeds"] > 0
+    seeds_only, round_1 = metrics["training"]["seeds-only"], metrics["training"]["round 1"]
+    assert min(t["epochs_over_seeds"] for t in seeds_only) >= max(t["epochs_over_seeds"] for t in round_1) > 0
+    assert all(t["epochs_over_generated"] == t["epochs_over_seeds"] for t in round_1)
     assert all(t["train_tokens"] > 0 and t["steps"] == 3 for t in runs)
     assert metrics["training"]["round 1"][0]["generated_rows"] == metrics["data"]["round 1"]["generated_rows"] > 0
     assert set(metrics["data"]["round 1"]["decontaminated"]) == {"seed", "generated"}
@@ -251,3 +253,53 @@ def test_report_leads_with_the_primary_verdict_and_lists_every_model_and_sample(
     assert len(picked) == 2 and picked[0].endswith("| Say \\| hi | Hi there | base says hi | seeds-only says hi |")
     assert picked == [line for line in render_markdown(metrics, items, scores, 2, seed=0).splitlines() if line.startswith("| t")]
     assert picked[0].split()[1] != "t0" or picked[1].split()[1] != "t1"  # drawn at random, not the first rows
+
+
+def test_metrics_and_report_from_stored_stages(tmp_path):
+    """build_metrics and write_report on stored stages and scripted scores (no model): the primary first, Holm on the
+    rest, every replicate's per-item scores with the held-out ids, paths relative to out, both plots written."""
+    from datagen.e2e import LoopConfig, build_metrics, record
+    from datagen.e2e_report import write_report
+    from datagen.evaluate import EvalItem, ItemScore, PromptFormat
+
+    out = (tmp_path / "out").resolve()
+    config = LoopConfig(name="m", seeds=Path("s.jsonl"), out=out, replicates=2, eval_file=Path("e.jsonl"), samples=3)
+    items = [EvalItem(f"t{k}", f"Task {k}", "", "Yes" if k % 2 else "A longer reference answer here", False, f"t{k}") for k in range(12)]
+    rng = __import__("random").Random(0)
+
+    def model(shift, answer="fine answer"):
+        return [ItemScore(2.0 + shift + rng.gauss(0, 0.05), 0.3, 1.0 if k % 2 else None, answer, 4) for k in range(12)]
+
+    scores = {"base": [model(0.3)], "seeds-only": [model(0.1), model(0.12)], "round 1": [model(0.0), model(0.02)]}
+    engine = open_engine(f"sqlite:///{tmp_path / 's.db'}")
+    with Session(engine) as session:
+        loop = Loop(name="m", config={}, out=str(out))
+        session.add(loop)
+        session.commit()
+        for r in (0, 1):
+            for k in (0, 1):
+                curve_dir = out / f"r{r}" / f"model.{k}"
+                record(session, loop, r, f"train.{k}", artifact=str(curve_dir / "merged"),
+                       result={"rows": 10 + 5 * r, "seed_rows": 10, "generated_rows": 5 * r, "seed": 42 + k, "steps": 3,
+                               "epochs": 1.0, "train_tokens": 900, "final_train_loss": 2.0, "train_seconds": 1.0, "out": str(curve_dir)})  # fmt: skip
+        data = {"seeds-only": {"seed_rows": 10, "generated_rows": 0, "decontaminated": {"seed": {"rougeL": 1, "13-gram": 0}}},
+                "round 1": {"accepted_instructions": 4, "kept_after_dedup": 3, "exported_rows": 6, "seed_rows": 10, "generated_rows": 5,
+                            "decontaminated": {"seed": {"rougeL": 1, "13-gram": 0}, "generated": {"rougeL": 0, "13-gram": 1}}}}  # fmt: skip
+        metrics = build_metrics(session, loop, config, items, scores, data, PromptFormat(True, "<|im_end|>"), out)
+    write_report(out, metrics, items, scores, config.samples, config.eval_seed)
+    saved = json.loads((out / "metrics.json").read_text())
+    first, *rest = saved["comparisons"]
+    assert (first["model"], first["baseline"], first["metric"], first["role"]) == ("round 1", "seeds-only", "loss", "primary")
+    assert len(rest) == 8 and all(c["role"] == "secondary" for c in rest)  # 3 pairs x 3 metrics, exact match on 6 label items
+    assert saved["primary"]["verdict"].startswith("round 1 vs seeds-only, loss per item (lower is better): ")
+    assert saved["eval"]["ids"] == [f"t{k}" for k in range(12)]
+    assert [len(reps) for reps in saved["scores"].values()] == [1, 2, 2] and saved["scores"]["round 1"][1][3]["id"] == "t3"
+    assert saved["training"]["round 1"][1] == {
+        "replicate": 1, "seed": 43, "rows": 15, "seed_rows": 10, "generated_rows": 5, "steps": 3, "epochs_over_seeds": 1.0,
+        "epochs_over_generated": 1.0, "train_tokens": 900, "final_train_loss": 2.0, "train_seconds": 1.0,
+        "model": "r1/model.1/merged", "loss_curve": "r1/model.1/loss_curve.png"}  # fmt: skip
+    assert set(saved["noise_floor"]) == {"seeds-only", "round 1"}
+    report = (out / "report.md").read_text()
+    assert report.splitlines()[2] == f"**Primary verdict.** {saved['primary']['verdict']}."
+    assert "| round 1 | 4 | 3 | 6 | rougeL: 1, 13-gram: 0 | rougeL: 0, 13-gram: 1 | 10 | 5 |" in report
+    assert (out / "forest.png").stat().st_size > 0 and (out / "scatter.png").stat().st_size > 0

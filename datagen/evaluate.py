@@ -219,7 +219,8 @@ def exact_match(answer: str, reference: str) -> float:
 
 
 def repeats(answer: str, n: int = REPEAT_NGRAM, count: int = REPEAT_COUNT) -> bool:
-    words = _WORD.findall(answer.lower())
+    """Numbers do not count as words, so a numbered list of one phrase ("1. Music theory 2. Music theory ...") repeats."""
+    words = [w for w in _WORD.findall(answer.lower()) if not w.isdigit()]
     grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return bool(grams) and max(grams.values()) >= count
 

@@ -87,6 +87,8 @@ def test_exact_match_only_on_short_labels_and_on_the_answers_first_line():
 def test_repeats_marks_a_word_trigram_said_four_times():
     assert repeats("long, long, long, long, long, long")  # the round-1 answer
     assert repeats("1. the best way\n2. the best way\n3. the best way\n4. the best way")
+    assert repeats("1. Music theory 2. Music theory 3. Music theory 4. Music theory 5. Music theory")  # the tiny loop's answer, longer
+    assert not repeats("1. Music theory 2. Music theory 3. Music theory")
     assert not repeats("Play chess, go hiking, bake bread, or read a long book together.")
 
 

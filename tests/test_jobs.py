@@ -96,7 +96,7 @@ BAD = [
     (["j", "e2e", "--every", "1d", "--", "--config", "missing.yaml"], "missing.yaml"),
     (["j", "e2e", "--every", "1d", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml"), "--name", "x"], "--name: set by the worker"),
     (["j", "e2e", "--every", "1d", "--target", "5", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml")], "leave out --target"),
-    (["j", "e2e", "--every", "1d", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml"), "--steps", "0"], "steps"),
+    (["j", "e2e", "--every", "1d", "--", "--config", str(REPO / "examples" / "e2e_tiny.yaml"), "--epochs", "0"], "epochs"),
 ]
 
 

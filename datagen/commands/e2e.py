@@ -18,7 +18,8 @@ def e2e(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for report.md, metrics.json and every round's artifacts.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Loop name in the store; the same name resumes.")] = None,
     eval_file: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation items (records with outputs) instead of held-out seeds.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps of every training run.")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes of every training run over its own rows.")] = None,
+    replicates: Annotated[Optional[int], typer.Option("--replicates", help="Training runs per tuned model (training seeds seed, seed+1, ...).")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -27,7 +28,7 @@ def e2e(
     from storage.run_lock import hold_run
     from storage.store import open_engine
 
-    settings = load_loop_config(config, dict(rounds=rounds, out=out, name=name, eval_file=eval_file, steps=steps))
+    settings = load_loop_config(config, dict(rounds=rounds, out=out, name=name, eval_file=eval_file, epochs=epochs, replicates=replicates))
     started = time.perf_counter()
     engine = open_engine(db)
     with hold_run(engine, settings.name):  # one writer per loop, as per run (storage/run_lock.py)
@@ -35,7 +36,8 @@ def e2e(
     if as_json:
         print_json(metrics)
         return
-    rows = [(name, f"loss {m['loss']:.4f} · ROUGE-L {m['rouge_l']:.4f}") for name, m in metrics["models"].items()]
-    rows += [("verdict", c["verdict"]) for c in metrics["comparisons"] if c["metric"] == "loss"]
+    rows = [("primary", metrics["primary"]["verdict"])]
+    rows += [(name, f"loss per item {m['loss_per_item']:.4f} · ROUGE-L {m['rouge_l']:.4f} · degenerate {m['degeneration_rate']:.0%}")
+             for name, m in metrics["models"].items()]
     rows += [("report", str(settings.out / "report.md")), ("seconds", round(time.perf_counter() - started, 1))]
     err_console.print(summary_table(f"Loop {settings.name}", rows))

@@ -116,7 +116,7 @@ def check_pipeline_options(pipeline: str, args: list[str]) -> None:
         from datagen.e2e import load_loop_config
         from pipelines.seeds import read_seeds
 
-        overrides = {k: params[k] for k in ("rounds", "out", "eval_file", "steps")}
+        overrides = {k: params[k] for k in ("rounds", "out", "eval_file", "epochs", "replicates")}
         config = load_loop_config(params["config"], overrides)
         read_seeds(config.seeds)  # every line checked, as the loop's first stage does
         return

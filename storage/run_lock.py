@@ -9,9 +9,9 @@ own process namespace (same boot, same PID namespace: not merely the same hostna
 
 A lease, safe across machines:
 - Every time is the database server's clock (`server_now`), so machines need no synchronized clocks.
-- Fencing: while a run is held, every commit of a session on the holder's engine first checks, in the same
-  transaction, that the row still carries this holder's token and a heartbeat younger than the timeout (`FOR UPDATE`
-  on PostgreSQL, so a takeover waits for that commit). A holder paused past the timeout (SIGSTOP, a long GC, a
+- Fencing: while a run is held, every commit of a session on the holder's engine first updates, in the same
+  transaction, the row that carries this holder's token (its heartbeat, so a takeover waits for that commit); no
+  such row means the run was taken over. A holder paused past the timeout (SIGSTOP, a long GC, a
   network partition) whose run was taken over therefore commits nothing after it wakes: its next commit raises
   LeaseLost. A heartbeat that updates no row (taken over) marks the lease lost at once.
 
@@ -133,16 +133,19 @@ def _fence(engine: Engine, run_name: str, token: str, timeout_s: float, lost: th
         if session.bind is not engine:
             return
         if not lost.is_set():
-            query = select(RunLock.run_name).where(RunLock.run_name == run_name, RunLock.token == token,
-                                                   RunLock.heartbeat_at >= server_now(engine) - timeout_s)  # fmt: skip
-            if engine.dialect.name == "postgresql":
-                query = query.with_for_update()  # a takeover waits for this commit
-            if session.execute(query).first() is not None:
+            # The token, checked and refreshed in the commit's own transaction, is the fence: a takeover changes it,
+            # and none can happen between this statement and the commit (the row lock on PostgreSQL, the write lock
+            # on SQLite). A stale heartbeat alone is no loss: on SQLite the heartbeat thread cannot write while this
+            # process's own batch holds the write lock, however long the batch runs.
+            refreshed = session.execute(
+                update(RunLock).where(RunLock.run_name == run_name, RunLock.token == token).values(heartbeat_at=server_now(engine))
+            ).rowcount
+            if refreshed == 1:
                 return
             lost.set()
         raise LeaseLost(
             f"run '{run_name}': this process went {timeout_s:g} s without a heartbeat (paused, or cut off from the "
-            f"database) and may have lost the run to another writer; it stops, committing nothing more"
+            f"database) and lost the run to another writer; it stops, committing nothing more"
         )
 
     return check

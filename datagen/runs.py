@@ -179,6 +179,17 @@ def read_checked_seeds(seeds: str | Path | Sequence[SeedTask], config: bootstrap
     return tasks
 
 
+BACKEND_DEFAULTS = ("max_request_batch_size", "pipelined")
+"""Options whose None means "the backend's default" (pipelines/bootstrap.py for_backend); a run stores them filled."""
+
+
+def with_stored_backend_defaults(config: bootstrap.BootstrapConfig, run: Run) -> bootstrap.BootstrapConfig:
+    """A resumed run keeps the backend defaults it was started with where the config leaves them to the backend."""
+    stored = stored_options(run, type(config))
+    keep = {k: stored[k] for k in BACKEND_DEFAULTS if k in type(config).model_fields and getattr(config, k) is None and k in stored}
+    return config.model_copy(update=keep)
+
+
 def check_resume(session: Session, run: Run, pipeline: str, config: bootstrap.BootstrapConfig, seeds: list[SeedTask],
                  seeds_source: str, model: str) -> None:  # fmt: skip
     """A resume must be the run it resumes: same pipeline, model, seed tasks and options (RESUMABLE aside)."""
@@ -227,6 +238,7 @@ def run_bootstrap(pipeline: str, config: bootstrap.BootstrapConfig, seeds: str |
         with store.session() as session:
             run = find_run(session, name) if name else None
             if run is not None:
+                config = with_stored_backend_defaults(config, run)
                 check_resume(session, run, pipeline, config, tasks, seeds_source or "the seeds given", model)
         llm, owned = _backend(backend, model)
         settings = bootstrap.for_backend(config, llm.name)  # stored filled in: a resumed run keeps them

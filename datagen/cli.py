@@ -1,6 +1,6 @@
 """The `datagen` command: one Typer app composed of one module per area (datagen/commands/).
 
-Exit codes: 0 ok, 1 failure, 2 bad usage or bad input. A DatagenError, or a database failure in the middle
+Exit codes: 0 ok, 1 failure, 2 bad usage or bad input, 3 a run stopped before its target (StoppedEarly). A DatagenError, or a database failure in the middle
 of a command (a lock held too long, a lost connection), prints one line, no traceback.
 """
 
@@ -25,9 +25,8 @@ from datagen.commands.dedup import dedup  # noqa: E402
 from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
 from datagen.commands.toolformer import toolformer  # noqa: E402
 from datagen.commands.ui import ui  # noqa: E402
-from datagen.console import print_error  # noqa: E402
-from datagen.errors import DatagenError  # noqa: E402
-from datagen.options import server_options  # noqa: E402
+from datagen.console import err_console, print_error  # noqa: E402
+from datagen.errors import DatagenError, StoppedEarly  # noqa: E402
 from storage.store import operational_error_message  # noqa: E402
 
 
@@ -47,6 +46,9 @@ class DatagenGroup(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except StoppedEarly as err:  # an outcome, not an error: its line after the run's summary
+            err_console.print(str(err), markup=False)
+            raise typer.Exit(err.exit_code) from None
         except DatagenError as err:
             print_error(str(err))
             raise typer.Exit(err.exit_code) from None
@@ -63,14 +65,13 @@ app = typer.Typer(
 )
 app.add_typer(models.app, name="models")
 app.add_typer(runs.app, name="runs")
-# Commands that generate get --timeout, --concurrency and --api-key beside --base-url (datagen/options.py).
-app.command("generate")(server_options(generate.generate))
-app.command("self-instruct")(server_options(self_instruct_command))
-app.command("alpaca")(server_options(alpaca_command))
+app.command("generate")(generate.generate)
+app.command("self-instruct")(self_instruct_command)
+app.command("alpaca")(alpaca_command)
 app.command("export")(export.export_command)
 app.command("report")(report.report_command)
 app.command("dedup")(dedup)
-app.command("toolformer")(server_options(toolformer))
+app.command("toolformer")(toolformer)
 app.command("train")(train.train)
 app.command("long-data")(long_data.long_data)
 app.command("eval-long")(eval_long.eval_long)

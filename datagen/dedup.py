@@ -62,11 +62,8 @@ import regex
 from rapidfuzz import fuzz, process
 from rapidfuzz.distance import LCSseq
 from rouge_score import tokenize as rouge_tokenize
-from sqlmodel import Session, select
 
 from datagen.errors import BadInput, DatagenError
-from storage.store import get_run
-from storage.tables import Run, Task
 
 SELF_INSTRUCT_THRESHOLD = 0.7
 """Self-Instruct drops a new instruction when its ROUGE-L F-measure with any kept instruction is above 0.7."""
@@ -936,46 +933,3 @@ def make_index(
     if method is Method.fuzzy:
         return FuzzyIndex(threshold, fuzzy_scorer, workers)
     return MinHashIndex(threshold)
-
-
-# --- Texts kept in the store ---------------------------------------------------------------------------------------
-
-STORE = "store"
-"""`--against store`: every accepted instruction of every run, seeds included. `run:NAME` (or `run:ID`): one run's."""
-
-
-class StoredInstruction(NamedTuple):
-    run: str
-    task_id: int
-    source: str
-    """seed or generated."""
-    instruction: str
-
-
-def stored_instructions(session: Session, against: str = STORE, exclude_run_id: int | None = None) -> list[StoredInstruction]:
-    """Accepted instructions (seeds included) of the whole store or of one run, oldest run first, then in insertion order.
-
-    One row per distinct text (its first occurrence): runs that share seed tasks store them once each, and a repeated
-    text cannot change a decision. `exclude_run_id` leaves out a run whose own rows are being filtered, so its
-    instructions are not compared with themselves. An unknown `run:NAME` is a BadInput (exit 2).
-    """
-    query = select(Run.name, Task.id, Task.source, Task.instruction).join(Run, Task.run_id == Run.id)
-    query = query.where(Task.status == "accepted").order_by(Task.run_id, Task.id)
-    if against.startswith("run:"):
-        query = query.where(Task.run_id == get_run(session, against.removeprefix("run:")).id)
-    elif against != STORE:
-        raise BadInput(f"--against {against!r} is neither 'store' nor 'run:NAME' (for a file named {against}, write ./{against})")
-    if exclude_run_id is not None:
-        query = query.where(Task.run_id != exclude_run_id)
-    seen: set[str] = set()
-    rows = []
-    for row in session.exec(query):
-        if row.instruction not in seen:
-            seen.add(row.instruction)
-            rows.append(StoredInstruction(*row))
-    return rows
-
-
-def load_store_texts(session: Session, against: str = STORE, exclude_run_id: int | None = None) -> list[str]:
-    """The texts of `stored_instructions`: what a pipeline adds to its index before filtering new instructions."""
-    return [row.instruction for row in stored_instructions(session, against, exclude_run_id)]

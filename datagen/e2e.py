@@ -16,7 +16,7 @@ EOS. The base is scored in that format too.
 Round 0 scores the base and trains the seeds-only model; each round r = 1..R then runs, in order:
 
 1. generate: a Self-Instruct (or Alpaca) run from the (decontaminated) seeds, with the base (r = 1) or round r-1's
-   first replicate (datagen/commands/self_instruct.py `execute`, the code of `datagen self-instruct`);
+   first replicate (datagen/runs.py `run_bootstrap`, what `datagen self-instruct` calls);
 2. dedup: the run's accepted instructions against the store, Self-Instruct's ROUGE-L > 0.7 rule;
 3. export: the accepted rows of rounds 1..r (`datagen export`), then decontaminated with the seeds;
 4. train: the base on seeds + generated, `replicates` times with training seeds seed, seed+1, ... (merged);
@@ -54,7 +54,7 @@ from datagen import evaluate
 from datagen.backends import BackendName
 from datagen.errors import BadInput, DatagenError
 from datagen.models import DEFAULT_MODEL
-from datagen.options import read_config_file
+from datagen.jsonl import read_config_file
 from pipelines.seeds import SeedTask, read_seeds
 from storage.store import find_run, touch
 from storage.tables import Loop, LoopStage, TrainingRun
@@ -145,15 +145,12 @@ def load_loop_config(path: Path | None, overrides: dict[str, Any]) -> LoopConfig
 
 
 def pipeline_config(config: LoopConfig, round: int = 1):
-    from pipelines import alpaca, self_instruct
+    from pipelines import alpaca, bootstrap, self_instruct
 
     cls = self_instruct.SelfInstructConfig if config.pipeline == "self-instruct" else alpaca.AlpacaConfig
     values = {**config.generate}
     values["seed"] = values.get("seed", 0) + round - 1  # a new round draws new examples
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise BadInput(f"generate: {err}") from None
+    return bootstrap.validate_config(cls, values, "generate")
 
 
 def train_config(config: LoopConfig, data: Path, out: Path, name: str, replicate: int):
@@ -393,19 +390,14 @@ def generate_stage(session, loop: Loop, r: int, generator: str, seeds_file: Path
     if completed(session, loop, r, "generate"):
         log(f"round {r}: generate: done ({name})")
         return name
-    import typer
-
-    from datagen.commands.self_instruct import execute
-    from pipelines import alpaca, bootstrap, self_instruct
+    from datagen import runs
+    from datagen.backends import make_backend
 
     settings = pipeline_config(config, r)
-    pipeline, run_pipeline = ("self-instruct", self_instruct.run) if config.pipeline == "self-instruct" else ("alpaca", alpaca.run)
     log(f"round {r}: generate with {generator}")
-    try:
-        execute(pipeline, type(settings), run_pipeline, seeds_file, bootstrap.config_dict(settings), None, name,
-                generator, config.backend, None, db, False)  # fmt: skip
-    except typer.Exit:
-        pass  # stopped early (stall guard or request limit): the loop goes on with what was accepted
+    # Stopped early (stall guard or request limit) is a result: the loop goes on with what was accepted.
+    runs.run_bootstrap(config.pipeline, settings, seeds_file, backend=lambda: make_backend(config.backend, generator), model=generator,
+                       store=db, name=name)  # fmt: skip
     run = find_run(session, name)
     session.refresh(run)
     record(session, loop, r, "generate", run_id=run.id, artifact=name, result={"status": run.status, "accepted": run.accepted})
@@ -415,15 +407,15 @@ def generate_stage(session, loop: Loop, r: int, generator: str, seeds_file: Path
 def dedup_stage(session, loop: Loop, r: int, run_name: str, db, log) -> None:
     if completed(session, loop, r, "dedup"):
         return
-    from datagen.commands.dedup import dedup
-    from datagen.dedup import FuzzyScorer, Method, Tokenizer
+    from datagen.dedup import Method, make_index
+    from datagen.dedup_store import dedup_run
+    from storage.store import open_engine
 
     log(f"round {r}: dedup {run_name} against the store")
     # Rerun after a kill: rows marked before are no longer candidates and the rest meet the same store, so the
     # decisions are those of one uninterrupted dedup.
-    dedup(file=None, run=run_name, field="instruction", method=Method.rougeL, threshold=0.7, tokenizer=Tokenizer.rouge,
-          stemmer=False, fuzzy_scorer=FuzzyScorer.ratio, against=["store"], out=None, pairs=None, apply=True, workers=1,
-          db=db, as_json=False)  # fmt: skip
+    with Session(open_engine(db)) as dedup_session:
+        dedup_run(dedup_session, find_run(dedup_session, run_name), make_index(Method.rougeL, 0.7, workers=1), Method.rougeL)
     run = find_run(session, run_name)
     session.refresh(run)
     record(session, loop, r, "dedup", run_id=run.id, artifact=run_name, result={"accepted_after": run.accepted})

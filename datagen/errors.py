@@ -1,4 +1,4 @@
-"""One error hierarchy, mapped to the CLI's exit codes (0 ok, 1 failure, 2 bad usage or bad input)."""
+"""One error hierarchy, mapped to the CLI's exit codes (0 ok, 1 failure, 2 bad usage or bad input, 3 stopped early)."""
 
 
 class DatagenError(Exception):
@@ -18,6 +18,20 @@ class Stopped(DatagenError):
     what a shell reports for a process ended by SIGTERM."""
 
     exit_code = 128 + 15
+
+
+class StoppedEarly(DatagenError):
+    """A run stopped before its target by its own rule: the request budget (`max_requests`) spent, or the stall guard
+    (`max_stalled_batches` batches in a row accepted nothing). Stored `stopped` with the reason; a rerun under the same
+    name with a larger budget resumes it. Exit 3, so a caller (the job worker, a shell script) tells it from a failure
+    by the exit code alone."""
+
+    exit_code = 3
+
+    def __init__(self, run: str, reason: str):
+        super().__init__(f"stopped before the target: {reason}")
+        self.run = run
+        self.reason = reason
 
 
 class MissingExtra(DatagenError):

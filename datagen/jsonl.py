@@ -112,3 +112,20 @@ def write_records(path: str | Path, records: list[dict[str, Any]]) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config YAML file (--config) as a mapping of option names to values; a missing, invalid or non-mapping file is BadInput."""
+    import yaml
+
+    if not path.is_file():
+        raise BadInput(f"{path}: no such config file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise BadInput(f"{path}: invalid YAML: {err}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise BadInput(f"{path}: expected a mapping of option: value, got {type(loaded).__name__}")
+    return loaded

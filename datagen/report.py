@@ -29,7 +29,7 @@ from datagen.errors import BadInput
 from datagen.export import max_rouge_l
 from pipelines.self_instruct import has_preamble, has_trailer
 from storage.store import get_run
-from storage.queries import BY_HAND, NOT_JUDGED, hand_rejected_ids, keep_rate
+from storage.queries import NOT_JUDGED, hand_rejected_ids, keep_rate, rejected_by_reason
 from storage.tables import Generation, Instance, Run, Task
 
 SAMPLES = 5
@@ -240,7 +240,7 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
         completions=completions,
         instructions=len(generated),
         accepted=len(accepted),
-        rejected_by_reason=_by_reason(BY_HAND if t.id in by_hand else t.reason for t in rejected),
+        rejected_by_reason=rejected_by_reason(session, run),  # the query `datagen runs`, the viewer and the card use
         instances_accepted=len(good),
         instances_rejected_by_reason=_by_reason(i.reason for i in bad),
         keep_by_batch=[BatchKeep(b, a, r) for b, (a, r) in sorted(keep.items())],

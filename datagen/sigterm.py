@@ -22,8 +22,12 @@ _requested = threading.Event()
 
 @contextmanager
 def stop_between_batches() -> Iterator[None]:
-    """While held, SIGTERM asks the batch loop to stop before its next batch; the previous handler comes back after."""
+    """While held, SIGTERM asks the batch loop to stop before its next batch; the previous handler comes back after.
+    Outside the main thread (a library call in a worker thread) Python cannot install a handler: nothing is held."""
     _requested.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, lambda *_: _requested.set())
     try:
         yield

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pydantic import Field, model_validator
 from sqlmodel import Session
 
 from datagen.backends import Backend, Request, SamplingParams
@@ -32,9 +33,9 @@ from datagen.dedup import RougeIndex
 from datagen.errors import BadInput
 from pipelines.bootstrap import (
     BatchStats,
+    BootstrapConfig,
     Prompt,
     bootstrap,
-    check_bootstrap_config,
     finish_batch,
     for_backend,
     load_pool,
@@ -52,9 +53,10 @@ ALPACA_BLACKLIST = BLACKLIST + ("video", "audio", "music", "flowchart", "diagram
 """generate_instruction.py's blacklist: Self-Instruct's plus tasks needing sound or pictures."""
 
 
-@dataclass
-class AlpacaConfig:
-    """Every knob of an Alpaca run; defaults are generate_instruction.py's unless the comment says otherwise."""
+class AlpacaConfig(BootstrapConfig):
+    """Every knob of an Alpaca run; defaults are generate_instruction.py's unless the comment says otherwise. The
+    knobs shared with Self-Instruct are documented once, in pipelines/bootstrap.py BootstrapConfig, where their
+    default is the same."""
 
     num_instructions: int = 100
     """Accepted instructions to reach (reference `num_instructions_to_generate` 100). Ours: the reference counts
@@ -89,13 +91,8 @@ class AlpacaConfig:
     """Forbid the model's end-of-sequence token, so it writes records until "20." or max_tokens (reference:
     `logit_bias={"50256": -100}`, GPT-3's <|endoftext|>). Every backend blocks it, the openai backend only with a
     local tokenizer (`SamplingParams.block_eos`)."""
-    rouge_threshold: float = 0.7
-    """Reject when ROUGE-L F-measure > 0.7 against a seed or a kept instruction (reference)."""
-    tokenizer: str = "rouge"
-    """ROUGE tokenizer: rouge (the reference's) or unicode (non-English data)."""
-    blacklist: tuple[str, ...] = ALPACA_BLACKLIST
-    require_ascii_start: bool = True
-    """Reject instructions whose first character is not ASCII (reference); turn off for non-English data."""
+    blacklist: tuple[str, ...] = Field(ALPACA_BLACKLIST, strict=False)
+    """Whole words, any case: generate_instruction.py's blacklist (Self-Instruct's and five more)."""
     prompt_style: str = "auto"
     """raw, chat (the requirements as the user's turn, the records as the start of the answer) or auto."""
     requirements: str = "reference"
@@ -105,21 +102,17 @@ class AlpacaConfig:
     length_cut: str = "drop_last"
     """What to do with a response that max_tokens cut: drop_last, only its last, possibly unfinished, record (the
     reference: generate_instruction.py), or drop_response, every record in it (Self-Instruct's rule)."""
-    max_requests: int | None = None
-    """Stop (status 'stopped') after this many requests in the run; None: no limit."""
-    max_stalled_batches: int = 5
-    """Stop with a message after this many batches in a row accept nothing (ours)."""
     seed: int = 0
     """Seeds the sampling of seed records and the backend's sampling."""
 
-    def __post_init__(self) -> None:
-        check_bootstrap_config(self)
+    @model_validator(mode="after")
+    def _check_alpaca(self) -> AlpacaConfig:
         if self.requirements not in REQUIREMENTS:
             raise BadInput(f"requirements must be reference or concise, got {self.requirements}")
         if self.num_tasks <= self.num_prompt_instructions + 1:
             raise BadInput("--num-tasks must exceed --num-prompt-instructions + 1")
-        self.blacklist = tuple(self.blacklist)
         alpaca_params(self, 0)  # loop_ngram and block_eos are checked as the backends take them
+        return self
 
 
 # ---- prompt (pure) --------------------------------------------------------------------------------------------

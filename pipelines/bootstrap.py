@@ -9,12 +9,16 @@ prompt's raw or chat rendering, and the end-of-batch accounting.
 
 from __future__ import annotations
 
+import enum
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sqlalchemy import true
 from sqlmodel import Session, func, select
@@ -22,13 +26,67 @@ from sqlmodel import Session, func, select
 from datagen import sigterm
 from datagen.backends import Backend, Request, Result
 from datagen.errors import BadInput
+from datagen.jsonl import read_config_file
 from pipelines.seeds import SeedInstance, SeedTask
 from storage.store import touch
 from storage.tables import Generation, Instance, Run, Task
 
 
-def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
-    """The checks Self-Instruct's and Alpaca's configs share; `positive` names further fields that must be >= 1."""
+class BootstrapConfig(BaseModel):
+    """The knobs Self-Instruct and Alpaca share: the target, the batches, the sampling, the filters, the stop rules.
+    Each pipeline's config (pipelines/self_instruct.py SelfInstructConfig, pipelines/alpaca.py AlpacaConfig) adds its
+    own and redeclares those whose default or source differs; every default's citation is on its field.
+
+    Strict types: a YAML `temperature: hot` or `max_requests: 2.5` is an error naming the option, not a coercion."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", use_attribute_docstrings=True)
+
+    batch_sizes: ClassVar[tuple[int, int]]
+    """Default max_request_batch_size on transformers (a padded batch) and on vllm/openai (continuous batching)."""
+
+    num_instructions: int = 100
+    """Accepted generated instructions to reach (both references' default is 100)."""
+    num_prompt_instructions: int
+    request_batch_size: int | None = None
+    """Requests per batch, one backend call. None: the ramp (ramp_size) from the references' 5, up to
+    max_request_batch_size. A number: that many every batch."""
+    max_request_batch_size: int | None = None
+    """The ramp's ceiling. None: the pipeline's batch_sizes, the first on transformers, the second on vllm/openai."""
+    temperature: float
+    top_p: float
+    max_tokens: int
+    rouge_threshold: float = 0.7
+    """Reject when ROUGE-L F-measure > 0.7 against any seed or kept instruction (Self-Instruct section 2.3; both
+    references: `if max(rouge_scores) > 0.7`)."""
+    tokenizer: str = "rouge"
+    """ROUGE tokenizer: rouge (rouge-score's own, the references') or unicode (words of any script, for non-English
+    data: rouge-score drops every non-[a-z0-9] character)."""
+    blacklist: tuple[str, ...] = Field(strict=False)
+    """Whole words, any case (a YAML list is read as a tuple)."""
+    require_ascii_start: bool = True
+    """Reject instructions whose first character is not ASCII (references); turn off for non-English data."""
+    prompt_style: str = "auto"
+    """raw (the paper's completion prompt), chat (the same request through the chat template), or auto (chat when
+    the model has a chat template)."""
+    length_cut: str
+    max_requests: int | None = None
+    """Stop (status 'stopped') after this many instruction requests in the run; None: no limit."""
+    max_stalled_batches: int = 5
+    """Stop with a message after this many batches in a row accept nothing (ours: a guard the references lack)."""
+    seed: int = 0
+    """Seeds the sampling of in-context examples and the backend's sampling."""
+
+    positive: ClassVar[tuple[str, ...]] = ()
+    """Further fields of the pipeline that must be >= 1."""
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> BootstrapConfig:
+        check_bootstrap_config(self, self.positive)
+        return self
+
+
+def check_bootstrap_config(config: BootstrapConfig, positive: Sequence[str] = ()) -> None:
+    """The range checks Self-Instruct's and Alpaca's configs share, as BadInput naming the option's flag."""
     if config.num_instructions < 1:
         raise BadInput(f"--num-instructions must be at least 1, got {config.num_instructions}")
     if not config.temperature >= 0 or math.isinf(config.temperature):  # "not >=" also catches NaN
@@ -55,6 +113,55 @@ def check_bootstrap_config(config, positive: Sequence[str] = ()) -> None:
             raise BadInput(f"--{name.replace('_', '-')} must be in [1, {2**INDEX_BITS}], got {value}")
     if config.max_requests is not None and config.max_requests < 1:
         raise BadInput(f"--max-requests must be at least 1, got {config.max_requests}")
+
+
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string", "tuple": "a list of strings"}
+"""pydantic's error type prefixes (int_type, float_parsing, ...) as the words of a one-line BadInput."""
+
+
+def load_config(cls: type[BootstrapConfig], path: Path | None = None, flags: dict[str, Any] | None = None,
+                base: dict[str, Any] | None = None) -> BootstrapConfig:  # fmt: skip
+    """The config from, in increasing priority: `base` (a resumed run's stored config), the YAML file, `flags` (those
+    not None; enums by value). Every check runs here, before any store is opened or model loaded: an unknown or
+    mistyped option is BadInput naming the file and the key, a value out of range names the option."""
+    known = set(cls.model_fields)
+    values = {k: v for k, v in (base or {}).items() if k in known}
+    source = "options"
+    if path is not None:
+        source = str(path)
+        loaded = read_config_file(path)
+        for key in loaded:
+            if str(key).replace("-", "_") not in known:
+                raise BadInput(f"{path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v.value if isinstance(v, enum.Enum) else v for k, v in (flags or {}).items() if v is not None})
+    return validate_config(cls, values, source)
+
+
+def validate_config(cls: type[BootstrapConfig], values: dict[str, Any], source: str = "options") -> BootstrapConfig:
+    """`cls(**values)` with pydantic's errors as one BadInput line: "{source}: option 'temperature' must be a number,
+    got 'hot'"."""
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "config"
+        if first["type"] == "extra_forbidden":
+            raise BadInput(f"{source}: unknown option '{key}' (known: {', '.join(sorted(cls.model_fields))})") from None
+        kind = _KINDS.get(first["type"].split("_")[0])
+        if kind is None:
+            raise BadInput(f"{source}: option '{key}': {first['msg']}") from None
+        raise BadInput(f"{source}: option '{key}' must be {kind}, got {first['input']!r}") from None
+
+
+def config_values(params: dict[str, Any], cls: type[BootstrapConfig]) -> dict[str, Any]:
+    """A command's parameters (or a job's parsed options) as config field values: the one flag->config mapping of
+    `datagen self-instruct`, `datagen alpaca` and their jobs. `allow_non_ascii` is the inverse of
+    require_ascii_start; parameters that are not config fields (seeds, run, model, db) are left out."""
+    values = {k: v for k, v in params.items() if k in cls.model_fields}
+    if params.get("allow_non_ascii") is not None:
+        values["require_ascii_start"] = not params["allow_non_ascii"]
+    return values
 
 
 SEED_BITS, BATCH_BITS, INDEX_BITS = 31, 20, 12
@@ -85,7 +192,7 @@ def for_backend(config, backend: str):
     filled = {"max_request_batch_size": config.max_request_batch_size or (continuous if engine else padded)}
     if getattr(config, "pipelined", False) is None:
         filled["pipelined"] = engine
-    return replace(config, **filled)
+    return config.model_copy(update=filled)
 
 
 RAMP_START = 5
@@ -103,8 +210,9 @@ def ramp_size(pool: int, added: int, requests: int, cap: int) -> int:
     return max(1, min(cap, size))
 
 
-def config_dict(config) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+def config_dict(config: BootstrapConfig) -> dict:
+    """The config as the run row stores it (JSON: tuples as lists)."""
+    return config.model_dump(mode="json")
 
 
 # ---- prompts: raw or through the chat template -------------------------------------------------------------------

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from pydantic import Field, model_validator
 from sqlmodel import Session
 
 from datagen.backends import Backend, Request, Result, SamplingParams
@@ -42,11 +43,11 @@ from datagen.dedup import RougeIndex, tokenize_unicode
 from datagen.errors import BadInput
 from pipelines.bootstrap import (
     BatchStats,
+    BootstrapConfig,
     Drafted,
     Prompt,
     bootstrap,
     bootstrap_pipelined,
-    check_bootstrap_config,
     finish_batch,
     for_backend,
     load_pool,
@@ -64,10 +65,10 @@ BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file"
 """Words of tasks a language model cannot do (bootstrap_instructions.py, post_process_gpt3_response)."""
 
 
-@dataclass
-class SelfInstructConfig:
+class SelfInstructConfig(BootstrapConfig):
     """Every knob of a Self-Instruct run. Defaults are the reference implementation's (yizhongw/self-instruct,
-    self_instruct/*.py) unless the comment says otherwise."""
+    self_instruct/*.py) unless the comment says otherwise; the knobs shared with Alpaca are documented once, in
+    pipelines/bootstrap.py BootstrapConfig, where their default is the same."""
 
     batch_sizes: ClassVar[tuple[int, int]] = (16, 64)
     """Default max_request_batch_size on transformers (a padded batch runs to its longest completion) and on
@@ -112,19 +113,8 @@ class SelfInstructConfig:
     """Per instruction request (reference 1024). On the transformers backend a batch runs until its longest
     completion ends, so one rambling completion costs the whole batch this many steps: 256 is plenty for 7
     instructions of a small model (examples/self_instruct.yaml)."""
-    rouge_threshold: float = 0.7
-    """Reject when ROUGE-L F-measure > 0.7 against any seed or kept instruction (paper section 2.3; reference
-    `if max(rouge_scores) > 0.7`)."""
-    tokenizer: str = "rouge"
-    """ROUGE tokenizer: rouge (rouge-score's own, the reference's) or unicode (words of any script, for non-English
-    data: rouge-score drops every non-[a-z0-9] character)."""
-    blacklist: tuple[str, ...] = BLACKLIST
-    """Whole words, any case."""
-    require_ascii_start: bool = True
-    """Reject instructions whose first character is not ASCII (reference); turn off for non-English data."""
-    prompt_style: str = "auto"
-    """raw (the paper's completion prompt), chat (the same request through the chat template), or auto (chat when
-    the model has a chat template)."""
+    blacklist: tuple[str, ...] = Field(BLACKLIST, strict=False)
+    """Whole words, any case (reference bootstrap_instructions.py)."""
     generate_classification: bool = False
     """Prompt with classification seeds only and the classification header (reference `--use_clf_seed_tasks_only`);
     every generated task is then a classification task."""
@@ -151,15 +141,13 @@ class SelfInstructConfig:
     """What to do with an instruction response that max_tokens cut: drop_response, every instruction in it (the
     reference: bootstrap_instructions.py returns [] when finish_reason is "length"), or drop_last, only its last,
     possibly unfinished, instruction (Stanford Alpaca's rule). Dropped instructions are stored as cut_by_length."""
-    max_requests: int | None = None
-    """Stop (status 'stopped') after this many instruction requests in the run; None: no limit."""
-    max_stalled_batches: int = 5
-    """Stop with a message after this many batches in a row accept nothing (ours: a guard the reference lacks)."""
     seed: int = 0
     """Seeds the sampling of in-context examples and the backend's sampling (reference: random.seed(42))."""
 
-    def __post_init__(self) -> None:
-        check_bootstrap_config(self, ("max_instances", "max_new_instructions", "instance_demonstrations"))
+    positive: ClassVar[tuple[str, ...]] = ("max_instances", "max_new_instructions", "instance_demonstrations")
+
+    @model_validator(mode="after")
+    def _check_self_instruct(self) -> SelfInstructConfig:
         if self.instance_max_tokens is not None and self.instance_max_tokens < 1:
             raise BadInput(f"--instance-max-tokens must be at least 1, got {self.instance_max_tokens}")
         if not -2 <= self.presence_penalty <= 2:
@@ -168,7 +156,7 @@ class SelfInstructConfig:
             raise BadInput(f"--instance-demos must be builtin or seeds, got {self.instance_demos}")
         if not 0 <= self.num_machine_instructions <= self.num_prompt_instructions:
             raise BadInput("--num-machine-instructions must be between 0 and --num-prompt-instructions")
-        self.blacklist = tuple(self.blacklist)
+        return self
 
 
 # ---- prompts (pure) -------------------------------------------------------------------------------------------

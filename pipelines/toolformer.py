@@ -52,15 +52,16 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from sqlalchemy import func
 from sqlmodel import Session, select
 
 from datagen import sigterm
 from datagen.backends import MAX_N, MAX_SEED, PROBE_TOP_K, Backend, Completion, Request, SamplingParams
 from datagen.errors import BadInput, DatagenError
-from datagen.jsonl import read_records, require_str
+from datagen.jsonl import read_config_file, read_records, require_str
 from pipelines.tools import TOOL_NAMES, CallContext, Executed, Tool, ToolError, execute
 from storage.store import add_generations, touch
 from storage.tables import ApiCall, Generation, Run, ToolformerText
@@ -169,6 +170,26 @@ class ToolformerConfig(BaseModel):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name} must not be blank")
         return self
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> ToolformerConfig:
+    """The YAML file's options, then `overrides` (the command's flags); an error names the file and the field."""
+    values = read_config_file(path) if path is not None else {}
+    try:
+        return ToolformerConfig.model_validate(values | overrides)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise BadInput(f"{path or 'options'}: {where}: {first['msg']}") from None
+
+
+def config_values(params: dict[str, Any]) -> dict[str, Any]:
+    """`datagen toolformer`'s flags (or a job's parsed options) as config values: --tools is comma-separated; flags
+    not given are left out, so the YAML file's value stands."""
+    tools = params.get("tools")
+    flags = {"tools": tools.split(",") if tools else None, "search_corpus": params.get("search_corpus"), "date": params.get("date"),
+             "batch_size": params.get("batch_size"), "seed": params.get("seed")}  # fmt: skip
+    return {k: v for k, v in flags.items() if v is not None}
 
 
 # --- The corpus ----------------------------------------------------------------------------------------------

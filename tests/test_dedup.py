@@ -586,6 +586,8 @@ def tasks_of(engine, name: str):
 def test_load_store_texts(store):
     from sqlmodel import Session
 
+    from datagen import dedup_store as dedup  # the store's texts: datagen/dedup_store.py, above the engine
+
     _, engine = store
     seeds = [r["instruction"] for r in SEED_RECORDS[:20]]
     with Session(engine) as session:
@@ -605,6 +607,8 @@ def test_load_store_texts(store):
 
 def test_pipeline_seeds_its_index_from_the_store(store):
     from sqlmodel import Session
+
+    from datagen import dedup_store as dedup  # the store's texts: datagen/dedup_store.py, above the engine
 
     _, engine = store
     new = [RUN_A[4], "Design a chess puzzle in FEN notation!", "Name three rivers in Asia.", "Name 3 rivers in Asia."]

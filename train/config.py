@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from datagen.errors import BadInput
-from datagen.options import read_config_file
+from datagen.jsonl import read_config_file
 from train.rope import RopeType
 
 

@@ -55,7 +55,7 @@ from transformers import TrainerCallback  # noqa: E402
 from datagen import models
 from datagen.errors import BadInput, DatagenError
 from datagen.export import is_export
-from datagen.options import read_config_file
+from datagen.jsonl import read_config_file
 from train.config import Method, Precision, TrainConfig
 from train.data import Export, has_prompt, open_export, training_split
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import enum
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from datagen.errors import BadInput, MissingExtra
 
@@ -263,3 +263,41 @@ def mask_url(url: str) -> str:
     userinfo, _, host = authority.rpartition("@")
     masked = "***:***" if ":" in userinfo else "***"
     return f"{scheme}{sep}{masked}@{host}{slash}{path}"
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How to talk to OpenAI-compatible servers (`--backend openai`): the CLI's --timeout, --concurrency and
+    --api-key. None: the backend's default (120 s, 8 requests in flight, $OPENAI_API_KEY). The API key goes to the
+    backend only, never to the store."""
+
+    timeout: float | None = None
+    """Seconds for one HTTP request (default 120)."""
+    concurrency: int | None = None
+    """Requests in flight at once, over all servers (default 8)."""
+    api_key: str | None = field(default=None, repr=False)
+    """Sent as a Bearer token; default $OPENAI_API_KEY."""
+
+    def __post_init__(self) -> None:
+        if self.timeout is not None and not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise BadInput(f"--timeout must be a number of seconds > 0, got {self.timeout}")
+        if self.concurrency is not None and not 1 <= self.concurrency <= 4096:
+            raise BadInput(f"--concurrency must be from 1 to 4096, got {self.concurrency}")
+
+    def backend_options(self) -> dict[str, Any]:
+        return {k: v for k in ("timeout", "concurrency", "api_key") if (v := getattr(self, k)) is not None}
+
+
+def make_backend(name: BackendName | str, model: str, base_urls: Sequence[str] | None = None, server: ServerOptions | None = None,
+                 notify: Callable[[str], None] | None = None) -> Backend:  # fmt: skip
+    """The backend a command's or a library call's options ask for: the openai backend needs base URLs (and takes
+    `server`'s options), the others refuse them. A run's config and errors show base URLs with credentials masked."""
+    name = resolve_backend_name(name)
+    if name is BackendName.openai:
+        if not base_urls:
+            raise BadInput("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+        options = server.backend_options() if server else {}
+        return load_backend(name, model, base_urls=list(base_urls), notify=notify, **options)
+    if base_urls:
+        raise BadInput("--base-url is only for --backend openai")
+    return load_backend(name, model)

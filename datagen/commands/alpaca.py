@@ -10,8 +10,17 @@ import typer
 from datagen.backends import BackendName
 from datagen.commands.self_instruct import NumOption, RougeTokenizer, RunOption, SeedsOption, StyleOption, execute
 from datagen.models import DEFAULT_MODEL
-from datagen.options import BackendOption, BaseUrlOption, ConfigOption, DbOption, JsonOption, ModelOption
-from pipelines import alpaca
+from datagen.options import (
+    ApiKeyOption,
+    BackendOption,
+    BaseUrlOption,
+    ConcurrencyOption,
+    ConfigOption,
+    DbOption,
+    JsonOption,
+    ModelOption,
+    TimeoutOption,
+)
 
 
 class Requirements(str, enum.Enum):
@@ -40,10 +49,9 @@ def alpaca_command(
     config: ConfigOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
+    timeout: TimeoutOption = None,
+    concurrency: ConcurrencyOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Generate instruction/input/output records, 20 asked per request, from 3 seed records (Stanford Alpaca)."""
-    flags = dict(num_instructions=num_instructions, prompt_style=prompt_style, request_batch_size=request_batch_size,
-                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, rouge_threshold=rouge_threshold,
-                 tokenizer=tokenizer, require_ascii_start=None if allow_non_ascii is None else not allow_non_ascii,
-                 max_requests=max_requests, seed=seed, requirements=requirements)  # fmt: skip
-    execute("alpaca", alpaca.AlpacaConfig, alpaca.run, seeds, flags, config, run_name, model, backend, base_url, db, as_json)
+    execute("alpaca", dict(locals()))

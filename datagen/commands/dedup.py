@@ -19,84 +19,20 @@ run afterwards generates replacements up to its target.
 from __future__ import annotations
 
 import json
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
-from sqlalchemy import func
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from datagen.console import err_console, print_error, print_json, progress, summary_table
-from datagen.dedup import SELF_INSTRUCT_THRESHOLD, STORE, Decision, FuzzyScorer, Method, Tokenizer, make_index, stored_instructions
+from datagen.dedup import SELF_INSTRUCT_THRESHOLD, FuzzyScorer, Method, Tokenizer, make_index
+from datagen.dedup_store import decide, dedup_run, is_store_source
 from datagen.errors import BadInput, DatagenError
-from datagen.jsonl import check_output_file, read_records, require_str, write_records
+from datagen.jsonl import check_output_file, write_records
 from datagen.options import DbOption, JsonOption
-from storage.store import get_run, open_engine, touch
-from storage.tables import Instance, Run, Task
-
-
-@dataclass(frozen=True)
-class Text:
-    """One text to compare, with where it came from ("file.jsonl:12", "run:demo/task:7") and its whole record."""
-
-    source: str
-    text: str
-    record: dict[str, Any]
-
-
-def read_texts(path: Path, field: str) -> list[Text]:
-    """Every record's `field`; a missing, non-string or empty value stops with file:line (exit 2) before any work."""
-    return [Text(f"{path}:{line}", require_str(path, line, record, field), record) for line, record in read_records(path)]
-
-
-def is_store_source(against: str) -> bool:
-    return against == STORE or against.startswith("run:")
-
-
-def store_texts(session: Session, against: str, exclude_run_id: int | None) -> list[Text]:
-    """`--against store` or `run:NAME`: accepted instructions, seeds included (datagen.dedup.stored_instructions)."""
-    return [
-        Text(f"run:{row.run}/task:{row.task_id}", row.instruction, row._asdict())
-        for row in stored_instructions(session, against, exclude_run_id)
-    ]
-
-
-def run_tasks(session: Session, run: Run) -> tuple[list[Text], list[Task]]:
-    """A stored run's seed tasks (texts kept before anything else) and its accepted generated instructions, in id order."""
-    rows = session.exec(select(Task).where(Task.run_id == run.id).order_by(Task.id)).all()
-    seeds = [_task_text(run, t) for t in rows if t.source == "seed"]
-    return seeds, [t for t in rows if t.source == "generated" and t.status == "accepted"]
-
-
-def _task_text(run: Run, task: Task) -> Text:
-    record = {"run": run.name, "task_id": task.id, "source": task.source, "instruction": task.instruction,
-              "is_classification": task.is_classification}  # fmt: skip
-    return Text(f"run:{run.name}/task:{task.id}", task.instruction, record)
-
-
-def mark_duplicates(session: Session, run: Run, dropped: list[tuple[Task, Decision]], method: Method) -> None:
-    """--apply: each dropped instruction becomes rejected with its nearest kept text and score, and the run's counters
-    follow (accepted and rejected count generated instructions, instances the accepted instances of accepted ones),
-    all in one transaction."""
-    instances = dict(
-        session.exec(
-            select(Instance.task_id, func.count())
-            .join(Task, Instance.task_id == Task.id)
-            .where(Task.run_id == run.id, Task.status == "accepted", Instance.status == "accepted")
-            .group_by(Instance.task_id)
-        ).all()
-    )
-    for task, decision in dropped:
-        task.status, task.reason = "rejected", f"duplicate_{method.value}"
-        task.nearest, task.similarity = decision.nearest_text, decision.score
-        session.add(task)
-    touch(run, accepted=run.accepted - len(dropped), rejected=run.rejected + len(dropped),
-          instances=run.instances - sum(instances.get(task.id, 0) for task, _ in dropped))  # fmt: skip
-    session.add(run)
-    session.commit()
+from storage.store import get_run, open_engine
 
 
 def dedup(
@@ -160,42 +96,24 @@ def dedup(
 
 def _dedup(session, file, run_ref, field, index, method, threshold, tokenizer, against, out, pairs, apply, as_json) -> dict:
     run = get_run(session, run_ref) if run_ref is not None else None
-    if apply and run.status == "running":
-        raise BadInput(f"run '{run.name}' is running: --apply would race its counters; wait for it to finish "
-                       "(a killed run: resume it to completion first), or drop --apply for a report")  # fmt: skip
-
-    # Kept before any candidate, in this order: the run's own seeds, then each --against source.
-    earlier, tasks = run_tasks(session, run) if run else ([], [])
-    for spec in against:
-        if is_store_source(spec):
-            texts = store_texts(session, spec, run.id if run else None)
-            if spec == STORE and not texts:
-                other = " of another run" if run else ""
-                err_console.print(f"note: --against store: the store holds no accepted instruction{other}")
-            earlier += texts
-        else:
-            earlier += read_texts(Path(spec), field)
-    first: dict[str, Text] = {}
-    for text in earlier:
-        first.setdefault(text.text, text)  # each text once, at its first source: a repeat cannot change a decision
-    earlier = list(first.values())
-    candidates = [_task_text(run, t) for t in tasks] if run else read_texts(file, field)
-
     rule = "exact duplicates" if method is Method.exact else f"{method.value} > {threshold}"
-    started = time.perf_counter()
-    index.add([t.text for t in earlier])
+    note = lambda line: err_console.print(f"note: {line}")  # noqa: E731
     with progress("records") as bar:
-        task = bar.add_task("dedup", total=len(candidates), status=rule)
-        decisions = index.filter([t.text for t in candidates], progress=lambda done: bar.update(task, advance=done))
-    seconds = time.perf_counter() - started
+        task = bar.add_task("dedup", total=None, status=rule)
 
-    sources = [t.source for t in earlier] + [t.source for t, d in zip(candidates, decisions) if d.kept]
-    kept = [t.record for t, d in zip(candidates, decisions) if d.kept]
-    dropped = [
-        {"source": t.source, "text": t.text, "score": d.score, "nearest": d.nearest_text, "nearest_source": sources[d.nearest_index]}
-        for t, d in zip(candidates, decisions)
-        if not d.kept
-    ]
+        def advance(done: int) -> None:
+            bar.update(task, advance=done)
+
+        def start(candidates: int) -> None:
+            bar.update(task, total=candidates)
+
+        if run is not None:
+            decided = dedup_run(session, run, index, method, against, apply, advance, start) if apply else \
+                decide(session, index, run, None, field, against, advance, note, start)  # fmt: skip
+        else:
+            decided = decide(session, index, None, file, field, against, advance, note, start)
+    kept, dropped, seconds = decided.kept(), decided.dropped(), decided.seconds
+    candidates = decided.candidates
     if out:
         write_records(out, kept)
     elif run is None and not as_json:
@@ -203,11 +121,8 @@ def _dedup(session, file, run_ref, field, index, method, threshold, tokenizer, a
             typer.echo(json.dumps(record, ensure_ascii=False))
     if pairs:
         write_records(pairs, dropped)
-    if apply:
-        mark_duplicates(session, run, [(t, d) for t, d in zip(tasks, decisions) if not d.kept], method)
-
     what = f"run {run.name}" if run else str(file)
-    rows = [("drop", rule), ("against", len(earlier)), ("records", len(candidates)), ("kept", len(kept)),
+    rows = [("drop", rule), ("against", len(decided.earlier)), ("records", len(candidates)), ("kept", len(kept)),
             ("dropped", len(dropped)), ("seconds", round(seconds, 2)),
             ("records/s", round(len(candidates) / seconds) if seconds > 0 else "-")]  # fmt: skip
     if run:
@@ -220,7 +135,7 @@ def _dedup(session, file, run_ref, field, index, method, threshold, tokenizer, a
         "method": method.value,
         "threshold": None if method is Method.exact else threshold,
         "tokenizer": tokenizer.value if method is Method.rougeL else None,
-        "against": len(earlier),
+        "against": len(decided.earlier),
         "records": len(candidates),
         "kept": len(kept),
         "dropped": len(dropped),

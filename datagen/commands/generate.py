@@ -16,7 +16,19 @@ from datagen.console import err_console, progress, summary_table
 from datagen.generate import GenerateConfig, read_requests, run_generate
 from datagen.jsonl import check_output_file
 from datagen.models import DEFAULT_MODEL
-from datagen.options import BackendOption, BaseUrlOption, DbOption, JsonOption, ModelOption, make_backend
+from datagen.backends import make_backend
+from datagen.options import (
+    ApiKeyOption,
+    BackendOption,
+    BaseUrlOption,
+    ConcurrencyOption,
+    DbOption,
+    JsonOption,
+    ModelOption,
+    TimeoutOption,
+    notify,
+    server_options,
+)
 from storage.store import add_run, check_store, default_run_name, open_engine, record_failure, touch
 from storage.tables import Run
 
@@ -37,8 +49,12 @@ def generate(
     out: Annotated[Optional[Path], typer.Option(help="Write completions as JSONL here instead of stdout.")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
+    timeout: TimeoutOption = None,
+    concurrency: ConcurrencyOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Complete every prompt of a JSONL file with the chosen backend and model."""
+    server = server_options(base_url, timeout, concurrency, api_key)
     # Options, output path and every prompt line are checked before a model loads or the store is touched;
     # the store is opened (a new SQLite file created) only once there is something to write.
     config = GenerateConfig(
@@ -50,7 +66,7 @@ def generate(
         check_output_file(out, "--out")
     requests = read_requests(prompts, params)
     check_store(db)  # an unreachable database fails before the model loads
-    llm = make_backend(backend, model, base_url)
+    llm = make_backend(backend, model, base_url, server, notify=notify)
     try:
         engine = open_engine(db)
     except BaseException:

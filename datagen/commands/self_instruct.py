@@ -1,41 +1,43 @@
 """`datagen self-instruct`: Self-Instruct bootstrapping from seed tasks (pipelines/self_instruct.py).
 
-`execute` is shared with `datagen alpaca`: open or resume the run, run the pipeline under a progress bar, summarize.
+`execute` is shared with `datagen alpaca`: the flags as the pipeline's config, one library call (datagen/runs.py:
+hold, open or resume, run, summarize) under a progress bar, and the summary printed.
 """
 
 from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from sqlmodel import Session, func, select
+from sqlmodel import Session
 
-from datagen import sigterm
-from datagen.backends import BackendName
+from datagen import runs
+from datagen.backends import BackendName, ServerOptions, make_backend
 from datagen.console import err_console, print_json, progress, summary_table
-from datagen.errors import BadInput
 from datagen.models import DEFAULT_MODEL
 from datagen.options import (
+    ApiKeyOption,
     BackendOption,
     BaseUrlOption,
+    ConcurrencyOption,
     ConfigOption,
     DbOption,
     JsonOption,
     ModelOption,
-    make_backend,
-    option_names,
-    read_config_file,
-    typed_options,
+    TimeoutOption,
+    notify,
+    server_options,
 )
-from pipelines import bootstrap, self_instruct
-from pipelines.seeds import SeedTask, read_seeds
-from storage.run_lock import hold_run
-from storage import queries
-from storage.store import add_generations, add_run, default_run_name, find_run, open_engine, record_failure, touch
-from storage.tables import Run, Task
+from pipelines import bootstrap
+from pipelines.bootstrap import load_config
+from pipelines.seeds import SeedTask
+from storage.store import find_run
+from storage.tables import Run
 
 
 class PromptStyle(str, enum.Enum):
@@ -84,166 +86,67 @@ def self_instruct_command(
     config: ConfigOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
+    timeout: TimeoutOption = None,
+    concurrency: ConcurrencyOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Grow seed tasks into new instructions with instances (Self-Instruct, Wang et al. 2023)."""
-    flags = dict(num_instructions=num_instructions, prompt_style=prompt_style, request_batch_size=request_batch_size,
-                 max_tokens=max_tokens, temperature=temperature, top_p=top_p, instance_max_tokens=instance_max_tokens,
-                 rouge_threshold=rouge_threshold, tokenizer=tokenizer, generate_classification=generate_classification,
-                 instance_demos=instance_demos,
-                 require_ascii_start=None if allow_non_ascii is None else not allow_non_ascii, max_requests=max_requests,
-                 seed=seed, pipelined=pipelined)  # fmt: skip
-    execute("self-instruct", self_instruct.SelfInstructConfig, self_instruct.run, seeds, flags, config, run_name,
-            model, backend, base_url, db, as_json)  # fmt: skip
+    params = dict(locals())
+    execute("self-instruct", params)
 
 
-def load_config(cls, path: Path | None, flags: dict[str, Any], base: dict[str, Any] | None = None):
-    """The config from, in increasing priority: a resumed run's stored config, the YAML file, the flags given.
-    Types and ranges are checked here, before any store is opened or model loaded; errors name the key or option."""
-    known = option_names(cls)
-    values = {k: v for k, v in (base or {}).items() if k in known}
-    if path is not None:
-        loaded = read_config_file(path)
-        for key in loaded:
-            if str(key).replace("-", "_") not in known:
-                raise BadInput(f"{path}: unknown option '{key}' (known: {', '.join(sorted(known))})")
-        values.update(typed_options(cls, {str(k).replace("-", "_"): v for k, v in loaded.items()}, str(path)))
-    values.update({k: v.value if isinstance(v, enum.Enum) else v for k, v in flags.items() if v is not None})
-    return cls(**values)
-
-
-def execute(
-    pipeline: str,
-    config_cls,
-    run_pipeline: Callable,
-    seeds_path: Path,
-    flags: dict[str, Any],
-    config_file: Path | None,
-    run_name: str | None,
-    model: str,
-    backend: BackendName,
-    base_url: list[str] | None,
-    db: str | None,
-    as_json: bool,
-) -> None:
-    """Check everything, then open or resume the run, run the pipeline under a progress bar, and summarize."""
-    settings = load_config(config_cls, config_file, flags)  # bad options fail before anything is written
-    seeds = read_seeds(seeds_path)  # every line checked before anything is written
-    needs_instances = getattr(settings, "instance_demos", "seeds") == "seeds"  # Alpaca shows seed records: always
-    bootstrap.check_seeds(seeds, str(seeds_path), needs_instances)
-    engine = open_engine(db)
-    # One writer per run, held before the model loads (storage/run_lock.py); SIGTERM stops between batches.
-    with sigterm.stop_between_batches(), hold_run(engine, run_name):
-        with Session(engine) as session:
-            run = find_run(session, run_name) if run_name else None
-            if run is not None:
-                settings = check_resume(session, run, pipeline, config_cls, config_file, flags, seeds, seeds_path, model)
-        llm = make_backend(backend, model, base_url)
-        settings = bootstrap.for_backend(settings, llm.name)  # stored filled in: a resumed run keeps them
-        started = time.perf_counter()
-        with Session(engine) as session:
-            run = find_run(session, run_name) if run_name else None
-            config = {"seeds": str(seeds_path), **bootstrap.config_dict(settings)}
-            try:
-                if run is None:
-                    run = add_run(session, Run(name=run_name or default_run_name(pipeline), pipeline=pipeline, config=config,
-                                               model=model, backend=llm.name))  # fmt: skip
-                if not session.exec(select(Task.id).where(Task.run_id == run.id, Task.source == "seed")).first():
-                    start_run(session, run, llm, seeds, settings, pipeline)  # committed with the status below
-                touch(run, status="running", error=None, config=config)
-                session.add(run)
-                session.commit()
-                start_accepted, start_tokens = run.accepted, run.completion_tokens
-                with progress("instructions") as bar:
-                    bar_task = bar.add_task(pipeline, total=settings.num_instructions, completed=run.accepted, status="")
-
-                    def on_batch(run: Run, stats: bootstrap.BatchStats) -> None:
-                        seen = run.accepted + run.rejected
-                        rate = (run.completion_tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
-                        bar.update(bar_task, completed=run.accepted, status=f"keep {run.accepted / max(seen, 1):.0%} · {rate:.0f} tok/s")
-
-                    totals = run_pipeline(session, run, llm, settings, on_batch)
-            except BaseException as err:
-                if run is not None and run.id is not None:
-                    record_failure(session, run, err)
-                else:
-                    session.rollback()
-                raise
-            finally:
-                llm.close()
-            summary = summarize(session, run, totals, time.perf_counter() - started, run.accepted - start_accepted)
-    if as_json:
+def execute(pipeline: str, params: dict[str, Any]) -> None:
+    """A Self-Instruct or Alpaca command: its flags as the config (bad options fail before anything is written), the
+    resumed run's stored options under them, one library call, the summary."""
+    server = server_options(params["base_url"], params["timeout"], params["concurrency"], params["api_key"])
+    config_cls = runs.PIPELINES[pipeline]
+    flags = bootstrap.config_values(params, config_cls)
+    settings = load_config(config_cls, params["config"], flags)
+    seeds, name, model = params["seeds"], params["run_name"], params["model"]
+    runs.read_checked_seeds(seeds, settings)  # every line checked before the store is opened
+    store = runs.Store(params["db"])
+    with store.session() as session:
+        run = find_run(session, name) if name else None
+        if run is not None and run.pipeline == pipeline:  # resumed: the stored options, under the file and flags
+            settings = load_config(config_cls, params["config"], flags, base=runs.stored_options(run, config_cls))
+    handle = runs.run_bootstrap(pipeline, settings, seeds, backend=lambda: backend(params, server), model=model, store=store,
+                                name=name, progress=progress_bar(pipeline, settings.num_instructions))  # fmt: skip
+    summary = handle.summary
+    if params["as_json"]:
         print_json(summary)
     else:
         rows = [(k.replace("_", " "), v) for k, v in summary.items() if k not in ("rejected_by_reason", "message")]
         rows += [(f"  rejected: {k}", v) for k, v in summary["rejected_by_reason"].items()]
-        err_console.print(summary_table(f"{pipeline} run {run.name}", rows))
-    if run.status == "stopped":
-        err_console.print(f"stopped before the target: {run.error}", markup=False)
-        raise typer.Exit(1)
+        err_console.print(summary_table(f"{pipeline} run {handle.name}", rows))
+    handle.raise_if_stopped()  # StoppedEarly: its line, exit 3 (datagen/cli.py)
 
 
-RESUMABLE = ("num_instructions", "max_requests", "max_stalled_batches")
-"""Options a resumed run may change: where it stops, not how it decides. Any other change would make the resumed
-run something the uninterrupted one is not, so it is refused."""
+def backend(params: dict[str, Any], server: ServerOptions):
+    return make_backend(params["backend"], params["model"], params["base_url"], server, notify=notify)
 
 
-def check_resume(session, run: Run, pipeline, config_cls, config_file, flags, seeds: list[SeedTask], seeds_path, model):
-    """The resumed run's stored config under the file and flags given now; same pipeline, model, seeds and options."""
-    if run.pipeline != pipeline:
-        raise BadInput(f"run '{run.name}' is a {run.pipeline} run, not {pipeline}: choose another --run name")
-    if run.model != model:
-        raise BadInput(f"run '{run.name}' was started with --model {run.model}; resume it with the same model")
-    stored = bootstrap.load_seeds(session, run)
-    if stored and not same_seeds(stored, seeds):
-        raise BadInput(f"run '{run.name}' was started with other seed tasks than {seeds_path}; resume it with the same file")
-    # A run stored before `pipelined` existed ran its batches one after another.
-    base = {"pipelined": False, **run.config} if "pipelined" in option_names(config_cls) else run.config
-    settings = load_config(config_cls, config_file, flags, base=base)
-    now = bootstrap.config_dict(settings)
-    changed = [f"{key} {run.config[key]!r} -> {value!r}" for key, value in now.items()
-               if key in run.config and key not in RESUMABLE and run.config[key] != value]  # fmt: skip
-    if changed:
-        raise BadInput(f"run '{run.name}' was started with other options ({', '.join(changed)}): resume it with the "
-                       f"options it was started with, or start a new --run")  # fmt: skip
+def progress_bar(pipeline: str, target: int):
+    """The run's progress: accepted instructions of the target, keep rate and this session's tokens per second."""
+
+    @contextmanager
+    def bar_for(run: Run) -> Iterator[runs.OnBatch]:
+        started, start_tokens = time.perf_counter(), run.completion_tokens
+        with progress("instructions") as bar:
+            bar_task = bar.add_task(pipeline, total=target, completed=run.accepted, status="")
+
+            def on_batch(run: Run, stats: bootstrap.BatchStats) -> None:
+                seen = run.accepted + run.rejected
+                rate = (run.completion_tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
+                bar.update(bar_task, completed=run.accepted, status=f"keep {run.accepted / max(seen, 1):.0%} · {rate:.0f} tok/s")
+
+            yield on_batch
+
+    return bar_for
+
+
+def check_resume(session: Session, run: Run, pipeline: str, config_cls, config_file: Path | None, flags: dict[str, Any],
+                 seeds: list[SeedTask], seeds_path: Path, model: str):  # fmt: skip
+    """The resumed run's stored config under the file and flags given now, checked as the library checks a resume."""
+    settings = load_config(config_cls, config_file, flags, base=runs.stored_options(run, config_cls))
+    runs.check_resume(session, run, pipeline, settings, seeds, str(seeds_path), model)
     return settings
-
-
-def same_seeds(stored: list[SeedTask], given: list[SeedTask]) -> bool:
-    """The same tasks with the same instances; whether each is classification only where the file says (the store
-    also holds the classification step's labels of seeds the file left open)."""
-    if len(stored) != len(given):
-        return False
-    return all(
-        s.instruction == g.instruction and s.instances == g.instances
-        and (g.is_classification is None or s.is_classification == g.is_classification)
-        for s, g in zip(stored, given)
-    )  # fmt: skip
-
-
-def start_run(session: Session, run: Run, llm, seeds: list[SeedTask], settings, pipeline: str) -> None:
-    """A new run's seeds go to the store first; seeds that do not say whether they are classification tasks are
-    labelled by the classification step (Self-Instruct only: Alpaca has none)."""
-    if pipeline == "self-instruct":
-        chat = bootstrap.uses_chat(llm, settings.prompt_style)
-        seeds, requests, results = self_instruct.label_seeds(llm, seeds, chat)
-        add_generations(session, run, llm, "classification", 0, requests, results)
-    bootstrap.store_seeds(session, run, seeds)
-
-
-def summarize(session: Session, run: Run, totals: bootstrap.BatchStats, seconds: float, new: int) -> dict[str, Any]:
-    """The whole run's figures from the store (earlier sessions included), and this session's time."""
-    reasons = session.exec(
-        select(Task.reason, func.count()).where(Task.run_id == run.id, Task.source == "generated", Task.status == "rejected")
-        .group_by(Task.reason).order_by(func.count().desc())
-    ).all()  # fmt: skip
-    numbers = queries.figures(session, [run])[run.id]  # the words `datagen runs`, the viewer, report and card use
-    return {
-        "run": run.name, "status": run.status, "message": run.error, "completions": numbers.completions,
-        "instructions": numbers.instructions, "accepted": numbers.accepted, "accepted_this_session": new, "rejected": numbers.rejected,
-        "not_judged": numbers.not_judged, "keep_rate": None if numbers.keep_rate is None else round(numbers.keep_rate, 3),
-        "instances": run.instances, "requests": run.requests,
-        "empty_responses_this_session": totals.empty_responses,
-        "prompt_tokens": run.prompt_tokens, "completion_tokens": run.completion_tokens,
-        "seconds": round(seconds, 1), "generate_seconds": round(totals.generate_seconds, 1),
-        "rejected_by_reason": dict(reasons),
-    }  # fmt: skip

@@ -2,35 +2,34 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
-from sqlmodel import Session
 
-from datagen import sigterm
-from datagen.backends import BackendName
+from datagen import runs
+from datagen.backends import BackendName, make_backend
 from datagen.console import err_console, print_json, progress
-from datagen.errors import BadInput
 from datagen.models import DEFAULT_MODEL
 from datagen.options import (
+    ApiKeyOption,
     BackendOption,
     BaseUrlOption,
+    ConcurrencyOption,
     ConfigOption,
     DbOption,
     JsonOption,
     ModelOption,
-    make_backend,
-    read_config_file,
+    TimeoutOption,
+    notify,
+    server_options,
 )
 from pipelines import toolformer as tf
-from pipelines.tools import build_tools, search_index
-from storage.run_lock import hold_run
-from storage.store import add_run, default_run_name, find_run, open_engine, record_failure, touch
+from pipelines.toolformer import load_config  # noqa: F401  (the YAML and flags as the config: tests load shipped files with it)
 from storage.tables import Run
 
 
@@ -50,74 +49,30 @@ def toolformer(
     config_file: ConfigOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
+    timeout: TimeoutOption = None,
+    concurrency: ConcurrencyOption = None,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Toolformer (Schick et al. 2023): sample API calls into texts, execute them, keep the calls whose results lower the loss."""
-    flags = {"tools": tools.split(",") if tools else None, "search_corpus": search_corpus, "date": date, "batch_size": batch_size, "seed": seed}
-    config = load_config(config_file, {k: v for k, v in flags.items() if v is not None})
-    texts = tf.select_lines(tf.read_corpus(corpus), lines)[:limit]  # every line checked before anything is written
-    index = search_index(config.tools, config.search_corpus)  # so is the search corpus
-    stored = {"corpus": str(corpus), "corpus_sha256": tf.corpus_digest(corpus), "lines": lines, **config.model_dump(mode="json")}
-    engine = open_engine(db)
-    with sigterm.stop_between_batches(), hold_run(engine, run_name), Session(engine) as session:
-        run = run_to_resume(session, run_name, stored, model)
-        llm = make_backend(backend, model, base_url)
-        if run is None:
-            run = add_run(session, Run(name=run_name or default_run_name("toolformer"), pipeline="toolformer", config=stored,
-                                       model=model, backend=llm.name))  # fmt: skip
-        elif run.backend != llm.name:
-            llm.close()
-            raise BadInput(f"run '{run.name}' ran on the {run.backend} backend; resume it with --backend {run.backend}")
-        started = time.perf_counter()
-        try:
-            registry = build_tools(config.tools, index, llm, config.qa_max_tokens)
-            todo = len(texts) - len(tf.done_lines(session, run) & {t.line for t in texts})
-            with progress("texts") as bar:
-                task = bar.add_task("annotating", total=todo, status="")
-
-                def on_batch(batch: tf.Batch) -> None:
-                    kept = sum(c.kept for c in batch.candidates)
-                    bar.update(task, advance=len(batch.texts), status=f"{run.accepted} kept ({kept} in this batch)")
-
-                tf.run(session, run, llm, texts, registry, config, on_batch)
-        except BaseException as err:
-            record_failure(session, run, err)
-            raise
-        finally:
-            llm.close()
-        touch(run, status="completed", error=None)
-        session.add(run)
-        session.commit()
-        summaries = tf.summarize(session, run, config.tools)
-        report(run, summaries, len(texts), time.perf_counter() - started, as_json)
+    server = server_options(base_url, timeout, concurrency, api_key)
+    config = load_config(config_file, tf.config_values(dict(tools=tools, search_corpus=search_corpus, date=date, batch_size=batch_size, seed=seed)))
+    handle = runs.run_toolformer(config, corpus, lines=lines, limit=limit, model=model, store=db, name=run_name,
+                                 backend=lambda: make_backend(backend, model, base_url, server, notify=notify),
+                                 progress=progress_bar)  # fmt: skip
+    summary = handle.summary
+    report(handle.row(), summary["tools"], summary["texts"], summary["seconds"], as_json)
 
 
-def load_config(path: Path | None, overrides: dict[str, Any]) -> tf.ToolformerConfig:
-    """The YAML file's options, then the flags given on the command line; errors name the field."""
-    values = read_config_file(path) if path is not None else {}
-    try:
-        return tf.ToolformerConfig.model_validate(values | overrides)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise BadInput(f"{path or 'options'}: {where}: {first['msg']}") from None
+@contextmanager
+def progress_bar(run: Run, todo: int) -> Iterator[Callable[[tf.Batch], None]]:
+    with progress("texts") as bar:
+        task = bar.add_task("annotating", total=todo, status="")
 
+        def on_batch(batch: tf.Batch) -> None:
+            kept = sum(c.kept for c in batch.candidates)
+            bar.update(task, advance=len(batch.texts), status=f"{run.accepted} kept ({kept} in this batch)")
 
-def run_to_resume(session: Session, name: str | None, stored: dict[str, Any], model: str) -> Run | None:
-    """The named run if it exists and was started with the same corpus, model and options; None for a new run."""
-    run = find_run(session, name) if name else None
-    if run is None:
-        return None
-    if run.pipeline != "toolformer":
-        raise BadInput(f"run '{run.name}' is a {run.pipeline} run; choose another --run name")
-    changed = [key for key in stored if key not in ("corpus", "batch_size") and run.config.get(key) != stored[key]]
-    if run.model != model:
-        changed.insert(0, "model")
-    if changed:
-        raise BadInput(
-            f"run '{run.name}' was started with other options ({', '.join(changed)} differ); "
-            "resume it with the same ones, or start a new --run"
-        )
-    return run
+        yield on_batch
 
 
 def report(run: Run, summaries: list[tf.ToolSummary], texts: int, seconds: float, as_json: bool) -> None:

@@ -1,5 +1,6 @@
-"""A job definition checked before anything is stored: its schedule, and its pipeline options checked by the same
-option parser and config classes the pipeline's own command uses, with the same seeds or corpus file check."""
+"""A job definition checked before anything is stored: its schedule, and its pipeline options read as the pipeline's
+command reads them (FLAGS), then checked by the pipeline's config class through the command's own flag->config
+function, with the same seeds or corpus file check."""
 
 from __future__ import annotations
 
@@ -95,55 +96,110 @@ def check_job(name: str, pipeline: str, args: list[str], every: str | None, cron
                          queue=queue, backfill=backfill, on_failure=on_failure)  # fmt: skip
 
 
+SERVER = {"--model": "model", "-m": "model", "--backend": "backend", "-b": "backend", "--base-url": "base_url",
+          "--timeout": "timeout", "--concurrency": "concurrency", "--api-key": "api_key", "--db": "db", "--json": "as_json"}
+BOOTSTRAP = {**SERVER, "--seeds": "seeds", "--num-instructions": "num_instructions", "-n": "num_instructions", "--run": "run_name",
+             "--prompt-style": "prompt_style", "--request-batch-size": "request_batch_size", "--max-tokens": "max_tokens",
+             "--temperature": "temperature", "--top-p": "top_p", "--rouge-threshold": "rouge_threshold", "--tokenizer": "tokenizer",
+             "--allow-non-ascii": "allow_non_ascii", "--max-requests": "max_requests", "--seed": "seed", "--config": "config",
+             "-c": "config"}  # fmt: skip
+FLAGS: dict[str, dict[str, str]] = {
+    "self-instruct": {**BOOTSTRAP, "--pipelined": "pipelined", "--sequential": "pipelined", "--instance-max-tokens": "instance_max_tokens",
+                      "--generate-classification": "generate_classification", "--instance-demos": "instance_demos"},
+    "alpaca": {**BOOTSTRAP, "--requirements": "requirements"},
+    "toolformer": {**SERVER, "--corpus": "corpus", "--tools": "tools", "--search-corpus": "search_corpus", "--date": "date",
+                   "--run": "run_name", "--limit": "limit", "--lines": "lines", "--batch-size": "batch_size", "--seed": "seed",
+                   "--config": "config_file", "-c": "config_file"},
+    "e2e": {"--config": "config", "-c": "config", "--rounds": "rounds", "-r": "rounds", "--out": "out", "-o": "out", "--name": "name",
+            "--eval": "eval_file", "--epochs": "epochs", "--replicates": "replicates", "--db": "db", "--json": "as_json"},
+}  # fmt: skip
+"""Each pipeline command's options (`datagen PIPELINE --help`) by the parameter they set: what a job's arguments may
+hold. tests/test_api.py checks them against the Typer commands, so a new flag cannot be missed here."""
+SWITCHES = {"--json": True, "--allow-non-ascii": True, "--generate-classification": True, "--pipelined": True, "--sequential": False}
+"""Options that take no value, and the value they set."""
+REPEATABLE = ("--base-url",)
+REQUIRED = {"self-instruct": "seeds", "alpaca": "seeds", "toolformer": "corpus", "e2e": "config"}
+NUMBERS = {"num_instructions": int, "request_batch_size": int, "max_tokens": int, "temperature": float, "top_p": float,
+           "rouge_threshold": float, "max_requests": int, "seed": int, "instance_max_tokens": int, "timeout": float,
+           "concurrency": int, "limit": int, "batch_size": int, "rounds": int, "epochs": float, "replicates": int}  # fmt: skip
+
+
 def pipeline_params(pipeline: str, args: list[str]) -> dict:
-    """The options as the pipeline command itself parses them, by name: {"corpus": "c.jsonl", "limit": None, ...}."""
-    from typer import TyperException
-    from typer.main import get_command
-
-    from datagen.cli import app
-
-    command = get_command(app).commands[pipeline]
-    try:
-        return command.make_context(pipeline, list(args), resilient_parsing=False).params
-    except TyperException as err:  # typer's click: unknown option, bad value, missing --seeds
-        raise BadInput(f"{pipeline} options: {err.format_message()}") from None
+    """The options as the pipeline command reads them, by parameter name: {"corpus": "c.jsonl", "limit": None, ...};
+    an unknown option, a missing value, a value that is not a number where one is expected, or a missing required
+    option is BadInput, as the command's own parser would refuse it."""
+    flags = FLAGS[pipeline]
+    params: dict = {name: None for name in flags.values()} | {"base_url": None, "as_json": False}
+    i = 0
+    while i < len(args):
+        option, has_value, value = args[i].partition("=")
+        if option not in flags:
+            raise BadInput(f"{pipeline} options: No such option: {option}")
+        name = flags[option]
+        if option in SWITCHES:
+            if has_value:
+                raise BadInput(f"{pipeline} options: Option '{option}' does not take a value.")
+            params[name] = SWITCHES[option]
+            i += 1
+            continue
+        if not has_value:
+            if i + 1 >= len(args):
+                raise BadInput(f"{pipeline} options: Option '{option}' requires an argument.")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if name in NUMBERS:
+            try:
+                value = NUMBERS[name](value)
+            except ValueError:
+                kind = "integer" if NUMBERS[name] is int else "float"
+                raise BadInput(f"{pipeline} options: Invalid value for '{option}': '{value}' is not a valid {kind}.") from None
+        if option in REPEATABLE:
+            params[name] = [*(params[name] or []), value]
+        else:
+            params[name] = value
+    required = REQUIRED[pipeline]
+    if params[required] is None:
+        option = next(flag for flag, name in flags.items() if name == required and flag.startswith("--"))
+        raise BadInput(f"{pipeline} options: Missing option '{option}'.")
+    for name in ("limit", "batch_size"):
+        if pipeline == "toolformer" and params[name] is not None and params[name] < 1:
+            raise BadInput(f"{pipeline} options: Invalid value for '--{name.replace('_', '-')}': {params[name]} is not in the range x>=1.")
+    return params
 
 
 def check_pipeline_options(pipeline: str, args: list[str]) -> None:
-    """Parse the options with the pipeline command itself, then build its config and read its input file."""
+    """Read the options as the pipeline command does, build its config with the pipeline's config class (the
+    command's own flag->config mapping), and read its input file."""
     params = pipeline_params(pipeline, args)
+    from datagen.backends import BackendName, ServerOptions
+
+    if params.get("backend") is not None and params["backend"] not in BackendName.__members__:
+        raise BadInput(f"{pipeline} options: Invalid value for '--backend': '{params['backend']}' is not one of {', '.join(BackendName.__members__)}.")
+    if params.get("timeout") is not None or params.get("concurrency") is not None:
+        if not params.get("base_url"):
+            raise BadInput("--timeout and --concurrency are for --backend openai with --base-url")
+        ServerOptions(params.get("timeout"), params.get("concurrency"))
     if pipeline == "e2e":
         from datagen.e2e import load_loop_config
         from pipelines.seeds import read_seeds
 
         overrides = {k: params[k] for k in ("rounds", "out", "eval_file", "epochs", "replicates")}
-        config = load_loop_config(params["config"], overrides)
+        config = load_loop_config(Path(params["config"]), overrides)
         read_seeds(config.seeds)  # every line checked, as the loop's first stage does
         return
     if pipeline == "toolformer":
-        from datagen.commands.toolformer import load_config
-        from pipelines.toolformer import read_corpus, select_lines
+        from pipelines.toolformer import config_values, load_config, read_corpus, select_lines
         from pipelines.tools import search_index
 
-        tools = params["tools"]
-        flags = {"tools": tools.split(",") if tools else None, "search_corpus": params["search_corpus"], "date": params["date"],
-                 "batch_size": params["batch_size"], "seed": params["seed"]}  # fmt: skip
-        config = load_config(params["config_file"], {k: v for k, v in flags.items() if v is not None})
+        config_file = Path(params["config_file"]) if params["config_file"] else None
+        config = load_config(config_file, config_values(params))
         select_lines(read_corpus(Path(params["corpus"])), params["lines"])
         search_index(config.tools, config.search_corpus)  # a missing search corpus is refused here too
         return
-    from dataclasses import fields
+    from datagen.runs import PIPELINES, read_checked_seeds
+    from pipelines.bootstrap import config_values, load_config
 
-    from datagen.commands.self_instruct import load_config
-    from pipelines import alpaca, bootstrap, self_instruct
-    from pipelines.seeds import read_seeds
-
-    config_cls = self_instruct.SelfInstructConfig if pipeline == "self-instruct" else alpaca.AlpacaConfig
-    known = {f.name for f in fields(config_cls)}
-    flags = {k: v for k, v in params.items() if k in known}
-    if params.get("allow_non_ascii") is not None:
-        flags["require_ascii_start"] = not params["allow_non_ascii"]
-    settings = load_config(config_cls, params["config"], flags)
-    seeds_path = Path(params["seeds"])
-    needs_instances = getattr(settings, "instance_demos", "seeds") == "seeds"  # as `datagen self-instruct` checks them
-    bootstrap.check_seeds(read_seeds(seeds_path), str(seeds_path), needs_instances)
+    config_cls = PIPELINES[pipeline]
+    settings = load_config(config_cls, Path(params["config"]) if params["config"] else None, config_values(params, config_cls))
+    read_checked_seeds(Path(params["seeds"]), settings)  # as `datagen self-instruct` checks them

@@ -46,6 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from datagen.console import err_console
+from datagen.errors import StoppedEarly
 from datagen.jobs.schedules import APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, on_failure_command, schedule_context, set_worker_limit
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
@@ -242,9 +243,10 @@ def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
     if code == 0:
         say(f"job {job_name}: completed in {seconds} s")
         return {"outcome": "completed", "run": job_name, "seconds": seconds}
-    if code == 1 and tail and tail[-1].startswith("stopped before the target"):
-        say(f"job {job_name}: {tail[-1]}")
-        return {"outcome": "stopped", "run": job_name, "seconds": seconds, "reason": tail[-1]}
+    if code == StoppedEarly.exit_code:  # the run's own rule stopped it (request budget, stall guard): a result
+        reason = tail[-1] if tail else "stopped before the target"
+        say(f"job {job_name}: {reason}")
+        return {"outcome": "stopped", "run": job_name, "seconds": seconds, "reason": reason}
     last = tail[-1].removeprefix("error: ") if tail else "no error line"
     if code < 0 or (code == 1 and any(mark in last for mark in TRANSIENT)):
         cause = f"killed by signal {-code}" if code < 0 else f"exit 1: {last}"

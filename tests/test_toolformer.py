@@ -683,6 +683,7 @@ def test_shipped_config_validates():
 # --- End to end on the embedded model ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_the_embedded_model_and_resume(tmp_path, db_url, embedded_model_path):
     import json
 

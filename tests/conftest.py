@@ -1,9 +1,20 @@
-"""Shared fixtures. Models are loaded once per test session: the embedded model (real, no fakes)
-on the transformers backend, and (in the vllm tests) one vLLM engine and one `vllm serve`."""
+"""Shared fixtures and helpers. Models are loaded once per test session: the embedded model (real, no fakes)
+on the transformers backend, and (in the vllm tests) one vLLM engine and one `vllm serve`. A CLI command run in
+this process (CliRunner) on the embedded model shares the session's load (datagen/backends/transformers_backend.py,
+`load`); a test starts a process of its own only where the process is the point (kill -9, SIGTERM, workers).
+
+Markers are applied here, not by hand: `vllm`, `postgres` and `training` by fixture, `subprocess` and `training` by
+what the test's code (its helpers and fixtures included) calls, and `slow` on every training test. E.g. a quick pass:
+`pytest -m "not slow and not vllm and not subprocess"`."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -13,6 +24,143 @@ SEEDS = REPO / "examples" / "seed_tasks.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# ---- markers ------------------------------------------------------------------------------------------------------
+
+MARK_BY_FIXTURE = {"vllm_llm": "vllm", "vllm_server": "vllm", "postgres_url": "postgres", "trained": "training"}
+MARK_BY_NAME = {
+    # a name in the test's code (or in a helper's or fixture's of the tests package that it uses) -> its marker
+    "subprocess": "subprocess", "Popen": "subprocess", "kill_9_once": "subprocess", "start_holder": "subprocess",
+    "SFTRecipe": "training", "build_trainer": "training", "train_replicates": "training",
+}  # fmt: skip
+MARK_BY_COMMAND = {"train": "training", "e2e": "training"}
+"""Commands that train, found as a string of a process's command line ("datagen.cli" or "torch.distributed.run" in
+the same code); bad-input tests of these commands run them through CliRunner and train nothing."""
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        marks = {MARK_BY_FIXTURE[f] for f in fixtures & MARK_BY_FIXTURE.keys()}
+        if "postgres" in getattr(getattr(item, "callspec", None), "params", {}).values():
+            marks.add("postgres")  # store_url's PostgreSQL half
+        if (function := getattr(item, "function", None)) is not None:
+            # session fixtures (the vLLM server, PostgreSQL) are marked by MARK_BY_FIXTURE, not by how they start
+            definitions = [d for name in fixtures for d in item._fixtureinfo.name2fixturedefs.get(name, ()) if d.scope != "session"]
+            marks |= _marks_from_code([function, *(d.func for d in definitions)])
+        if "training" in marks:
+            marks.add("slow")  # a model trained for a few steps is seconds to minutes on a CPU
+        for mark in sorted(marks - {m.name for m in item.iter_markers()}):
+            item.add_marker(mark)
+
+
+def _marks_from_code(functions) -> set[str]:
+    """The markers that MARK_BY_NAME and MARK_BY_COMMAND find in these functions' code, following the functions of the
+    tests package that they name (helpers, fixtures); datagen's own code is not followed."""
+    marks, seen, todo = set(), set(), list(functions)
+    while todo:
+        function = todo.pop()
+        if not isinstance(function, types.FunctionType) or function in seen or not function.__module__.startswith("tests"):
+            continue
+        seen.add(function)
+        codes = [function.__code__]
+        while codes:
+            code = codes.pop()
+            marks |= {MARK_BY_NAME[n] for n in code.co_names if n in MARK_BY_NAME}
+            consts = code.co_consts
+            codes += [c for c in consts if isinstance(c, types.CodeType)]
+            if "datagen.cli" in consts or "torch.distributed.run" in consts:
+                marks |= {MARK_BY_COMMAND[c] for c in consts if isinstance(c, str) and c in MARK_BY_COMMAND}
+            todo += [function.__globals__.get(n) for n in code.co_names]
+    return marks
+
+
+# ---- helpers shared by test modules ---------------------------------------------------------------------------------
+
+
+def kill_9_once(command: list[str], ready, *, then: float = 0.0, timeout: float = 900, **popen) -> None:
+    """Start `command` in a process group of its own, poll `ready()` until it holds, wait `then` seconds more (into
+    the next batch), and `kill -9` the whole group. Fails if the process ends first or `ready` never holds."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True, **popen)
+        deadline = time.monotonic() + timeout
+        try:
+            while not ready():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    stderr.seek(0)
+                    tail = stderr.read().decode(errors="replace")[-3000:]
+                    ended = f"exited with {process.returncode}" if process.poll() is not None else f"not ready after {timeout:.0f} s"
+                    pytest.fail(f"{ended} before it could be killed:\n{tail}")
+                time.sleep(0.5)
+            time.sleep(then)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, "the process ended before it could be killed"
+
+
+def wait_for(condition, seconds: float, what: str):
+    """Poll `condition()` every 0.5 s until it returns something true, and return that; fail after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if found := condition():
+            return found
+        time.sleep(0.5)
+    pytest.fail(f"not within {seconds:.0f} s: {what}")
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, seconds: float, what: str) -> None:
+    """Poll GET `url` until it answers 200; fail with the log's tail if `process` exits first or time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited with {process.returncode}; log {log}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not healthy after {seconds:.0f} s; log: {log}")
+        time.sleep(0.5)
+
+
+HOLDER = """
+import sys, time
+from storage.run_lock import hold_run
+from storage.store import open_engine
+with hold_run(open_engine(sys.argv[1]), sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+"""A process that holds run argv[2] of store argv[1] until it is killed: `python -c HOLDER URL RUN`."""
+
+
+def start_holder(url: str, run: str, env: dict[str, str]) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, run], stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's training runs while the machine is busy (load average above 1.5 per core, as on
+    a 2-core machine shared by several developers): there, OpenMP threads that wait for each other make a step several
+    times slower and far less steady than one thread. On an idle machine (CI) torch keeps its own thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    if os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---- fixtures -------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -90,13 +238,7 @@ def vllm_server(embedded_model_path, tmp_path_factory):
     as "smollm2-remote" (a name with no local tokenizer); yields its base URL. float32 like the in-process
     backend on CPU, so scores agree across backends. Start-up ~30 s."""
     _vllm_or_skip()
-    import signal
     import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -117,19 +259,7 @@ def vllm_server(embedded_model_path, tmp_path_factory):
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                pytest.fail(f"vllm serve exited with {server.returncode}; log {log_path}:\n{tail}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve not healthy after 180 s; log: {log_path}")
-            time.sleep(0.5)
+        wait_until_healthy(f"{url}/health", server, log_path, 180, "vllm serve")
         yield url
     finally:
         # SIGTERM lets the API server stop its engine process; the whole process group goes if it hangs.

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from typer.testing import CliRunner
 from datagen.cli import app
 from storage.store import open_engine
 from storage.tables import Loop, LoopStage, Run, TrainingRun
-from tests.conftest import REPO
+from tests.conftest import REPO, kill_9_once
 
 runner = CliRunner()
 
@@ -144,14 +142,7 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     db, out = tmp_path / "loop.db", tmp_path / "out"
     command = [sys.executable, "-m", "datagen.cli", "e2e", "-c", "examples/e2e_tiny.yaml", "-o", str(out), "--db", f"sqlite:///{db}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 900
-    while (0, "train.0", "completed") not in stage_rows(db):
-        assert first.poll() is None, first.stderr.read().decode()
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    kill_9_once(command, lambda: (0, "train.0", "completed") in stage_rows(db), cwd=REPO, env=env)
     before = stage_rows(db)
     assert before[:2] == [(0, "evaluate-base", "completed"), (0, "train.0", "completed")]
     assert not (out / "metrics.json").exists()

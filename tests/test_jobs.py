@@ -30,7 +30,7 @@ from datagen.cli import app
 from datagen.jobs.schedules import job_runs
 from storage.store import open_engine
 from storage.tables import Generation, Job, Run, Task, ToolformerText
-from tests.conftest import REPO, SEEDS
+from tests.conftest import REPO, SEEDS, start_holder, wait_for
 from tests.test_self_instruct import NOVEL
 
 TIMEOUT = 8.0
@@ -58,15 +58,6 @@ def jobs(*args: str, code: int = 0):
 def start_worker(url: str, log: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "datagen.cli", "worker", "--db", url, *args], stdout=subprocess.DEVNULL,
                             stderr=log.open("w"), env=env(timeout))  # fmt: skip
-
-
-def wait_for(condition, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if found := condition():
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"not within {seconds:.0f} s: {what}")
 
 
 def stop(worker: subprocess.Popen) -> int:
@@ -271,22 +262,10 @@ def test_firings_missed_while_no_worker_ran_are_recorded_and_run_per_the_job_s_p
     assert "job late: 3 firing(s) missed while no worker ran" in log.read_text()
 
 
-HOLDER = """
-import sys, time
-from storage.run_lock import hold_run
-from storage.store import open_engine
-with hold_run(open_engine(sys.argv[1]), sys.argv[2]):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
 def test_a_job_due_while_its_previous_run_is_going_is_skipped(store_url, corpus, tmp_path):
     jobs("add", "busy", "toolformer", "--every", "1d", "--db", store_url, "--", "--corpus", str(corpus), *NO_MODEL)
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, store_url, "busy"], stdout=subprocess.PIPE, text=True,
-                              env={**env(), "DATAGEN_HOLDER": "previous-run"})  # fmt: skip
+    holder = start_holder(store_url, "busy", {**env(), "DATAGEN_HOLDER": "previous-run"})
     try:
-        assert holder.stdout.readline().strip() == "held"
         jobs("run-now", "busy", "--db", store_url)
         log = tmp_path / "worker.log"
         worker = start_worker(store_url, log, "--once")
@@ -352,6 +331,8 @@ def test_a_job_runs_the_embedded_model(db_url, tmp_path, embedded_model_path):
     assert texts[0].tools == ["calculator"]  # the text passed the calculator's pre-filter, so the model scored it
 
 
+@pytest.mark.slow
+@pytest.mark.training
 def test_an_e2e_job_runs_the_tiny_loop_and_a_second_firing_resumes_it(db_url, tmp_path, embedded_model_path):
     """An e2e job's loop is named after the job; a worker runs it end to end, and the next firing finds every stage
     done: nothing is run or stored twice."""
@@ -360,6 +341,8 @@ def test_an_e2e_job_runs_the_tiny_loop_and_a_second_firing_resumes_it(db_url, tm
     config = tmp_path / "tiny.yaml"
     text = (REPO / "examples" / "e2e_tiny.yaml").read_text(encoding="utf-8")
     text = text.replace("seeds: examples/seed_tasks.jsonl", f"seeds: {SEEDS}").replace("out: runs/e2e-tiny", f"out: {tmp_path / 'loop'}")
+    text = text.replace("replicates: 2 ", "replicates: 1 ")  # the loop's own figures are test_e2e's; here, who runs it
+    assert "replicates: 1 " in text
     config.write_text(text, encoding="utf-8")
     jobs("add", "nightly", "e2e", "--every", "1d", "--db", db_url, "--", "--config", str(config))
     stages = []

@@ -37,14 +37,7 @@ TRAIN = ["--context-length", str(LONG), "--method", "lora", "--trainable", "embe
          "--batch-size", "2", "--grad-accum", "1", "--lr", "3e-3", "--no-gradient-checkpointing"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def seed_texts() -> list[str]:

@@ -21,27 +21,15 @@ from sqlmodel import Session, select
 from storage.run_lock import RunHeld, hold_run
 from storage.store import open_engine
 from storage.tables import Run
-from tests.conftest import REPO, SEEDS
+from tests.conftest import REPO, SEEDS, start_holder
 
 TIMEOUT = 2.0
-HOLDER = """
-import sys, time
-from storage.run_lock import hold_run
-from storage.store import open_engine
-with hold_run(open_engine(sys.argv[1]), sys.argv[2]):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
 def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "DATAGEN_RUN_LOCK_TIMEOUT": str(TIMEOUT), "DATAGEN_HOLDER": "test-holder"}
 
 
-def start_holder(url: str, run: str) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, run], stdout=subprocess.PIPE, text=True, env=env())
-    assert holder.stdout.readline().strip() == "held"
-    return holder
+def holder_process(url: str, run: str) -> subprocess.Popen:
+    return start_holder(url, run, env())
 
 
 def datagen(*args: str) -> subprocess.CompletedProcess:
@@ -49,7 +37,7 @@ def datagen(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_second_writer_exits_at_once_and_a_killed_holder_releases_after_the_timeout(store_url):
-    holder = start_holder(store_url, "r")
+    holder = holder_process(store_url, "r")
     try:
         time.sleep(TIMEOUT * 1.5)  # past the timeout: only the heartbeat keeps the run held
         started = time.monotonic()
@@ -67,7 +55,7 @@ def test_second_writer_exits_at_once_and_a_killed_holder_releases_after_the_time
 
 
 def test_a_dead_holder_on_another_machine_releases_after_the_timeout(store_url):
-    holder = start_holder(store_url, "r2")
+    holder = holder_process(store_url, "r2")
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     engine = open_engine(store_url)
@@ -129,7 +117,7 @@ def test_a_writer_paused_past_the_timeout_commits_nothing_after_waking(store_url
 
 
 def test_toolformer_refuses_a_held_run(db_url):
-    holder = start_holder(db_url, "tf")
+    holder = holder_process(db_url, "tf")
     try:
         second = datagen("toolformer", "--corpus", str(REPO / "examples" / "toolformer_corpus.jsonl"), "--run", "tf", "--db", db_url)
         assert second.returncode == 1 and f"pid {holder.pid}" in second.stderr, second.stderr

@@ -4,11 +4,8 @@ then real runs on the embedded model checked independently with rouge-score, kil
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -23,7 +20,7 @@ from pipelines import self_instruct as si
 from pipelines.seeds import SeedInstance, SeedTask, read_seeds
 from storage.store import get_run, open_engine
 from storage.tables import Generation, Instance, Run, Task
-from tests.conftest import REPO, SEEDS
+from tests.conftest import REPO, SEEDS, kill_9_once
 
 runner = CliRunner()
 CHAT = lambda messages: f"<user>{messages[0]['content']}</user><assistant>"  # noqa: E731
@@ -667,57 +664,49 @@ def check_store_independently(db_url: str, run_name: str, target: int) -> None:
         assert run.rejected == sum(t.status == "rejected" for t in tasks if t.source == "generated")
 
 
-def test_real_run_on_the_embedded_model(db_url):
-    result = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "-n", "5", "--run", "real", "--db", db_url, *SMALL, "--json"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert (summary["accepted"], summary["status"]) == (5, "completed")
-    assert summary["instances"] >= 5 and summary["instructions"] == summary["accepted"] + summary["rejected"] + summary["not_judged"]
-    check_store_independently(db_url, "real", 5)
-    with Session(open_engine(db_url)) as session:
-        run = get_run(session, "real")
-        prompts = session.exec(select(Generation.prompt).where(Generation.purpose == "instructions")).all()
-        assert all(p.startswith("<|im_start|>system") and p.endswith("\n9.") for p in prompts)  # chat: auto-chosen
-        assert run.config["max_tokens"] == 160 and run.config["seeds"] == str(SEEDS)
-    again = runner.invoke(app, ["self-instruct", "--seeds", str(SEEDS), "-n", "5", "--run", "real", "--db", db_url, *SMALL, "--json"])
-    assert again.exit_code == 0 and json.loads(again.stdout.strip().splitlines()[-1])["accepted_this_session"] == 0
-
-
-def kill_9_then_resume(command: list[str], db_url: str, run_name: str, target: int) -> None:
-    """Start the CLI command, `kill -9` its process group once a first batch is stored and the next is under way,
-    rerun it: every row from before the kill is kept unchanged, the target is reached, the store checks out."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def kill_9_then_resume(command: list[str], db_url: str, run_name: str, target: int) -> dict:
+    """Start the CLI command, `kill -9` its process group once a first batch is stored and the next is under way, and
+    resume it with the same command (in this process, on the session's model: the kill is what needs a process of its
+    own): every row from before the kill is kept unchanged, the target is reached, the store checks out. Returns the
+    resumed run's --json summary."""
     engine = open_engine(db_url)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(1)
-            with Session(engine) as session:
-                if session.exec(select(Task).where(Task.source == "generated")).first():
-                    break
-        time.sleep(3)  # into the next batch
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    def first_batch_stored():
+        with Session(engine) as session:
+            return session.exec(select(Task).where(Task.source == "generated")).first() is not None
+
+    kill_9_once(command, first_batch_stored, then=3)  # into the next batch
     with Session(engine) as session:
         before = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
         assert before and get_run(session, run_name).status == "running"
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert command[1:3] == ["-m", "datagen.cli"]
+    done = runner.invoke(app, [*command[3:], "--json"])
+    assert done.exit_code == 0, done.output[-2000:]
     check_store_independently(db_url, run_name, target)
     with Session(engine) as session:
         after = session.exec(select(Task.id, Task.instruction, Task.status).where(Task.source == "generated")).all()
         assert set(before) <= set(after)
         assert get_run(session, run_name).status == "completed"
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume(tmp_path):
+def test_real_run_on_the_embedded_model_killed_with_9_and_resumed(tmp_path):
+    """The embedded model through the CLI: a run killed with -9 after its first batch, then resumed to its target
+    (one real run, not one uninterrupted and one killed); a second rerun finds nothing left to do."""
     db_url = f"sqlite:///{tmp_path / 'kill.db'}"
     command = [sys.executable, "-m", "datagen.cli", "self-instruct", "--seeds", str(SEEDS), "-n", "6", "--run", "k",
                "--db", db_url, *SMALL, "--request-batch-size", "3"]  # fmt: skip
-    kill_9_then_resume(command, db_url, "k", 6)
+    summary = kill_9_then_resume(command, db_url, "k", 6)
+    assert (summary["accepted"], summary["status"]) == (6, "completed")
+    assert summary["instances"] >= 6 and summary["instructions"] == summary["accepted"] + summary["rejected"] + summary["not_judged"]
+    with Session(open_engine(db_url)) as session:
+        run = get_run(session, "k")
+        prompts = session.exec(select(Generation.prompt).where(Generation.purpose == "instructions")).all()
+        assert all(p.startswith("<|im_start|>system") and p.endswith("\n9.") for p in prompts)  # chat: auto-chosen
+        assert run.config["max_tokens"] == 160 and run.config["seeds"] == str(SEEDS)
+    again = runner.invoke(app, [*command[3:], "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout.strip().splitlines()[-1])["accepted_this_session"] == 0
 
 
 # ---- bad input and config files ------------------------------------------------------------------------------

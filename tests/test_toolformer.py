@@ -683,6 +683,7 @@ def test_shipped_config_validates():
 # --- End to end on the embedded model ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_the_embedded_model_and_resume(tmp_path, db_url, embedded_model_path):
     import json
 
@@ -850,35 +851,26 @@ def test_select_lines_keeps_the_texts_on_those_lines():
 def test_kill_9_then_resume(tmp_path):
     """kill -9 once a first batch is stored and the next is under way, rerun: the rows from before are kept
     unchanged, every text is stored once, and every generation belongs to a stored call (no half batch)."""
-    import os
-    import signal
-    import subprocess
-    import time
-
     from sqlmodel import Session, select
+    from typer.testing import CliRunner
 
+    from datagen.cli import app
     from storage.store import get_run, open_engine
     from storage.tables import ApiCall, Generation, ToolformerText
+    from tests.conftest import kill_9_once
 
     config = tmp_path / "small.yaml"
     config.write_text("settings:\n  calculator: {k: 1, m: 2}\n  calendar: {tau_s: 0.0, k: 1, m: 2}\nmax_call_tokens: 12\n")
     db_url = f"sqlite:///{tmp_path / 'kill.db'}"
     command = _cli("--corpus", str(CORPUS), "--limit", "4", "--batch-size", "1", "--config", str(config), "--run", "k",
                    "--backend", "transformers", "--db", db_url)  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     engine = open_engine(db_url)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-            with Session(engine) as session:
-                if session.exec(select(ToolformerText)).first():
-                    break
-        time.sleep(1)  # into the next batch
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    def first_text_stored():
+        with Session(engine) as session:
+            return session.exec(select(ToolformerText)).first() is not None
+
+    kill_9_once(command, first_text_stored, then=1)  # into the next batch
 
     def snapshot(session):
         texts = session.exec(select(ToolformerText.id, ToolformerText.line, ToolformerText.annotated)).all()
@@ -888,8 +880,8 @@ def test_kill_9_then_resume(tmp_path):
     with Session(engine) as session:
         texts_before, calls_before = snapshot(session)
         assert 1 <= len(texts_before) < 4 and get_run(session, "k").status == "running"
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = CliRunner().invoke(app, command[3:])  # the rerun in this process, on the session's model
+    assert done.exit_code == 0, done.output[-2000:]
     with Session(engine) as session:
         texts_after, calls_after = snapshot(session)
         assert texts_before <= texts_after and calls_before <= calls_after

@@ -4,7 +4,7 @@ Each method (full, lora, qlora, dora) trains a few steps on a different export f
 eval loss, and its result (merged/ or the full model) must load and generate through the transformers backend.
 Bad input must exit 2 before any model is loaded. Packing must keep examples from attending to each other. A
 crashed run resumes from its checkpoint, and two processes on gloo run the distributed path.
-Runs use one torch thread: on the shared 2-core machine that is several times steadier than two.
+Runs use one torch thread while the machine is busy (tests/conftest.py, `one_thread`); CI keeps torch's default.
 """
 
 from __future__ import annotations
@@ -43,14 +43,7 @@ METHOD_RUNS = {
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -108,3 +108,33 @@ def test_loop_ngram_cuts_a_looping_sequence_and_only_it(hf_backend):
     assert stopping.completions[0].finish_reason == "stop" and stopping.completions[0].stop_reason == "4"
     (free,) = hf_backend.generate([Request(prompt="a b a b a b a b a b", params=SamplingParams(temperature=0, max_tokens=40))])
     assert free.completions[0].completion_tokens == 40  # without loop_ngram the loop runs to max_tokens
+
+
+def test_backends_on_one_model_share_one_load_until_its_folder_changes(tmp_path, embedded_model_path):
+    """One load per process (transformers_backend.load): backends on the same folder and dtype share the model and its
+    tokenizer; another dtype, or the folder rewritten in place, is a new load; a model no backend holds is freed."""
+    import gc
+    import shutil
+    import weakref
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from datagen.backends.transformers_backend import TransformersBackend
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (embedded_model_path / name).exists():
+            shutil.copy(embedded_model_path / name, tmp_path / name)
+    tiny = dict(vocab_size=49152, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, **tiny)).save_pretrained(tmp_path)
+    first, second = TransformersBackend(str(tmp_path)), TransformersBackend(str(tmp_path))
+    assert first.hf_model is second.hf_model and first.tokenizer is second.tokenizer
+    assert TransformersBackend(str(tmp_path), dtype="bfloat16").hf_model is not first.hf_model
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, **tiny)).save_pretrained(tmp_path)  # `train --overwrite` into the folder
+    rewritten = TransformersBackend(str(tmp_path))
+    assert rewritten.hf_model is not first.hf_model and rewritten.hf_model.config.hidden_size == 32
+    shared = weakref.ref(first.hf_model)
+    first.close()
+    assert shared() is not None  # `second` still runs it
+    second.close()
+    gc.collect()
+    assert shared() is None

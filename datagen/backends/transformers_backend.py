@@ -8,9 +8,12 @@ under the greedy, penalized decoding of Self-Instruct's instance step.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -41,11 +44,8 @@ class TransformersBackend:
         self.path = models.resolve(model)
         self.batch_size = batch_size
         self.score_token_budget = score_token_budget
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.hf_model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
-        self.hf_model.eval()
+        self._loaded = load(self.path, dtype)
+        self.tokenizer, self.hf_model = self._loaded.tokenizer, self._loaded.model
         self.max_model_len = context_length(self.hf_model.config)
         """The context length, as vLLM's backend names it (Toolformer chunks texts to fit it)."""
 
@@ -169,7 +169,46 @@ class TransformersBackend:
             batch = [index] if index is not None else []
 
     def close(self) -> None:
-        del self.hf_model
+        del self.hf_model, self._loaded  # the shared model is freed once no backend holds it
+
+
+class Loaded:
+    """A model and its tokenizer (left padding, a pad token) as every TransformersBackend on them uses them."""
+
+    def __init__(self, path: str, dtype: str):
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        self.model.eval()
+
+
+_LOADED: weakref.WeakValueDictionary[tuple, Loaded] = weakref.WeakValueDictionary()
+_LOADING = threading.Lock()
+
+
+def load(path: str, dtype: str) -> Loaded:
+    """The model at `path` in `dtype` with its tokenizer, loaded once per process while any backend holds them: a
+    notebook, the e2e loop or a test session that builds several backends on one model pays one load (~2-4 s on CPU),
+    not one each. Weak references only, so a model no backend holds is freed as before. Keyed by the folder's weight,
+    config and tokenizer files (name, size, mtime), so a folder rewritten in place (`datagen train --overwrite`) is
+    loaded afresh. Backends only run the shared model: nothing may change its weights or wrap it (training loads its
+    own, train/sft.py)."""
+    key = (str(Path(path).resolve()) if Path(path).exists() else path, dtype, _fingerprint(path))
+    with _LOADING:
+        loaded = _LOADED.get(key)
+        if loaded is None:
+            loaded = Loaded(path, dtype)
+            _LOADED[key] = loaded
+    return loaded
+
+
+def _fingerprint(path: str) -> tuple:
+    folder = Path(path)
+    if not folder.is_dir():
+        return ()  # a hub id: the hub's cache is immutable per revision
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()
+                        if f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt") and f.is_file()))
 
 
 class OutputPenalties(LogitsProcessor):

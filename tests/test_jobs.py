@@ -598,3 +598,48 @@ def test_cancel_stops_a_running_job_run_after_its_batch_in_flight(db_url, slow_m
     [firing] = job_runs(db_url, ["c"])["c"]
     assert firing.status == "CANCELLED"
     assert committed_batches(db_url, "c") == whole_batches(max(b for b, _ in committed_batches(db_url, "c")))  # none half stored
+
+
+# ---- a run that fails (exit 1) -------------------------------------------------------------------------------------
+
+
+class _NoSuchModel(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that serves no model named like the job's: every request is a 404, which the
+    openai backend does not retry, so the pipeline command fails at once (exit 1)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"error": {"message": "The model 'gone' does not exist"}}).encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_run_is_not_retried_and_jobs_show_prints_its_reason(store_url, tmp_path):
+    """The model was removed from the server after `jobs add`: the command exits 1 (the run failed), once, and the
+    firing ends in ERROR with the command's last error line; the run is stored failed."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        jobs("add", "broken", "self-instruct", "--every", "1d", "--db", store_url, "--", "--seeds", str(SEEDS), "--backend", "openai",
+             "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--model", "gone", "--request-batch-size", "1")  # fmt: skip
+        jobs("run-now", "broken", "--db", store_url)
+        log = tmp_path / "worker.log"
+        assert start_worker(store_url, log, "--once").wait(timeout=120) == 0, log.read_text()
+    finally:
+        server.shutdown()
+        server.server_close()
+    text = log.read_text()
+    assert text.count("running datagen self-instruct") == 1 and "exit 1, run failed, not retried" in text, text
+    [run] = job_runs(store_url, ["broken"])["broken"]
+    assert run.status == "ERROR" and run.outcome.startswith("exit 1, run failed: ") and "HTTP 404: The model 'gone' does not exist" in run.outcome, run.outcome
+    shown = jobs("show", "broken", "--db", store_url).output
+    assert f"{run.workflow_id}: {run.outcome}" in shown.splitlines(), shown
+    with Session(open_engine(store_url)) as session:
+        stored = session.exec(select(Run).where(Run.name == "broken")).one()
+    assert stored.status == "failed" and "HTTP 404" in stored.error

@@ -246,29 +246,38 @@ def test_read_only_commands_register_no_version_and_another_version_s_firing_is_
     assert f"job run {run.workflow_id} of datagen-old: no live worker of that version runs it" in log.read_text()
 
 
-def test_firings_missed_while_no_worker_ran_are_recorded_and_run_per_the_job_s_policy(db_url, corpus, tmp_path):
-    """Two jobs due daily at 03:00, added three days ago, no worker since: `--backfill latest` runs the latest missed
-    firing late, `--backfill none` none; both record the three missed firings."""
-    from datetime import timedelta
+def test_firings_missed_while_no_worker_ran_are_recorded_and_run_per_the_job_s_policy(store_url, corpus, tmp_path):
+    """Three jobs due daily at 03:00, added three days ago, no worker since: `--backfill latest` runs the latest missed
+    firing late, `--backfill all` each of them, `--backfill none` none; all record the three missed firings. The `all`
+    job's 03:00 is Paris time (--timezone), so are its missed and late firings."""
+    from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
 
     from storage.tables import utcnow
 
-    for name, policy in (("late", "latest"), ("skip", "none")):
-        jobs("add", name, "toolformer", "--cron", "0 3 * * *", "--backfill", policy, "--db", db_url, "--", "--corpus", str(corpus), *NO_MODEL)
-    engine = open_engine(db_url)
+    for name, policy, zone in (("late", "latest", "UTC"), ("every", "all", "Europe/Paris"), ("skip", "none", "UTC")):
+        jobs("add", name, "toolformer", "--cron", "0 3 * * *", "--timezone", zone, "--backfill", policy, "--db", store_url, "--",
+             "--corpus", str(corpus), *NO_MODEL)  # fmt: skip
+    engine = open_engine(store_url)
     with Session(engine) as session:
         for job in session.exec(select(Job)).all():
             job.created_at = utcnow() - timedelta(days=3, hours=1)
             session.add(job)
         session.commit()
     log = tmp_path / "worker.log"
-    assert start_worker(db_url, log, "--once").wait(timeout=300) == 0, log.read_text()
-    runs = job_runs(db_url, ["late", "skip"])
+    assert start_worker(store_url, log, "--once").wait(timeout=300) == 0, log.read_text()
+    runs = job_runs(store_url, ["late", "every", "skip"])
     assert [(r.status, r.outcome) for r in runs["late"]] == [("SUCCESS", "completed")] and runs["skip"] == [], log.read_text()
-    shown = {name: json.loads(jobs("show", name, "--db", db_url, "--json").stdout)["missed"] for name in ("late", "skip")}
+    # The 3 late firings of `every` queue its one run: the first that finds it queued or running is skipped.
+    assert len(runs["every"]) == 3 and {r.status for r in runs["every"]} == {"SUCCESS"} and "completed" in {r.outcome for r in runs["every"]}
+    shown = {name: json.loads(jobs("show", name, "--db", store_url, "--json").stdout)["missed"] for name in ("late", "every", "skip")}
     assert [m["backfilled"] for m in shown["late"]] == [True, False, False] and [m["backfilled"] for m in shown["skip"]] == [False] * 3
-    assert all("T03:00:00" in m["scheduled_at"] for m in shown["late"] + shown["skip"]), shown
+    assert [m["backfilled"] for m in shown["every"]] == [True] * 3
+    due = {name: [datetime.fromisoformat(m["scheduled_at"]).replace(tzinfo=timezone.utc) for m in shown[name]] for name in shown}
+    assert {t.astimezone(ZoneInfo("Europe/Paris" if name == "every" else "UTC")).strftime("%H:%M:%S") for name in due for t in due[name]} == {"03:00:00"}
     assert "job late: 3 firing(s) missed while no worker ran" in log.read_text()
+    assert f"missed while no worker ran: {due['every'][0].astimezone(ZoneInfo('Europe/Paris')):%Y-%m-%d} 03:00:00 Europe/Paris (run late)" in jobs(
+        "show", "every", "--db", store_url).output  # fmt: skip
 
 
 HOLDER = """
@@ -643,3 +652,41 @@ def test_a_failed_run_is_not_retried_and_jobs_show_prints_its_reason(store_url, 
     with Session(open_engine(store_url)) as session:
         stored = session.exec(select(Run).where(Run.name == "broken")).one()
     assert stored.status == "failed" and "HTTP 404" in stored.error
+
+
+# ---- a schedule in a time zone -------------------------------------------------------------------------------------
+
+
+def test_a_job_s_cron_is_read_in_its_time_zone_across_daylight_saving_time(db_url, corpus):
+    """A daily 03:00 in Europe/Paris fires at 03:00 Paris time on both sides of the 2026 clock changes (29 March,
+    25 October): 02:00 UTC in winter, 01:00 UTC in summer. DBOS's scheduler (its backfill call enqueues each firing with
+    the id the live scheduler gives it, sched-NAME-TIME) and datagen's own next-due and missed-firing times agree."""
+    from datetime import datetime, timezone
+
+    from datagen.jobs.schedules import dbos_client, due_between, next_due
+
+    utc = timezone.utc
+    assert "--timezone: 'Europe/Pari' is not an IANA time zone" in jobs("add", "x", "toolformer", "--cron", "0 3 * * *", "--timezone", "Europe/Pari",
+                                                                        "--db", db_url, "--", "--corpus", str(corpus), code=2).output  # fmt: skip
+    added = json.loads(jobs("add", "paris", "toolformer", "--cron", "0 3 * * *", "--timezone", "Europe/Paris", "--db", db_url, "--json", "--",
+                            "--corpus", str(corpus)).stdout)  # fmt: skip
+    assert (added[0]["cron"], added[0]["timezone"]) == ("0 0 3 * * *", "Europe/Paris")
+    assert added[0]["next_due"].endswith(("T03:00:00+01:00", "T03:00:00+02:00")), added[0]["next_due"]
+    shown = jobs("show", "paris", "--db", db_url).output
+    assert any([c.strip() for c in line.split("│")[1:3]] == ["timezone", "Europe/Paris"] for line in shown.splitlines()), shown
+    assert json.loads(jobs("list", "--db", db_url, "--json").stdout)[0]["timezone"] == "Europe/Paris"
+    spring = ["2026-03-28 02:00", "2026-03-29 01:00", "2026-03-30 01:00"]
+    autumn = ["2026-10-24 01:00", "2026-10-25 02:00", "2026-10-26 02:00"]
+    windows = [(datetime(2026, 3, 27, 12, tzinfo=utc), datetime(2026, 3, 30, 12, tzinfo=utc)),
+               (datetime(2026, 10, 23, 12, tzinfo=utc), datetime(2026, 10, 26, 12, tzinfo=utc))]  # fmt: skip
+    jobs("run-now", "paris", "--db", db_url)  # a firing needs a datagen version to go to; run-now registers it on a new store
+    with dbos_client(db_url) as client:
+        fired = [[datetime.fromisoformat(h.get_workflow_id().removeprefix("sched-paris-")).astimezone(utc) for h in client.backfill_schedule("paris", *w)]
+                 for w in windows]  # fmt: skip
+    assert [[f"{t:%Y-%m-%d %H:%M}" for t in ts] for ts in fired] == [spring, autumn]
+    with Session(open_engine(db_url)) as session:
+        job = session.exec(select(Job).where(Job.name == "paris")).one()
+    assert job.timezone == "Europe/Paris"
+    assert [[f"{t:%Y-%m-%d %H:%M}" for t in reversed(due_between(job, *w, limit=10))] for w in windows] == [spring, autumn]
+    assert [f"{next_due(job, t).astimezone(utc):%Y-%m-%d %H:%M}" for t in (datetime(2026, 3, 28, 12, tzinfo=utc), datetime(2026, 10, 24, 12, tzinfo=utc))] \
+        == ["2026-03-29 01:00", "2026-10-25 02:00"]  # fmt: skip

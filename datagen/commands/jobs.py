@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import datetime as dt
+from dataclasses import asdict, replace
+from zoneinfo import ZoneInfo
 from typing import Annotated, Any, Optional
 
 import typer
@@ -11,7 +13,7 @@ from sqlmodel import Session, select
 
 from datagen.console import err_console, print_json, summary_table
 from datagen.jobs import schedules
-from datagen.jobs.definition import check_job
+from datagen.jobs.definition import check_job, check_timezone
 from datagen.options import DbOption, JsonOption
 from storage.store import open_engine
 from storage.tables import Job
@@ -26,7 +28,8 @@ def add(
     name: NameArg,
     pipeline: Annotated[str, typer.Argument(help="self-instruct, alpaca, toolformer or e2e; its options follow after --.")],
     every: Annotated[Optional[str], typer.Option("--every", help="Interval: 30s, 15m, 6h, 1d (dividing a minute, hour or day).")] = None,
-    cron: Annotated[Optional[str], typer.Option("--cron", help="Cron expression, UTC: '0 3 * * *' (5 fields) or with seconds first (6).")] = None,
+    cron: Annotated[Optional[str], typer.Option("--cron", help="Cron expression in --timezone: '0 3 * * *' (5 fields) or with seconds first (6).")] = None,
+    timezone: Annotated[str, typer.Option("--timezone", help="IANA time zone the schedule is read in (Europe/Paris: 03:00 there, summer and winter).")] = "UTC",
     target: Annotated[Optional[int], typer.Option("--target", help="Per run: accepted instructions (toolformer: texts) to add beyond what the run has.")] = None,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="toolformer: texts per shard; each firing queues one run per shard, JOB.shard-0000, ...")] = None,
     queue: Annotated[str, typer.Option("--queue", help="DBOS queue the job's runs go to; `datagen worker --queue` takes from it.")] = "datagen",
@@ -39,6 +42,7 @@ def add(
 
     The options after -- are checked as `datagen PIPELINE` checks them (config, seeds or corpus file); nothing is stored unless all pass."""
     job = check_job(name, pipeline, list(ctx.args), every, cron, target, shard_size, queue, backfill, on_failure)
+    job = replace(job, timezone=check_timezone(timezone))
     row = schedules.add_job(open_engine(db), db, job, every)
     show_jobs([row], {}, as_json, title=f"Added job {row.name}")
 
@@ -79,7 +83,8 @@ def show(name: NameArg, last: Annotated[int, typer.Option(help="Runs to list.", 
             for part in r.parts:
                 err_console.print(f"  {part.run}: {part.status} {part.outcome or ''}", markup=False, highlight=False, soft_wrap=True)
     for m in missed:
-        err_console.print(f"missed while no worker ran: {m.scheduled_at:%Y-%m-%d %H:%M:%S} UTC ({'run late' if m.backfilled else 'not run'})",
+        due = (m.scheduled_at if m.scheduled_at.tzinfo else m.scheduled_at.replace(tzinfo=dt.timezone.utc)).astimezone(ZoneInfo(job.timezone))
+        err_console.print(f"missed while no worker ran: {due:%Y-%m-%d %H:%M:%S} {job.timezone} ({'run late' if m.backfilled else 'not run'})",
                           markup=False, highlight=False)  # fmt: skip
 
 
@@ -137,7 +142,7 @@ def worker(
 def job_dict(job: Job) -> dict[str, Any]:
     due = schedules.next_due(job)
     return {"name": job.name, "pipeline": job.pipeline, "options": " ".join(job.args), "schedule": job.every and f"every {job.every}" or job.schedule,
-            "cron": job.schedule, "target": job.target, "shard_size": job.shard_size, "queue": job.queue, "enabled": job.enabled,
+            "cron": job.schedule, "timezone": job.timezone, "target": job.target, "shard_size": job.shard_size, "queue": job.queue, "enabled": job.enabled,
             "next_due": due.isoformat() if due else None}  # fmt: skip
 
 
@@ -151,10 +156,10 @@ def show_jobs(jobs: list[Job], runs: dict[str, list[schedules.JobRun]], as_json:
         print_json(rows)
         return
     table = Table(title=title, title_justify="left")
-    for column in ("name", "pipeline", "schedule", "target", "enabled", "next due (UTC)", "last run"):
-        table.add_column(column)
+    for column in ("name", "pipeline", "schedule", "timezone", "target", "enabled", "next due", "last run"):
+        table.add_column(column, overflow="fold")  # wrapped, never cut
     for row in rows:
         last = row["last_run"]
-        table.add_row(row["name"], row["pipeline"], row["schedule"], str(row["target"] or ""), "yes" if row["enabled"] else "paused",
+        table.add_row(row["name"], row["pipeline"], row["schedule"], row["timezone"], str(row["target"] or ""), "yes" if row["enabled"] else "paused",
                       row["next_due"] or "", f"{last['status']} {last['outcome'] or ''}".strip() if last else "")  # fmt: skip
     err_console.print(table)

@@ -42,6 +42,9 @@ class JobDefinition:
     on_failure: str | None = None
     """A shell command the worker runs when a run of the job fails or firings were missed, with DATAGEN_JOB and
     DATAGEN_REASON set: `--on-failure 'mail -s "$DATAGEN_JOB failed" ops@example.com <<< "$DATAGEN_REASON"'`."""
+    timezone: str = "UTC"
+    """The IANA time zone the schedule is read in (check_timezone): 03:00 in Europe/Paris stays 03:00 there across
+    daylight saving time."""
 
 
 BACKFILL = ("latest", "all", "none")
@@ -147,3 +150,14 @@ def check_pipeline_options(pipeline: str, args: list[str]) -> None:
     seeds_path = Path(params["seeds"])
     needs_instances = getattr(settings, "instance_demos", "seeds") == "seeds"  # as `datagen self-instruct` checks them
     bootstrap.check_seeds(read_seeds(seeds_path), str(seeds_path), needs_instances)
+
+
+def check_timezone(name: str) -> str:
+    """An IANA time zone name, as DBOS's scheduler reads the cron in it (zoneinfo)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise BadInput(f"--timezone: '{name}' is not an IANA time zone (e.g. UTC, Europe/Paris, America/New_York)") from None
+    return name

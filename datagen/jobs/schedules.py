@@ -12,6 +12,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
+from zoneinfo import ZoneInfo
 
 from croniter import croniter
 from sqlalchemy.engine import Engine
@@ -88,13 +89,14 @@ def add_job(engine: Engine, url: str | None, job: JobDefinition, every: str | No
     with Session(engine) as session:
         if session.exec(select(Job.id).where(Job.name == job.name)).first() is not None:
             raise BadInput(f"NAME: a job named '{job.name}' exists already (datagen jobs remove {job.name})")
-    row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target,
-              shard_size=job.shard_size, queue=job.queue)  # fmt: skip
+    row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, timezone=job.timezone, every=every,
+              target=job.target, shard_size=job.shard_size, queue=job.queue)  # fmt: skip
     with dbos_client(url) as client:
         # A new queue runs one job run per worker until a worker's --concurrency says otherwise (set_worker_limit).
         client.register_queue(job.queue, worker_concurrency=1, on_conflict="never_update")
+        # DBOS's scheduler reads the cron in the job's time zone (cron_timezone), and so does its backfill.
         client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, queue_name=job.queue,
-                               context={"job": job.name, "backfill": job.backfill, "on_failure": job.on_failure})  # fmt: skip
+                               cron_timezone=job.timezone, context={"job": job.name, "backfill": job.backfill, "on_failure": job.on_failure})  # fmt: skip
         try:
             with Session(engine, expire_on_commit=False) as session:
                 session.add(row)
@@ -197,9 +199,20 @@ def missed_firings(engine: Engine, name: str, limit: int = 10) -> list[JobMissed
 
 
 def next_due(job: Job, now: dt.datetime | None = None) -> dt.datetime | None:
+    """When the job fires next, in its time zone (as DBOS's scheduler computes it: croniter from now in that zone)."""
     if not job.enabled:
         return None
-    return croniter(job.schedule, now or dt.datetime.now(dt.timezone.utc), second_at_beginning=True).get_next(dt.datetime)
+    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(ZoneInfo(job.timezone))
+    return croniter(job.schedule, now, second_at_beginning=True).get_next(dt.datetime)
+
+
+def due_between(job: Job, since: dt.datetime, until: dt.datetime, limit: int) -> list[dt.datetime]:
+    """The job's firing times after `since` and up to `until`, newest first, at most `limit`, in UTC; the cron read in
+    the job's time zone, so a daily 03:00 in Europe/Paris is 02:00 UTC in winter and 01:00 UTC in summer."""
+    due, times = croniter(job.schedule, until.astimezone(ZoneInfo(job.timezone)), second_at_beginning=True), []
+    while len(times) < limit and (t := due.get_prev(dt.datetime)) > since:
+        times.append(t.astimezone(dt.timezone.utc))
+    return times
 
 
 def job_runs(url: str | None, names: list[str], limit: int = 10) -> dict[str, list[JobRun]]:

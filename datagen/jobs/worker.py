@@ -46,7 +46,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from datagen.console import err_console
-from datagen.jobs.schedules import APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, on_failure_command, schedule_context, set_worker_limit
+from datagen.jobs.schedules import (APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, due_between, on_failure_command,
+                                    schedule_context, set_worker_limit)  # fmt: skip
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
 from storage.run_lock import holder_of, server_now
@@ -329,7 +330,6 @@ def backfill(engine, queue: str, started: float) -> None:
     job was added, and before this worker started): each recorded in `job_missed`, and run late as the job's
     --backfill says (latest, all, none) through DBOS's backfill call, whose workflow ids are the live scheduler's, so
     two workers starting at once queue each firing once."""
-    from croniter import croniter
     from sqlalchemy.exc import IntegrityError
 
     with Session(engine) as session:
@@ -342,9 +342,7 @@ def backfill(engine, queue: str, started: float) -> None:
             continue
         since = datetime.fromisoformat(schedule["last_fired_at"]) if schedule["last_fired_at"] else job.created_at
         since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
-        due, missed = croniter(job.schedule, until, second_at_beginning=True), []
-        while len(missed) < MAX_MISSED and (t := due.get_prev(datetime)) > since:
-            missed.append(t)
+        missed = due_between(job, since, until, MAX_MISSED)
         late = missed if policy == "all" else missed[:1] if policy == "latest" else []
         for t in late:
             DBOS.backfill_schedule(schedule["schedule_name"], t - timedelta(milliseconds=1), t + timedelta(milliseconds=1))

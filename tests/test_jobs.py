@@ -56,8 +56,8 @@ def jobs(*args: str, code: int = 0):
 
 
 def start_worker(url: str, log: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "datagen.cli", "worker", "--db", url, *args], stdout=subprocess.DEVNULL,
-                            stderr=log.open("w"), env=env(timeout))  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "datagen.cli", "worker", "--db", url, "--log-dir", str(log.parent / "job-logs"), *args],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env(timeout))  # fmt: skip
 
 
 def wait_for(condition, seconds: float, what: str):
@@ -67,6 +67,19 @@ def wait_for(condition, seconds: float, what: str):
             return found
         time.sleep(0.5)
     pytest.fail(f"not within {seconds:.0f} s: {what}")
+
+
+def job_children(url: str) -> list[int]:
+    """The pids of the job runs' commands that workers started on the store `url` (datagen/jobs/child.py)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"datagen.jobs.child" in argv and url.encode() in argv:
+            pids.append(int(proc.name))
+    return pids
 
 
 def stop(worker: subprocess.Popen) -> int:
@@ -156,6 +169,11 @@ def test_three_workers_run_ten_due_jobs_each_exactly_once(store_url, corpus, tmp
     text = "".join(log.read_text() for log in logs)
     assert sum(f"--run {name} " in text for name in names) == 10 and "Traceback" not in text
     assert all(text.count(f"--run {name} ") == 1 for name in names), text  # each started once, by one worker
+    # Each run's output in its own file, from its own command only: none lost in a worker's log, none interleaved.
+    files = {name: list((tmp_path / "job-logs" / name).glob("*.log")) for name in names}
+    assert all(len(f) == 1 for f in files.values()), files
+    outputs = {name: f[0].read_text() for name, f in files.items()}
+    assert all(o.count("--run ") == 1 and f"--run {name} " in o and o.endswith("== exit 0\n") for name, o in outputs.items()), outputs
     with Session(open_engine(store_url)) as session:
         assert sorted(session.exec(select(Run.name, Run.status)).all()) == [(n, "completed") for n in names]
         rows = session.exec(select(ToolformerText.run_id, ToolformerText.line)).all()
@@ -190,8 +208,11 @@ def test_a_killed_worker_s_run_is_finished_by_a_once_worker(store_url, corpus, t
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = start_worker(store_url, first_log)
     wait_for(lambda: "running datagen toolformer" in first_log.read_text(), 120, "the first worker started the run")
+    [child] = wait_for(lambda: job_children(store_url), 60, "the run's command started")
+    assert os.getsid(child) == child != os.getsid(first.pid)  # its own session (start_new_session), no preexec_fn
     first.send_signal(signal.SIGKILL)
     first.wait()
+    wait_for(lambda: not job_children(store_url), 30, "the run's command died with its worker")  # PR_SET_PDEATHSIG, set by the child
     # A cron- or Slurm-started `--once` worker: it waits for the dead worker's beat to go stale, recovers its run,
     # finishes it, and only then exits.
     assert start_worker(store_url, second_log, "--once").wait(timeout=300) == 0, second_log.read_text()
@@ -652,6 +673,13 @@ def test_a_failed_run_is_not_retried_and_jobs_show_prints_its_reason(store_url, 
     with Session(open_engine(store_url)) as session:
         stored = session.exec(select(Run).where(Run.name == "broken")).one()
     assert stored.status == "failed" and "HTTP 404" in stored.error
+    # The command's own output went to the run's log file, whose path jobs show prints, not to the worker's log.
+    [part] = run.parts
+    assert Path(part.log).parent == tmp_path / "job-logs" / "broken" and f"{run.workflow_id} log: {part.log}" in shown.splitlines(), shown
+    output = Path(part.log).read_text()
+    assert output.startswith("== ") and "datagen self-instruct --seeds" in output.splitlines()[0], output
+    assert output.splitlines()[-2:] == [f"error: {stored.error}", "== exit 1"], output
+    assert "error:" not in text and f"job run {part.workflow_id}: output in {part.log}" in text, text
 
 
 # ---- a schedule in a time zone -------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, replace
+from pathlib import Path
 from zoneinfo import ZoneInfo
 from typing import Annotated, Any, Optional
 
@@ -76,12 +77,15 @@ def show(name: NameArg, last: Annotated[int, typer.Option(help="Runs to list.", 
         table.add_row(r.workflow_id, r.status, outcome, (r.executor or "")[:8], f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "",
                       "" if r.seconds is None else f"{r.seconds:.1f}")  # fmt: skip
     err_console.print(table)
-    for r in runs:  # the reason of each failure on its own line, whole; a sharded firing's shard runs
+    for r in runs:  # the reason of each failure on its own line, whole; a sharded firing's shard runs; the log files
         if r.status == "ERROR":
             err_console.print(f"{r.workflow_id}: {r.outcome}", markup=False, highlight=False, soft_wrap=True)
-        if len(r.parts) > 1:
-            for part in r.parts:
+        for part in r.parts:
+            if len(r.parts) > 1:
                 err_console.print(f"  {part.run}: {part.status} {part.outcome or ''}", markup=False, highlight=False, soft_wrap=True)
+            if part.log:
+                where = f"  {part.run}" if len(r.parts) > 1 else r.workflow_id
+                err_console.print(f"{where} log: {part.log}", markup=False, highlight=False, soft_wrap=True)
     for m in missed:
         due = (m.scheduled_at if m.scheduled_at.tzinfo else m.scheduled_at.replace(tzinfo=dt.timezone.utc)).astimezone(ZoneInfo(job.timezone))
         err_console.print(f"missed while no worker ran: {due:%Y-%m-%d %H:%M:%S} {job.timezone} ({'run late' if m.backfilled else 'not run'})",
@@ -131,12 +135,13 @@ def worker(
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1,
                            help="Job runs at a time in each worker of --queue; DBOS keeps one such limit per queue, so this sets it for all its workers (default: the queue's, 1 for a new queue).")] = None,
     queue: Annotated[str, typer.Option("--queue", help="Queue to take job runs from.")] = "datagen",
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="Each job run's output goes to LOG_DIR/RUN/WORKFLOW.log (jobs show prints the path).")] = Path("job-logs"),
     db: DbOption = None,
 ) -> None:
     """Run due job runs (each as its pipeline's command) until SIGTERM; start one per GPU machine against one PostgreSQL."""
     from datagen.jobs.worker import serve
 
-    serve(db, concurrency, queue, once)
+    serve(db, concurrency, queue, once, log_dir)
 
 
 def job_dict(job: Job) -> dict[str, Any]:

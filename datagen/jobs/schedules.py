@@ -33,6 +33,8 @@ RUN_JOB = "run_job"
 """The workflow every schedule starts (datagen/jobs/worker.py); its context argument is the job's name."""
 JOB_RUN = "job_run"
 """The workflow of one run of a job that a firing queues, deduplicated on the run's name."""
+LOG_EVENT = "log"
+"""The DBOS event in which a run's workflow keeps its log file's path (datagen/jobs/worker.py)."""
 RUN_SHARD = "run_shard"
 """The workflow a sharded job's firing queues for each shard (datagen/shards.py), a child of the firing."""
 
@@ -173,6 +175,8 @@ class RunPart:
     status: str
     outcome: str | None
     """completed, stopped, skipped; the error for ERROR."""
+    log: str | None = None
+    """The file its command's output went to, on the worker's machine (`datagen worker --log-dir`); None before it ran."""
 
 
 @dataclass
@@ -224,6 +228,8 @@ def job_runs(url: str | None, names: list[str], limit: int = 10) -> dict[str, li
         for name in names:
             firings = client.list_workflows(schedule_name=name, sort_desc=True, limit=limit, load_input=False)
             runs[name] = [_job_run(f, client.list_workflows(parent_workflow_id=f.workflow_id) if _queued(f) else []) for f in firings]
+            for part in (p for r in runs[name] for p in r.parts):
+                part.log = client.get_event(part.workflow_id, LOG_EVENT, timeout_seconds=0)
     return runs
 
 

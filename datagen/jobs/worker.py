@@ -23,7 +23,6 @@ rollback; README, "Upgrading workers"). A `--once` worker sweeps before it exits
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -33,7 +32,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -46,7 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from datagen.console import err_console
-from datagen.jobs.schedules import (APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, due_between, on_failure_command,
+from datagen.jobs.schedules import (APP_NAME, APP_VERSION, JOB_RUN, LOG_EVENT, RUN_JOB, RUN_SHARD, dbos_client, due_between, on_failure_command,
                                     schedule_context, set_worker_limit)  # fmt: skip
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
@@ -77,6 +75,8 @@ class _Worker:
     from a gap (it was paused, or the database was unreachable to it or to all: a failover), so that the others have
     had the time to beat again."""
     stopping: threading.Event = field(default_factory=threading.Event)
+    log_dir: Path = Path("job-logs")
+    """Where each job run's output goes (log_file)."""
     children: dict[subprocess.Popen, str] = field(default_factory=dict)
     """Each running pipeline command, with the workflow it runs for."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -257,32 +257,53 @@ def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
 
 
 def _run_child(argv: list[str], workflow_id: str) -> tuple[int, list[str]]:
-    """Run `datagen ARGV`, its stderr passed through, dying with this process (kill -9 of the worker kills it)."""
-    env = {**os.environ, "DATAGEN_HOLDER": f"worker {_worker.executor_id[:8]}"}
-    child = subprocess.Popen([sys.executable, "-m", "datagen.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
-    with _worker.lock:
-        _worker.children[child] = workflow_id
-    tail: deque[str] = deque(maxlen=5)
-    for line in child.stderr:
-        sys.stderr.write(line)
-        if line.strip():
-            tail.append(line.strip())
-    code = child.wait()
-    with _worker.lock:
-        _worker.children.pop(child, None)
-    return code, list(tail)
+    """Run `datagen ARGV` in a session of its own, dying with this process (datagen/jobs/child.py), its output (stdout
+    and stderr) appended to the run's log file; returns its exit code and its last 5 lines."""
+    log = log_file(_worker.log_dir, argv, workflow_id)
+    DBOS.set_event(LOG_EVENT, str(log))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DATAGEN_HOLDER": f"worker {_worker.executor_id[:8]}", "DATAGEN_WORKER_PID": str(os.getpid())}
+    with log.open("ab") as out:
+        out.write(f"== {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC, worker {_worker.executor_id[:8]} ({APP_VERSION}): datagen {' '.join(argv)}\n".encode())
+        out.flush()
+        start = out.tell()
+        child = subprocess.Popen([sys.executable, "-m", "datagen.jobs.child", *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 env=env, start_new_session=True)  # fmt: skip
+        with _worker.lock:
+            _worker.children[child] = workflow_id
+        say(f"job run {workflow_id}: output in {log}")
+        code = child.wait()
+        with _worker.lock:
+            _worker.children.pop(child, None)
+        tail = last_lines(log, start)
+        out.write(f"== exit {code}\n".encode())
+    return code, tail
 
 
-def _die_with_parent() -> None:
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def log_file(log_dir: Path, argv: list[str], workflow_id: str) -> Path:
+    """LOG_DIR/RUN/WORKFLOW.log: one file per firing's run (a retry or a recovery appends to it), under its run's name."""
+    flag = "--name" if argv[0] == "e2e" else "--run"
+    run = argv[argv.index(flag) + 1] if flag in argv else "run"
+    return log_dir / _file_name(run) / f"{_file_name(workflow_id)}.log"
 
 
-def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> None:
+def _file_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def last_lines(path: Path, start: int, n: int = 5) -> list[str]:
+    """The last n non-blank lines written after `start`; a progress bar's carriage returns end lines too."""
+    with path.open("rb") as f:
+        f.seek(max(start, path.stat().st_size - 65536))
+        text = f.read().decode("utf-8", errors="replace")
+    return [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()][-n:]
+
+
+def serve(url: str | None, concurrency: int | None, queue: str, once: bool, log_dir: Path = Path("job-logs")) -> None:
     """Run job runs from `queue`, `concurrency` at a time (None: the queue's limit), until SIGTERM (or, with `once`,
-    until nothing is queued or stranded)."""
+    until nothing is queued or stranded); each run's output goes to a file under `log_dir`."""
     url = database_url(url)
+    _worker.log_dir = log_dir.resolve()
     with dbos_client(url) as client:
         concurrency = set_worker_limit(client, queue, concurrency)
     engine = open_engine(url)

@@ -718,3 +718,37 @@ def test_a_job_s_cron_is_read_in_its_time_zone_across_daylight_saving_time(db_ur
     assert [[f"{t:%Y-%m-%d %H:%M}" for t in reversed(due_between(job, *w, limit=10))] for w in windows] == [spring, autumn]
     assert [f"{next_due(job, t).astimezone(utc):%Y-%m-%d %H:%M}" for t in (datetime(2026, 3, 28, 12, tzinfo=utc), datetime(2026, 10, 24, 12, tzinfo=utc))] \
         == ["2026-03-29 01:00", "2026-10-25 02:00"]  # fmt: skip
+
+
+# ---- history retention ---------------------------------------------------------------------------------------------
+
+
+def test_a_worker_prunes_firings_and_missed_rows_older_than_its_policy(db_url, corpus, tmp_path):
+    """Three firings aged 40 to 42 days (cancelled before any worker ran them), a fresh one, and a missed-firing row
+    40 days old: a worker with --keep-days 30 --keep-last 2 deletes the firings past the job's last 2 (the fresh one
+    and the newest old one stay) and the missed row, through DBOS's delete call."""
+    import sqlite3
+    from datetime import timedelta
+
+    from datagen.jobs.schedules import dbos_client
+    from storage.tables import JobMissed, utcnow
+
+    jobs("add", "old", "toolformer", "--every", "1d", "--db", db_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    for _ in range(4):
+        jobs("run-now", "old", "--db", db_url)
+    jobs("cancel", "old", "--db", db_url)
+    with dbos_client(db_url, migrate=False) as client:
+        firings = client.list_workflows(schedule_name="old", sort_desc=False, load_input=False, load_output=False)
+    assert [f.status for f in firings] == ["CANCELLED"] * 4
+    now_ms = int(time.time() * 1000)
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as connection:  # DBOS's tables share the store's file
+        for days, f in zip((42, 41, 40), firings):
+            connection.execute("UPDATE workflow_status SET created_at = ? WHERE workflow_uuid = ?", (now_ms - days * 86_400_000, f.workflow_id))
+    with Session(open_engine(db_url)) as session:
+        session.add(JobMissed(job="old", scheduled_at=utcnow() - timedelta(days=40), backfilled=False))
+        session.commit()
+    log = tmp_path / "worker.log"
+    assert start_worker(db_url, log, "--once", "--keep-days", "30", "--keep-last", "2").wait(timeout=300) == 0, log.read_text()
+    assert "history: deleted 2 firing(s) and 1 missed-firing row(s) older than 30 days (each job keeps its last 2)" in log.read_text(), log.read_text()
+    assert [r.workflow_id for r in job_runs(db_url, ["old"])["old"]] == [firings[3].workflow_id, firings[2].workflow_id]
+    assert json.loads(jobs("show", "old", "--db", db_url, "--json").stdout)["missed"] == []

@@ -136,12 +136,14 @@ def worker(
                            help="Job runs at a time in each worker of --queue; DBOS keeps one such limit per queue, so this sets it for all its workers (default: the queue's, 1 for a new queue).")] = None,
     queue: Annotated[str, typer.Option("--queue", help="Queue to take job runs from.")] = "datagen",
     log_dir: Annotated[Path, typer.Option("--log-dir", help="Each job run's output goes to LOG_DIR/RUN/WORKFLOW.log (jobs show prints the path).")] = Path("job-logs"),
+    keep_days: Annotated[float, typer.Option("--keep-days", min=0, help="History kept: finished firings, their runs' log files and missed-firing rows of the last DAYS days (0: all).")] = 30,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="...and each job's last N firings, however old.")] = 10,
     db: DbOption = None,
 ) -> None:
     """Run due job runs (each as its pipeline's command) until SIGTERM; start one per GPU machine against one PostgreSQL."""
-    from datagen.jobs.worker import serve
+    from datagen.jobs.worker import History, serve
 
-    serve(db, concurrency, queue, once, log_dir)
+    serve(db, concurrency, queue, once, log_dir, History(keep_days=keep_days, keep_last=keep_last))
 
 
 def job_dict(job: Job) -> dict[str, Any]:

@@ -19,6 +19,8 @@ never comes back: its workflows stay pending under its executor id. So each work
 a live worker puts back on the queue, through DBOS's public cancel and rewind calls, the pending workflows of every
 worker whose beat is stale, and the workflows of another datagen version that no worker of it takes (an upgrade or a
 rollback; README, "Upgrading workers"). A `--once` worker sweeps before it exits.
+Each run's command writes to a log file of its own (log_file), and a worker deletes its queue's finished firings
+older than its History policy through DBOS's delete call (prune_history).
 """
 
 from __future__ import annotations
@@ -77,9 +79,25 @@ class _Worker:
     stopping: threading.Event = field(default_factory=threading.Event)
     log_dir: Path = Path("job-logs")
     """Where each job run's output goes (log_file)."""
+    history: "History" = field(default_factory=lambda: History())
+    pruned_at: float = 0.0
+    """Server time of this worker's last prune_history."""
     children: dict[subprocess.Popen, str] = field(default_factory=dict)
     """Each running pipeline command, with the workflow it runs for."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class History:
+    """What a worker keeps of its queue's finished firings (DBOS workflows, with the runs they queued), the runs' log
+    files and the missed-firing rows: those of the last `keep_days` days, and each job's last `keep_last` firings
+    whatever their age (`datagen worker --keep-days --keep-last`)."""
+
+    keep_days: float = 30.0
+    """0: keep everything."""
+    keep_last: int = 10
+    every_s: float = 3600.0
+    """How often a worker prunes (and once when it starts)."""
 
 
 _worker = _Worker()
@@ -299,11 +317,11 @@ def last_lines(path: Path, start: int, n: int = 5) -> list[str]:
     return [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()][-n:]
 
 
-def serve(url: str | None, concurrency: int | None, queue: str, once: bool, log_dir: Path = Path("job-logs")) -> None:
+def serve(url: str | None, concurrency: int | None, queue: str, once: bool, log_dir: Path = Path("job-logs"), history: History | None = None) -> None:
     """Run job runs from `queue`, `concurrency` at a time (None: the queue's limit), until SIGTERM (or, with `once`,
-    until nothing is queued or stranded); each run's output goes to a file under `log_dir`."""
+    until nothing is queued or stranded); each run's output goes to a file under `log_dir`; older history is pruned."""
     url = database_url(url)
-    _worker.log_dir = log_dir.resolve()
+    _worker.log_dir, _worker.history = log_dir.resolve(), history or History()
     with dbos_client(url) as client:
         concurrency = set_worker_limit(client, queue, concurrency)
     engine = open_engine(url)
@@ -459,6 +477,9 @@ def _beat_and_sweep_once(engine, holder: str) -> None:
     Through DBOS's public calls: cancel it, then rewind it to its first unfinished step on this version and queue,
     so its finished steps (the plan) are kept and the queue's concurrency limit holds for it."""
     now = _beat(engine, holder)
+    if now - _worker.pruned_at >= _worker.history.every_s:
+        _worker.pruned_at = now
+        prune_history(engine, now)
     last, _worker.last_beat = _worker.last_beat, now
     if now - last > WORKER_TIMEOUT_S / 2:  # this worker was itself paused or cut off: others may not have beaten yet
         _worker.trusted_from = now + WORKER_TIMEOUT_S
@@ -482,6 +503,39 @@ def _beat_and_sweep_once(engine, holder: str) -> None:
     if dead:
         with engine.begin() as connection:
             connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id.in_([w.executor_id for w in stranded if w.executor_id])))
+
+
+def prune_history(engine, now: float) -> None:
+    """Delete the finished firings of this queue's jobs (and of removed jobs) older than the policy's days, but each
+    job's last ones (History), with the runs they queued (DBOS's delete_workflows, children included) and those runs'
+    log files on this machine; and the missed-firing rows as old. A firing whose run is still queued or running stays."""
+    policy = _worker.history
+    if not policy.keep_days:
+        return
+    cutoff = datetime.fromtimestamp(now, timezone.utc) - timedelta(days=policy.keep_days)
+    with Session(engine) as session:  # a cancelled firing has left its queue: its job says whose it is (any worker's if removed)
+        elsewhere = set(session.exec(select(Job.name).where(Job.queue != _worker.queue)).all())
+    old = [w for w in DBOS.list_workflows(name=RUN_JOB, status=["SUCCESS", "ERROR", "CANCELLED"], end_time=cutoff.isoformat(), load_input=False, load_output=False)
+           if w.schedule_name not in elsewhere]  # fmt: skip
+    doomed = []
+    for job in {w.schedule_name for w in old}:
+        latest = DBOS.list_workflows(name=RUN_JOB, schedule_name=job, sort_desc=True, limit=policy.keep_last, load_input=False, load_output=False) if policy.keep_last else []
+        kept = {w.workflow_id for w in latest}
+        doomed += [w.workflow_id for w in old if w.schedule_name == job and w.workflow_id not in kept]
+    runs = DBOS.list_workflows(parent_workflow_id=doomed, load_input=False, load_output=False) if doomed else []
+    going = {w.parent_workflow_id for w in runs if w.status in ("ENQUEUED", "PENDING", "DELAYED")}
+    doomed = [d for d in doomed if d not in going]
+    logs = [DBOS.get_event(w.workflow_id, LOG_EVENT, timeout_seconds=0) for w in runs if w.parent_workflow_id in doomed]
+    if doomed:
+        DBOS.delete_workflows(doomed, delete_children=True)
+    for log in (Path(p) for p in logs if p):
+        if log.is_relative_to(_worker.log_dir):  # this worker's own files only
+            log.unlink(missing_ok=True)
+    with engine.begin() as connection:
+        missed = connection.execute(delete(JobMissed).where(JobMissed.scheduled_at < cutoff)).rowcount
+    if doomed or missed:
+        say(f"history: deleted {len(doomed)} firing(s) and {missed} missed-firing row(s) older than {policy.keep_days:g} days "
+            f"(each job keeps its last {policy.keep_last})")  # fmt: skip
 
 
 def _stop_cancelled() -> None:

@@ -660,7 +660,7 @@ def test_a_failed_run_is_not_retried_and_jobs_show_prints_its_reason(store_url, 
              "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--model", "gone", "--request-batch-size", "1")  # fmt: skip
         jobs("run-now", "broken", "--db", store_url)
         log = tmp_path / "worker.log"
-        assert start_worker(store_url, log, "--once").wait(timeout=120) == 0, log.read_text()
+        assert start_worker(store_url, log, "--once").wait(timeout=300) == 0, log.read_text()
     finally:
         server.shutdown()
         server.server_close()

@@ -169,8 +169,11 @@ def _check_schema_version(connection, create: bool) -> None:
         )
     elif int(row[0]) < SCHEMA_VERSION and create:
         # Added tables create_all has just made; added columns are added here.
-        if "shard_size" not in {c["name"] for c in inspect(connection).get_columns("job")}:  # version 2
+        columns = {c["name"] for c in inspect(connection).get_columns("job")}
+        if "shard_size" not in columns:  # version 2
             connection.exec_driver_sql("ALTER TABLE job ADD COLUMN shard_size INTEGER")
+        if "timezone" not in columns:  # version 3
+            connection.exec_driver_sql("ALTER TABLE job ADD COLUMN timezone VARCHAR NOT NULL DEFAULT 'UTC'")
         connection.execute(
             SchemaInfo.__table__.update().where(SchemaInfo.key == "schema_version").values(value=str(SCHEMA_VERSION))
         )

@@ -15,9 +15,9 @@ from typing import Any
 from sqlalchemy import JSON, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bump when a table changes shape; `storage.store.open_engine` refuses a database newer than this.
-2: job.shard_size (sharded Toolformer jobs)."""
+2: job.shard_size (sharded Toolformer jobs). 3: job.timezone (cron in a time zone)."""
 
 
 def utcnow() -> datetime:
@@ -268,6 +268,9 @@ class Job(SQLModel, table=True):
     """The pipeline command's options, as on its command line: ["--seeds", "seeds.jsonl", "--config", "si.yaml"]."""
     schedule: str
     """Six-field cron, seconds first (DBOS's scheduler): "0 0 */6 * * *" for --every 6h."""
+    timezone: str = "UTC"
+    """The IANA time zone the schedule is read in (DBOS's cron_timezone): "0 0 3 * * *" in Europe/Paris fires at
+    03:00 Paris time, 02:00 UTC in winter and 01:00 UTC in summer."""
     every: str | None = None
     """The --every given, for display."""
     target: int | None = None

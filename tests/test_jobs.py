@@ -56,8 +56,21 @@ def jobs(*args: str, code: int = 0):
 
 
 def start_worker(url: str, log: Path, *args: str, timeout: float = TIMEOUT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "datagen.cli", "worker", "--db", url, *args], stdout=subprocess.DEVNULL,
-                            stderr=log.open("w"), env=env(timeout))  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "datagen.cli", "worker", "--db", url, "--log-dir", str(log.parent / "job-logs"), *args],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env(timeout))  # fmt: skip
+
+
+def job_children(url: str) -> list[int]:
+    """The pids of the job runs' commands that workers started on the store `url` (datagen/jobs/child.py)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"datagen.jobs.child" in argv and url.encode() in argv:
+            pids.append(int(proc.name))
+    return pids
 
 
 def stop(worker: subprocess.Popen) -> int:
@@ -147,6 +160,11 @@ def test_three_workers_run_ten_due_jobs_each_exactly_once(store_url, corpus, tmp
     text = "".join(log.read_text() for log in logs)
     assert sum(f"--run {name} " in text for name in names) == 10 and "Traceback" not in text
     assert all(text.count(f"--run {name} ") == 1 for name in names), text  # each started once, by one worker
+    # Each run's output in its own file, from its own command only: none lost in a worker's log, none interleaved.
+    files = {name: list((tmp_path / "job-logs" / name).glob("*.log")) for name in names}
+    assert all(len(f) == 1 for f in files.values()), files
+    outputs = {name: f[0].read_text() for name, f in files.items()}
+    assert all(o.count("--run ") == 1 and f"--run {name} " in o and o.endswith("== exit 0\n") for name, o in outputs.items()), outputs
     with Session(open_engine(store_url)) as session:
         assert sorted(session.exec(select(Run.name, Run.status)).all()) == [(n, "completed") for n in names]
         rows = session.exec(select(ToolformerText.run_id, ToolformerText.line)).all()
@@ -181,8 +199,11 @@ def test_a_killed_worker_s_run_is_finished_by_a_once_worker(store_url, corpus, t
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
     first = start_worker(store_url, first_log)
     wait_for(lambda: "running datagen toolformer" in first_log.read_text(), 120, "the first worker started the run")
+    [child] = wait_for(lambda: job_children(store_url), 60, "the run's command started")
+    assert os.getsid(child) == child != os.getsid(first.pid)  # its own session (start_new_session), no preexec_fn
     first.send_signal(signal.SIGKILL)
     first.wait()
+    wait_for(lambda: not job_children(store_url), 30, "the run's command died with its worker")  # PR_SET_PDEATHSIG, set by the child
     # A cron- or Slurm-started `--once` worker: it waits for the dead worker's beat to go stale, recovers its run,
     # finishes it, and only then exits.
     assert start_worker(store_url, second_log, "--once").wait(timeout=300) == 0, second_log.read_text()
@@ -237,29 +258,38 @@ def test_read_only_commands_register_no_version_and_another_version_s_firing_is_
     assert f"job run {run.workflow_id} of datagen-old: no live worker of that version runs it" in log.read_text()
 
 
-def test_firings_missed_while_no_worker_ran_are_recorded_and_run_per_the_job_s_policy(db_url, corpus, tmp_path):
-    """Two jobs due daily at 03:00, added three days ago, no worker since: `--backfill latest` runs the latest missed
-    firing late, `--backfill none` none; both record the three missed firings."""
-    from datetime import timedelta
+def test_firings_missed_while_no_worker_ran_are_recorded_and_run_per_the_job_s_policy(store_url, corpus, tmp_path):
+    """Three jobs due daily at 03:00, added three days ago, no worker since: `--backfill latest` runs the latest missed
+    firing late, `--backfill all` each of them, `--backfill none` none; all record the three missed firings. The `all`
+    job's 03:00 is Paris time (--timezone), so are its missed and late firings."""
+    from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
 
     from storage.tables import utcnow
 
-    for name, policy in (("late", "latest"), ("skip", "none")):
-        jobs("add", name, "toolformer", "--cron", "0 3 * * *", "--backfill", policy, "--db", db_url, "--", "--corpus", str(corpus), *NO_MODEL)
-    engine = open_engine(db_url)
+    for name, policy, zone in (("late", "latest", "UTC"), ("every", "all", "Europe/Paris"), ("skip", "none", "UTC")):
+        jobs("add", name, "toolformer", "--cron", "0 3 * * *", "--timezone", zone, "--backfill", policy, "--db", store_url, "--",
+             "--corpus", str(corpus), *NO_MODEL)  # fmt: skip
+    engine = open_engine(store_url)
     with Session(engine) as session:
         for job in session.exec(select(Job)).all():
             job.created_at = utcnow() - timedelta(days=3, hours=1)
             session.add(job)
         session.commit()
     log = tmp_path / "worker.log"
-    assert start_worker(db_url, log, "--once").wait(timeout=300) == 0, log.read_text()
-    runs = job_runs(db_url, ["late", "skip"])
+    assert start_worker(store_url, log, "--once").wait(timeout=300) == 0, log.read_text()
+    runs = job_runs(store_url, ["late", "every", "skip"])
     assert [(r.status, r.outcome) for r in runs["late"]] == [("SUCCESS", "completed")] and runs["skip"] == [], log.read_text()
-    shown = {name: json.loads(jobs("show", name, "--db", db_url, "--json").stdout)["missed"] for name in ("late", "skip")}
+    # The 3 late firings of `every` queue its one run: the first that finds it queued or running is skipped.
+    assert len(runs["every"]) == 3 and {r.status for r in runs["every"]} == {"SUCCESS"} and "completed" in {r.outcome for r in runs["every"]}
+    shown = {name: json.loads(jobs("show", name, "--db", store_url, "--json").stdout)["missed"] for name in ("late", "every", "skip")}
     assert [m["backfilled"] for m in shown["late"]] == [True, False, False] and [m["backfilled"] for m in shown["skip"]] == [False] * 3
-    assert all("T03:00:00" in m["scheduled_at"] for m in shown["late"] + shown["skip"]), shown
+    assert [m["backfilled"] for m in shown["every"]] == [True] * 3
+    due = {name: [datetime.fromisoformat(m["scheduled_at"]).replace(tzinfo=timezone.utc) for m in shown[name]] for name in shown}
+    assert {t.astimezone(ZoneInfo("Europe/Paris" if name == "every" else "UTC")).strftime("%H:%M:%S") for name in due for t in due[name]} == {"03:00:00"}
     assert "job late: 3 firing(s) missed while no worker ran" in log.read_text()
+    assert f"missed while no worker ran: {due['every'][0].astimezone(ZoneInfo('Europe/Paris')):%Y-%m-%d} 03:00:00 Europe/Paris (run late)" in jobs(
+        "show", "every", "--db", store_url).output  # fmt: skip
 
 
 def test_a_job_due_while_its_previous_run_is_going_is_skipped(store_url, corpus, tmp_path):
@@ -581,3 +611,127 @@ def test_cancel_stops_a_running_job_run_after_its_batch_in_flight(db_url, slow_m
     [firing] = job_runs(db_url, ["c"])["c"]
     assert firing.status == "CANCELLED"
     assert committed_batches(db_url, "c") == whole_batches(max(b for b, _ in committed_batches(db_url, "c")))  # none half stored
+
+
+# ---- a run that fails (exit 1) -------------------------------------------------------------------------------------
+
+
+class _NoSuchModel(BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that serves no model named like the job's: every request is a 404, which the
+    openai backend does not retry, so the pipeline command fails at once (exit 1)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"error": {"message": "The model 'gone' does not exist"}}).encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failed_run_is_not_retried_and_jobs_show_prints_its_reason(store_url, tmp_path):
+    """The model was removed from the server after `jobs add`: the command exits 1 (the run failed), once, and the
+    firing ends in ERROR with the command's last error line; the run is stored failed."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        jobs("add", "broken", "self-instruct", "--every", "1d", "--db", store_url, "--", "--seeds", str(SEEDS), "--backend", "openai",
+             "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--model", "gone", "--request-batch-size", "1")  # fmt: skip
+        jobs("run-now", "broken", "--db", store_url)
+        log = tmp_path / "worker.log"
+        assert start_worker(store_url, log, "--once").wait(timeout=300) == 0, log.read_text()
+    finally:
+        server.shutdown()
+        server.server_close()
+    text = log.read_text()
+    assert text.count("running datagen self-instruct") == 1 and "exit 1, run failed, not retried" in text, text
+    [run] = job_runs(store_url, ["broken"])["broken"]
+    assert run.status == "ERROR" and run.outcome.startswith("exit 1, run failed: ") and "HTTP 404: The model 'gone' does not exist" in run.outcome, run.outcome
+    shown = jobs("show", "broken", "--db", store_url).output
+    assert f"{run.workflow_id}: {run.outcome}" in shown.splitlines(), shown
+    with Session(open_engine(store_url)) as session:
+        stored = session.exec(select(Run).where(Run.name == "broken")).one()
+    assert stored.status == "failed" and "HTTP 404" in stored.error
+    # The command's own output went to the run's log file, whose path jobs show prints, not to the worker's log.
+    [part] = run.parts
+    assert Path(part.log).parent == tmp_path / "job-logs" / "broken" and f"{run.workflow_id} log: {part.log}" in shown.splitlines(), shown
+    output = Path(part.log).read_text()
+    assert output.startswith("== ") and "datagen self-instruct --seeds" in output.splitlines()[0], output
+    assert output.splitlines()[-2:] == [f"error: {stored.error}", "== exit 1"], output
+    assert "error:" not in text and f"job run {part.workflow_id}: output in {part.log}" in text, text
+
+
+# ---- a schedule in a time zone -------------------------------------------------------------------------------------
+
+
+def test_a_job_s_cron_is_read_in_its_time_zone_across_daylight_saving_time(db_url, corpus):
+    """A daily 03:00 in Europe/Paris fires at 03:00 Paris time on both sides of the 2026 clock changes (29 March,
+    25 October): 02:00 UTC in winter, 01:00 UTC in summer. DBOS's scheduler (its backfill call enqueues each firing with
+    the id the live scheduler gives it, sched-NAME-TIME) and datagen's own next-due and missed-firing times agree."""
+    from datetime import datetime, timezone
+
+    from datagen.jobs.schedules import dbos_client, due_between, next_due
+
+    utc = timezone.utc
+    assert "--timezone: 'Europe/Pari' is not an IANA time zone" in jobs("add", "x", "toolformer", "--cron", "0 3 * * *", "--timezone", "Europe/Pari",
+                                                                        "--db", db_url, "--", "--corpus", str(corpus), code=2).output  # fmt: skip
+    added = json.loads(jobs("add", "paris", "toolformer", "--cron", "0 3 * * *", "--timezone", "Europe/Paris", "--db", db_url, "--json", "--",
+                            "--corpus", str(corpus)).stdout)  # fmt: skip
+    assert (added[0]["cron"], added[0]["timezone"]) == ("0 0 3 * * *", "Europe/Paris")
+    assert added[0]["next_due"].endswith(("T03:00:00+01:00", "T03:00:00+02:00")), added[0]["next_due"]
+    shown = jobs("show", "paris", "--db", db_url).output
+    assert any([c.strip() for c in line.split("│")[1:3]] == ["timezone", "Europe/Paris"] for line in shown.splitlines()), shown
+    assert json.loads(jobs("list", "--db", db_url, "--json").stdout)[0]["timezone"] == "Europe/Paris"
+    spring = ["2026-03-28 02:00", "2026-03-29 01:00", "2026-03-30 01:00"]
+    autumn = ["2026-10-24 01:00", "2026-10-25 02:00", "2026-10-26 02:00"]
+    windows = [(datetime(2026, 3, 27, 12, tzinfo=utc), datetime(2026, 3, 30, 12, tzinfo=utc)),
+               (datetime(2026, 10, 23, 12, tzinfo=utc), datetime(2026, 10, 26, 12, tzinfo=utc))]  # fmt: skip
+    jobs("run-now", "paris", "--db", db_url)  # a firing needs a datagen version to go to; run-now registers it on a new store
+    with dbos_client(db_url) as client:
+        fired = [[datetime.fromisoformat(h.get_workflow_id().removeprefix("sched-paris-")).astimezone(utc) for h in client.backfill_schedule("paris", *w)]
+                 for w in windows]  # fmt: skip
+    assert [[f"{t:%Y-%m-%d %H:%M}" for t in ts] for ts in fired] == [spring, autumn]
+    with Session(open_engine(db_url)) as session:
+        job = session.exec(select(Job).where(Job.name == "paris")).one()
+    assert job.timezone == "Europe/Paris"
+    assert [[f"{t:%Y-%m-%d %H:%M}" for t in reversed(due_between(job, *w, limit=10))] for w in windows] == [spring, autumn]
+    assert [f"{next_due(job, t).astimezone(utc):%Y-%m-%d %H:%M}" for t in (datetime(2026, 3, 28, 12, tzinfo=utc), datetime(2026, 10, 24, 12, tzinfo=utc))] \
+        == ["2026-03-29 01:00", "2026-10-25 02:00"]  # fmt: skip
+
+
+# ---- history retention ---------------------------------------------------------------------------------------------
+
+
+def test_a_worker_prunes_firings_and_missed_rows_older_than_its_policy(db_url, corpus, tmp_path):
+    """Three firings aged 40 to 42 days (cancelled before any worker ran them), a fresh one, and a missed-firing row
+    40 days old: a worker with --keep-days 30 --keep-last 2 deletes the firings past the job's last 2 (the fresh one
+    and the newest old one stay) and the missed row, through DBOS's delete call."""
+    import sqlite3
+    from datetime import timedelta
+
+    from datagen.jobs.schedules import dbos_client
+    from storage.tables import JobMissed, utcnow
+
+    jobs("add", "old", "toolformer", "--every", "1d", "--db", db_url, "--", "--corpus", str(corpus), *NO_MODEL)
+    for _ in range(4):
+        jobs("run-now", "old", "--db", db_url)
+    jobs("cancel", "old", "--db", db_url)
+    with dbos_client(db_url, migrate=False) as client:
+        firings = client.list_workflows(schedule_name="old", sort_desc=False, load_input=False, load_output=False)
+    assert [f.status for f in firings] == ["CANCELLED"] * 4
+    now_ms = int(time.time() * 1000)
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as connection:  # DBOS's tables share the store's file
+        for days, f in zip((42, 41, 40), firings):
+            connection.execute("UPDATE workflow_status SET created_at = ? WHERE workflow_uuid = ?", (now_ms - days * 86_400_000, f.workflow_id))
+    with Session(open_engine(db_url)) as session:
+        session.add(JobMissed(job="old", scheduled_at=utcnow() - timedelta(days=40), backfilled=False))
+        session.commit()
+    log = tmp_path / "worker.log"
+    assert start_worker(db_url, log, "--once", "--keep-days", "30", "--keep-last", "2").wait(timeout=300) == 0, log.read_text()
+    assert "history: deleted 2 firing(s) and 1 missed-firing row(s) older than 30 days (each job keeps its last 2)" in log.read_text(), log.read_text()
+    assert [r.workflow_id for r in job_runs(db_url, ["old"])["old"]] == [firings[3].workflow_id, firings[2].workflow_id]
+    assert json.loads(jobs("show", "old", "--db", db_url, "--json").stdout)["missed"] == []

@@ -92,15 +92,19 @@ def test_newer_schema_is_refused(db_url):
 
 
 @pytest.mark.parametrize("create", [True, False], ids=["writer", "reader"])
-def test_a_version_1_store_gains_job_shard_size(db_url, create):
-    """Version 2 added a column, job.shard_size: the next open of a version-1 store adds it, a reader's too."""
+def test_a_version_1_store_gains_job_shard_size_and_timezone(db_url, create):
+    """Version 2 added job.shard_size, version 3 job.timezone: the next open of a version-1 store adds both, a
+    reader's too; a job stored before reads its schedule in UTC, as it was."""
     with open_engine(db_url).begin() as connection:
         connection.exec_driver_sql("ALTER TABLE job DROP COLUMN shard_size")
+        connection.exec_driver_sql("ALTER TABLE job DROP COLUMN timezone")
+        connection.exec_driver_sql("INSERT INTO job (name, pipeline, args, schedule, queue, enabled, created_at) "
+                                   "VALUES ('old', 'alpaca', '[]', '0 0 3 * * *', 'datagen', 1, '2026-01-01 00:00:00')")  # fmt: skip
         connection.exec_driver_sql("UPDATE schema_info SET value = '1'")
     engine = open_engine(db_url, create=create)
     with Session(engine) as session:
-        assert session.get(SchemaInfo, "schema_version").value == str(SCHEMA_VERSION) == "2"
-        assert session.exec(select(Job.shard_size)).all() == []
+        assert session.get(SchemaInfo, "schema_version").value == str(SCHEMA_VERSION) == "3"
+        assert session.exec(select(Job.name, Job.shard_size, Job.timezone)).all() == [("old", None, "UTC")]
 
 
 def test_unreachable_database_is_one_clear_error():

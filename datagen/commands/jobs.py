@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import datetime as dt
+from dataclasses import asdict, replace
+from pathlib import Path
+from zoneinfo import ZoneInfo
 from typing import Annotated, Any, Optional
 
 import typer
@@ -11,7 +14,7 @@ from sqlmodel import Session, select
 
 from datagen.console import err_console, print_json, summary_table
 from datagen.jobs import schedules
-from datagen.jobs.definition import check_job
+from datagen.jobs.definition import check_job, check_timezone
 from datagen.options import DbOption, JsonOption
 from storage.store import open_engine
 from storage.tables import Job
@@ -26,7 +29,8 @@ def add(
     name: NameArg,
     pipeline: Annotated[str, typer.Argument(help="self-instruct, alpaca, toolformer or e2e; its options follow after --.")],
     every: Annotated[Optional[str], typer.Option("--every", help="Interval: 30s, 15m, 6h, 1d (dividing a minute, hour or day).")] = None,
-    cron: Annotated[Optional[str], typer.Option("--cron", help="Cron expression, UTC: '0 3 * * *' (5 fields) or with seconds first (6).")] = None,
+    cron: Annotated[Optional[str], typer.Option("--cron", help="Cron expression in --timezone: '0 3 * * *' (5 fields) or with seconds first (6).")] = None,
+    timezone: Annotated[str, typer.Option("--timezone", help="IANA time zone the schedule is read in (Europe/Paris: 03:00 there, summer and winter).")] = "UTC",
     target: Annotated[Optional[int], typer.Option("--target", help="Per run: accepted instructions (toolformer: texts) to add beyond what the run has.")] = None,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="toolformer: texts per shard; each firing queues one run per shard, JOB.shard-0000, ...")] = None,
     queue: Annotated[str, typer.Option("--queue", help="DBOS queue the job's runs go to; `datagen worker --queue` takes from it.")] = "datagen",
@@ -39,6 +43,7 @@ def add(
 
     The options after -- are checked as `datagen PIPELINE` checks them (config, seeds or corpus file); nothing is stored unless all pass."""
     job = check_job(name, pipeline, list(ctx.args), every, cron, target, shard_size, queue, backfill, on_failure)
+    job = replace(job, timezone=check_timezone(timezone))
     row = schedules.add_job(open_engine(db), db, job, every)
     show_jobs([row], {}, as_json, title=f"Added job {row.name}")
 
@@ -72,14 +77,18 @@ def show(name: NameArg, last: Annotated[int, typer.Option(help="Runs to list.", 
         table.add_row(r.workflow_id, r.status, outcome, (r.executor or "")[:8], f"{r.created_at:%Y-%m-%d %H:%M:%S}" if r.created_at else "",
                       "" if r.seconds is None else f"{r.seconds:.1f}")  # fmt: skip
     err_console.print(table)
-    for r in runs:  # the reason of each failure on its own line, whole; a sharded firing's shard runs
+    for r in runs:  # the reason of each failure on its own line, whole; a sharded firing's shard runs; the log files
         if r.status == "ERROR":
             err_console.print(f"{r.workflow_id}: {r.outcome}", markup=False, highlight=False, soft_wrap=True)
-        if len(r.parts) > 1:
-            for part in r.parts:
+        for part in r.parts:
+            if len(r.parts) > 1:
                 err_console.print(f"  {part.run}: {part.status} {part.outcome or ''}", markup=False, highlight=False, soft_wrap=True)
+            if part.log:
+                where = f"  {part.run}" if len(r.parts) > 1 else r.workflow_id
+                err_console.print(f"{where} log: {part.log}", markup=False, highlight=False, soft_wrap=True)
     for m in missed:
-        err_console.print(f"missed while no worker ran: {m.scheduled_at:%Y-%m-%d %H:%M:%S} UTC ({'run late' if m.backfilled else 'not run'})",
+        due = (m.scheduled_at if m.scheduled_at.tzinfo else m.scheduled_at.replace(tzinfo=dt.timezone.utc)).astimezone(ZoneInfo(job.timezone))
+        err_console.print(f"missed while no worker ran: {due:%Y-%m-%d %H:%M:%S} {job.timezone} ({'run late' if m.backfilled else 'not run'})",
                           markup=False, highlight=False)  # fmt: skip
 
 
@@ -126,18 +135,21 @@ def worker(
     concurrency: Annotated[Optional[int], typer.Option("--concurrency", min=1,
                            help="Job runs at a time in each worker of --queue; DBOS keeps one such limit per queue, so this sets it for all its workers (default: the queue's, 1 for a new queue).")] = None,
     queue: Annotated[str, typer.Option("--queue", help="Queue to take job runs from.")] = "datagen",
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="Each job run's output goes to LOG_DIR/RUN/WORKFLOW.log (jobs show prints the path).")] = Path("job-logs"),
+    keep_days: Annotated[float, typer.Option("--keep-days", min=0, help="History kept: finished firings, their runs' log files and missed-firing rows of the last DAYS days (0: all).")] = 30,
+    keep_last: Annotated[int, typer.Option("--keep-last", min=0, help="...and each job's last N firings, however old.")] = 10,
     db: DbOption = None,
 ) -> None:
     """Run due job runs (each as its pipeline's command) until SIGTERM; start one per GPU machine against one PostgreSQL."""
-    from datagen.jobs.worker import serve
+    from datagen.jobs.worker import History, serve
 
-    serve(db, concurrency, queue, once)
+    serve(db, concurrency, queue, once, log_dir, History(keep_days=keep_days, keep_last=keep_last))
 
 
 def job_dict(job: Job) -> dict[str, Any]:
     due = schedules.next_due(job)
     return {"name": job.name, "pipeline": job.pipeline, "options": " ".join(job.args), "schedule": job.every and f"every {job.every}" or job.schedule,
-            "cron": job.schedule, "target": job.target, "shard_size": job.shard_size, "queue": job.queue, "enabled": job.enabled,
+            "cron": job.schedule, "timezone": job.timezone, "target": job.target, "shard_size": job.shard_size, "queue": job.queue, "enabled": job.enabled,
             "next_due": due.isoformat() if due else None}  # fmt: skip
 
 
@@ -151,10 +163,10 @@ def show_jobs(jobs: list[Job], runs: dict[str, list[schedules.JobRun]], as_json:
         print_json(rows)
         return
     table = Table(title=title, title_justify="left")
-    for column in ("name", "pipeline", "schedule", "target", "enabled", "next due (UTC)", "last run"):
-        table.add_column(column)
+    for column in ("name", "pipeline", "schedule", "timezone", "target", "enabled", "next due", "last run"):
+        table.add_column(column, overflow="fold")  # wrapped, never cut
     for row in rows:
         last = row["last_run"]
-        table.add_row(row["name"], row["pipeline"], row["schedule"], str(row["target"] or ""), "yes" if row["enabled"] else "paused",
+        table.add_row(row["name"], row["pipeline"], row["schedule"], row["timezone"], str(row["target"] or ""), "yes" if row["enabled"] else "paused",
                       row["next_due"] or "", f"{last['status']} {last['outcome'] or ''}".strip() if last else "")  # fmt: skip
     err_console.print(table)

@@ -43,6 +43,9 @@ class JobDefinition:
     on_failure: str | None = None
     """A shell command the worker runs when a run of the job fails or firings were missed, with DATAGEN_JOB and
     DATAGEN_REASON set: `--on-failure 'mail -s "$DATAGEN_JOB failed" ops@example.com <<< "$DATAGEN_REASON"'`."""
+    timezone: str = "UTC"
+    """The IANA time zone the schedule is read in (check_timezone): 03:00 in Europe/Paris stays 03:00 there across
+    daylight saving time."""
 
 
 BACKFILL = ("latest", "all", "none")
@@ -203,3 +206,14 @@ def check_pipeline_options(pipeline: str, args: list[str]) -> None:
     config_cls = PIPELINES[pipeline]
     settings = load_config(config_cls, Path(params["config"]) if params["config"] else None, config_values(params, config_cls))
     read_checked_seeds(Path(params["seeds"]), settings)  # as `datagen self-instruct` checks them
+
+
+def check_timezone(name: str) -> str:
+    """An IANA time zone name, as DBOS's scheduler reads the cron in it (zoneinfo)."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise BadInput(f"--timezone: '{name}' is not an IANA time zone (e.g. UTC, Europe/Paris, America/New_York)") from None
+    return name

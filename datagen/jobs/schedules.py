@@ -12,6 +12,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
+from zoneinfo import ZoneInfo
 
 from croniter import croniter
 from sqlalchemy.engine import Engine
@@ -32,6 +33,8 @@ RUN_JOB = "run_job"
 """The workflow every schedule starts (datagen/jobs/worker.py); its context argument is the job's name."""
 JOB_RUN = "job_run"
 """The workflow of one run of a job that a firing queues, deduplicated on the run's name."""
+LOG_EVENT = "log"
+"""The DBOS event in which a run's workflow keeps its log file's path (datagen/jobs/worker.py)."""
 RUN_SHARD = "run_shard"
 """The workflow a sharded job's firing queues for each shard (datagen/shards.py), a child of the firing."""
 
@@ -88,13 +91,14 @@ def add_job(engine: Engine, url: str | None, job: JobDefinition, every: str | No
     with Session(engine) as session:
         if session.exec(select(Job.id).where(Job.name == job.name)).first() is not None:
             raise BadInput(f"NAME: a job named '{job.name}' exists already (datagen jobs remove {job.name})")
-    row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, every=every, target=job.target,
-              shard_size=job.shard_size, queue=job.queue)  # fmt: skip
+    row = Job(name=job.name, pipeline=job.pipeline, args=job.args, schedule=job.schedule, timezone=job.timezone, every=every,
+              target=job.target, shard_size=job.shard_size, queue=job.queue)  # fmt: skip
     with dbos_client(url) as client:
         # A new queue runs one job run per worker until a worker's --concurrency says otherwise (set_worker_limit).
         client.register_queue(job.queue, worker_concurrency=1, on_conflict="never_update")
+        # DBOS's scheduler reads the cron in the job's time zone (cron_timezone), and so does its backfill.
         client.create_schedule(schedule_name=job.name, workflow_name=RUN_JOB, schedule=job.schedule, queue_name=job.queue,
-                               context={"job": job.name, "backfill": job.backfill, "on_failure": job.on_failure})  # fmt: skip
+                               cron_timezone=job.timezone, context={"job": job.name, "backfill": job.backfill, "on_failure": job.on_failure})  # fmt: skip
         try:
             with Session(engine, expire_on_commit=False) as session:
                 session.add(row)
@@ -171,6 +175,8 @@ class RunPart:
     status: str
     outcome: str | None
     """completed, stopped, skipped; the error for ERROR."""
+    log: str | None = None
+    """The file its command's output went to, on the worker's machine (`datagen worker --log-dir`); None before it ran."""
 
 
 @dataclass
@@ -197,9 +203,20 @@ def missed_firings(engine: Engine, name: str, limit: int = 10) -> list[JobMissed
 
 
 def next_due(job: Job, now: dt.datetime | None = None) -> dt.datetime | None:
+    """When the job fires next, in its time zone (as DBOS's scheduler computes it: croniter from now in that zone)."""
     if not job.enabled:
         return None
-    return croniter(job.schedule, now or dt.datetime.now(dt.timezone.utc), second_at_beginning=True).get_next(dt.datetime)
+    now = (now or dt.datetime.now(dt.timezone.utc)).astimezone(ZoneInfo(job.timezone))
+    return croniter(job.schedule, now, second_at_beginning=True).get_next(dt.datetime)
+
+
+def due_between(job: Job, since: dt.datetime, until: dt.datetime, limit: int) -> list[dt.datetime]:
+    """The job's firing times after `since` and up to `until`, newest first, at most `limit`, in UTC; the cron read in
+    the job's time zone, so a daily 03:00 in Europe/Paris is 02:00 UTC in winter and 01:00 UTC in summer."""
+    due, times = croniter(job.schedule, until.astimezone(ZoneInfo(job.timezone)), second_at_beginning=True), []
+    while len(times) < limit and (t := due.get_prev(dt.datetime)) > since:
+        times.append(t.astimezone(dt.timezone.utc))
+    return times
 
 
 def job_runs(url: str | None, names: list[str], limit: int = 10) -> dict[str, list[JobRun]]:
@@ -211,6 +228,8 @@ def job_runs(url: str | None, names: list[str], limit: int = 10) -> dict[str, li
         for name in names:
             firings = client.list_workflows(schedule_name=name, sort_desc=True, limit=limit, load_input=False)
             runs[name] = [_job_run(f, client.list_workflows(parent_workflow_id=f.workflow_id) if _queued(f) else []) for f in firings]
+            for part in (p for r in runs[name] for p in r.parts):
+                part.log = client.get_event(part.workflow_id, LOG_EVENT, timeout_seconds=0)
     return runs
 
 

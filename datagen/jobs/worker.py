@@ -19,11 +19,12 @@ never comes back: its workflows stay pending under its executor id. So each work
 a live worker puts back on the queue, through DBOS's public cancel and rewind calls, the pending workflows of every
 worker whose beat is stale, and the workflows of another datagen version that no worker of it takes (an upgrade or a
 rollback; README, "Upgrading workers"). A `--once` worker sweeps before it exits.
+Each run's command writes to a log file of its own (log_file), and a worker deletes its queue's finished firings
+older than its History policy through DBOS's delete call (prune_history).
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -33,7 +34,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -47,7 +47,8 @@ from sqlmodel import Session, select
 
 from datagen.console import err_console
 from datagen.errors import StoppedEarly
-from datagen.jobs.schedules import APP_NAME, APP_VERSION, JOB_RUN, RUN_JOB, RUN_SHARD, dbos_client, on_failure_command, schedule_context, set_worker_limit
+from datagen.jobs.schedules import (APP_NAME, APP_VERSION, JOB_RUN, LOG_EVENT, RUN_JOB, RUN_SHARD, dbos_client, due_between, on_failure_command,
+                                    schedule_context, set_worker_limit)  # fmt: skip
 from datagen.shards import plan_shards
 from storage.run_lock import TIMEOUT_S as RUN_LOCK_TIMEOUT_S
 from storage.run_lock import holder_of, server_now
@@ -77,9 +78,27 @@ class _Worker:
     from a gap (it was paused, or the database was unreachable to it or to all: a failover), so that the others have
     had the time to beat again."""
     stopping: threading.Event = field(default_factory=threading.Event)
+    log_dir: Path = Path("job-logs")
+    """Where each job run's output goes (log_file)."""
+    history: "History" = field(default_factory=lambda: History())
+    pruned_at: float = 0.0
+    """Server time of this worker's last prune_history."""
     children: dict[subprocess.Popen, str] = field(default_factory=dict)
     """Each running pipeline command, with the workflow it runs for."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass
+class History:
+    """What a worker keeps of its queue's finished firings (DBOS workflows, with the runs they queued), the runs' log
+    files and the missed-firing rows: those of the last `keep_days` days, and each job's last `keep_last` firings
+    whatever their age (`datagen worker --keep-days --keep-last`)."""
+
+    keep_days: float = 30.0
+    """0: keep everything."""
+    keep_last: int = 10
+    every_s: float = 3600.0
+    """How often a worker prunes (and once when it starts)."""
 
 
 _worker = _Worker()
@@ -258,32 +277,53 @@ def run_pipeline(job_name: str, argv: list[str]) -> dict[str, Any]:
 
 
 def _run_child(argv: list[str], workflow_id: str) -> tuple[int, list[str]]:
-    """Run `datagen ARGV`, its stderr passed through, dying with this process (kill -9 of the worker kills it)."""
-    env = {**os.environ, "DATAGEN_HOLDER": f"worker {_worker.executor_id[:8]}"}
-    child = subprocess.Popen([sys.executable, "-m", "datagen.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True, env=env, preexec_fn=_die_with_parent)  # fmt: skip
-    with _worker.lock:
-        _worker.children[child] = workflow_id
-    tail: deque[str] = deque(maxlen=5)
-    for line in child.stderr:
-        sys.stderr.write(line)
-        if line.strip():
-            tail.append(line.strip())
-    code = child.wait()
-    with _worker.lock:
-        _worker.children.pop(child, None)
-    return code, list(tail)
+    """Run `datagen ARGV` in a session of its own, dying with this process (datagen/jobs/child.py), its output (stdout
+    and stderr) appended to the run's log file; returns its exit code and its last 5 lines."""
+    log = log_file(_worker.log_dir, argv, workflow_id)
+    DBOS.set_event(LOG_EVENT, str(log))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "DATAGEN_HOLDER": f"worker {_worker.executor_id[:8]}", "DATAGEN_WORKER_PID": str(os.getpid())}
+    with log.open("ab") as out:
+        out.write(f"== {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S} UTC, worker {_worker.executor_id[:8]} ({APP_VERSION}): datagen {' '.join(argv)}\n".encode())
+        out.flush()
+        start = out.tell()
+        child = subprocess.Popen([sys.executable, "-m", "datagen.jobs.child", *argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 env=env, start_new_session=True)  # fmt: skip
+        with _worker.lock:
+            _worker.children[child] = workflow_id
+        say(f"job run {workflow_id}: output in {log}")
+        code = child.wait()
+        with _worker.lock:
+            _worker.children.pop(child, None)
+        tail = last_lines(log, start)
+        out.write(f"== exit {code}\n".encode())
+    return code, tail
 
 
-def _die_with_parent() -> None:
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def log_file(log_dir: Path, argv: list[str], workflow_id: str) -> Path:
+    """LOG_DIR/RUN/WORKFLOW.log: one file per firing's run (a retry or a recovery appends to it), under its run's name."""
+    flag = "--name" if argv[0] == "e2e" else "--run"
+    run = argv[argv.index(flag) + 1] if flag in argv else "run"
+    return log_dir / _file_name(run) / f"{_file_name(workflow_id)}.log"
 
 
-def serve(url: str | None, concurrency: int | None, queue: str, once: bool) -> None:
+def _file_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)
+
+
+def last_lines(path: Path, start: int, n: int = 5) -> list[str]:
+    """The last n non-blank lines written after `start`; a progress bar's carriage returns end lines too."""
+    with path.open("rb") as f:
+        f.seek(max(start, path.stat().st_size - 65536))
+        text = f.read().decode("utf-8", errors="replace")
+    return [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()][-n:]
+
+
+def serve(url: str | None, concurrency: int | None, queue: str, once: bool, log_dir: Path = Path("job-logs"), history: History | None = None) -> None:
     """Run job runs from `queue`, `concurrency` at a time (None: the queue's limit), until SIGTERM (or, with `once`,
-    until nothing is queued or stranded)."""
+    until nothing is queued or stranded); each run's output goes to a file under `log_dir`; older history is pruned."""
     url = database_url(url)
+    _worker.log_dir, _worker.history = log_dir.resolve(), history or History()
     with dbos_client(url) as client:
         concurrency = set_worker_limit(client, queue, concurrency)
     engine = open_engine(url)
@@ -331,7 +371,6 @@ def backfill(engine, queue: str, started: float) -> None:
     job was added, and before this worker started): each recorded in `job_missed`, and run late as the job's
     --backfill says (latest, all, none) through DBOS's backfill call, whose workflow ids are the live scheduler's, so
     two workers starting at once queue each firing once."""
-    from croniter import croniter
     from sqlalchemy.exc import IntegrityError
 
     with Session(engine) as session:
@@ -344,9 +383,7 @@ def backfill(engine, queue: str, started: float) -> None:
             continue
         since = datetime.fromisoformat(schedule["last_fired_at"]) if schedule["last_fired_at"] else job.created_at
         since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
-        due, missed = croniter(job.schedule, until, second_at_beginning=True), []
-        while len(missed) < MAX_MISSED and (t := due.get_prev(datetime)) > since:
-            missed.append(t)
+        missed = due_between(job, since, until, MAX_MISSED)
         late = missed if policy == "all" else missed[:1] if policy == "latest" else []
         for t in late:
             DBOS.backfill_schedule(schedule["schedule_name"], t - timedelta(milliseconds=1), t + timedelta(milliseconds=1))
@@ -442,6 +479,9 @@ def _beat_and_sweep_once(engine, holder: str) -> None:
     Through DBOS's public calls: cancel it, then rewind it to its first unfinished step on this version and queue,
     so its finished steps (the plan) are kept and the queue's concurrency limit holds for it."""
     now = _beat(engine, holder)
+    if now - _worker.pruned_at >= _worker.history.every_s:
+        _worker.pruned_at = now
+        prune_history(engine, now)
     last, _worker.last_beat = _worker.last_beat, now
     if now - last > WORKER_TIMEOUT_S / 2:  # this worker was itself paused or cut off: others may not have beaten yet
         _worker.trusted_from = now + WORKER_TIMEOUT_S
@@ -465,6 +505,39 @@ def _beat_and_sweep_once(engine, holder: str) -> None:
     if dead:
         with engine.begin() as connection:
             connection.execute(delete(WorkerBeat).where(WorkerBeat.executor_id.in_([w.executor_id for w in stranded if w.executor_id])))
+
+
+def prune_history(engine, now: float) -> None:
+    """Delete the finished firings of this queue's jobs (and of removed jobs) older than the policy's days, but each
+    job's last ones (History), with the runs they queued (DBOS's delete_workflows, children included) and those runs'
+    log files on this machine; and the missed-firing rows as old. A firing whose run is still queued or running stays."""
+    policy = _worker.history
+    if not policy.keep_days:
+        return
+    cutoff = datetime.fromtimestamp(now, timezone.utc) - timedelta(days=policy.keep_days)
+    with Session(engine) as session:  # a cancelled firing has left its queue: its job says whose it is (any worker's if removed)
+        elsewhere = set(session.exec(select(Job.name).where(Job.queue != _worker.queue)).all())
+    old = [w for w in DBOS.list_workflows(name=RUN_JOB, status=["SUCCESS", "ERROR", "CANCELLED"], end_time=cutoff.isoformat(), load_input=False, load_output=False)
+           if w.schedule_name not in elsewhere]  # fmt: skip
+    doomed = []
+    for job in {w.schedule_name for w in old}:
+        latest = DBOS.list_workflows(name=RUN_JOB, schedule_name=job, sort_desc=True, limit=policy.keep_last, load_input=False, load_output=False) if policy.keep_last else []
+        kept = {w.workflow_id for w in latest}
+        doomed += [w.workflow_id for w in old if w.schedule_name == job and w.workflow_id not in kept]
+    runs = DBOS.list_workflows(parent_workflow_id=doomed, load_input=False, load_output=False) if doomed else []
+    going = {w.parent_workflow_id for w in runs if w.status in ("ENQUEUED", "PENDING", "DELAYED")}
+    doomed = [d for d in doomed if d not in going]
+    logs = [DBOS.get_event(w.workflow_id, LOG_EVENT, timeout_seconds=0) for w in runs if w.parent_workflow_id in doomed]
+    if doomed:
+        DBOS.delete_workflows(doomed, delete_children=True)
+    for log in (Path(p) for p in logs if p):
+        if log.is_relative_to(_worker.log_dir):  # this worker's own files only
+            log.unlink(missing_ok=True)
+    with engine.begin() as connection:
+        missed = connection.execute(delete(JobMissed).where(JobMissed.scheduled_at < cutoff)).rowcount
+    if doomed or missed:
+        say(f"history: deleted {len(doomed)} firing(s) and {missed} missed-firing row(s) older than {policy.keep_days:g} days "
+            f"(each job keeps its last {policy.keep_last})")  # fmt: skip
 
 
 def _stop_cancelled() -> None:

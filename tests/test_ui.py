@@ -65,7 +65,7 @@ def test_parse_filter_reads_the_form():
         ({"min_similarity": "high"}, "min_similarity must be a number between 0 and 1, not 'high'"),
         ({"max_similarity": "1.5"}, "max_similarity must be between 0 and 1 (ROUGE-L F), not 1.5"),
         ({"min_similarity": "0.8", "max_similarity": "0.2"}, "min_similarity 0.8 is above max_similarity 0.2"),
-        ({"after": "-3"}, "after must be an item id (a whole number up to 9223372036854775807), not '-3'"),
+        ({"after": "-3"}, "after must be an item id (a whole number up to 2147483647), not '-3'"),
         ({"after": "3", "before": "9"}, "give after or before, not both"),
         ({"colour": "red"}, "unknown filter 'colour'"),
     ],
@@ -396,21 +396,23 @@ def test_run_named_like_an_id_does_not_take_over_links(db_url):
     assert web.get("/runs/first").status_code == 200  # a name typed by hand still works
 
 
-def test_ids_out_of_range_are_4xx_not_500(db_url):
+def test_ids_out_of_range_are_4xx_not_500(store_url):
+    db_url = store_url
     with Session(open_engine(db_url)) as session:
         run = build_run(session, "si", tasks=4)
     web = client(db_url)
-    huge = str(2**63)
+    huge = str(2**31)  # PostgreSQL's integer keys end at 2^31-1: a larger number there is an error, not a miss
     cases = [
         (f"/runs/{huge}", 404), (f"/runs/{run.id}/items/{huge}", 404), (f"/training/{huge}", 404),
         (f"/training/{huge}/loss_curve.png", 404), (f"/runs/{run.id}/items/-1", 404),
         (f"/runs/{run.id}?after={huge}", 400), (f"/runs/{run.id}?before={huge}", 400), (f"/runs/{run.id}?after=²", 400),
         (f"/runs/{run.id}?after=１", 400), (f"/runs/{run.id}?before=3.0", 400), (f"/runs/{huge}/progress.json", 404),
+        (f"/runs/{2**63}", 404), (f"/runs/{run.id}?sort=similarity&after={huge}", 400), (f"/runs/{run.id}/items/{2**40}", 404),
     ]  # fmt: skip
     for path, status in cases:
         response = web.get(path)
         assert response.status_code == status, (path, response.status_code, response.text[:300])
-    assert "after must be an item id (a whole number up to 9223372036854775807), not '²'" in unescape(web.get(f"/runs/{run.id}?after=²").text)
+    assert "after must be an item id (a whole number up to 2147483647), not '²'" in unescape(web.get(f"/runs/{run.id}?after=²").text)
 
 
 def test_paging_past_either_end_links_back(db_url):
@@ -486,6 +488,7 @@ def test_a_run_page_with_100k_items_renders_fast(db_url, capsys):
         ("last pages (after=)", f"/runs/{run.id}?after={last_ids[-1]}"),
         ("rejected, one reason", f"/runs/{run.id}?status=rejected&reason=too_short"),
         ("ROUGE-L 0.9-1 and text search", f"/runs/{run.id}?min_similarity=0.9&q=number 9"),
+        ("sorted by ROUGE-L, descending, a later page", f"/runs/{run.id}?sort=similarity&order=desc&after={last_ids[-1]}"),
     ]:
         web.get(path)  # warm the connection pool and the page cache
         started = time.perf_counter()
@@ -751,5 +754,124 @@ def test_runs_side_by_side(db_url):
     shown = page_text(html)
     assert "instructions 8 12" in shown and "rouge_threshold 0.7 0.6" in shown and "num_instructions 8 12" in shown
     assert "rouge_similarity 1 1" in shown and "too_short 1 1" in shown
-    assert html.count("<polyline points=") == 2
+    assert re.search(r'<svg class="curves".*?</svg>', html, re.S).group(0).count("<polyline points=") == 2
     assert web.get(f"/compare?run={one_id}").status_code == 400 and web.get(f"/compare?run={one_id}&run=999").status_code == 404
+
+
+def walk_pages(web: TestClient, run_id: int, query: str) -> tuple[list[int], str]:
+    """Every item id the next links reach from the first page, and the last page's HTML."""
+    seen, path = [], f"/runs/{run_id}?{query}"
+    while True:
+        response = web.get(path)
+        assert response.status_code == 200, (path, response.text[:300])
+        seen += item_ids(response.text)
+        found = re.search(r'<a rel="next" href="\?([^"]+)"', response.text)
+        if not found:
+            return seen, response.text
+        path = f"/runs/{run_id}?" + unescape(found.group(1))
+
+
+def test_sort_items_by_similarity_both_ways_keyset_paged(store_url):
+    db_url = store_url
+    run = fill_items(db_url, "many", 230)
+    with Session(open_engine(db_url)) as session:
+        for task in session.exec(select(Task).where(Task.run_id == run.id, Task.id % 7 == 0)).all():
+            task.similarity, task.nearest = None, None  # rejected before the similarity filter: never compared
+            session.add(task)
+        session.commit()
+        rows = session.exec(select(Task.id, Task.similarity, Task.status).where(Task.run_id == run.id)).all()
+    web = client(db_url)
+    missing = [i for i, s, _ in sorted(rows) if s is None]
+    ascending = [i for i, s, _ in sorted((r for r in rows if r[1] is not None), key=lambda r: (r[1], r[0]))] + missing
+    descending = [i for i, s, _ in sorted((r for r in rows if r[1] is not None), key=lambda r: (-r[1], r[0]))] + missing
+    seen, last = walk_pages(web, run.id, "sort=similarity")
+    assert seen == ascending and len(missing) == 32
+    seen, _ = walk_pages(web, run.id, "sort=similarity&order=desc")
+    assert seen == descending
+    rejected = [i for i in descending if dict((r[0], r[2]) for r in rows)[i] == "rejected"]
+    seen, _ = walk_pages(web, run.id, "status=rejected&sort=similarity&order=desc")
+    assert seen == rejected  # the sort keeps the filter, the pager keeps both
+    # the previous link walks back through the same order
+    back = re.search(r'<a rel="prev" href="\?([^"]+)"', last)
+    assert back and item_ids(web.get(f"/runs/{run.id}?" + unescape(back.group(1))).text) == ascending[150:200]
+    middle = web.get(f"/runs/{run.id}?sort=similarity&order=desc&before={descending[100]}").text
+    assert item_ids(middle) == descending[50:100] and 'rel="prev"' in middle and 'rel="next"' in middle
+    # the column header sorts, and says which way
+    first = web.get(f"/runs/{run.id}?sort=similarity").text
+    assert re.search(r'<a class="sort" href="\?sort=similarity&amp;order=desc"[^>]*>ROUGE-L ▲</a>', first)
+    assert '<option value="similarity" selected>' in first
+    assert web.get(f"/runs/{run.id}?sort=instruction").status_code == 400
+    assert "sort must be one of id, similarity, not &#39;1; DROP TABLE task&#39;" in web.get(f"/runs/{run.id}?sort=1; DROP TABLE task").text
+    assert web.get(f"/runs/{run.id}?sort=similarity&order=up").status_code == 400
+    gone = web.get(f"/runs/{run.id}?sort=similarity&after={2**31 - 1}").text  # a cursor no item has: back to the first page
+    assert item_ids(gone) == [] and 'rel="first" href="?sort=similarity"' in gone
+
+
+def test_overlaid_histograms_are_shares_of_each_runs_values():
+    from types import SimpleNamespace
+
+    from datagen.ui.sparkline import length_edges, overlaid_histograms, similarity_edges
+
+    runs = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
+    plot = overlaid_histograms([[0.0, 0.1, 1.0, 1.0], [0.5]], runs, [0, 0.5, 1], marker=0.7)
+    # a: 2 of 4 values in [0, 0.5), 2 in [0.5, 1] (1.0 on the last edge counts in the last bin); b: its one value, 100%
+    assert plot.curves[0].points == "40.0,200.0 40.0,105.0 315.0,105.0 315.0,105.0 590.0,105.0 590.0,200.0"
+    assert plot.curves[1].points == "40.0,200.0 40.0,200.0 315.0,200.0 315.0,10.0 590.0,10.0 590.0,200.0"
+    assert (plot.top, plot.marker, plot.ticks) == ("100%", 425.0, [(40.0, "0"), (315.0, "0.5"), (590.0, "1")])
+    assert overlaid_histograms([[], []], runs, [0, 1]).top == "100%"  # no values: flat lines, no division by zero
+    assert similarity_edges(4) == [0, 0.25, 0.5, 0.75, 1] and length_edges(12) == list(range(14)) and length_edges(100)[-1] == 104
+
+
+def add_loop(url: str, generation_runs: list[Run]) -> None:
+    """A finished e2e loop's stages (datagen/e2e.py's record()) around existing runs as its rounds' generation runs."""
+    from storage.tables import Loop, LoopStage
+
+    def scores(loss: float, rouge: float) -> dict:
+        return {"items": [{"loss": loss, "rouge_l": rouge, "exact_match": None, "answer": "a", "tokens": 4}] * 3}
+
+    with Session(open_engine(url)) as session:
+        loop = Loop(name="loop-a", config={}, out="/tmp/loop-a", status="completed")
+        session.add(loop)
+        session.flush()
+        stages = [(0, "evaluate-base", None, scores(3.0, 0.1)), (0, "train.0", None, {"rows": 20}), (0, "evaluate.0", None, scores(2.5, 0.2))]
+        for r, run in enumerate(generation_runs, start=1):
+            stages += [(r, "generate", run.id, {"status": "completed"}), (r, "dedup", run.id, {"accepted_after": 4 + r}),
+                       (r, "export", None, {"rows": 10 * r}), (r, "train.0", None, {"rows": 20 + 10 * r}),
+                       (r, "evaluate.0", None, scores(2.0, 0.3)), (r, "evaluate.1", None, scores(1.0, 0.5))]  # fmt: skip
+        for r, stage, run_id, result in stages:
+            session.add(LoopStage(loop_id=loop.id, round=r, stage=stage, status="completed", run_id=run_id, result=result))
+        session.commit()
+
+
+def test_compare_overlays_lengths_and_similarities_and_shows_a_loops_rounds(db_url):
+    with Session(open_engine(db_url)) as session:
+        one = build_run(session, "one", tasks=8)
+        two = build_run(session, "two", tasks=12, batch_size=4)
+        outside = build_run(session, "outside", tasks=4)
+        other = build_run(session, "other", tasks=4).id
+        stored = {}
+        for run in (one, two):
+            rows = session.exec(select(Task).where(Task.run_id == run.id, Task.source == "generated")).all()
+            stored[run.name] = ([len(t.instruction.split()) for t in rows if t.status == "accepted"], [t.similarity for t in rows if t.similarity is not None])
+        ids = one.id, two.id, outside.id
+        add_loop(db_url, [one, two])
+    web = client(db_url)
+    html = web.get(f"/compare?run={ids[0]}&run={ids[1]}").text
+    for plot in ("lengths", "similarities"):
+        svg = re.search(rf'<svg class="histogram" id="{plot}".*?</svg>', html, re.S).group(0)
+        assert svg.count("<polyline") == 2, svg
+    shown = page_text(html)
+    assert f"■ one (n = {len(stored['one'][0])}) · ■ two (n = {len(stored['two'][0])})" in shown
+    assert f"■ one (n = {len(stored['one'][1])}) · ■ two (n = {len(stored['two'][1])})" in shown and len(stored["two"][1]) > 0
+    assert re.search(r'<line x1="425.0" y1="10" x2="425.0" y2="200" stroke="#555" stroke-dasharray', html)  # threshold 0.7
+    table = page_text(re.search(r'<table class="compare loop".*?</table>', html, re.S).group(0))
+    with Session(open_engine(db_url)) as session:
+        numbers = figures(session, [session.get(Run, ids[0]), session.get(Run, ids[1])])
+    first, second = numbers[ids[0]], numbers[ids[1]]
+    assert "base model — — — — — — — 3.0000 0.1000 — 0% 1" in table
+    assert "seeds only — — — — — — 20 2.5000 0.2000 — 0% 1" in table
+    assert (f"round 1 one {first.accepted} {first.rejected} {first.keep_rate:.0%} 5 10 30 1.5000 0.4000 — 0% 2" in table)
+    assert f"round 2 two {second.accepted} {second.rejected} {second.keep_rate:.0%} 6 20 40 1.5000 0.4000 — 0% 2" in table
+    assert shown.count("e2e loop loop-a") == 1  # both runs are its rounds: the loop once
+    assert page_text(web.get(f"/compare?run={ids[2]}&run={ids[1]}").text).count("e2e loop loop-a") == 1
+    assert "e2e loop" not in page_text(web.get(f"/compare?run={ids[2]}&run={other}").text)

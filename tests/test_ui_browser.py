@@ -4,12 +4,18 @@ running run. Screenshots go to each test's temp folder (a few are committed unde
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,6 +24,8 @@ from sqlmodel import Session, select
 from storage.queries import figures
 from storage.store import get_run, open_engine
 from storage.tables import Generation, ManualVerdict, Run, Task
+from tests.conftest import SEEDS
+from tests.test_self_instruct import SEED_TASKS, listing
 from tests.test_ui import XSS, add_script_run, copy_store, fill_items, free_port, real_run_store
 
 pytestmark = pytest.mark.slow
@@ -34,16 +42,15 @@ def store(tmp_path_factory) -> str:
     return url
 
 
-@pytest.fixture(scope="module")
-def server(store, tmp_path_factory):
-    """A real `datagen ui --allow-edits` process on a free loopback port; yields its base URL."""
+@contextmanager
+def ui_server(store: str, log_path: Path, *options: str) -> Iterator[str]:
+    """A real `datagen ui` process on a free loopback port; yields its base URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("ui_server") / "server.log"
     log = log_path.open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "datagen.cli", "ui", "--db", store, "--port", str(port), "--allow-edits", "--curator", "tester"], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "datagen.cli", "ui", "--db", store, "--port", str(port), *options], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             if process.poll() is not None:
                 pytest.fail(f"datagen ui exited with {process.returncode}: {log_path.read_text()}")
@@ -53,13 +60,20 @@ def server(store, tmp_path_factory):
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"datagen ui not answering after 60 s; log: {log_path}")
+                pytest.fail(f"datagen ui not answering after 120 s; log: {log_path}")
             time.sleep(0.2)
         yield url
     finally:
         process.terminate()
         process.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(store, tmp_path_factory):
+    """`datagen ui --allow-edits` over the module's store."""
+    with ui_server(store, tmp_path_factory.mktemp("ui_server") / "server.log", "--allow-edits", "--curator", "tester") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +293,143 @@ def test_compare_two_runs(page, server, store, tmp_path):
     assert page.locator("#figures thead th a").all_inner_texts() == ["ten-thousand", "real"]
     assert page.locator("svg.curves polyline").count() == 2
     page.screenshot(path=tmp_path / "compare.png", full_page=True)
+
+
+# ---- a real run, generating through a slow scripted model, watched live ---------------------------------------------
+
+LIVE_NOVEL = [
+    "Name three rivers that flow through Germany and describe one.",
+    "Compose a limerick about a cat who loves cheese.",
+    "Convert the temperature from Fahrenheit to Kelvin and explain the steps.",
+    "List five ways to save water at home during a drought.",
+    "Explain why the sky looks red at sunset to a ten year old.",
+    "Suggest a weekend itinerary for a family visiting Lisbon.",
+    "Translate a short greeting into Spanish, French and Italian.",
+    "Summarize the plot of a famous fairy tale in two sentences.",
+]
+SECONDS_PER_BATCH = 1.5
+
+
+class _SlowSelfInstructModel(BaseHTTPRequestHandler):
+    """/v1/completions answering like a model running Self-Instruct, slowly: each instruction request takes
+    SECONDS_PER_BATCH and lists a new instruction, a copy of a seed (rouge_similarity) and a blacklisted one; the
+    classification question is answered "No", an instance request with one input/output pair. (The pattern of
+    tests/test_jobs.py's _SlowModel, with rejections so that the reasons move too.)"""
+
+    answered = 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
+        if prompt.endswith("Is it classification?"):
+            text = " No"
+        elif prompt.endswith("Example 1\n"):
+            text = "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
+        else:
+            with _SlowSelfInstructModel.lock:
+                novel = LIVE_NOVEL[_SlowSelfInstructModel.answered % len(LIVE_NOVEL)]
+                _SlowSelfInstructModel.answered += 1
+            text = listing(novel, SEED_TASKS[3].instruction, "Draw a map of your town.")
+            time.sleep(SECONDS_PER_BATCH)
+        body = json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_model():
+    """The base URL of the scripted server on a loopback port."""
+    _SlowSelfInstructModel.answered = 0
+    model = ThreadingHTTPServer(("127.0.0.1", 0), _SlowSelfInstructModel)
+    threading.Thread(target=model.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{model.server_address[1]}/v1"
+    model.shutdown()
+    model.server_close()
+
+
+LIVE_SNAPSHOT = """() => {
+  const field = (name) => document.querySelector(`dd[data-field="${name}"]`).textContent.trim();
+  const reasons = [...document.querySelector("#reasons").textContent.matchAll(/ (\\d+)/g)].map((m) => Number(m[1]));
+  return {
+    status: field("status"), instructions: Number(field("instructions")), accepted: Number(field("accepted")),
+    rejected: Number(field("rejected")), matching: Number(document.querySelector("#count").textContent.split(" ")[0]),
+    rows: document.querySelectorAll("table.items tbody tr").length, by_reason: reasons.reduce((a, b) => a + b, 0),
+    first_row: [...document.querySelectorAll("table.items tbody tr")].slice(0, 1).map((row) => [row.cells[0].textContent, row.getBoundingClientRect().top])[0] || null,
+  };
+}"""
+
+
+@pytest.mark.xfail(reason="known defect, found by this test: on SQLite the run page reads its figures and its item page in "
+                   "separate read snapshots (pysqlite starts no transaction for a SELECT), so a batch committed between them "
+                   "shows e.g. 15 instructions beside '12 matching'; fix: one read transaction per request", strict=False)
+def test_a_real_run_through_a_slow_model_updates_the_open_pages_in_place(page, slow_model, tmp_path):
+    """`datagen self-instruct` generating through a scripted OpenAI-compatible server that takes 1.5 s a batch, while the
+    runs list and then the run page are open: rows appear and counts change in place, with no reload; the scroll
+    position, an opened <details>, text typed in the filter form and the rows already shown stay where they were; the
+    counters, "N matching", the item table and the reasons always agree with each other; the last poll shows the
+    finished run as the store has it, and polling stops."""
+    store = f"sqlite:///{tmp_path / 'live.db'}"
+    fill_items(store, "finished", 30)  # another run, finished: the normal case beside a live one
+    log_path = tmp_path / "run.log"
+    command = [sys.executable, "-m", "datagen.cli", "self-instruct", "--seeds", str(SEEDS), "--num-instructions", "6", "--run", "watched",
+               "--backend", "openai", "--base-url", slow_model, "--model", "scripted", "--request-batch-size", "1", "--db", store]  # fmt: skip
+    with ExitStack() as stack:
+        server = stack.enter_context(ui_server(store, tmp_path / "ui.log"))
+        with log_path.open("wb") as log:
+            writer = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        stack.callback(lambda: (writer.poll() is None and writer.kill(), writer.wait()))
+        deadline = time.monotonic() + 120
+        while True:  # the run exists once its seeds are stored; the first batch is still at the model
+            with Session(open_engine(store)) as session:
+                run = session.exec(select(Run).where(Run.name == "watched")).first()
+            if run is not None:
+                break
+            assert writer.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+
+        page.set_viewport_size({"width": 900, "height": 200})
+        page.goto(server + "/")
+        page.evaluate("window.__loaded_once = true; window.scrollTo(0, 120)")
+        accepted_cell = page.locator(f'td[data-run="{run.id}"][data-field="accepted"]')
+        first = accepted_cell.inner_text()
+        page.wait_for_function(f"document.querySelector('td[data-run=\"{run.id}\"][data-field=\"accepted\"]').textContent !== '{first}'")
+        assert page.evaluate("window.__loaded_once === true && window.scrollY === 120")
+
+        page.set_viewport_size({"width": 1400, "height": 400})
+        page.goto(f"{server}/runs/{run.id}")
+        page.evaluate("window.__loaded_once = true")
+        page.click("details summary")  # the configuration, opened
+        page.fill('input[name="q"]', "typed, not sent")
+        page.locator("table.items").scroll_into_view_if_needed()
+        page.evaluate("window.scrollBy(0, 40)")
+        scrolled = page.evaluate("window.scrollY")
+        start = page.evaluate(LIVE_SNAPSHOT)
+        snapshots = [start]
+        while snapshots[-1]["status"] == "running":  # every swap: the parts agree with each other, the reader's place holds
+            page.wait_for_function(f"(({LIVE_SNAPSHOT})()).instructions > {snapshots[-1]['instructions']} || !document.body.dataset.poll", timeout=30_000)
+            shown = page.evaluate(LIVE_SNAPSHOT)
+            assert shown["instructions"] == shown["matching"] == shown["rows"] and shown["rejected"] == shown["by_reason"], shown
+            assert shown["accepted"] >= snapshots[-1]["accepted"] and shown["rows"] >= snapshots[-1]["rows"], (snapshots, shown)
+            assert page.evaluate("window.scrollY") == scrolled and page.evaluate("window.__loaded_once") is True
+            assert page.evaluate("document.querySelector('details').open") and page.input_value('input[name="q"]') == "typed, not sent"
+            assert start["first_row"] is None or shown["first_row"] == start["first_row"], (start, shown)  # rows are added below
+            snapshots.append(shown)
+            if not page.evaluate("document.body.dataset.poll"):
+                break
+        assert writer.wait(timeout=30) == 0, log_path.read_text()
+        page.wait_for_function("!document.body.dataset.poll")
+        final = page.evaluate(LIVE_SNAPSHOT)
+    with Session(open_engine(store)) as session:
+        run = session.get(Run, run.id)
+        stored = figures(session, [run])[run.id]
+    assert (final["status"], final["accepted"], final["rejected"], final["instructions"]) == ("completed", stored.accepted, stored.rejected, stored.instructions)
+    assert stored.accepted == 6 and stored.rejected >= 12  # two rejections a batch: rouge_similarity and blacklist
+    assert len({s["instructions"] for s in snapshots}) >= 3, snapshots  # seen moving, not just before and after
+    page.screenshot(path=tmp_path / "live_real_run.png", full_page=True)

@@ -35,7 +35,7 @@ from datagen import report
 from datagen.errors import BadInput
 from datagen.ui import queries
 from datagen.ui.filters import MAX_ID, BadFilter, parse_filter
-from datagen.ui.sparkline import keep_rate_curves, keep_rate_sparkline
+from datagen.ui.sparkline import keep_rate_curves, keep_rate_sparkline, length_edges, overlaid_histograms, similarity_edges
 from storage import queries as shared
 from storage.store import find_run
 from storage.tables import ManualVerdict, Run, Task, TrainingRun
@@ -169,9 +169,16 @@ def _routes(app: FastAPI) -> None:
         numbers = shared.figures(db, runs)
         reasons = {r.id: shared.rejected_by_reason(db, r) for r in runs}
         all_reasons = sorted({k for counts in reasons.values() for k in counts}, key=lambda k: -sum(c.get(k, 0) for c in reasons.values()))
+        spread = [queries.distributions(db, r) for r in runs]
+        thresholds = {report._threshold(r.config) for r in runs}
+        lengths = overlaid_histograms([d.lengths for d in spread], runs, length_edges(max((n for d in spread for n in d.lengths), default=1)))
+        similarities = overlaid_histograms([d.similarities for d in spread], runs, similarity_edges(), thresholds.pop() if len(thresholds) == 1 else None)
+        loops = queries.loop_rounds(db, runs)
         return _page(
             request, "compare.html", runs=runs, figures=numbers, reasons=reasons, all_reasons=all_reasons,
             config=queries.config_differences([r.config for r in runs]), curves=keep_rate_curves(shared.keep_by_batch(db, [r.id for r in runs]), runs),
+            spread=spread, lengths=lengths, similarities=similarities, loops=loops,
+            loop_figures=shared.figures(db, [row.run for loop in loops for row in loop.rounds if row.run is not None]),
         )  # fmt: skip
 
     @app.get("/runs.json")
@@ -187,12 +194,12 @@ def _routes(app: FastAPI) -> None:
         live = run.status == "running" and interrupted is None
         if run.pipeline == "toolformer":
             return _toolformer(request, db, run, live, interrupted)
-        item_filter = parse_filter(request.query_params)
+        item_filter = parse_filter(request.query_params, queries.SORT_KEYS)
         items = queries.item_page(db, run, item_filter)
         return _page(
             request, "run.html", run=run, items=items, page=items.page, by_hand=items.by_hand, figures=shared.figures(db, [run])[run.id], interrupted=interrupted,
             reasons=shared.rejected_by_reason(db, run), accepted_instances=shared.accepted_instances(db, run),
-            filter=item_filter, training=queries.training_runs(db, run), poll=live,
+            filter=item_filter, sort_keys=queries.SORT_KEYS, training=queries.training_runs(db, run), poll=live,
         )  # fmt: skip
 
     @app.get("/runs/{ref}/progress.json")

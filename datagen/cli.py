@@ -22,6 +22,7 @@ from datagen import __version__  # noqa: E402
 from datagen.commands import e2e, eval_long, export, generate, jobs, long_data, models, report, runs, train  # noqa: E402
 from datagen.commands.alpaca import alpaca_command  # noqa: E402
 from datagen.commands.dedup import dedup  # noqa: E402
+from datagen.commands.score import score_command  # noqa: E402
 from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
 from datagen.commands.toolformer import toolformer  # noqa: E402
 from datagen.commands.ui import ui  # noqa: E402
@@ -78,6 +79,7 @@ app.command("ui")(ui)
 app.add_typer(jobs.app, name="jobs")
 app.command("worker")(jobs.worker)
 app.command("e2e")(e2e.e2e)
+app.command("score")(server_options(score_command))
 
 
 def _version(value: bool) -> None:

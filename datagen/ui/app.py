@@ -187,12 +187,12 @@ def _routes(app: FastAPI) -> None:
         live = run.status == "running" and interrupted is None
         if run.pipeline == "toolformer":
             return _toolformer(request, db, run, live, interrupted)
-        item_filter = parse_filter(request.query_params)
+        item_filter = parse_filter(request.query_params, queries.SORT_KEYS)
         items = queries.item_page(db, run, item_filter)
         return _page(
             request, "run.html", run=run, items=items, page=items.page, by_hand=items.by_hand, figures=shared.figures(db, [run])[run.id], interrupted=interrupted,
             reasons=shared.rejected_by_reason(db, run), accepted_instances=shared.accepted_instances(db, run),
-            filter=item_filter, training=queries.training_runs(db, run), poll=live,
+            filter=item_filter, sort_keys=queries.SORT_KEYS, training=queries.training_runs(db, run), poll=live,
         )  # fmt: skip
 
     @app.get("/runs/{ref}/progress.json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 PAGE_SIZE = 50
@@ -11,6 +11,7 @@ MAX_ID = 2**63 - 1
 """The largest id the stores hold (a signed 64-bit integer)."""
 STATUSES = ("all", "accepted", "rejected")
 CLASSIFICATIONS = ("all", "yes", "no", "unknown")
+ORDERS = ("asc", "desc")
 
 
 class BadFilter(ValueError):
@@ -29,6 +30,10 @@ class ItemFilter:
     """Show items with id greater than this (the next page)."""
     before: int | None = None
     """Show the items just before this id (the previous page)."""
+    sort: str = "id"
+    """The column the items are ordered by (one of the sort keys the page offers; ties in id order)."""
+    order: str = "asc"
+    """asc or desc. Items with no value for the sort column come last either way."""
 
     def query(self, **changes) -> dict[str, str]:
         """The filter as query parameters (paging left out unless given), for links that keep the filter."""
@@ -39,6 +44,8 @@ class ItemFilter:
             "max_similarity": _number(self.max_similarity),
             "classification": None if self.classification == "all" else self.classification,
             "q": self.search,
+            "sort": None if self.sort == "id" else self.sort,
+            "order": None if self.order == "asc" else self.order,
         } | changes
         return {key: str(value) for key, value in values.items() if value is not None}
 
@@ -47,10 +54,11 @@ def _number(value: float | None) -> str | None:
     return None if value is None else f"{value:g}"
 
 
-def parse_filter(params: Mapping[str, str]) -> ItemFilter:
-    """ItemFilter from query parameters; empty values mean "no filter" (what an HTML form sends for a blank field)."""
+def parse_filter(params: Mapping[str, str], sort_keys: Collection[str] = ("id",)) -> ItemFilter:
+    """ItemFilter from query parameters; empty values mean "no filter" (what an HTML form sends for a blank field).
+    sort_keys: the whitelist of `sort=` values (the page's, datagen.ui.queries.SORT_KEYS)."""
     given = {key: value.strip() for key, value in params.items() if value.strip()}
-    unknown = sorted(set(given) - {"status", "reason", "min_similarity", "max_similarity", "classification", "q", "after", "before"})
+    unknown = sorted(set(given) - {"status", "reason", "min_similarity", "max_similarity", "classification", "q", "after", "before", "sort", "order"})
     if unknown:
         raise BadFilter(f"unknown filter '{unknown[0]}'")
     status = given.get("status", "all")
@@ -65,7 +73,12 @@ def parse_filter(params: Mapping[str, str]) -> ItemFilter:
     after, before = _item_id(given, "after"), _item_id(given, "before")
     if after is not None and before is not None:
         raise BadFilter("give after or before, not both")
-    return ItemFilter(status, given.get("reason"), low, high, classification, given.get("q"), after, before)
+    sort, order = given.get("sort", "id"), given.get("order", "asc")
+    if sort not in sort_keys:
+        raise BadFilter(f"sort must be one of {', '.join(sort_keys)}, not '{sort}'")
+    if order not in ORDERS:
+        raise BadFilter(f"order must be asc or desc, not '{order}'")
+    return ItemFilter(status, given.get("reason"), low, high, classification, given.get("q"), after, before, sort, order)
 
 
 def _similarity(given: Mapping[str, str], key: str) -> float | None:

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import and_, func, or_
 from sqlmodel import Session, select
 
 from datagen.ui.filters import MAX_ID, PAGE_SIZE, ItemFilter
 from storage.queries import BY_HAND, hand_rejected_ids
-from storage.tables import ApiCall, Generation, Instance, ManualVerdict, Run, Task, ToolformerText, TrainingRun, TrainingRunSource
+from storage.tables import ApiCall, Generation, Instance, Loop, LoopStage, ManualVerdict, Run, Task, ToolformerText, TrainingRun, TrainingRunSource
 
 
 @dataclass
@@ -92,6 +93,55 @@ def _exists(session: Session, model, *conditions) -> bool:
     return session.exec(select(model.id).where(*conditions).limit(1)).first() is not None
 
 
+@dataclass(frozen=True)
+class SortKey:
+    label: str
+    """What the sort menu says."""
+    expression: Any
+    """A numeric SQL expression over Task (a column, or a scalar subquery on another table keyed by Task.id)."""
+
+
+SORT_KEYS: dict[str, SortKey] = {
+    "id": SortKey("id (order stored)", Task.id),
+    "similarity": SortKey("ROUGE-L to the nearest earlier instruction", Task.similarity),
+}
+"""The run page's sort whitelist: `sort=NAME` orders the items by NAME's expression (order=asc|desc), server-side,
+keyset-paged on (value, id). A new sortable column is one entry here."""
+NO_VALUE = 1e300
+"""Stands in for a missing value (an instruction rejected before the similarity filter has none) so those rows sort
+last in either order and the keyset compares plain numbers."""
+
+
+def sorted_page(session: Session, conditions: list, key: SortKey, descending: bool, after: int | None, before: int | None, size: int = PAGE_SIZE) -> Page:
+    """Tasks matching `conditions` in `key` order (ties, and missing values, in id order), `size` at a time after or
+    before the task whose id is given: keyset paging on (value, id), no OFFSET. A cursor whose task is not in the store
+    gives an empty page (the pager then links to the first page)."""
+    value = func.coalesce(key.expression, -NO_VALUE if descending else NO_VALUE)
+    where = and_(*conditions)
+    total = session.exec(select(func.count()).select_from(Task).where(where)).one()
+    cursor_id = after if after is not None else before
+    if cursor_id is not None:
+        cursor = session.exec(select(value).where(Task.id == cursor_id)).first()
+        if cursor is None:
+            return Page([], total, None, None)
+        later = or_(value < cursor, and_(value == cursor, Task.id > cursor_id)) if descending else or_(value > cursor, and_(value == cursor, Task.id > cursor_id))
+        earlier = or_(value > cursor, and_(value == cursor, Task.id < cursor_id)) if descending else or_(value < cursor, and_(value == cursor, Task.id < cursor_id))
+    forward = (value.desc() if descending else value.asc(), Task.id.asc())
+    backward = (value.asc() if descending else value.desc(), Task.id.desc())
+    if before is not None:
+        rows = list(session.exec(select(Task).where(where, earlier).order_by(*backward).limit(size + 1)).all())
+        more_before, rows = len(rows) > size, rows[:size][::-1]
+        more_after = _exists(session, Task, where, or_(later, Task.id == cursor_id))
+    else:
+        query = select(Task).where(where, later) if after is not None else select(Task).where(where)
+        rows = list(session.exec(query.order_by(*forward).limit(size + 1)).all())
+        more_after, rows = len(rows) > size, rows[:size]
+        more_before = after is not None and _exists(session, Task, where, or_(earlier, Task.id == cursor_id))
+    if not rows:
+        return Page([], total, None, None)
+    return Page(rows, total, rows[0].id if more_before else None, rows[-1].id if more_after else None)
+
+
 @dataclass
 class ItemPage:
     page: Page
@@ -105,7 +155,11 @@ class ItemPage:
 def item_page(session: Session, run: Run, item_filter: ItemFilter) -> ItemPage:
     """A page of the run's instructions under the filter, the hand rejections in force among them, and each one's
     nearest earlier instruction (one query for the page)."""
-    page = keyset_page(session, Task, item_conditions(run, item_filter), item_filter.after, item_filter.before)
+    conditions = item_conditions(run, item_filter)
+    if item_filter.sort == "id" and item_filter.order == "asc":
+        page = keyset_page(session, Task, conditions, item_filter.after, item_filter.before)
+    else:
+        page = sorted_page(session, conditions, SORT_KEYS[item_filter.sort], item_filter.order == "desc", item_filter.after, item_filter.before)
     nearest = nearest_tasks(session, run, page.rows)
     return ItemPage(page, hand_rejections(session, [t.id for t in page.rows]), nearest, hand_rejections(session, [t.id for t in nearest.values()]))
 
@@ -335,3 +389,80 @@ def config_differences(configs: list[dict]) -> dict[str, list]:
     flats = [flat(c or {}) for c in configs]
     keys = sorted({k for f in flats for k in f})
     return {k: [f.get(k) for f in flats] for k in keys if len({repr(f.get(k)) for f in flats}) > 1}
+
+
+# --- runs side by side: distributions and e2e loop rounds ------------------------------------------------------------
+
+
+@dataclass
+class Distributions:
+    lengths: list[int]
+    """Words in each accepted instruction (what an export would hold; hand rejections left out)."""
+    similarities: list[float]
+    """ROUGE-L F of each instruction that reached the similarity filter (accepted or rejected) to its nearest earlier one."""
+
+
+def distributions(session: Session, run: Run) -> Distributions:
+    rows = session.exec(
+        select(Task.instruction, Task.status, Task.similarity, Task.id.in_(hand_rejected_ids())).where(Task.run_id == run.id, Task.source == "generated")
+    ).all()  # fmt: skip
+    return Distributions(
+        lengths=[len(text.split()) for text, status, _, by_hand in rows if status == "accepted" and not by_hand],
+        similarities=[similarity for _, _, similarity, _ in rows if similarity is not None],
+    )
+
+
+@dataclass
+class LoopRound:
+    """One row of a loop's table: round 0 is the base model and the seeds-only model, rounds 1..R generate and train."""
+
+    round: int
+    label: str
+    run: Run | None = None
+    """The round's generation run."""
+    kept_after_dedup: int | None = None
+    exported_rows: int | None = None
+    trained_rows: int | None = None
+    """Rows the round's models trained on (seeds and generated, after decontamination)."""
+    evaluation: dict[str, Any] | None = None
+    """datagen.evaluate.summarize over the model's replicates (loss per item, ROUGE-L, degeneration, ...)."""
+
+
+@dataclass
+class LoopRounds:
+    loop: Loop
+    rounds: list[LoopRound]
+    compared: list[int]
+    """The ids of the compared runs that are this loop's generation runs."""
+
+
+def loop_rounds(session: Session, runs: list[Run]) -> list[LoopRounds]:
+    """Each e2e loop (datagen/e2e.py) one of `runs` generated for, with its rounds as its stages recorded them."""
+    ids = [r.id for r in runs]
+    stages = session.exec(select(LoopStage).where(LoopStage.run_id.in_(ids), LoopStage.stage == "generate")).all()
+    found = []
+    for loop_id in sorted({s.loop_id for s in stages}):
+        loop = session.get(Loop, loop_id)
+        rows: dict[tuple[int, str], LoopRound] = {}
+        replicates: dict[tuple[int, str], list] = {}
+        for stage in session.exec(select(LoopStage).where(LoopStage.loop_id == loop_id).order_by(LoopStage.round, LoopStage.id)).all():
+            model = "base" if stage.stage == "evaluate-base" else "tuned"
+            key = (stage.round, model)
+            row = rows.setdefault(key, LoopRound(stage.round, "base model" if model == "base" else "seeds only" if stage.round == 0 else f"round {stage.round}"))
+            if stage.stage == "generate" and stage.run_id is not None:
+                row.run = session.get(Run, stage.run_id)
+            elif stage.stage == "dedup":
+                row.kept_after_dedup = stage.result.get("accepted_after")
+            elif stage.stage == "export":
+                row.exported_rows = stage.result.get("rows")
+            elif stage.stage == "train.0":
+                row.trained_rows = stage.result.get("rows")
+            elif stage.stage.startswith("evaluate") and stage.status == "completed" and stage.result.get("items"):
+                replicates.setdefault(key, []).append(stage.result["items"])
+        if replicates:
+            from datagen.evaluate import ItemScore, summarize
+
+            for key, scores in replicates.items():
+                rows[key].evaluation = summarize([[ItemScore(**s) for s in items] for items in scores])
+        found.append(LoopRounds(loop, sorted(rows.values(), key=lambda r: (r.round, r.label != "base model")), [s.run_id for s in stages if s.loop_id == loop_id]))
+    return found

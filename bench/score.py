@@ -1,10 +1,11 @@
 """Throughput of IFD scoring (pipelines/score.py `ifd_scores`) against the trainer's own forward pass on the same rows,
 and the agreement of batched and one-at-a-time scoring.
 
-    python bench/score.py                       # 200 instances of examples/seed_tasks.jsonl, embedded model
+    python bench/score.py                       # 200 instances of Self-Instruct tasks, embedded model
     python bench/score.py --items 50 --repeats 1
 
-Items: the first --items instances of the Self-Instruct seed tasks (instruction, input, output), real text.
+Items: the first --items instances (instruction, input, output) of Self-Instruct's 175 seed tasks, then of its
+user-oriented tasks (examples/user_oriented_dev.jsonl): real text.
 
 Scoring: `ifd_scores(backend, pairs)` on all items at once, timed from the call to its return (Cherry's two texts per
 item, tokenization, the transformers backend's batched `score`, the losses). Items/s = items / time.
@@ -36,15 +37,18 @@ import torch.nn.functional as F
 from datagen.backends.transformers_backend import TransformersBackend
 from pipelines.score import CHERRY_DIRECT_PREFIX, CHERRY_MAX_LENGTH, Pair, _plan, cherry_prompt, ifd_scores
 
-SEEDS = Path(__file__).resolve().parents[1] / "examples" / "seed_tasks.jsonl"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SOURCES = (EXAMPLES / "seed_tasks.jsonl", EXAMPLES / "user_oriented_dev.jsonl")
+"""Self-Instruct's 175 seed tasks, then its user-oriented tasks (same format) to reach 200 items."""
 TOLERANCE = 1e-4
 
 
 def seed_pairs(limit: int) -> list[Pair]:
     pairs = []
-    for line in SEEDS.read_text(encoding="utf-8").splitlines():
-        task = json.loads(line)
-        pairs += [Pair(task["instruction"], i["input"], i["output"]) for i in task["instances"]]
+    for source in SOURCES:
+        for line in source.read_text(encoding="utf-8").splitlines():
+            task = json.loads(line)
+            pairs += [Pair(task["instruction"], i["input"], i["output"]) for i in task["instances"]]
     return pairs[:limit]
 
 
@@ -98,7 +102,7 @@ def main() -> None:
     print(f"commit: {commit}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), float32, load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"items: {len(pairs)} instances of the Self-Instruct seed tasks; {2 * len(pairs)} texts, {tokens:,} tokens")
+    print(f"items: {len(pairs)} instances of Self-Instruct's seed and user-oriented tasks; {2 * len(pairs)} texts, {tokens:,} tokens")
 
     ifd_scores(backend, pairs[:8])  # warm-up
     reference_losses(backend, pairs[:8])

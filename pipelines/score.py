@@ -32,6 +32,7 @@ generation's token limit.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -259,8 +260,6 @@ def score_run(
     """IFD of every accepted instance of a run under `backend` (the student), stored in instance_score one batch per
     transaction; instances this model already scored with this method version are skipped (or replaced with
     config.rescore). progress(done, total) after each batch."""
-    import time
-
     started = time.perf_counter()
     run = get_run(session, run_name)
     pairs = run_pairs(session, run)

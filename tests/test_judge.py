@@ -66,3 +66,14 @@ def test_judge_run_stores_every_answer_parsed_or_not(hf_backend, db_url):
         curate_run(session, run.name, CurationRule(keep="judge_accuracy >= 0"))
         reasons = session.exec(select(CurationVerdict.reason).where(CurationVerdict.kept == False)).all()  # noqa: E712
         assert len(reasons) == result.no_score and all(r.startswith("judge_accuracy is null: unparseable") for r in reasons)
+
+
+def test_judge_options_are_checked_before_a_model_loads(db_url):
+    from typer.testing import CliRunner
+
+    from datagen.cli import app
+
+    runner = CliRunner()
+    assert "--judge needs --rubric" in runner.invoke(app, ["score", "--run", "x", "--judge", "--db", db_url]).output
+    assert runner.invoke(app, ["score", "--run", "x", "--rubric", str(ACCURACY), "--db", db_url]).exit_code == 2
+    assert runner.invoke(app, ["score", "--run", "x", "--judge", "--rubric", "missing.md", "--db", db_url]).exit_code == 2

@@ -218,6 +218,7 @@ def _run_section(facts: RunFacts) -> list[str]:
         f"accepted instructions left without an accepted instance (not exported): {facts.tasks_without_instances}.",
         "- Near-duplicate filter: an instruction is dropped when its ROUGE-L F-measure with any seed or earlier kept "
         f"instruction exceeds {threshold if threshold is not None else 'the threshold (not recorded in this run)'} (Self-Instruct's rule).",
+        *_curation_lines(facts.curation),
         "",
     ]
     if facts.sampling:
@@ -244,6 +245,19 @@ def _run_section(facts: RunFacts) -> list[str]:
             "",
         ]
     return lines
+
+
+def _curation_lines(curation: dict[str, Any] | None) -> list[str]:
+    """The run's curation (`datagen curate`): its rule, the scores it read, and what it kept."""
+    if not curation:
+        return []
+    effect = ("the dropped instances are not in this export" if curation["applied"]
+              else "exported with --ignore-curation: the dropped instances are in this export too")  # fmt: skip
+    return [
+        f"- Curation (`datagen curate`, {curation['created_at']}): rule `{curation['rule']}` over the scores "
+        f"{', '.join(f'`{s}`' for s in curation['scores'])}; of {curation['kept'] + curation['dropped']} accepted instances "
+        f"{curation['kept']} kept, {curation['dropped']} dropped; {effect}."
+    ]
 
 
 def _toolformer_section(facts: RunFacts) -> list[str]:

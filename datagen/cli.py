@@ -21,7 +21,9 @@ from typer.core import TyperGroup, TyperOption  # noqa: E402
 from datagen import __version__  # noqa: E402
 from datagen.commands import e2e, eval_long, export, generate, jobs, long_data, models, report, runs, train  # noqa: E402
 from datagen.commands.alpaca import alpaca_command  # noqa: E402
+from datagen.commands.curate import curate_command  # noqa: E402
 from datagen.commands.dedup import dedup  # noqa: E402
+from datagen.commands.score import score_command  # noqa: E402
 from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
 from datagen.commands.toolformer import toolformer  # noqa: E402
 from datagen.commands.ui import ui  # noqa: E402
@@ -79,6 +81,8 @@ app.command("ui")(ui)
 app.add_typer(jobs.app, name="jobs")
 app.command("worker")(jobs.worker)
 app.command("e2e")(e2e.e2e)
+app.command("score")(score_command)
+app.command("curate")(curate_command)
 
 
 def _version(value: bool) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import func
+from sqlalchemy import func, true
 from sqlmodel import Session, select
 
 from datagen import __version__
@@ -40,7 +40,7 @@ from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records
 from datagen.shards import runs_named
 from storage.queries import hand_rejected_ids, rejected_by_reason
-from storage.tables import ApiCall, Generation, Instance, Run, Task, ToolformerText
+from storage.tables import ApiCall, Curation, CurationVerdict, Generation, Instance, Run, Task, ToolformerText
 
 if TYPE_CHECKING:
     from datasets import DatasetDict, Features
@@ -107,6 +107,8 @@ class ExportConfig:
     language: str = "en"
     """Language code in the card's front matter."""
     overwrite: bool = False
+    ignore_curation: bool = False
+    """Export the instances a run's curation (`datagen curate`) dropped too; by default they are left out."""
 
     def __post_init__(self) -> None:
         if not self.runs:
@@ -168,6 +170,8 @@ class RunFacts:
     """Toolformer: corpus texts processed."""
     api_calls: dict[str, dict[str, int]] = field(default_factory=dict)
     """Toolformer: per tool, sampled calls by status (kept, rejected, unparsed, ...) and how many were inserted."""
+    curation: dict[str, Any] | None = None
+    """The run's curation (`datagen curate`): rule, scores, kept, dropped, and whether this export applied it."""
 
 
 @dataclass
@@ -184,18 +188,29 @@ class ExportResult:
 # --- Selecting rows --------------------------------------------------------------------------------------------------
 
 
-def select_examples(session: Session, run: Run) -> tuple[list[Example], int]:
+def curated_out_ids(run_id: int):
+    """The instance ids the run's curation (`datagen curate`, pipelines/curate.py) dropped, as a subquery."""
+    return (
+        select(CurationVerdict.instance_id)
+        .join(Curation, Curation.id == CurationVerdict.curation_id)
+        .where(Curation.run_id == run_id, CurationVerdict.kept == False)  # noqa: E712
+    )
+
+
+def select_examples(session: Session, run: Run, ignore_curation: bool = False) -> tuple[list[Example], int]:
     """The run's exportable rows, in task then instance order, and the number of accepted tasks with no accepted instance.
 
     Seeds are not exported: like Self-Instruct's and Alpaca's released data, the dataset is the generated part; nor are
-    tasks rejected by hand in `datagen ui --allow-edits`.
+    tasks rejected by hand in `datagen ui --allow-edits`, nor instances the run's curation dropped (unless ignore_curation).
     """
     not_rejected_by_hand = Task.id.not_in(hand_rejected_ids())  # the latest manual verdict is in force (undo restores)
+    not_curated_out = true() if ignore_curation else Instance.id.not_in(curated_out_ids(run.id))
     rows = session.exec(
         select(Task, Instance, Generation.model)
         .join(Instance, Instance.task_id == Task.id)
         .join(Generation, Generation.id == Instance.generation_id, isouter=True)
-        .where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Instance.status == "accepted", not_rejected_by_hand)
+        .where(Task.run_id == run.id, Task.source == "generated", Task.status == "accepted", Instance.status == "accepted", not_rejected_by_hand,
+               not_curated_out)  # fmt: skip
         .order_by(Task.id, Instance.id)
     ).all()
     examples = [
@@ -236,7 +251,15 @@ def select_toolformer_examples(session: Session, run: Run) -> tuple[list[Example
     return examples, len(texts) - len(examples)
 
 
-def run_facts(session: Session, run: Run, tasks_without_instances: int) -> RunFacts:
+def curation_facts(session: Session, run: Run, ignored: bool) -> dict[str, Any] | None:
+    curation = session.exec(select(Curation).where(Curation.run_id == run.id)).first()
+    if curation is None:
+        return None
+    return {"rule": curation.rule, "scores": list(curation.scores), "kept": curation.kept, "dropped": curation.dropped,
+            "applied": not ignored, "created_at": f"{curation.created_at:%Y-%m-%d %H:%M}"}  # fmt: skip
+
+
+def run_facts(session: Session, run: Run, tasks_without_instances: int, ignore_curation: bool = False) -> RunFacts:
     def reasons(model, *where) -> dict[str, int]:
         counts = session.exec(
             select(model.reason, func.count()).where(*where, model.status == "rejected").group_by(model.reason)
@@ -278,6 +301,7 @@ def run_facts(session: Session, run: Run, tasks_without_instances: int) -> RunFa
         sampling=dict(sorted(sampling.items())),
         texts=count(select(func.count()).select_from(ToolformerText).where(ToolformerText.run_id == run.id)),
         api_calls=dict(sorted(api_calls.items())),
+        curation=curation_facts(session, run, ignore_curation),
     )
 
 
@@ -618,11 +642,11 @@ def export(session: Session, config: ExportConfig) -> ExportResult:
                 rows, without_instances = select_toolformer_examples(session, run)
                 what = "no text with a kept API call"
             else:
-                rows, without_instances = select_examples(session, run)
+                rows, without_instances = select_examples(session, run, config.ignore_curation)
                 what = "no accepted generated instruction with an accepted instance"
             examples += rows
             found += len(rows)
-            facts.append(run_facts(session, run, without_instances))
+            facts.append(run_facts(session, run, without_instances, config.ignore_curation))
         if not found:
             whose = f"run '{runs[0].name}' has" if len(runs) == 1 else f"the {len(runs)} shard runs of '{name}' have"
             raise BadInput(f"{whose} no accepted rows to export ({what})")
@@ -645,6 +669,7 @@ def export(session: Session, config: ExportConfig) -> ExportResult:
         **{name: len(rows) for name, rows in splits.items()},
         "tasks_without_instances": sum(f.tasks_without_instances for f in facts),
         "decontaminated": decontaminated,
+        "curated_out": sum(f.curation["dropped"] for f in facts if f.curation and f.curation["applied"]),
     }
     result = ExportResult(config.out, config.format, list(features), counts, facts, dataset)
     meta = {
@@ -658,6 +683,7 @@ def export(session: Session, config: ExportConfig) -> ExportResult:
         "with_provenance": config.with_provenance,
         "system": config.system,
         "decontaminate": str(config.decontaminate) if config.decontaminate else None,
+        "curation": {f.name: f.curation for f in facts if f.curation},
     }
     card = render_card(config, result, list(splits))
     write_export(dataset, card, meta, config.out, config.overwrite)

@@ -346,3 +346,74 @@ class LoopStage(SQLModel, table=True):
     """The stage's figures (counts, the training summary, per-item scores)."""
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class InstanceScore(SQLModel, table=True):
+    """One score of one instance by one model and method (pipelines/score.py): IFD and its losses under a student
+    model (method "ifd"), or an LLM judge's verdict (method "judge:<rubric>"). Scores of several models and methods sit
+    side by side; the unique key makes a rerun skip what is already scored."""
+
+    __tablename__ = "instance_score"
+    __table_args__ = (UniqueConstraint("instance_id", "model", "method", "method_version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="run.id", index=True)
+    instance_id: int = Field(foreign_key="instance.id", index=True)
+    model: str = Field(index=True)
+    """The scoring model as given (embedded name, folder or hub id; the served name for openai)."""
+    method: str = Field(index=True)
+    """ifd, or judge:<rubric name>."""
+    method_version: int = 1
+    """Bumped when the method's computation changes, so old and new numbers never mix."""
+    score: float | None = None
+    """The headline number: IFD = conditioned_loss / direct_loss, or the judge's parsed score. None: see reason."""
+    conditioned_loss: float | None = None
+    """ifd: mean cross-entropy (nats/token) of the output given the instruction (+input), s(A|Q)."""
+    direct_loss: float | None = None
+    """ifd: mean cross-entropy of the output without the instruction, s(A)."""
+    perplexity: float | None = None
+    """ifd: exp(conditioned_loss)."""
+    output_tokens: int | None = None
+    """Tokens of the output under the scoring model's tokenizer (before any max_length cut)."""
+    truncated: bool = False
+    """ifd: the prompt and output exceeded max_length; the losses cover the output tokens that fit."""
+    repeated: bool = False
+    """The output repeats a word 3-gram 4 or more times (datagen.evaluate.repeats, the loop's degeneration test)."""
+    cut: bool = False
+    """The generation that wrote the output ended at its token limit with this output last: the output was cut."""
+    degenerate: bool = False
+    """repeated or cut."""
+    raw: str | None = Field(default=None, sa_column=Column(Text))
+    """judge: the judge's raw completion."""
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    """Why score is None: "empty output", "prompt fills max_length", "unparseable judge output", ..."""
+    settings: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    """What else shaped the number: the prompt template and max_length, or the rubric file and its hash."""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Curation(SQLModel, table=True):
+    """The curation of one run (`datagen curate`): the rule, and how many instances it kept and dropped. One per run:
+    a rerun replaces it and its verdicts in one transaction. Export leaves out the instances it dropped."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="run.id", unique=True, index=True)
+    rule: str = Field(sa_column=Column(Text, nullable=False))
+    """The rule as written: "ifd < 0.9 and not degenerate", "top 0.1 by ifd", or both joined by "; then "."""
+    scores: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    """The scores it read, as "model/method v<version>"."""
+    kept: int = 0
+    dropped: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class CurationVerdict(SQLModel, table=True):
+    """The curation's verdict on one accepted instance, with the reason it was dropped."""
+
+    __tablename__ = "curation_verdict"
+    __table_args__ = (UniqueConstraint("curation_id", "instance_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    curation_id: int = Field(foreign_key="curation.id", index=True)
+    instance_id: int = Field(foreign_key="instance.id", index=True)
+    kept: bool = Field(index=True)
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    """Why it was dropped: "ifd = 0.97 fails ifd < 0.9", "below the top 10% by ifd (0.41)", "ifd is null: empty output"."""

@@ -31,6 +31,7 @@ def export_command(
     license_name: Annotated[Optional[str], typer.Option(help="With --license other: the card's license_name id.")] = None,
     language: Annotated[str, typer.Option(help="Language code for the card.")] = "en",
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out (only a folder datagen exported).")] = False,
+    ignore_curation: Annotated[bool, typer.Option(help="Also export the instances `datagen curate` dropped.")] = False,
     push_to_hub_repo: Annotated[Optional[str], typer.Option("--push-to-hub", help="Also upload to the Hub as OWNER/NAME.")] = None,
     private: Annotated[bool, typer.Option(help="Make the Hub repository private.")] = False,
     db: DbOption = None,
@@ -41,6 +42,7 @@ def export_command(
         runs=tuple(runs), format=format, out=out, test_size=test_size, seed=seed, with_provenance=with_provenance,
         decontaminate=decontaminate, decontamination_threshold=decontamination_threshold, ngram=ngram, system=system,
         license=license, license_name=license_name, language=language, overwrite=overwrite,
+        ignore_curation=ignore_curation,
     )  # fmt: skip
     if push_to_hub_repo:
         check_repo_id(push_to_hub_repo)
@@ -57,5 +59,6 @@ def export_command(
     rows += [(split, counts[split]) for split in ("train", "test") if split in counts]
     rows += [(skipped, counts["tasks_without_instances"])]
     rows += [(f"decontaminated ({reason})", n) for reason, n in counts["decontaminated"].items()]
+    rows += [("dropped by curation", counts["curated_out"])] if counts["curated_out"] else []
     rows += [("written to", str(out))] + ([("pushed to", url)] if url else [])
     err_console.print(summary_table(f"Export of {', '.join(f.name for f in result.runs)}", rows))

@@ -200,6 +200,7 @@ def _routes(app: FastAPI) -> None:
             request, "run.html", run=run, items=items, page=items.page, by_hand=items.by_hand, figures=shared.figures(db, [run])[run.id], interrupted=interrupted,
             reasons=shared.rejected_by_reason(db, run), accepted_instances=shared.accepted_instances(db, run),
             filter=item_filter, sort_keys=queries.SORT_KEYS, training=queries.training_runs(db, run), poll=live,
+            scores=queries.run_scores(db, run, [t.id for t in items.page.rows]),
         )  # fmt: skip
 
     @app.get("/runs/{ref}/progress.json")

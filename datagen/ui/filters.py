@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ number sent to PostgreSQL is an error, not a miss). A larger id in a URL is a 40
 STATUSES = ("all", "accepted", "rejected")
 CLASSIFICATIONS = ("all", "yes", "no", "unknown")
 ORDERS = ("asc", "desc")
+DEGENERATE = ("all", "yes", "no")
+CURATION = ("all", "kept", "dropped")
 
 
 class BadFilter(ValueError):
@@ -35,6 +38,13 @@ class ItemFilter:
     """The column the items are ordered by (one of the sort keys the page offers; ties in id order)."""
     order: str = "asc"
     """asc or desc. Items with no value for the sort column come last either way."""
+    min_ifd: float | None = None
+    """Instructions with an instance whose IFD under the student (`datagen score`) is at least this."""
+    max_ifd: float | None = None
+    degenerate: str = "all"
+    """yes: an instance is degenerate (repeats or was cut); no: none is."""
+    curation: str = "all"
+    """kept or dropped: an instance was kept or dropped by the run's curation (`datagen curate`)."""
 
     def query(self, **changes) -> dict[str, str]:
         """The filter as query parameters (paging left out unless given), for links that keep the filter."""
@@ -47,6 +57,10 @@ class ItemFilter:
             "q": self.search,
             "sort": None if self.sort == "id" else self.sort,
             "order": None if self.order == "asc" else self.order,
+            "min_ifd": _number(self.min_ifd),
+            "max_ifd": _number(self.max_ifd),
+            "degenerate": None if self.degenerate == "all" else self.degenerate,
+            "curation": None if self.curation == "all" else self.curation,
         } | changes
         return {key: str(value) for key, value in values.items() if value is not None}
 
@@ -59,7 +73,8 @@ def parse_filter(params: Mapping[str, str], sort_keys: Collection[str] = ("id",)
     """ItemFilter from query parameters; empty values mean "no filter" (what an HTML form sends for a blank field).
     sort_keys: the whitelist of `sort=` values (the page's, datagen.ui.queries.SORT_KEYS)."""
     given = {key: value.strip() for key, value in params.items() if value.strip()}
-    unknown = sorted(set(given) - {"status", "reason", "min_similarity", "max_similarity", "classification", "q", "after", "before", "sort", "order"})
+    unknown = sorted(set(given) - {"status", "reason", "min_similarity", "max_similarity", "classification", "q", "after", "before", "sort", "order",
+                                  "min_ifd", "max_ifd", "degenerate", "curation"})  # fmt: skip
     if unknown:
         raise BadFilter(f"unknown filter '{unknown[0]}'")
     status = given.get("status", "all")
@@ -79,7 +94,25 @@ def parse_filter(params: Mapping[str, str], sort_keys: Collection[str] = ("id",)
         raise BadFilter(f"sort must be one of {', '.join(sort_keys)}, not '{sort}'")
     if order not in ORDERS:
         raise BadFilter(f"order must be asc or desc, not '{order}'")
-    return ItemFilter(status, given.get("reason"), low, high, classification, given.get("q"), after, before, sort, order)
+    degenerate, curation = given.get("degenerate", "all"), given.get("curation", "all")
+    if degenerate not in DEGENERATE:
+        raise BadFilter(f"degenerate must be one of {', '.join(DEGENERATE)}, not '{degenerate}'")
+    if curation not in CURATION:
+        raise BadFilter(f"curation must be one of {', '.join(CURATION)}, not '{curation}'")
+    scores = dict(min_ifd=_score(given, "min_ifd"), max_ifd=_score(given, "max_ifd"), degenerate=degenerate, curation=curation)
+    return ItemFilter(status, given.get("reason"), low, high, classification, given.get("q"), after, before, sort, order, **scores)
+
+
+def _score(given: Mapping[str, str], key: str) -> float | None:
+    if key not in given:
+        return None
+    try:
+        value = float(given[key])
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise BadFilter(f"{key} must be a number, not '{given[key]}'")
+    return value
 
 
 def _similarity(given: Mapping[str, str], key: str) -> float | None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, func, or_
+from sqlalchemy import Integer, and_, cast, exists, func, or_
+from sqlalchemy.orm import aliased
 from sqlmodel import Session, select
 
 from datagen.ui.filters import MAX_ID, PAGE_SIZE, ItemFilter
 from storage.queries import BY_HAND, hand_rejected_ids
-from storage.tables import ApiCall, Generation, Instance, Loop, LoopStage, ManualVerdict, Run, Task, ToolformerText, TrainingRun, TrainingRunSource
+from storage.tables import ApiCall, Curation, CurationVerdict, Generation, Instance, InstanceScore, Loop, LoopStage, ManualVerdict, Run, Task, ToolformerText, TrainingRun, TrainingRunSource
 
 
 @dataclass
@@ -63,7 +64,7 @@ def item_conditions(run: Run, item_filter: ItemFilter) -> list:
         conditions.append(Task.is_classification.is_(None))
     if item_filter.search:
         conditions.append(Task.instruction.ilike(_like(item_filter.search), escape="\\"))
-    return conditions
+    return conditions + score_conditions(item_filter)
 
 
 def keyset_page(session: Session, model, conditions: list, after: int | None, before: int | None, size: int = PAGE_SIZE) -> Page:
@@ -466,3 +467,115 @@ def loop_rounds(session: Session, runs: list[Run]) -> list[LoopRounds]:
                 rows[key].evaluation = summarize([[ItemScore(**s) for s in items] for items in scores])
         found.append(LoopRounds(loop, sorted(rows.values(), key=lambda r: (r.round, r.label != "base model")), [s.run_id for s in stages if s.loop_id == loop_id]))
     return found
+
+
+# ---- scores and curation (`datagen score`, `datagen curate`) -----------------------------------------------------------
+
+IFD = ("ifd", 1)
+"""pipelines.score's IFD_METHOD and IFD_VERSION (not imported: that module pulls in the trainer's evaluation code)."""
+
+
+def score_model_of(run_column):
+    """The model whose IFD scores a run's page shows: the one that scored the run last (a scalar subquery)."""
+    latest = aliased(InstanceScore)  # its own name: inside a query on instance_score it must not correlate to it
+    return (
+        select(latest.model)
+        .where(latest.run_id == run_column, latest.method == IFD[0], latest.method_version == IFD[1])
+        .order_by(latest.id.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def _ifd_rows(*where):
+    """IFD rows of the instances of the outer query's Task, under the run's score model."""
+    return (InstanceScore.instance_id == Instance.id, Instance.task_id == Task.id, InstanceScore.method == IFD[0],
+            InstanceScore.method_version == IFD[1], InstanceScore.model == score_model_of(Task.run_id), *where)  # fmt: skip
+
+
+def task_score(aggregate) -> Any:
+    """aggregate(...) over the IFD rows of a task's instances, as a scalar subquery keyed by Task.id."""
+    return select(aggregate).where(*_ifd_rows()).scalar_subquery()
+
+
+SORT_KEYS |= {
+    "ifd": SortKey("IFD under the student (the instruction's lowest)", task_score(func.min(InstanceScore.score))),
+    "conditioned_loss": SortKey("loss of the output given the instruction, s(A|Q)", task_score(func.min(InstanceScore.conditioned_loss))),
+    "direct_loss": SortKey("loss of the output alone, s(A)", task_score(func.min(InstanceScore.direct_loss))),
+    "degenerate": SortKey("degenerate (repeats, or cut at the token limit)", task_score(func.max(cast(InstanceScore.degenerate, Integer)))),
+}
+
+
+def _verdicts(kept: bool):
+    return exists().where(CurationVerdict.instance_id == Instance.id, Instance.task_id == Task.id, CurationVerdict.kept == kept,
+                          CurationVerdict.curation_id == Curation.id, Curation.run_id == Task.run_id)  # fmt: skip
+
+
+def score_conditions(item_filter: ItemFilter) -> list:
+    """Conditions on Task for the score filters: an instance in the IFD range, a degenerate one (or none), an instance
+    the curation kept or dropped."""
+    conditions = []
+    if item_filter.min_ifd is not None or item_filter.max_ifd is not None:
+        bounds = [InstanceScore.score >= item_filter.min_ifd] if item_filter.min_ifd is not None else []
+        bounds += [InstanceScore.score <= item_filter.max_ifd] if item_filter.max_ifd is not None else []
+        conditions.append(exists().where(*_ifd_rows(*bounds)))
+    if item_filter.degenerate != "all":
+        any_degenerate = exists().where(*_ifd_rows(InstanceScore.degenerate == True))  # noqa: E712
+        conditions.append(any_degenerate if item_filter.degenerate == "yes" else ~any_degenerate)
+    if item_filter.curation != "all":
+        conditions.append(_verdicts(item_filter.curation == "kept"))
+    return conditions
+
+
+@dataclass(frozen=True)
+class InstanceScores:
+    """One accepted instance's IFD figures and its curation verdict, for the run page."""
+
+    instance_id: int
+    ifd: float | None
+    conditioned_loss: float | None
+    direct_loss: float | None
+    degenerate: bool
+    reason: str | None
+    """Why the score is null."""
+    kept: bool | None
+    """The curation's verdict; None: not curated."""
+    dropped_because: str | None
+
+
+@dataclass(frozen=True)
+class RunScores:
+    model: str | None
+    """The model whose scores are shown (None: the run is not scored)."""
+    curation: Curation | None
+    by_task: dict[int, list[InstanceScores]]
+
+
+def run_scores(session: Session, run: Run, task_ids: list[int]) -> RunScores:
+    """The IFD scores and curation verdicts of the accepted instances of the tasks on a page (two queries)."""
+    model = session.exec(select(score_model_of(run.id))).first()
+    curation = session.exec(select(Curation).where(Curation.run_id == run.id)).first()
+    by_task: dict[int, list[InstanceScores]] = {}
+    if not task_ids or (model is None and curation is None):
+        return RunScores(model, curation, by_task)
+    verdicts = {}
+    if curation is not None:
+        verdicts = {v.instance_id: v for v in session.exec(
+            select(CurationVerdict).join(Instance, Instance.id == CurationVerdict.instance_id)
+            .where(CurationVerdict.curation_id == curation.id, Instance.task_id.in_(task_ids)))}  # fmt: skip
+    rows = session.exec(
+        select(Instance.id, Instance.task_id, InstanceScore)
+        .join(InstanceScore, and_(InstanceScore.instance_id == Instance.id, InstanceScore.model == model, InstanceScore.method == IFD[0],
+                                  InstanceScore.method_version == IFD[1]), isouter=True)  # fmt: skip
+        .where(Instance.task_id.in_(task_ids), Instance.status == "accepted")
+        .order_by(Instance.id)
+    ).all()
+    for instance_id, task_id, score in rows:
+        verdict = verdicts.get(instance_id)
+        if score is None and verdict is None:
+            continue
+        by_task.setdefault(task_id, []).append(InstanceScores(
+            instance_id, score.score if score else None, score.conditioned_loss if score else None, score.direct_loss if score else None,
+            bool(score and score.degenerate), score.reason if score else None, verdict.kept if verdict else None,
+            verdict.reason if verdict else None))  # fmt: skip
+    return RunScores(model, curation, by_task)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 
 from datagen.backends import Backend, Request, SamplingParams
 from datagen.dedup import rouge_l
+from datagen.degeneration import REPEAT_COUNT, REPEAT_NGRAM, repeats  # noqa: F401 (REPEAT_*: the report cites them)
 from datagen.export import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, user_message
 from pipelines.seeds import SeedTask
 
@@ -45,10 +46,6 @@ POWER = 0.8
 """Power of the minimum detectable difference (the usual 80%)."""
 MIN_ITEMS = 10
 """Fewer paired items than this never make a verdict "better" (a 3-item split cannot claim a win)."""
-REPEAT_NGRAM = 3
-REPEAT_COUNT = 4
-"""An answer in which one word 3-gram occurs 4 or more times is degenerate ("long, long, long, ..."): a fluent
-96-token answer rarely says the same three words four times."""
 DEGENERATION_MARGIN = 0.05
 """A model whose degeneration rate exceeds its baseline's by more than 5 points is never called better."""
 SHORT_LABEL_WORDS = 3
@@ -216,13 +213,6 @@ def exact_match(answer: str, reference: str) -> float:
     """The answer's first line against the reference, both normalised."""
     first = answer.strip().splitlines()[0] if answer.strip() else ""
     return float(normalize(first) == normalize(reference))
-
-
-def repeats(answer: str, n: int = REPEAT_NGRAM, count: int = REPEAT_COUNT) -> bool:
-    """Numbers do not count as words, so a numbered list of one phrase ("1. Music theory 2. Music theory ...") repeats."""
-    words = [w for w in _WORD.findall(answer.lower()) if not w.isdigit()]
-    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    return bool(grams) and max(grams.values()) >= count
 
 
 def item_score(item: EvalItem, nll: float, tokens: int, answer: str, hit_limit: bool) -> ItemScore:

@@ -40,7 +40,7 @@ from sqlmodel import Session, select
 
 from datagen.backends import Backend
 from datagen.errors import BadInput
-from datagen.evaluate import repeats
+from datagen.degeneration import repeats
 from storage.store import get_run
 from storage.tables import Generation, Instance, InstanceScore, Run, Task
 

@@ -377,7 +377,7 @@ class InstanceScore(SQLModel, table=True):
     truncated: bool = False
     """ifd: the prompt and output exceeded max_length; the losses cover the output tokens that fit."""
     repeated: bool = False
-    """The output repeats a word 3-gram 4 or more times (datagen.evaluate.repeats, the loop's degeneration test)."""
+    """The output repeats a word 3-gram 4 or more times (datagen.degeneration.repeats, the loop's degeneration test)."""
     cut: bool = False
     """The generation that wrote the output ended at its token limit with this output last: the output was cut."""
     degenerate: bool = False

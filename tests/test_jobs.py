@@ -68,7 +68,7 @@ def job_children(url: str) -> list[int]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"datagen.jobs.child" in argv and url.encode() in argv:
+        if (b"datagen.jobs.child" in argv or b"datagen.cli" in argv) and b"worker" not in argv and url.encode() in argv:  # the child execs datagen.cli
             pids.append(int(proc.name))
     return pids
 

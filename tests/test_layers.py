@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("datagen", "pipelines", "storage", "train")
 
 LAYERS: list[tuple[str, ...]] = [
-    ("datagen.errors", "datagen.jsonl", "datagen.models", "datagen.backends", "datagen.dedup", "datagen.console", "datagen.sigterm"),
+    ("datagen.errors", "datagen.jsonl", "datagen.models", "datagen.backends", "datagen.dedup", "datagen.console", "datagen.sigterm",
+     "datagen.degeneration"),
     ("pipelines", "storage", "datagen.generate"),
     ("datagen.runs", "datagen.dedup_store", "datagen.export", "datagen.card", "datagen.report", "datagen.evaluate", "datagen.e2e",
      "datagen.e2e_report", "datagen.jobs", "datagen.shards", "train"),

@@ -1,5 +1,5 @@
 """A job run's command as the worker starts it: `python -m datagen.jobs.child PIPELINE OPTIONS` is
-`datagen PIPELINE OPTIONS` that dies with its worker.
+`datagen PIPELINE OPTIONS` that dies with its worker (it execs `python -m datagen.cli`).
 
 The worker starts it in a session of its own (subprocess's start_new_session, which needs no code run between fork
 and exec), and the child asks the kernel here, in itself, for SIGKILL when the worker goes (prctl PR_SET_PDEATHSIG,
@@ -30,6 +30,6 @@ def die_with(worker_pid: int) -> None:
 
 if __name__ == "__main__":
     die_with(int(os.environ["DATAGEN_WORKER_PID"]))
-    from datagen.cli import app
-
-    app(prog_name="datagen")
+    # exec keeps the death signal (it is cleared only for set-user-ID programs) and keeps the jobs layer from
+    # importing the CLI above it (tests/test_layers.py)
+    os.execv(sys.executable, [sys.executable, "-m", "datagen.cli", *sys.argv[1:]])

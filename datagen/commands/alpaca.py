@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 from datagen.backends import BackendName
-from datagen.commands.self_instruct import NumOption, RougeTokenizer, RunOption, SeedsOption, StyleOption, execute
+from datagen.commands.self_instruct import (
+    InstancePickOption,
+    InstanceSamplesOption,
+    NumOption,
+    RougeTokenizer,
+    RunOption,
+    SeedsOption,
+    StyleOption,
+    execute,
+)
 from datagen.models import DEFAULT_MODEL
 from datagen.options import BackendOption, BaseUrlOption, ConfigOption, DbOption, JsonOption, ModelOption
 from pipelines import alpaca
@@ -37,6 +46,8 @@ def alpaca_command(
     allow_non_ascii: Annotated[Optional[bool], typer.Option("--allow-non-ascii", help="Keep instructions that start with a non-ASCII character.")] = None,
     max_requests: Annotated[Optional[int], typer.Option(help="Stop after this many requests.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of example sampling and generation (default: 0).")] = None,
+    instance_samples: InstanceSamplesOption = None,
+    instance_pick: InstancePickOption = None,
     config: ConfigOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -45,5 +56,6 @@ def alpaca_command(
     flags = dict(num_instructions=num_instructions, prompt_style=prompt_style, request_batch_size=request_batch_size,
                  max_tokens=max_tokens, temperature=temperature, top_p=top_p, rouge_threshold=rouge_threshold,
                  tokenizer=tokenizer, require_ascii_start=None if allow_non_ascii is None else not allow_non_ascii,
-                 max_requests=max_requests, seed=seed, requirements=requirements)  # fmt: skip
+                 max_requests=max_requests, seed=seed, requirements=requirements, instance_samples=instance_samples,
+                 instance_pick=instance_pick)  # fmt: skip
     execute("alpaca", alpaca.AlpacaConfig, alpaca.run, seeds, flags, config, run_name, model, backend, base_url, db, as_json)

@@ -31,7 +31,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 from starlette.exceptions import HTTPException
 
-from datagen import report
+from datagen import cost, report
 from datagen.errors import BadInput
 from datagen.ui import queries
 from datagen.ui.filters import MAX_ID, BadFilter, parse_filter
@@ -193,6 +193,7 @@ def _routes(app: FastAPI) -> None:
             request, "run.html", run=run, items=items, page=items.page, by_hand=items.by_hand, figures=shared.figures(db, [run])[run.id], interrupted=interrupted,
             reasons=shared.rejected_by_reason(db, run), accepted_instances=shared.accepted_instances(db, run),
             filter=item_filter, training=queries.training_runs(db, run), poll=live,
+            cost=cost.cost_dict(cost.run_usage(db, run), getattr(request.app.state, "prices", None)),
         )  # fmt: skip
 
     @app.get("/runs/{ref}/progress.json")

@@ -207,3 +207,26 @@ def cost_dict(usage: Usage, prices: Prices | None) -> dict[str, Any]:
     return {**usage_dict(usage), "cost": None if cost.total is None else round(cost.total, 6), "currency": cost.currency,
             "parts": {k: round(v, 6) for k, v in cost.parts.items()}, "missing": cost.missing,
             "prices": cost.source, "shown": cost.describe()}  # fmt: skip
+
+
+POINT = 0.01
+"""A point of a metric, for the loop's cost per point of improvement: 0.01 of it (a percentage point of ROUGE-L or
+exact match, 0.01 nats of loss)."""
+
+
+def loop_cost_dict(usage: Usage, prices: Prices | None, kept_items: int, improvement: float | None) -> dict[str, Any]:
+    """A loop's raw figures and price, with the cost per kept item (generated rows trained on in the last round) and,
+    when the primary verdict is an improvement of `improvement` (in the metric's units), the cost per point of it."""
+    found = cost_dict(usage, prices)
+    total, currency = found["cost"], found["currency"]
+    per_item = total / kept_items if total is not None and kept_items else None
+    per_point = total / (improvement / POINT) if total is not None and improvement else None
+    if per_point is not None:
+        point_shown = money(per_point, currency)
+    elif improvement is None:
+        point_shown = "n/a (the primary verdict is not an improvement)"
+    else:
+        point_shown = "n/a (no total cost)"
+    return {**found, "kept_items": kept_items, "per_kept_item": per_item, "per_point": per_point,
+            "per_kept_item_shown": money(per_item, currency) if per_item is not None else "n/a", "per_point_shown": point_shown,
+            "point": f"{POINT} of the primary metric"}  # fmt: skip

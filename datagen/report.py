@@ -583,7 +583,7 @@ def _cost_lines(report: RunReport) -> list[str]:
         return []
     c = report.cost
     lines = ["## Cost", "", "| | |", "|---|---:|"]
-    lines += [f"| tokens of `{model}`: prompt / completion | {t['prompt']:,} / {t['completion']:,} |" for model, t in c["tokens"].items()]
+    lines += [f"| prompt / completion tokens of `{model}` | {t['prompt']:,} / {t['completion']:,} |" for model, t in c["tokens"].items()]
     lines += [f"| seconds: {stage} | {seconds:,.1f} |" for stage, seconds in c["seconds"].items()]
     lines += [f"| cost | {c['shown']} |"]
     if c["cost"] is not None and report.accepted:

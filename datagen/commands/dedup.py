@@ -35,7 +35,7 @@ from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import check_output_file, read_records, require_str, write_records
 from datagen.options import DbOption, JsonOption
 from storage.store import get_run, open_engine, touch
-from storage.tables import Instance, Run, Task
+from storage.tables import Instance, Run, StageTime, Task
 
 
 @dataclass(frozen=True)
@@ -204,6 +204,8 @@ def _dedup(session, file, run_ref, field, index, method, threshold, tokenizer, a
     if pairs:
         write_records(pairs, dropped)
     if apply:
+        # the run's dedup seconds, for cost accounting (datagen/cost.py), committed with the marks
+        session.add(StageTime(run_id=run.id, stage="dedup", device="cpu", seconds=seconds))
         mark_duplicates(session, run, [(t, d) for t, d in zip(tasks, decisions) if not d.kept], method)
 
     what = f"run {run.name}" if run else str(file)

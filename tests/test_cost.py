@@ -104,3 +104,23 @@ def test_the_report_shows_the_cost(db_url, tmp_path):
     assert json.loads(result.stdout)["cost"]["prices"] == str(PRICES)
     page = (tmp_path / "r" / "report.md").read_text()
     assert "## Cost" in page and "cost per accepted instruction" in page and "USD" in page
+
+
+def test_the_viewers_run_page_shows_the_cost(db_url):
+    from fastapi.testclient import TestClient
+
+    from datagen.ui.app import create_app
+
+    config = si.SelfInstructConfig(num_instructions=2, request_batch_size=2)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, ScriptedBackend([listing(NOVEL[0], NOVEL[1])]), config)
+        session.add(StageTime(run_id=run.id, stage="generation", device="cpu", seconds=36000.0))  # ten hours: 1.00 USD
+        session.commit()
+        run_id = run.id
+    app = create_app(open_engine(db_url))
+    web = TestClient(app, base_url="http://127.0.0.1:8765")
+    assert "cost: n/a (no price table" in web.get(f"/runs/{run_id}").text
+    app.state.prices = cost.load_prices(PRICES)  # as `datagen ui --prices` sets it
+    page = web.get(f"/runs/{run_id}").text
+    assert f"cost: 1.00 USD (prices: {PRICES})" in page and "seconds: filtering on cpu" in page

@@ -45,6 +45,10 @@ def load_shipped(path: Path):
         from train.config import load_config
 
         return load_config(path)
+    if path.name == "prices.yaml":
+        from datagen.cost import load_prices
+
+        return load_prices(path)
     if path.name.startswith("toolformer"):
         from datagen.commands.toolformer import load_config
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,31 @@ def backend_device(backend) -> str:
     if hf_model is not None:
         return next(hf_model.parameters()).device.type
     return "remote" if backend.name == "openai" else "cpu"
+
+
+class StageClock:
+    """Wall time of a batch's stages, for a loop that is not the bootstrap loop's (Toolformer's): `with clock("scoring"):`
+    around a stage; `rows(...)` gives them, and the rest of the batch as filtering, as stage_time rows."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+    def rows(self, run_id: int, backend) -> list[StageTime]:
+        """Model stages on the backend's device; the rest (tools, parsing, the store) on the machine the run holds."""
+        device = backend_device(backend)
+        machine = "cpu" if device == "remote" else device
+        seconds = {**self.seconds, "filtering": time.perf_counter() - self.started - sum(self.seconds.values())}
+        return [StageTime(run_id=run_id, stage=stage, device=device if stage in ("generation", "scoring") else machine,
+                          model=backend.model, seconds=value) for stage, value in seconds.items() if value > 0]  # fmt: skip
 
 
 @dataclass(frozen=True)

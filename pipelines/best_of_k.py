@@ -108,7 +108,9 @@ def ifd_values(backend: Backend, instances: Sequence[tuple[str, str, str]]) -> l
     (pipelines/score.py) where this datagen has it, else `minimal_ifd`."""
     try:
         from pipelines.score import Pair, ifd_scores  # issue 23's `datagen score`
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if err.name != "pipelines.score":
+            raise
         return minimal_ifd(backend, instances)
     scored = ifd_scores(backend, [Pair(instruction, given, output) for instruction, given, output in instances])
     return [math.inf if s.ifd is None else s.ifd for s in scored]

@@ -241,7 +241,8 @@ def test_bad_best_of_k_options_exit_2(tmp_path, args, message):
 def test_real_best_of_2_on_the_embedded_model(db_url, hf_backend):
     """k = 2 answers per instruction on the embedded model, kept by IFD under the same model: both stored, one chosen,
     the chosen one's instances the only accepted ones."""
-    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=4, max_tokens=96, instance_max_tokens=64,
+    # the token limits of test_self_instruct.py's real run (SMALL): a response cut by max_tokens is dropped whole
+    config = si.SelfInstructConfig(num_instructions=1, request_batch_size=4, max_tokens=160, instance_max_tokens=96,
                                    instance_samples=2, instance_pick="ifd", max_stalled_batches=3)  # fmt: skip
     with Session(open_engine(db_url)) as session:
         run = new_run(session, SEED_TASKS, config)

@@ -19,7 +19,7 @@ from datagen.dedup import DedupIndex, Decision, Method
 from datagen.errors import BadInput
 from datagen.jsonl import read_records, require_str
 from storage.store import get_run, touch
-from storage.tables import Instance, Run, Task
+from storage.tables import Instance, Run, StageTime, Task
 
 STORE = "store"
 """`--against store`: every accepted instruction of every run, seeds included. `run:NAME` (or `run:ID`): one run's."""
@@ -183,5 +183,7 @@ def dedup_run(session: Session, run: Run, index: DedupIndex, method: Method, aga
                        "(a killed run: resume it to completion first), or drop --apply for a report")  # fmt: skip
     decided = decide(session, index, run, None, "instruction", against, progress, start=start)
     if apply:
+        # the run's dedup seconds, for cost accounting (datagen/cost.py), committed with the marks
+        session.add(StageTime(run_id=run.id, stage="dedup", device="cpu", seconds=decided.seconds))
         mark_duplicates(session, run, [(t, d) for t, d in zip(decided.tasks, decided.decisions) if not d.kept], method)
     return decided

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,14 +51,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlmodel import Session, select
 
-from datagen import evaluate
+from datagen import cost, evaluate
 from datagen.backends import BackendName
 from datagen.errors import BadInput, DatagenError
 from datagen.models import DEFAULT_MODEL
 from datagen.jsonl import read_config_file
 from pipelines.seeds import SeedTask, read_seeds
 from storage.store import find_run, touch
-from storage.tables import Loop, LoopStage, TrainingRun
+from storage.tables import Loop, LoopStage, StageTime, TrainingRun
 
 TRAIN_KEYS_SET_BY_THE_LOOP = ("data", "out", "model", "name", "merge", "overwrite", "resume", "max_steps", "epochs")
 
@@ -475,8 +476,12 @@ def evaluate_stage(session, loop: Loop, r: int, stage: str, model: str, items, f
 
     log(f"round {r}: evaluate {model} on {len(items)} items")
     backend = load_backend(BackendName.transformers, model)
+    started = time.perf_counter()
     try:
         scores = evaluate.score_model(backend, backend.tokenizer, items, fmt, config.eval_max_tokens)
+        # device seconds for cost accounting (datagen/cost.py), committed with the stage
+        session.add(StageTime(loop_id=loop.id, stage="eval", device=cost.backend_device(backend), model=model,
+                              seconds=time.perf_counter() - started))  # fmt: skip
     finally:
         backend.close()
     record(session, loop, r, stage, artifact=model, result={"model": model, "items": [asdict(s) for s in scores]})
@@ -545,6 +550,9 @@ def build_metrics(session, loop: Loop, config: LoopConfig, items, scores: Scores
             "loss_curve": relative(Path(res["out"]) / "loss_curve.png", out) if res.get("out") else None,
         })  # fmt: skip
     primary = found[0]
+    last_round = data.get(f"round {config.rounds}", {})
+    loop_cost = cost.loop_cost_dict(cost.loop_usage(session, loop.id), cost.load_prices(), last_round.get("generated_rows", 0),
+                                    abs(primary.difference) if primary.better else None)  # fmt: skip
     return {
         "loop": loop.name,
         "rounds": config.rounds,
@@ -562,6 +570,7 @@ def build_metrics(session, loop: Loop, config: LoopConfig, items, scores: Scores
         "noise_floor": spread,
         "data": data,
         "training": training,
+        "cost": loop_cost,
         "scores": {name: [[{"id": item.key, **asdict(s)} for item, s in zip(items, replicate)] for replicate in replicates]
                    for name, replicates in scores.items()},
     }  # fmt: skip

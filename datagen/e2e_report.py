@@ -88,6 +88,7 @@ def render_markdown(metrics: dict[str, Any], items: list[EvalItem], scores: dict
             lines.append(f"| {name} | {t['replicate']} ({t['seed']}) | {t['rows']} | {t['steps']} | {number(t['epochs_over_seeds'], 2)} | "
                          f"{number(t['epochs_over_generated'], 2)} | {t['train_tokens']} | {number(t['final_train_loss'])} | "
                          f"{t['train_seconds']} | {curve} |")  # fmt: skip
+    lines += cost_lines(metrics.get("cost"))
     names = list(scores)
     picked = sample_indices(len(items), samples, seed)
     lines += ["", f"## Samples ({len(picked)} items drawn at random, seed {seed}; answers of replicate 0)", "",
@@ -97,6 +98,21 @@ def render_markdown(metrics: dict[str, Any], items: list[EvalItem], scores: dict
         prompt = item.instruction + (f" Input: {item.input}" if item.input else "")
         lines.append(f"| {item.key} | {cell(prompt)} | {cell(item.output)} | " + " | ".join(cell(scores[n][0][k].answer) for n in names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cost_lines(c: dict[str, Any] | None) -> list[str]:
+    """Tokens, device seconds per stage, and their price (datagen/cost.py) at the table's prices when the report was
+    written; per kept item, and per point of the primary metric's improvement."""
+    if c is None:
+        return []
+    lines = ["", "## Cost", "", "| | |", "|---|---|"]
+    lines += [f"| prompt / completion tokens of {model} | {t['prompt']:,} / {t['completion']:,} |" for model, t in c["tokens"].items()]
+    lines += [f"| seconds: {stage} | {seconds:,.1f} |" for stage, seconds in c["seconds"].items()]
+    lines += [f"| cost | {c['shown']} |", f"| per kept item ({c['kept_items']} generated rows trained) | {c['per_kept_item_shown']} |",
+              f"| per point of improvement (a point: {c['point']}) | {c['per_point_shown']} |", "",
+              "Money comes from the price table (DATAGEN_PRICES) when the report was written; `datagen runs show LOOP "
+              "--prices FILE` reprices the stored figures."]  # fmt: skip
+    return lines
 
 
 def plot_forest(metrics: dict[str, Any], path: Path) -> None:

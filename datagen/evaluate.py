@@ -31,13 +31,12 @@ import math
 import random
 import re
 import statistics
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from datagen.backends import Backend, Request, SamplingParams
 from datagen.dedup import rouge_l
-from datagen.degeneration import REPEAT_COUNT, REPEAT_NGRAM, repeats  # noqa: F401 (REPEAT_*: the report cites them)
+from datagen.degeneration import repeats
 from datagen.export import ALPACA_PROMPT_INPUT, ALPACA_PROMPT_NO_INPUT, user_message
 from pipelines.seeds import SeedTask
 

@@ -56,6 +56,10 @@ ApiKeyOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+PricesOption = Annotated[
+    Optional[Path],
+    typer.Option("--prices", help="Price table (YAML, e.g. examples/prices.yaml) that turns tokens and device seconds into money at display time (default: $DATAGEN_PRICES; none: no money shown).", show_default=False),
+]
 ConfigOption = Annotated[
     Optional[Path], typer.Option("--config", "-c", help="YAML file of options; flags given on the command line win.")
 ]

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import func
 from sqlmodel import Session, select
 
+from datagen import cost
 from datagen.errors import BadInput
 from datagen.export import max_rouge_l
 from pipelines.self_instruct import has_preamble, has_trailer
@@ -106,6 +107,8 @@ class RunReport:
     """Accepted Self-Instruct instances whose input holds text before its "Input:" marker, and (next) whose output
     goes on past a blank line: kept as the reference keeps them, dropped with instance_trim (pipelines/self_instruct.py)."""
     instances_with_trailer: int | None = None
+    cost: dict[str, Any] | None = None
+    """Tokens, seconds per stage and their price (datagen/cost.py, cost_dict), priced when the report is made."""
 
     @property
     def rejected(self) -> int:
@@ -189,8 +192,9 @@ def words(text: str) -> int:
     return len(text.split())
 
 
-def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: int = 0) -> RunReport:
-    """Everything the report shows, read from the store; samples drawn with a seeded RNG so reruns agree."""
+def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: int = 0, prices: cost.Prices | None = None) -> RunReport:
+    """Everything the report shows, read from the store; samples drawn with a seeded RNG so reruns agree; money from
+    `prices` (datagen/cost.py)."""
     run: Run = get_run(session, run_ref)
     if run.pipeline == "toolformer":
         raise BadInput(f"run '{run.name}' is a Toolformer run: datagen report covers instruction runs (self-instruct, alpaca)")
@@ -263,6 +267,7 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
         ],
         instances_with_preamble=sum(has_preamble(i.input) for i in good) if run.pipeline == "self-instruct" else None,
         instances_with_trailer=sum(has_trailer(i.output) for i in good) if run.pipeline == "self-instruct" else None,
+        cost=cost.cost_dict(cost.run_usage(session, run), prices),
     )
 
 
@@ -312,6 +317,7 @@ def summary(report: RunReport) -> dict[str, Any]:
         "median_output_words": _median(report.output_words),
         "median_rouge_l_to_nearest_seed": _median(report.seed_similarity, 3),
         "top_verbs": {v.verb: v.count for v in report.verbs[:5]},
+        "cost": report.cost,
     }
 
 
@@ -528,6 +534,7 @@ def render_markdown(report: RunReport) -> str:
         f"| median instruction / output length (words) | {s['median_instruction_words']} / {s['median_output_words']} |",
         f"| median ROUGE-L to the nearest seed | {s['median_rouge_l_to_nearest_seed']} |",
         "",
+        *_cost_lines(report),
         "## Counts",
         "",
         "![accepted and rejected, by reason](counts.png)",
@@ -568,6 +575,22 @@ def render_markdown(report: RunReport) -> str:
     for sample in report.rejected_instance_samples:
         lines += _sample_lines(sample)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _cost_lines(report: RunReport) -> list[str]:
+    """Tokens, seconds per stage and the money they cost at the price table's prices when the report was made."""
+    if report.cost is None:
+        return []
+    c = report.cost
+    lines = ["## Cost", "", "| | |", "|---|---:|"]
+    lines += [f"| prompt / completion tokens of `{model}` | {t['prompt']:,} / {t['completion']:,} |" for model, t in c["tokens"].items()]
+    lines += [f"| seconds: {stage} | {seconds:,.1f} |" for stage, seconds in c["seconds"].items()]
+    lines += [f"| cost | {c['shown']} |"]
+    if c["cost"] is not None and report.accepted:
+        lines += [f"| cost per accepted instruction | {cost.money(c['cost'] / report.accepted, c['currency'])} |"]
+    lines += ["", "Money is computed from the price table when the report is written (datagen/cost.py): edit the table "
+              "and rerun `datagen report` to reprice.", ""]  # fmt: skip
+    return lines
 
 
 def _reasons_line(title: str, reasons: dict[str, int]) -> str:

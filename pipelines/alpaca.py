@@ -22,13 +22,13 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from pydantic import Field, model_validator
-from sqlmodel import Session
+from sqlmodel import Session, select
 
-from datagen.backends import Backend, Request, SamplingParams
+from datagen.backends import Backend, Request, Result, SamplingParams
 from datagen.dedup import RougeIndex
 from datagen.errors import BadInput
 from pipelines.bootstrap import (
@@ -36,6 +36,7 @@ from pipelines.bootstrap import (
     BootstrapConfig,
     Prompt,
     bootstrap,
+    filtering_time,
     finish_batch,
     for_backend,
     load_pool,
@@ -44,10 +45,11 @@ from pipelines.bootstrap import (
     timed_generate,
     uses_chat,
 )
+from pipelines import best_of_k
 from pipelines.seeds import SeedTask
 from pipelines.self_instruct import BLACKLIST, ParsedInstance, instance_verdicts, one_line, rejection_reason
 from storage.store import add_generations
-from storage.tables import Instance, Run, Task
+from storage.tables import Generation, Instance, Run, Task
 
 ALPACA_BLACKLIST = BLACKLIST + ("video", "audio", "music", "flowchart", "diagram")
 """generate_instruction.py's blacklist: Self-Instruct's plus tasks needing sound or pictures."""
@@ -102,11 +104,21 @@ class AlpacaConfig(BootstrapConfig):
     length_cut: str = "drop_last"
     """What to do with a response that max_tokens cut: drop_last, only its last, possibly unfinished, record (the
     reference: generate_instruction.py), or drop_response, every record in it (Self-Instruct's rule)."""
+    instance_samples: int = 1
+    """Answers per accepted instruction: best-of-k (pipelines/best_of_k.py). 1: the record's own output, the
+    reference's behaviour exactly. Ours when k > 1: the record's output is sample 0 and k - 1 more answers are drawn,
+    each its own request with its own seed, from the record's request prompt continued with the record's instruction
+    and input (`answer_prompt`); one is kept by instance_pick, every sample is stored with its verdict. Which records
+    are accepted is decided as with k = 1, so the instructions are the same; only answers differ."""
+    instance_pick: str = "consistent"
+    """How best-of-k keeps one answer: consistent, the highest mean ROUGE-L F to the other answers; or ifd, the lowest
+    instruction-following difficulty (Cherry LLM) under the generating model (the student when it generates)."""
     seed: int = 0
     """Seeds the sampling of seed records and the backend's sampling."""
 
     @model_validator(mode="after")
     def _check_alpaca(self) -> AlpacaConfig:
+        best_of_k.check_samples(self.instance_samples, self.instance_pick)
         if self.requirements not in REQUIREMENTS:
             raise BadInput(f"requirements must be reference or concise, got {self.requirements}")
         if self.num_tasks <= self.num_prompt_instructions + 1:
@@ -252,51 +264,106 @@ def run(
                                     params=alpaca_params(config, request_seed(config.seed, batch_number, number))))  # fmt: skip
         return process_batch(session, run_row, backend, config, requests, index, batch_number)
 
-    return bootstrap(session, run_row, config, one_batch, on_batch)
+    return bootstrap(session, run_row, config, one_batch, on_batch, backend)
 
 
 def process_batch(session: Session, run_row: Run, backend: Backend, config: AlpacaConfig, requests: list[Request],
                   index: RougeIndex, batch_number: int) -> BatchStats:  # fmt: skip
-    """generate → parse → filter → store, one transaction."""
+    """generate → parse → filter → (best-of-k: more answers, pick one) → store, one transaction."""
     stats = BatchStats(requests=len(requests))
     results = timed_generate(backend, requests, stats)
-    generations = add_generations(session, run_row, backend, "instructions", batch_number, requests, results)
-    rows: list[tuple[Task, Record]] = []
-    for generation, result in zip(generations, results):
-        completion = result.completions[0]
-        cut = completion.finish_reason == "length"
-        records = parse_records(completion.text, config.num_prompt_instructions + 1, cut)
-        stats.empty_responses += not records
-        for rec in records:
-            if cut and config.length_cut == "drop_response":
-                reason = "cut_by_length"
-            else:
-                reason = rec.reason or rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start, config.tokenizer)
-            task = Task(run_id=run_row.id, generation_id=generation[0].id, instruction=rec.instruction, status="rejected", reason=reason)
-            rows.append((task, rec))
-    stats.generated = len(rows)
+    with filtering_time(stats):
+        generations = add_generations(session, run_row, backend, "instructions", batch_number, requests, results)
+        rows: list[tuple[Task, Record, Result]] = []
+        for generation, result in zip(generations, results):
+            completion = result.completions[0]
+            cut = completion.finish_reason == "length"
+            records = parse_records(completion.text, config.num_prompt_instructions + 1, cut)
+            stats.empty_responses += not records
+            for rec in records:
+                if cut and config.length_cut == "drop_response":
+                    reason = "cut_by_length"
+                else:
+                    reason = rec.reason or rejection_reason(rec.instruction, config.blacklist, config.require_ascii_start, config.tokenizer)
+                task = Task(run_id=run_row.id, generation_id=generation[0].id, instruction=rec.instruction, status="rejected", reason=reason)
+                rows.append((task, rec, result))
+        stats.generated = len(rows)
 
-    survivors = [(task, rec) for task, rec in rows if task.reason is None]
-    # exact_nearest: an accepted record stores its true nearest earlier instruction too (shown in datagen ui, exported)
-    decisions = index.filter([task.instruction for task, _ in survivors], exact_nearest=True)
-    need = config.num_instructions - run_row.accepted
-    session.add_all(task for task, _ in rows)
-    session.flush()
-    for (task, rec), decision in zip(survivors, decisions):
-        task.nearest, task.similarity = decision.nearest_text, decision.score
-        if not decision.kept:
-            task.reason = "rouge_similarity"
-            continue
-        # One instance per instruction: the record's own input and output, through Self-Instruct's instance filters.
-        verdict = instance_verdicts([ParsedInstance(rec.input, rec.output)], 1, cut_by_length=False)[0]
-        if verdict:
-            task.reason = "no_valid_instances"
-        elif stats.accepted >= need:
-            task.reason = verdict = "target_reached"  # its instance is kept, as rejected: not part of the data
-        else:
-            task.status, task.reason = "accepted", None
-            stats.accepted += 1
-            run_row.instances += 1
-        session.add(Instance(task_id=task.id, generation_id=task.generation_id, input=rec.input, output=rec.output,
-                             status="rejected" if verdict else "accepted", reason=verdict))  # fmt: skip
-    return finish_batch(session, run_row, [task for task, _ in rows], stats)
+        survivors = [(task, rec) for task, rec, _ in rows if task.reason is None]
+        # exact_nearest: an accepted record stores its true nearest earlier instruction too (shown in datagen ui, exported)
+        decisions = index.filter([task.instruction for task, _ in survivors], exact_nearest=True)
+        need = config.num_instructions - run_row.accepted
+        session.add_all(task for task, _, _ in rows)
+        session.flush()
+        accepted: list[Task] = []
+        for (task, rec), decision in zip(survivors, decisions):
+            task.nearest, task.similarity = decision.nearest_text, decision.score
+            if not decision.kept:
+                task.reason = "rouge_similarity"
+                continue
+            # One instance per instruction: the record's own input and output, through Self-Instruct's instance filters.
+            verdict = instance_verdicts([ParsedInstance(rec.input, rec.output)], 1, cut_by_length=False)[0]
+            if verdict:
+                task.reason = "no_valid_instances"
+            elif stats.accepted >= need:
+                task.reason = verdict = "target_reached"  # its instance is kept, as rejected: not part of the data
+            else:
+                task.status, task.reason = "accepted", None
+                stats.accepted += 1
+                run_row.instances += 1
+                if config.instance_samples > 1:
+                    accepted.append(task)  # its answers are drawn below, its record's own among them
+                    continue
+            session.add(Instance(task_id=task.id, generation_id=task.generation_id, input=rec.input, output=rec.output,
+                                 status="rejected" if verdict else "accepted", reason=verdict))  # fmt: skip
+        if accepted:
+            best_of_answers(session, run_row, backend, config, batch_number, rows, accepted, stats)
+        return finish_batch(session, run_row, [task for task, _, _ in rows], stats)
+
+
+ANSWER_MAX_TOKENS = 256
+"""Per best-of-k answer request: Alpaca's prompt asks for outputs under 100 words (about 130 tokens); an answer cut
+here fails the instance filters as cut_by_length."""
+
+
+def answer_prompt(result: Result, rec: Record, config: AlpacaConfig) -> str:
+    """The instruction request's own prompt, with the record as its first new task up to "Output:", so a further
+    answer is drawn in the context the record's own answer was written in (ours: that context also held the records
+    the model wrote before this one)."""
+    number = config.num_prompt_instructions + 1
+    return f"{result.prompt} {rec.instruction}\n{number}. Input:\n{rec.input or '<noinput>'}\n{number}. Output:\n"
+
+
+def parse_answer(completion: str) -> str:
+    """The answer up to the next record ("###" is a stop string; a record started without one ends it too)."""
+    return _FIELD.split(completion.split("###")[0])[0].strip()
+
+
+def best_of_answers(session: Session, run_row: Run, backend: Backend, config: AlpacaConfig, batch_number: int,
+                    rows: list[tuple[Task, Record, Result]], accepted: list[Task], stats: BatchStats) -> None:  # fmt: skip
+    """Best-of-k (instance_samples > 1) for the batch's accepted records: the record's own answer is sample 0, k - 1
+    more are drawn with their own seeds; one is kept by instance_pick and every sample is stored with its verdict."""
+    k, position = config.instance_samples, {id(task): i for i, (task, _, _) in enumerate(rows)}
+    found = {id(task): (rec, result) for task, rec, result in rows}
+    requests = []
+    for task in accepted:
+        rec, result = found[id(task)]
+        for j in range(1, k):
+            seed = best_of_k.sample_seed(config.seed, batch_number, position[id(task)], j)
+            params = replace(alpaca_params(config, seed), max_tokens=ANSWER_MAX_TOKENS)
+            requests.append(Request(prompt=answer_prompt(result, rec, config), params=params))
+    results = timed_generate(backend, requests, stats)
+    generations = add_generations(session, run_row, backend, "answers", batch_number, requests, results)
+    own_seeds = {g.id: g.sampling.get("seed") for g in session.exec(select(Generation).where(
+        Generation.id.in_([t.generation_id for t in accepted])))}  # fmt: skip
+    for number, task in enumerate(accepted):
+        rec, _ = found[id(task)]
+        samples = [best_of_k.Sample(0, task.generation_id, own_seeds.get(task.generation_id), [(rec.input, rec.output)], [None])]
+        for j in range(1, k):
+            row, result = generations[(k - 1) * number + j - 1][0], results[(k - 1) * number + j - 1]
+            completion = result.completions[0]
+            answer = parse_answer(completion.text)
+            verdict = instance_verdicts([ParsedInstance(rec.input, answer)], 1, completion.finish_reason == "length")[0]
+            samples.append(best_of_k.Sample(j, row.id, row.sampling.get("seed"), [(rec.input, answer)], [verdict]))
+        instances, sample_rows = best_of_k.choose(task, samples, config.instance_pick, backend, stats, config.tokenizer)
+        session.add_all(instances + sample_rows)

@@ -13,7 +13,8 @@ import enum
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -23,13 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sqlalchemy import true
 from sqlmodel import Session, func, select
 
-from datagen import sigterm
+from datagen import cost, sigterm
 from datagen.backends import Backend, Request, Result
 from datagen.errors import BadInput
 from datagen.jsonl import read_config_file
 from pipelines.seeds import SeedInstance, SeedTask
 from storage.store import touch
-from storage.tables import Generation, Instance, Run, Task
+from storage.tables import Generation, Instance, Run, StageTime, Task
 
 
 class BootstrapConfig(BaseModel):
@@ -301,6 +302,10 @@ class BatchStats:
     """Completions with no instruction in them (their raw text is in the generation table)."""
     generate_seconds: float = 0.0
     """Wall time inside the backend's generate calls."""
+    score_seconds: float = 0.0
+    """Wall time scoring answers under the student (best-of-k's ifd rule)."""
+    filter_seconds: float = 0.0
+    """Wall time parsing, filtering and storing, the rest of the batch (`filtering_time`)."""
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -311,6 +316,8 @@ class BatchStats:
         self.accepted += other.accepted
         self.empty_responses += other.empty_responses
         self.generate_seconds += other.generate_seconds
+        self.score_seconds += other.score_seconds
+        self.filter_seconds += other.filter_seconds
         for reason, count in other.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + count
 
@@ -330,6 +337,7 @@ def bootstrap(
     config: LoopSettings,
     one_batch: Callable[[int, int, random.Random], BatchStats],
     on_batch: Callable[[Run, BatchStats], None],
+    backend: Backend,
 ) -> BatchStats:
     """Batches until `num_instructions` are accepted, a request budget is spent, or the run stalls.
 
@@ -346,6 +354,7 @@ def bootstrap(
         if requests == 0:
             break
         stats = one_batch(batch_number, requests, batch_rng(config, batch_number))
+        add_stage_times(session, run, stats, backend)
         session.commit()
         totals.add(stats)
         batch_number += 1
@@ -402,6 +411,8 @@ def bootstrap_pipelined(
     finished: list[BatchStats] = []
 
     def commit() -> None:
+        for stats in finished:
+            add_stage_times(session, run, stats, backend)
         session.commit()
         for stats in finished:
             totals.add(stats)
@@ -560,6 +571,17 @@ def timed_generate(backend: Backend, requests: list[Request], stats: BatchStats)
     return results
 
 
+@contextmanager
+def filtering_time(stats: BatchStats) -> Iterator[None]:
+    """Adds the block's wall time, less what it spent generating and scoring, to `stats.filter_seconds`."""
+    started, generating, scoring = time.perf_counter(), stats.generate_seconds, stats.score_seconds
+    try:
+        yield
+    finally:
+        busy = stats.generate_seconds - generating + stats.score_seconds - scoring
+        stats.filter_seconds += max(0.0, time.perf_counter() - started - busy)
+
+
 def finish_batch(session: Session, run: Run, tasks: Sequence[Task], stats: BatchStats) -> BatchStats:
     """The end-of-batch accounting: rejections counted by reason, the run's counters; the loop commits the batch."""
     for task in tasks:
@@ -572,3 +594,13 @@ def finish_batch(session: Session, run: Run, tasks: Sequence[Task], stats: Batch
     session.add(run)
     session.flush()
     return stats
+
+
+def add_stage_times(session: Session, run: Run, stats: BatchStats, backend: Backend) -> None:
+    """The batch's seconds per stage, in the batch's transaction (datagen/cost.py prices them): generation and
+    scoring on the backend's device, filtering on the machine the run holds."""
+    device = cost.backend_device(backend)
+    times = {"generation": (device, stats.generate_seconds), "scoring": (device, stats.score_seconds),
+             "filtering": ("cpu" if device == "remote" else device, stats.filter_seconds)}  # the machine held  # fmt: skip
+    session.add_all(StageTime(run_id=run.id, stage=stage, device=where, model=backend.model, seconds=seconds)
+                    for stage, (where, seconds) in times.items() if seconds > 0)  # fmt: skip

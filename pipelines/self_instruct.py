@@ -48,6 +48,7 @@ from pipelines.bootstrap import (
     Prompt,
     bootstrap,
     bootstrap_pipelined,
+    filtering_time,
     finish_batch,
     for_backend,
     load_pool,
@@ -56,10 +57,11 @@ from pipelines.bootstrap import (
     timed_generate,
     uses_chat,
 )
+from pipelines import best_of_k
 from pipelines.demonstrations import DEMONSTRATIONS
 from pipelines.seeds import SeedTask
 from storage.store import add_generations
-from storage.tables import Instance, Run, Task
+from storage.tables import Generation, Instance, Run, Task
 
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot", "go to")
 """Words of tasks a language model cannot do (bootstrap_instructions.py, post_process_gpt3_response)."""
@@ -137,6 +139,16 @@ class SelfInstructConfig(BootstrapConfig):
     """Drop text before an instance's "Input:" marker (a preamble, "Here you go.") and text after a blank line in
     its output (a trailer, "Hope this helps."). Off: kept, as the reference's prepare_for_finetuning.py keeps them;
     the report counts the accepted instances that hold either (datagen report)."""
+    instance_samples: int = 1
+    """Answers drawn per instruction: best-of-k (pipelines/best_of_k.py). 1: the reference's one greedy instance
+    request per task, exactly. Ours when k > 1: k instance requests per task with the same prompt, each with its own
+    seed (best_of_k.sample_seed) and sampled at the instruction step's temperature and top_p (k greedy answers
+    would be one answer k times); one sample is kept by instance_pick, every sample is stored with its verdict, and
+    a task counts as accepted when any sample has a valid instance."""
+    instance_pick: str = "consistent"
+    """How best-of-k keeps one sample: consistent, the highest mean ROUGE-L F to the other samples; or ifd, the
+    lowest instruction-following difficulty (Cherry LLM) under the generating model, which is the student when the
+    model that generates is the one that will be trained (the e2e loop's first round)."""
     length_cut: str = "drop_response"
     """What to do with an instruction response that max_tokens cut: drop_response, every instruction in it (the
     reference: bootstrap_instructions.py returns [] when finish_reason is "length"), or drop_last, only its last,
@@ -154,6 +166,7 @@ class SelfInstructConfig(BootstrapConfig):
             raise BadInput(f"presence_penalty must be in [-2, 2] (vLLM's and OpenAI's range), got {self.presence_penalty}")
         if self.instance_demos not in ("builtin", "seeds"):
             raise BadInput(f"--instance-demos must be builtin or seeds, got {self.instance_demos}")
+        best_of_k.check_samples(self.instance_samples, self.instance_pick)
         if not 0 <= self.num_machine_instructions <= self.num_prompt_instructions:
             raise BadInput("--num-machine-instructions must be between 0 and --num-prompt-instructions")
         return self
@@ -249,12 +262,14 @@ def instance_prompt(instruction: str, demos: Sequence[SeedTask], classification:
     return Prompt(header, f"\n{shown}Task: {one_line(instruction)}\n{start}")
 
 
-def instance_params(config: SelfInstructConfig, classification: bool) -> SamplingParams:
+def instance_params(config: SelfInstructConfig, classification: bool, seed: int | None = None) -> SamplingParams:
     """Reference generate_instances.py: temperature 0, presence penalty 1.5, stop at "Example 6" or "Task:", and
-    300 tokens for a classification task, 350 for any other (unless instance_max_tokens is set)."""
+    300 tokens for a classification task, 350 for any other (unless instance_max_tokens is set). A best-of-k sample
+    (`seed` given) samples at the instruction step's temperature and top_p instead (instance_samples)."""
     max_tokens = config.instance_max_tokens or (300 if classification else 350)
-    return SamplingParams(temperature=0, max_tokens=max_tokens, presence_penalty=1.5,
-                          stop=(f"Example {config.max_instances + 1}", "Task:"))  # fmt: skip
+    sampled = dict(temperature=config.temperature, top_p=config.top_p, seed=seed) if seed is not None else dict(temperature=0)
+    return SamplingParams(max_tokens=max_tokens, presence_penalty=1.5, stop=(f"Example {config.max_instances + 1}", "Task:"),
+                          **sampled)  # fmt: skip
 
 
 # ---- parsing and filters (pure) -------------------------------------------------------------------------------
@@ -466,7 +481,7 @@ def run(
     phases = Phases(session, run_row, backend, config)
     if config.pipelined:
         return bootstrap_pipelined(session, run_row, config, phases, backend, on_batch)
-    return bootstrap(session, run_row, config, phases.one_batch, on_batch)
+    return bootstrap(session, run_row, config, phases.one_batch, on_batch, backend)
 
 
 class Phases:
@@ -506,6 +521,10 @@ class Phases:
         return drafted.finish(timed_generate(self.backend, drafted.requests, stats))
 
     def draft(self, batch_number: int, requests: list[Request], results: list[Result], rng: random.Random, stats: BatchStats) -> Drafted:
+        with filtering_time(stats):
+            return self._draft(batch_number, requests, results, rng, stats)
+
+    def _draft(self, batch_number: int, requests: list[Request], results: list[Result], rng: random.Random, stats: BatchStats) -> Drafted:
         """The paper's order: parse → filter → classify → the instance requests; `finish` stores the batch."""
         session, run_row, config = self.session, self.run_row, self.config
         tasks: list[Task] = []
@@ -523,6 +542,7 @@ class Phases:
                 tasks.append(Task(run_id=run_row.id, instruction=text, status="rejected", reason=reason))
                 origin.append(number)
         stats.generated = len(tasks)
+        position = {id(task): i for i, task in enumerate(tasks)}  # a task's place in its batch: its samples' seeds
 
         # ROUGE-L against seeds and everything kept so far, in order, the batch included (the dedup engine).
         survivors = [t for t in tasks if t.reason is None]
@@ -542,9 +562,13 @@ class Phases:
         need = config.num_instructions - run_row.accepted
         first = passed[:need]
         clf_requests, clf_results = self.classify(first, stats)
-        inst_requests = self.instance_requests(first, rng)
+        inst_requests = self.instance_requests(first, rng, batch_number, position)
 
         def finish(inst_results: list[Result]) -> BatchStats:
+            with filtering_time(stats):
+                return store(inst_results)
+
+        def store(inst_results: list[Result]) -> BatchStats:
             """Store everything in one transaction: generations, every parsed instruction with its verdict, every instance."""
             generations = add_generations(session, run_row, self.backend, "instructions", batch_number, requests, results)
             for task, number in zip(tasks, origin):
@@ -556,7 +580,7 @@ class Phases:
             while waiting and stats.accepted < need:  # re-admit in order, as many as are still missing
                 more, waiting = waiting[: need - stats.accepted], waiting[need - stats.accepted :]
                 more_clf = self.classify(more, stats)
-                more_requests = self.instance_requests(more, rng)
+                more_requests = self.instance_requests(more, rng, batch_number, position)
                 more_results = timed_generate(self.backend, more_requests, stats)
                 self.store_instances(batch_number, more, *more_clf, more_requests, more_results, stats)
             for task in waiting:
@@ -579,14 +603,19 @@ class Phases:
             task.is_classification = parse_yes_no(result.completions[0].text)
         return requests, results
 
-    def instance_requests(self, tasks: list[Task], rng: random.Random) -> list[Request]:
-        """Input first, or label first for classification tasks, with demonstrations of the same kind."""
+    def instance_requests(self, tasks: list[Task], rng: random.Random, batch_number: int, position: dict[int, int]) -> list[Request]:
+        """Input first, or label first for classification tasks, with demonstrations of the same kind; under
+        best-of-k, instance_samples requests per task, one prompt with a seed each."""
         config, requests = self.config, []
         for task in tasks:
             kind = bool(task.is_classification)
             shown = rng.sample(self.demos[kind], min(config.instance_demonstrations, len(self.demos[kind])))
             prompt = instance_prompt(task.instruction, shown, kind).render(self.chat_template)
-            requests.append(Request(prompt=prompt, params=instance_params(config, kind)))
+            if config.instance_samples == 1:
+                requests.append(Request(prompt=prompt, params=instance_params(config, kind)))
+                continue
+            seeds = [best_of_k.sample_seed(config.seed, batch_number, position[id(task)], j) for j in range(config.instance_samples)]
+            requests += [Request(prompt=prompt, params=instance_params(config, kind, seed)) for seed in seeds]
         return requests
 
     def store_instances(self, batch_number: int, tasks: list[Task], clf_requests: list[Request], clf_results: list[Result],
@@ -595,22 +624,32 @@ class Phases:
         session, run_row, config = self.session, self.run_row, self.config
         add_generations(session, run_row, self.backend, "classification", batch_number, clf_requests, clf_results)
         inst_generations = add_generations(session, run_row, self.backend, "instances", batch_number, inst_requests, inst_results)
-        for task, rows, result in zip(tasks, inst_generations, inst_results):
-            completion = result.completions[0]
-            pairs = parse_instances(completion.text, bool(task.is_classification), config.instance_trim)
-            verdicts = instance_verdicts(pairs, config.max_instances, completion.finish_reason == "length")
-            session.add_all(
-                Instance(task_id=task.id, generation_id=rows[0].id, input=pair.input, output=pair.output,
-                         status="rejected" if reason else "accepted", reason=reason)
-                for pair, reason in zip(pairs, verdicts)
-            )  # fmt: skip
-            kept = verdicts.count(None)
+        k = config.instance_samples
+        for number, task in enumerate(tasks):
+            samples = [self.parse_sample(task, j, inst_generations[k * number + j][0], inst_results[k * number + j]) for j in range(k)]
+            if k == 1:
+                sample = samples[0]
+                instances = [Instance(task_id=task.id, generation_id=sample.generation_id, input=given, output=output,
+                                      status="rejected" if reason else "accepted", reason=reason)
+                             for (given, output), reason in zip(sample.pairs, sample.verdicts)]  # fmt: skip
+                session.add_all(instances)
+            else:
+                instances, sample_rows = best_of_k.choose(task, samples, config.instance_pick, self.backend, stats, config.tokenizer)
+                session.add_all(instances + sample_rows)
+            kept = sum(i.status == "accepted" for i in instances)
             if kept:
                 task.status, task.reason = "accepted", None
                 run_row.instances += kept
                 stats.accepted += 1
             else:
                 task.reason = "no_valid_instances"
+
+    def parse_sample(self, task: Task, number: int, generation: Generation, result: Result) -> best_of_k.Sample:
+        """One instance completion of a task: its instances and their verdicts (the reference's filters)."""
+        completion = result.completions[0]
+        pairs = parse_instances(completion.text, bool(task.is_classification), self.config.instance_trim)
+        verdicts = instance_verdicts(pairs, self.config.max_instances, completion.finish_reason == "length")
+        return best_of_k.Sample(number, generation.id, generation.sampling.get("seed"), [(p.input, p.output) for p in pairs], verdicts)
 
 
 def demonstration_pool(tasks: Sequence[SeedTask], classification: bool) -> list[SeedTask]:

@@ -60,6 +60,7 @@ from sqlmodel import Session, select
 
 from datagen import sigterm
 from datagen.backends import MAX_N, MAX_SEED, PROBE_TOP_K, Backend, Completion, Request, SamplingParams
+from datagen.cost import StageClock
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_config_file, read_records, require_str
 from pipelines.tools import TOOL_NAMES, CallContext, Executed, Tool, ToolError, execute
@@ -858,19 +859,25 @@ def run(
     todo = [t for t in texts if t.line not in done]
     for batch_number, start in enumerate(range(0, len(todo), config.batch_size), start=len(done) // config.batch_size):
         sigterm.check(batch_number)
+        clock = StageClock()  # device seconds per stage, for cost accounting (datagen/cost.py)
         batch = make_batch(backend.tokenize, todo[start : start + config.batch_size], list(tools), budget, config, encode)
         for name, tool in tools.items():
             indices = [j for j, applied in enumerate(batch.tools) if name in applied]
             if not indices:
                 continue
-            positions = sample_positions(backend, name, [batch.texts[j] for j in indices], api_token, config)  # 1
-            candidates = sample_calls(session, run, backend, name, tool, batch, indices, positions, batch_number, config)  # 2
-            executed = execute_calls(name, tool, batch, candidates, config)  # 3
+            with clock("scoring"):
+                positions = sample_positions(backend, name, [batch.texts[j] for j in indices], api_token, config)  # 1
+            with clock("generation"):
+                candidates = sample_calls(session, run, backend, name, tool, batch, indices, positions, batch_number, config)  # 2
+            with clock("tools"):
+                executed = execute_calls(name, tool, batch, candidates, config)  # 3
             if executed.requests:
                 add_generations(session, run, backend, f"tool:{name}", batch_number, executed.requests, executed.results)
             batch.candidates += candidates
-        filter_calls(backend, batch, config)  # 4
+        with clock("scoring"):
+            filter_calls(backend, batch, config)  # 4
         store_batch(session, run, batch, annotated_texts(batch, config), config)  # 5
+        session.add_all(clock.rows(run.id, backend))
         session.commit()
         if on_batch is not None:
             on_batch(batch)

@@ -108,6 +108,52 @@ class Instance(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class InstanceSample(SQLModel, table=True):
+    """One of the k answers drawn for an instruction under best-of-k (`instance_samples` > 1), with its verdict: the
+    rule's score and whether it was the one kept. Its instances are rows of `instance` pointing at the same
+    generation; those of a sample not chosen are rejected with reason `not_chosen_<rule>`."""
+
+    __tablename__ = "instance_sample"
+    __table_args__ = (UniqueConstraint("task_id", "sample"),)
+    id: int | None = Field(default=None, primary_key=True)
+    task_id: int = Field(foreign_key="task.id", index=True)
+    generation_id: int | None = Field(default=None, foreign_key="generation.id", index=True)
+    """The completion this answer came from (Alpaca's sample 0: the record's own instruction response)."""
+    sample: int
+    """0 .. k-1."""
+    seed: int | None = None
+    """The sampling seed of its request (pipelines/best_of_k.py, sample_seed)."""
+    rule: str
+    """consistent or ifd."""
+    score: float | None = None
+    """consistent: mean ROUGE-L F to the other candidate samples; ifd: mean IFD of its valid instances under the
+    student. None: the sample had no valid instance, so it was not a candidate."""
+    chosen: bool = Field(default=False, index=True)
+    reason: str | None = None
+    """Why it was not chosen: not_chosen_<rule>, or no_valid_instances."""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class StageTime(SQLModel, table=True):
+    """Seconds a stage of a run held its device, for cost accounting (datagen/cost.py prices them at display time).
+    One row per stage per committed batch or step; a run's total for a stage is the sum. Tokens are the run's
+    prompt_tokens and completion_tokens."""
+
+    __tablename__ = "stage_time"
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int | None = Field(default=None, foreign_key="run.id", index=True)
+    training_run_id: int | None = Field(default=None, foreign_key="training_run.id", index=True)
+    loop_id: int | None = Field(default=None, foreign_key="loop.id", index=True)
+    stage: str
+    """generation, filtering, scoring, dedup, training or eval."""
+    device: str
+    """cuda, cpu, or remote (an API server: priced by tokens, not by the hour)."""
+    model: str | None = None
+    seconds: float = 0.0
+    """Wall-clock seconds the stage held the device."""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class ToolformerText(SQLModel, table=True):
     """A corpus text after Toolformer annotation (Schick et al. 2023): the text with its kept API calls
     inserted. One row per processed text, so a rerun of the run skips it. The fine-tuning data C* is

@@ -43,6 +43,10 @@ def load_shipped(path: Path):
         from train.config import load_config
 
         return load_config(path)
+    if path.name == "prices.yaml":
+        from datagen.cost import load_prices
+
+        return load_prices(path)
     if path.name.startswith("toolformer"):
         from datagen.commands.toolformer import load_config
 
@@ -215,9 +219,13 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     shown = {json.loads(line)["instruction"] for line in (out / "seeds_train.jsonl").read_text().splitlines()}
     assert held_out and not held_out & shown
 
+    # cost accounting: every stage's device seconds are stored; the verdict is no improvement, so no cost per point
+    assert {"generation on cpu", "filtering on cpu", "training on cpu", "eval on cpu"} <= set(metrics["cost"]["seconds"])
+    assert metrics["cost"]["per_point"] is None and "## Cost" in report
     lineage = runner.invoke(app, ["runs", "show", "e2e-tiny", "--db", f"sqlite:///{db}", "--json"])
     assert lineage.exit_code == 0, lineage.output
     shown_stages = json.loads(lineage.stdout)["stages"]
+    assert json.loads(lineage.stdout)["cost"]["seconds"] == metrics["cost"]["seconds"]
     assert [s["row"] for s in shown_stages if s["stage"] == "generate" or s["stage"].startswith("train.")] == [
         "training_run e2e-tiny-r0-train.0", "training_run e2e-tiny-r0-train.1", "run e2e-tiny-r1-generate",
         "training_run e2e-tiny-r1-train.0", "training_run e2e-tiny-r1-train.1"]  # fmt: skip
@@ -239,7 +247,14 @@ def test_report_leads_with_the_primary_verdict_and_lists_every_model_and_sample(
                "training": {"seeds-only": [{"replicate": 0, "seed": 42, "rows": 5, "steps": 2, "epochs_over_seeds": 2.0,
                                             "epochs_over_generated": 0.0, "train_tokens": 300, "final_train_loss": 2.5,
                                             "train_seconds": 3.0, "loss_curve": "r0/model.0/loss_curve.png"}]}}  # fmt: skip
+    from datagen import cost
+
+    usage = cost.Usage({"smollm2-135m": (1000, 500)}, {("training", "cpu"): 3600.0, ("eval", "cpu"): 1800.0})
+    metrics["cost"] = cost.loop_cost_dict(usage, cost.Prices("p.yaml", devices={"cpu": 0.1}), kept_items=50, improvement=None)
     text = render_markdown(metrics, items, scores, 2, seed=0)
+    assert "| cost | 0.15 USD (prices: p.yaml) |" in text and "| seconds: training on cpu | 3,600.0 |" in text
+    assert "| per kept item (50 generated rows trained) | 0.003 USD |" in text
+    assert "| per point of improvement (a point: 0.01 of the primary metric) | n/a (the primary verdict is not an improvement) |" in text
     assert text.splitlines()[2] == f"**Primary verdict.** {verdict(c)}."
     assert "seeds-only vs base, loss per item (lower is better): not better: difference +0.0550" in verdict(c)
     assert "| base | 1.0000 | 1.0000 | 0.5000 | – (0) | 0% | 0% | 0% | 1 |" in text

@@ -434,6 +434,11 @@ def test_run_stores_every_candidate_with_its_verdict_and_resumes(tmp_path):
     assert generation.purpose == "api_calls:calculator" and generation.prompt.endswith("Input: " + TEXT + "\nOutput: Out of 1400 participants, 400 (or [")
     assert (run.accepted, run.rejected, run.instances) == (1, 6, 1)
 
+    # device seconds per stage for cost accounting, committed with the batch (the scripted backend is no local model: cpu)
+    from storage.tables import StageTime
+
+    stages = {t.stage for t in session.exec(select(StageTime).where(StageTime.run_id == run.id)).all()}
+    assert {"scoring", "generation", "filtering"} <= stages
     (summary,) = tf.summarize(session, run, ["calculator"])
     assert summary == tf.ToolSummary("calculator", texts=1, positions=1, sampled=7, parsed=4, executed=2, kept=1,
                                      examples={0.5: 1, 1.0: 0, 2.0: 0})  # fmt: skip

@@ -296,7 +296,7 @@ class SFTRecipe:
         from sqlmodel import Session
 
         from storage.store import touch
-        from storage.tables import TrainingRun
+        from storage.tables import StageTime, TrainingRun
 
         with Session(self.engine) as session:
             row = session.get(TrainingRun, row_id)
@@ -308,6 +308,11 @@ class SFTRecipe:
                     train_loss=summary["final_train_loss"], eval_loss=summary["eval_loss"],
                     tokens_per_s=summary["tokens_per_s"], peak_memory_bytes=summary["peak_memory_bytes"],
                 )  # fmt: skip
+                # device seconds for cost accounting (datagen/cost.py): each process holds one GPU, or the CPU machine
+                on_gpu = summary["peak_memory_kind"].startswith("cuda")
+                session.add(StageTime(training_run_id=row_id, stage="training", device="cuda" if on_gpu else "cpu",
+                                      model=self.config.model,
+                                      seconds=summary["train_seconds"] * (summary["processes"] if on_gpu else 1)))  # fmt: skip
             session.add(row)
             session.commit()
 

@@ -8,7 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 from datagen.backends import BackendName
-from datagen.commands.self_instruct import NumOption, RougeTokenizer, RunOption, SeedsOption, StyleOption, execute
+from datagen.commands.self_instruct import (
+    InstancePickOption,
+    InstanceSamplesOption,
+    NumOption,
+    RougeTokenizer,
+    RunOption,
+    SeedsOption,
+    StyleOption,
+    execute,
+)
 from datagen.models import DEFAULT_MODEL
 from datagen.options import (
     ApiKeyOption,
@@ -46,6 +55,8 @@ def alpaca_command(
     allow_non_ascii: Annotated[Optional[bool], typer.Option("--allow-non-ascii", help="Keep instructions that start with a non-ASCII character.")] = None,
     max_requests: Annotated[Optional[int], typer.Option(help="Stop after this many requests.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of example sampling and generation (default: 0).")] = None,
+    instance_samples: InstanceSamplesOption = None,
+    instance_pick: InstancePickOption = None,
     config: ConfigOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,

@@ -9,7 +9,8 @@ from rich.table import Table
 from sqlmodel import Session, select
 
 from datagen.console import err_console, print_json, summary_table
-from datagen.options import DbOption, JsonOption
+from datagen import cost
+from datagen.options import DbOption, JsonOption, PricesOption
 from storage import queries
 from storage.queries import accepted_instances, rejected_by_reason, run_summary
 from storage.store import get_run, open_engine
@@ -47,29 +48,37 @@ def _cell(value) -> str:
 @app.command("show")
 def show(
     run: Annotated[str, typer.Argument(help="Run name or id.")],
+    prices: PricesOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show one run: its configuration, counters, and rejections by reason; for an e2e loop, its lineage."""
+    """Show one run: its configuration, counters, rejections by reason, and cost; for an e2e loop, its lineage."""
+    price_table = cost.load_prices(prices)
     with Session(open_engine(db, create=False)) as session:
         if (lineage := loop_lineage(session, run)) is not None:
+            loop_id = session.exec(select(Loop.id).where(Loop.name == run)).one()
+            lineage["cost"] = cost.cost_dict(cost.loop_usage(session, loop_id), price_table)
             if as_json:
                 print_json(lineage)
             else:
                 err_console.print(lineage_table(lineage))
+                err_console.print(f"cost: {lineage['cost']['shown']}", markup=False)
             return
         found = get_run(session, run)
         summary = run_summary(found, queries.figures(session, [found])[found.id], queries.interrupted_runs(session, [found]).get(found.id))
         summary["config"] = found.config
         summary["rejected_by_reason"] = rejected_by_reason(session, found)
         summary["accepted_instances"] = accepted_instances(session, found)
+        summary["cost"] = cost.cost_dict(cost.run_usage(session, found), price_table)
     if as_json:
         print_json(summary)
         return
-    rows = [(k, v) for k, v in summary.items() if k not in ("config", "rejected_by_reason", "interrupted")]
+    rows = [(k, v) for k, v in summary.items() if k not in ("config", "rejected_by_reason", "interrupted", "cost")]
     if summary["interrupted"]:
         rows.append(("resume", summary["interrupted"]["resume"]))
     rows += [(f"rejected: {k}", v) for k, v in summary["rejected_by_reason"].items()]
+    rows += [(f"seconds: {stage}", f"{seconds:,.1f}") for stage, seconds in summary["cost"]["seconds"].items()]
+    rows.append(("cost", summary["cost"]["shown"]))
     err_console.print(summary_table(f"Run {found.name}", rows))
     err_console.print_json(data=summary["config"])
 

@@ -56,6 +56,13 @@ class RougeTokenizer(str, enum.Enum):
     unicode = "unicode"
 
 
+class InstancePick(str, enum.Enum):
+    consistent = "consistent"
+    ifd = "ifd"
+
+
+InstanceSamplesOption = Annotated[Optional[int], typer.Option(help="Best-of-k: answers drawn per instruction, each with its own seed; one is kept by --instance-pick, all are stored (default: 1, the reference's one answer).")]
+InstancePickOption = Annotated[Optional[InstancePick], typer.Option(help="Best-of-k's rule: consistent (highest mean ROUGE-L to the other answers) or ifd (lowest IFD under the generating model) (default: consistent).")]
 SeedsOption = Annotated[Path, typer.Option("--seeds", help="Seed tasks: Self-Instruct or Alpaca records, JSONL or a JSON array.")]
 NumOption = Annotated[Optional[int], typer.Option("--num-instructions", "-n", help="Accepted instructions to reach (default: 100).")]
 RunOption = Annotated[Optional[str], typer.Option("--run", help="Run name; an existing run of that name is resumed (default: PIPELINE-TIMESTAMP-RANDOM).")]
@@ -83,6 +90,8 @@ def self_instruct_command(
     instance_demos: Annotated[Optional[InstanceDemos], typer.Option(help="Worked examples of the instance step: builtin (tasks with several instances, all labels) or seeds (default: builtin).")] = None,
     max_requests: Annotated[Optional[int], typer.Option(help="Stop after this many instruction requests.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of example sampling and generation (default: 0).")] = None,
+    instance_samples: InstanceSamplesOption = None,
+    instance_pick: InstancePickOption = None,
     config: ConfigOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,

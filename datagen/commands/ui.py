@@ -11,7 +11,8 @@ import typer
 
 from datagen.console import err_console
 from datagen.errors import BadInput, MissingExtra
-from datagen.options import DbOption
+from datagen.cost import load_prices
+from datagen.options import DbOption, PricesOption
 from storage.store import _safe, database_url, open_engine
 
 
@@ -56,6 +57,7 @@ def ui(
     allow_edits: Annotated[bool, typer.Option("--allow-edits", help="Let the item pages reject an item by hand (recorded with who and when; export honours it).")] = False,
     curator: Annotated[Optional[str], typer.Option(help="Name recorded with manual verdicts (default: your user name); needs --allow-edits.")] = None,
     allowed_host: Annotated[Optional[list[str]], typer.Option(help="Another host name the Host header may give (repeatable; IP addresses and localhost always pass).")] = None,
+    prices: PricesOption = None,
 ) -> None:
     """Browse runs, items, rejections with their reasons, lineage and plots in a web browser (read-only by default)."""
     try:
@@ -68,6 +70,7 @@ def ui(
         raise BadInput(f"--port must be between 1 and 65535, not {port}")
     if curator is not None and not allow_edits:
         raise BadInput("--curator names who edits: it needs --allow-edits")
+    price_table = load_prices(prices)
     engine = open_engine(db, create=False)  # read-only: no database is made for a viewer
     local = is_loopback(host)
     if not local:
@@ -78,4 +81,5 @@ def ui(
     err_console.print(f"datagen ui{' (edits allowed)' if allow_edits else ''}: {_safe(database_url(db))} at {browse_url(host, port)} (Ctrl+C stops)")
     names = allowed_host_names(host, allowed_host or [])
     app = create_app(engine, allowed_hosts=names, curator=(curator or getpass.getuser()) if allow_edits else None)
+    app.state.prices = price_table  # run pages price tokens and seconds with it (datagen/cost.py)
     uvicorn.run(app, host=host, port=port, log_level="warning")

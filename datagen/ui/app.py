@@ -31,7 +31,7 @@ from sqlalchemy import func
 from sqlmodel import Session, select
 from starlette.exceptions import HTTPException
 
-from datagen import report
+from datagen import cost, report
 from datagen.errors import BadInput
 from datagen.ui import queries
 from datagen.ui.filters import MAX_ID, BadFilter, parse_filter
@@ -201,6 +201,7 @@ def _routes(app: FastAPI) -> None:
             reasons=shared.rejected_by_reason(db, run), accepted_instances=shared.accepted_instances(db, run),
             filter=item_filter, sort_keys=queries.SORT_KEYS, training=queries.training_runs(db, run), poll=live,
             scores=queries.run_scores(db, run, [t.id for t in items.page.rows]),
+            cost=cost.cost_dict(cost.run_usage(db, run), getattr(request.app.state, "prices", None)),
         )  # fmt: skip
 
     @app.get("/runs/{ref}/progress.json")

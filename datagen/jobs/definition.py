@@ -105,7 +105,7 @@ BOOTSTRAP = {**SERVER, "--seeds": "seeds", "--num-instructions": "num_instructio
              "--prompt-style": "prompt_style", "--request-batch-size": "request_batch_size", "--max-tokens": "max_tokens",
              "--temperature": "temperature", "--top-p": "top_p", "--rouge-threshold": "rouge_threshold", "--tokenizer": "tokenizer",
              "--allow-non-ascii": "allow_non_ascii", "--max-requests": "max_requests", "--seed": "seed", "--config": "config",
-             "-c": "config"}  # fmt: skip
+             "-c": "config", "--instance-samples": "instance_samples", "--instance-pick": "instance_pick"}  # fmt: skip
 FLAGS: dict[str, dict[str, str]] = {
     "self-instruct": {**BOOTSTRAP, "--pipelined": "pipelined", "--sequential": "pipelined", "--instance-max-tokens": "instance_max_tokens",
                       "--generate-classification": "generate_classification", "--instance-demos": "instance_demos"},

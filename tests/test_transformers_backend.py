@@ -138,3 +138,32 @@ def test_backends_on_one_model_share_one_load_until_its_folder_changes(tmp_path,
     second.close()
     gc.collect()
     assert shared() is None
+
+
+def test_padded_batches_share_the_kv_heads_inside_sdpa_with_identical_results(hf_backend, monkeypatch):
+    """datagen/backends/gqa_attention.py: a padded batch (a mask) on the CPU takes SDPA's enable_gqa path instead of
+    transformers' repeat_kv copy, with logits identical to transformers' own sdpa attention."""
+    import transformers.integrations.sdpa_attention as sdpa_module
+
+    from datagen.backends.gqa_attention import GQA_SDPA
+
+    model, tokenizer = hf_backend._loaded.model, hf_backend._loaded.tokenizer
+    assert model.config._attn_implementation == GQA_SDPA
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # the embedded model is GQA
+    batch = tokenizer(["Name three primary colors, then explain why they are primary.", "Hi"], return_tensors="pt", padding=True)
+    keep = batch["attention_mask"].bool()
+    assert not keep.all()  # padded: transformers' sdpa would copy the KV heads here
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("repeat_kv called: the KV heads were copied")
+
+    with torch.no_grad():
+        with monkeypatch.context() as patch:
+            patch.setattr(sdpa_module, "repeat_kv", no_copy)
+            ours = model(**batch).logits
+        try:
+            model.set_attn_implementation("sdpa")
+            reference = model(**batch).logits
+        finally:
+            model.set_attn_implementation(GQA_SDPA)
+    assert torch.equal(ours[keep], reference[keep])

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from datagen import models
+from datagen.backends import gqa_attention
 from datagen.backends import (
     LOOP_REPEATS,
     Completion,
@@ -179,7 +180,10 @@ class Loaded:
         self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        try:  # the CPU's grouped-query SDPA (datagen/backends/gqa_attention.py); models without attention functions keep theirs
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=gqa_attention.register())
+        except ValueError:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         self.model.eval()
 
 

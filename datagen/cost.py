@@ -92,7 +92,7 @@ def load_prices(path: str | Path | None = None) -> Prices | None:
     path = path or os.environ.get(PRICES_ENV)
     if not path:
         return None
-    from datagen.options import read_config_file
+    from datagen.jsonl import read_config_file
 
     data = read_config_file(Path(path))
     known = {"currency", "models", "devices"}

@@ -104,51 +104,12 @@ def pick(rule: str, candidates: Sequence[Candidate], backend: Backend, tokenizer
 
 
 def ifd_values(backend: Backend, instances: Sequence[tuple[str, str, str]]) -> list[float]:
-    """IFD of each (instruction, input, output) under the backend's model, through `datagen score`'s function
-    (pipelines/score.py) where this datagen has it, else `minimal_ifd`."""
-    try:
-        from pipelines.score import Pair, ifd_scores  # issue 23's `datagen score`
-    except ModuleNotFoundError as err:
-        if err.name != "pipelines.score":
-            raise
-        return minimal_ifd(backend, instances)
+    """IFD of each (instruction, input, output) under the backend's model, by `datagen score`'s function
+    (pipelines/score.py, Cherry LLM's definition); an unscorable one (empty output) ranks last."""
+    from pipelines.score import Pair, ifd_scores
+
     scored = ifd_scores(backend, [Pair(instruction, given, output) for instruction, given, output in instances])
     return [math.inf if s.ifd is None else s.ifd for s in scored]
-
-
-def minimal_ifd(backend: Backend, instances: Sequence[tuple[str, str, str]]) -> list[float]:
-    """IFD (Cherry LLM, arXiv 2308.12032, eq. 3-4): the mean per-token loss of the output's tokens after the Alpaca
-    prompt of instruction and input, divided by their mean loss without it, through `Backend.score`.
-
-    A minimal stand-in, separate on purpose, for pipelines/score.py's `ifd_scores` (issue 23's `datagen score`, on
-    another branch when this was written): `ifd_values` uses that one once it is present, and this one can then go."""
-    from datagen.export import alpaca_prompt
-
-    sequences: list[list[int]] = []
-    lengths: list[int] = []
-    for instruction, given, output in instances:
-        prompt_ids, output_ids = backend.tokenize(alpaca_prompt(instruction, given)), _continuation_ids(backend, output)
-        sequences += [prompt_ids + output_ids, output_ids]
-        lengths.append(len(output_ids))
-    scored = backend.score(sequences) if sequences else []
-    values = []
-    for i, n in enumerate(lengths):
-        conditioned = _mean_loss(scored[2 * i].logprobs[-n:]) if n else math.nan
-        direct = _mean_loss(scored[2 * i + 1].logprobs[-n:]) if n else math.nan
-        values.append(conditioned / direct if direct > 0 else math.inf)
-    return values
-
-
-def _continuation_ids(backend: Backend, text: str) -> list[int]:
-    """The output's tokens without any BOS the tokenizer adds (they follow the prompt's tokens)."""
-    ids, bos = backend.tokenize(text), backend.tokenize("")
-    return ids[len(bos) :] if bos and ids[: len(bos)] == bos else ids
-
-
-def _mean_loss(logprobs: Sequence[float | None]) -> float:
-    """Mean negative log-likelihood of the tokens that have a context (a sequence's first token has none)."""
-    known = [-lp for lp in logprobs if lp is not None]
-    return sum(known) / len(known) if known else math.nan
 
 
 @dataclass

@@ -59,29 +59,6 @@ def test_ifd_keeps_the_lowest_and_counts_a_missing_ifd_as_worst(monkeypatch):
     assert picked.scores == {0: pytest.approx(0.65), 1: float("inf"), 2: 0.4} and picked.chosen == 2
 
 
-def test_minimal_ifd_is_the_ratio_of_the_two_mean_losses(hf_backend):
-    """The stand-in IFD against the model's own forward pass: mean loss of the output's tokens after the Alpaca prompt,
-    over their mean loss alone (its first token, without context, not counted)."""
-    import torch
-
-    from datagen.export import alpaca_prompt
-
-    instruction, output = "Name a primary colour.", "Red is a primary colour."
-    [value] = best_of_k.minimal_ifd(hf_backend, [(instruction, "", output)])
-    tokenizer, model = hf_backend.tokenizer, hf_backend.hf_model
-    prompt_ids = tokenizer(alpaca_prompt(instruction, ""))["input_ids"]
-    output_ids = tokenizer(output, add_special_tokens=False)["input_ids"]
-
-    def mean_loss(ids: list[int], start: int) -> float:
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0].float()
-        logprobs = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-        return -logprobs[start - 1 :].mean().item()
-
-    expected = mean_loss(prompt_ids + output_ids, len(prompt_ids)) / mean_loss(output_ids, 1)
-    assert value == pytest.approx(expected, rel=1e-4) and 0 < value < 2
-
-
 class SampledAnswers(ScriptedBackend):
     """Instance requests with a seed get ANSWERS by the seed's sample number; the rest as ScriptedBackend."""
 

@@ -23,7 +23,7 @@ PACKAGES = ("datagen", "pipelines", "storage", "train")
 LAYERS: list[tuple[str, ...]] = [
     ("datagen.errors", "datagen.jsonl", "datagen.models", "datagen.backends", "datagen.dedup", "datagen.console", "datagen.sigterm",
      "datagen.degeneration"),
-    ("pipelines", "storage", "datagen.generate"),
+    ("pipelines", "storage", "datagen.generate", "datagen.cost"),
     ("datagen.runs", "datagen.dedup_store", "datagen.export", "datagen.card", "datagen.report", "datagen.evaluate", "datagen.e2e",
      "datagen.e2e_report", "datagen.jobs", "datagen.shards", "train"),
     ("datagen.cli", "datagen.commands", "datagen.options", "datagen.ui"),

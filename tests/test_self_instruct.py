@@ -526,6 +526,20 @@ def test_an_instruction_past_the_target_is_admitted_when_one_before_it_gets_no_i
         assert [p for _, p in calls].count("instances") == 3  # NOVEL[3]'s instance was never asked for
 
 
+def test_runs_show_lists_target_reached_as_not_judged(db_url):
+    """Issue 19.10's words: an instruction past the target is not judged, so `datagen runs show` does not list it
+    under "rejected" (the e2e loop's summary printed "rejected: target_reached" beside "not judged 1")."""
+    config = si.SelfInstructConfig(num_instructions=2, request_batch_size=1)
+    with Session(open_engine(db_url)) as session:
+        run = new_run(session, SEED_TASKS, config)
+        si.run(session, run, FailingInstances([listing(*NOVEL[:4])], bad={NOVEL[0]}), config)
+        name = run.name
+    shown = runner.invoke(app, ["runs", "show", name, "--db", db_url])
+    assert shown.exit_code == 0, shown.output
+    assert "not judged: target_reached" in shown.output and "rejected: no_valid_instances" in shown.output
+    assert "rejected: target_reached" not in shown.output
+
+
 def test_instance_tokens_are_the_references_per_kind(db_url):
     config = si.SelfInstructConfig(num_instructions=1, request_batch_size=1)
     with Session(open_engine(db_url)) as session:

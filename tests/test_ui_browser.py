@@ -366,9 +366,6 @@ LIVE_SNAPSHOT = """() => {
 }"""
 
 
-@pytest.mark.xfail(reason="known defect, found by this test: on SQLite the run page reads its figures and its item page in "
-                   "separate read snapshots (pysqlite starts no transaction for a SELECT), so a batch committed between them "
-                   "shows e.g. 15 instructions beside '12 matching'; fix: one read transaction per request", strict=False)
 def test_a_real_run_through_a_slow_model_updates_the_open_pages_in_place(page, slow_model, tmp_path):
     """`datagen self-instruct` generating through a scripted OpenAI-compatible server that takes 1.5 s a batch, while the
     runs list and then the run page are open: rows appear and counts change in place, with no reload; the scroll

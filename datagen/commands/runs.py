@@ -12,7 +12,7 @@ from datagen.console import err_console, print_json, summary_table
 from datagen import cost
 from datagen.options import DbOption, JsonOption, PricesOption
 from storage import queries
-from storage.queries import accepted_instances, rejected_by_reason, run_summary
+from storage.queries import NOT_JUDGED, accepted_instances, rejected_by_reason, run_summary
 from storage.store import get_run, open_engine
 from storage.tables import Loop, LoopStage, Run, TrainingRun
 
@@ -76,7 +76,7 @@ def show(
     rows = [(k, v) for k, v in summary.items() if k not in ("config", "rejected_by_reason", "interrupted", "cost")]
     if summary["interrupted"]:
         rows.append(("resume", summary["interrupted"]["resume"]))
-    rows += [(f"rejected: {k}", v) for k, v in summary["rejected_by_reason"].items()]
+    rows += [(f"{'not judged' if k == NOT_JUDGED else 'rejected'}: {k}", v) for k, v in summary["rejected_by_reason"].items()]
     rows += [(f"seconds: {stage}", f"{seconds:,.1f}") for stage, seconds in summary["cost"]["seconds"].items()]
     rows.append(("cost", summary["cost"]["shown"]))
     err_console.print(summary_table(f"Run {found.name}", rows))

@@ -36,6 +36,7 @@ from datagen.options import (
 from pipelines import bootstrap
 from pipelines.bootstrap import load_config
 from pipelines.seeds import SeedTask
+from storage.queries import NOT_JUDGED
 from storage.store import find_run
 from storage.tables import Run
 
@@ -125,7 +126,7 @@ def execute(pipeline: str, params: dict[str, Any]) -> None:
         print_json(summary)
     else:
         rows = [(k.replace("_", " "), v) for k, v in summary.items() if k not in ("rejected_by_reason", "message")]
-        rows += [(f"  rejected: {k}", v) for k, v in summary["rejected_by_reason"].items()]
+        rows += [(f"  {'not judged' if k == NOT_JUDGED else 'rejected'}: {k}", v) for k, v in summary["rejected_by_reason"].items()]
         err_console.print(summary_table(f"{pipeline} run {handle.name}", rows))
     handle.raise_if_stopped()  # StoppedEarly: its line, exit 3 (datagen/cli.py)
 

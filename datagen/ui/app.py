@@ -114,7 +114,18 @@ def host_allowed(host_header: str, names: set[str]) -> bool:
 
 
 def session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine) as db:
+    """One read snapshot per page: a page reads its figures, its item page and its reasons in several queries, and a
+    batch committed between two of them would show e.g. 15 instructions beside "12 matching". pysqlite starts no
+    transaction for a SELECT, so a GET begins one itself (WAL keeps it a snapshot; writers are not blocked);
+    PostgreSQL reads a GET in REPEATABLE READ (READ COMMITTED snapshots each statement). POSTs (hand verdicts) write,
+    and keep the default: a deferred SQLite snapshot could not be upgraded to a write after another commit."""
+    engine = request.app.state.engine
+    with Session(engine) as db:
+        if request.method == "GET":
+            if engine.dialect.name == "sqlite":
+                db.connection().exec_driver_sql("BEGIN")
+            else:
+                db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         yield db
 
 

@@ -801,7 +801,7 @@ def test_sort_items_by_similarity_both_ways_keyset_paged(store_url):
     assert re.search(r'<a class="sort" href="\?sort=similarity&amp;order=desc"[^>]*>ROUGE-L ▲</a>', first)
     assert '<option value="similarity" selected>' in first
     assert web.get(f"/runs/{run.id}?sort=instruction").status_code == 400
-    assert "sort must be one of id, similarity, not &#39;1; DROP TABLE task&#39;" in web.get(f"/runs/{run.id}?sort=1; DROP TABLE task").text
+    assert "sort must be one of id, similarity, ifd, conditioned_loss, direct_loss, degenerate, not &#39;1; DROP TABLE task&#39;" in web.get(f"/runs/{run.id}?sort=1; DROP TABLE task").text
     assert web.get(f"/runs/{run.id}?sort=similarity&order=up").status_code == 400
     gone = web.get(f"/runs/{run.id}?sort=similarity&after={2**31 - 1}").text  # a cursor no item has: back to the first page
     assert item_ids(gone) == [] and 'rel="first" href="?sort=similarity"' in gone

@@ -20,7 +20,11 @@ Round 0 scores the base and trains the seeds-only model; each round r = 1..R the
 2. dedup: the run's accepted instructions against the store, Self-Instruct's ROUGE-L > 0.7 rule;
 3. export: the accepted rows of rounds 1..r (`datagen export`), then decontaminated with the seeds;
 4. train: the base on seeds + generated, `replicates` times with training seeds seed, seed+1, ... (merged);
-5. evaluate: every replicate on the eval items.
+5. evaluate: every replicate on the eval items;
+6. with `curate:` (CurateStage): score every accepted instance of rounds 1..r with the base, the student that will
+   learn from them (IFD, pipelines/score.py), curate each run by the rule (pipelines/curate.py), export what the rule
+   kept, decontaminate it with the seeds, and train and evaluate a "round r curated" arm beside "round r" (all
+   accepted) at the same budget (CurateStage.budget).
 
 Budget rule: every model trains `epochs` passes over its own rows, so the seeds-only model sees each seed exactly as
 often as the seeds + generated model does (it takes fewer steps): the comparison asks what adding the generated
@@ -61,6 +65,32 @@ from storage.store import find_run, touch
 from storage.tables import Loop, LoopStage, StageTime, TrainingRun
 
 TRAIN_KEYS_SET_BY_THE_LOOP = ("data", "out", "model", "name", "merge", "overwrite", "resume", "max_steps", "epochs")
+
+
+class CurateStage(BaseModel):
+    """A curated arm beside each round's all-accepted one: the same generated runs, scored by the base model (the
+    student) and cut by a rule of `datagen curate` (pipelines/curate.py), trained at the same budget. The loop's
+    question becomes: does training on what the rule keeps beat training on everything the pipeline accepted?"""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    keep: str | None = None
+    """An expression over the scores, e.g. "ifd < 1 and not degenerate" (datagen curate --keep)."""
+    top: float | None = Field(None, gt=0, le=1)
+    """Then keep this fraction of what `keep` left, ranked by `by` (datagen curate --top)."""
+    by: str | None = None
+    lowest: bool = False
+    """`top` keeps the lowest scores (Cherry LLM keeps the highest IFD, after dropping IFD >= 1)."""
+    budget: Literal["steps", "epochs"] = "steps"
+    """steps: each curated replicate trains as many optimizer steps as the all-accepted replicate with the same seed
+    (more passes over its fewer rows): the same compute, the question a user paying for training asks. epochs: the
+    loop's `epochs` over its own rows like every other model (fewer steps), as AlpaGasus and Cherry LLM train their
+    subsets. Either way the report lists each run's steps, epochs and tokens."""
+
+    def rule(self, model: str):
+        from pipelines.curate import CurationRule
+
+        return CurationRule(keep=self.keep, top=self.top, by=self.by, lowest=self.lowest, model=model)
 
 
 class LoopConfig(BaseModel):
@@ -104,9 +134,13 @@ class LoopConfig(BaseModel):
     """Seed of the held-out draw, of the eval_limit sample and of the report's sample rows."""
     eval_max_tokens: int = Field(128, ge=1)
     """Tokens of each greedy answer; an answer cut here counts as degenerate."""
+    curate: CurateStage | None = None
+    """Train and evaluate a curated arm beside every round (see CurateStage); None: no curation."""
     primary_model: str = "last round"
-    """The primary comparison's model: "last round", "round N" or "seeds-only"."""
-    primary_baseline: Literal["seeds-only", "base"] = "seeds-only"
+    """The primary comparison's model: "last round", "round N", "seeds-only", and with `curate` "last round
+    curated" or "round N curated"."""
+    primary_baseline: str = "seeds-only"
+    """Its baseline: "seeds-only", "base", or a round ("last round", "round N"; e.g. all accepted against curated)."""
     primary_metric: Literal["loss", "rouge_l", "exact_match"] = "loss"
     """Every other comparison is secondary, Holm-corrected."""
     samples: int = Field(5, ge=0)
@@ -114,16 +148,24 @@ class LoopConfig(BaseModel):
 
     @model_validator(mode="after")
     def _primary_names_a_model(self) -> LoopConfig:
-        allowed = {"last round", "seeds-only", *(f"round {r}" for r in range(1, self.rounds + 1))}
+        rounds = ["last round", *(f"round {r}" for r in range(1, self.rounds + 1))]
+        curated = [f"{r} curated" for r in rounds] if self.curate else []
+        allowed = {"seeds-only", *rounds, *curated}
         if self.primary_model not in allowed:
             raise ValueError(f"primary_model must be one of {', '.join(sorted(allowed))}, got '{self.primary_model}'")
-        if self.primary_model == "seeds-only" and self.primary_baseline == "seeds-only":
-            raise ValueError("primary_model and primary_baseline are both seeds-only")
+        baselines = {"seeds-only", "base", *rounds}
+        if self.primary_baseline not in baselines:
+            raise ValueError(f"primary_baseline must be one of {', '.join(sorted(baselines))}, got '{self.primary_baseline}'")
+        model, baseline, _ = self.primary()
+        if model == baseline:
+            raise ValueError(f"primary_model and primary_baseline are both {model}")
         return self
 
     def primary(self) -> tuple[str, str, str]:
-        model = f"round {self.rounds}" if self.primary_model == "last round" else self.primary_model
-        return model, self.primary_baseline, self.primary_metric
+        def named(name: str) -> str:
+            return name.replace("last round", f"round {self.rounds}")
+
+        return named(self.primary_model), named(self.primary_baseline), self.primary_metric
 
 
 def load_loop_config(path: Path | None, overrides: dict[str, Any]) -> LoopConfig:
@@ -142,6 +184,11 @@ def load_loop_config(path: Path | None, overrides: dict[str, Any]) -> LoopConfig
         if key in config.train:
             raise BadInput(f"{source}train.{key} is set by the loop (use the top-level epochs, model, out)")
     train_config(config, Path("data"), Path("out"), "check", 0)
+    if config.curate is not None:
+        try:
+            config.curate.rule(config.model)
+        except BadInput as err:
+            raise BadInput(f"{source}curate: {err}") from None
     return config
 
 
@@ -154,11 +201,13 @@ def pipeline_config(config: LoopConfig, round: int = 1):
     return bootstrap.validate_config(cls, values, "generate")
 
 
-def train_config(config: LoopConfig, data: Path, out: Path, name: str, replicate: int):
+def train_config(config: LoopConfig, data: Path, out: Path, name: str, replicate: int, max_steps: int | None = None):
     from train.config import TrainConfig
 
     values = {**config.train, "data": str(data), "out": out, "model": config.model, "name": name, "merge": True,
               "overwrite": True, "epochs": config.epochs, "seed": config.train.get("seed", 42) + replicate}  # fmt: skip
+    if max_steps is not None:
+        values["max_steps"] = max_steps
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as err:
@@ -362,6 +411,8 @@ def run_loop(config: LoopConfig, engine, db: str | None, log: Callable[[str], No
                     raise DatagenError(f"round {r}: decontamination removed every generated row: nothing to add to the seeds")
                 models = train_replicates(session, loop, r, out / f"r{r}", clean.kept, runs, fmt, config, db, log)
                 scores[f"round {r}"] = [evaluate_stage(session, loop, r, f"evaluate.{k}", m, items, fmt, config, log) for k, m in enumerate(models)]
+                if config.curate is not None:
+                    curated_arm(session, loop, r, runs, seed_clean, eval_file, out, fmt, config, db, items, scores, data, log)
                 generator = models[0]
         except BaseException as err:
             session.rollback()
@@ -422,9 +473,11 @@ def dedup_stage(session, loop: Loop, r: int, run_name: str, db, log) -> None:
     record(session, loop, r, "dedup", run_id=run.id, artifact=run_name, result={"accepted_after": run.accepted})
 
 
-def export_stage(session, loop: Loop, r: int, runs: list[str], folder: Path, log) -> tuple[Path, dict[str, Any]]:
-    """The accepted rows of rounds 1..r; decontamination follows, with the seeds, in run_loop."""
-    done = completed(session, loop, r, "export")
+def export_stage(session, loop: Loop, r: int, runs: list[str], folder: Path, log, curated: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The accepted rows of rounds 1..r (all of them, or what each run's curation kept); decontamination follows,
+    with the seeds, in run_loop."""
+    stage = "export-curated" if curated else "export"
+    done = completed(session, loop, r, stage)
     if done:
         return folder, done.result
     from datagen.export import ExportConfig, Format, export
@@ -432,36 +485,106 @@ def export_stage(session, loop: Loop, r: int, runs: list[str], folder: Path, log
     if not any(find_run(session, name).accepted for name in runs):
         raise DatagenError(f"round {r}: the generation runs {', '.join(runs)} accepted no instruction, so there is nothing to "
                            "add to the seeds: see `datagen runs show` for the rejection reasons")  # fmt: skip
-    log(f"round {r}: export {', '.join(runs)}")
-    result = export(session, ExportConfig(runs=tuple(runs), format=Format.alpaca, out=folder, test_size=0.0, overwrite=True))
-    record(session, loop, r, "export", artifact=str(folder), result=result.counts)
+    log(f"round {r}: export {', '.join(runs)}" + (" as curated" if curated else ""))
+    result = export(session, ExportConfig(runs=tuple(runs), format=Format.alpaca, out=folder, test_size=0.0, overwrite=True,
+                                          ignore_curation=not curated))  # fmt: skip
+    record(session, loop, r, stage, artifact=str(folder), result=result.counts)
     return folder, result.counts
 
 
+# ---- the curated arm ----------------------------------------------------------------------------------------------
+
+
+def score_stage(session, loop: Loop, r: int, run_name: str, config: LoopConfig, log) -> dict[str, Any]:
+    """IFD of every accepted instance of the round's run under the base (the student). A rerun after a kill scores
+    only what is not stored yet (score_run skips scored instances)."""
+    done = completed(session, loop, r, "score")
+    if done:
+        return done.result
+    from datagen.backends import load_backend
+    from pipelines.score import ScoreConfig, score_run
+
+    log(f"round {r}: score {run_name} with {config.model} (IFD)")
+    backend = load_backend(BackendName.transformers, config.model)
+    started = time.perf_counter()
+    try:
+        result = score_run(session, backend, run_name, ScoreConfig(model=config.model))
+        session.add(StageTime(loop_id=loop.id, stage="score", device=cost.backend_device(backend), model=config.model,
+                              seconds=time.perf_counter() - started))  # fmt: skip
+    finally:
+        backend.close()
+    summary = {"run": run_name, "instances": result.instances, "scored": result.scored + result.skipped,
+               "no_score": result.no_score, "degenerate": result.degenerate, "mean_ifd": result.mean_ifd}  # fmt: skip
+    record(session, loop, r, "score", artifact=run_name, result=summary)
+    return summary
+
+
+def curate_stage(session, loop: Loop, r: int, run_name: str, config: LoopConfig, log) -> dict[str, Any]:
+    done = completed(session, loop, r, "curate")
+    if done:
+        return done.result
+    from pipelines.curate import curate_run
+
+    rule = config.curate.rule(config.model)  # type: ignore[union-attr]
+    log(f"round {r}: curate {run_name}: {rule.text}")
+    result = curate_run(session, run_name, rule)
+    summary = {"run": run_name, "rule": result.rule, "instances": result.instances, "kept": result.kept,
+               "dropped": result.dropped, "dropped_by_reason": result.dropped_by_reason}  # fmt: skip
+    record(session, loop, r, "curate", artifact=run_name, result=summary)
+    return summary
+
+
+def curated_arm(session, loop: Loop, r: int, runs: list[str], seed_clean: Decontaminated, eval_file: Path, out: Path,
+                fmt: evaluate.PromptFormat, config: LoopConfig, db, items, scores: Scores, data: dict[str, Any], log) -> None:  # fmt: skip
+    """Round r's curated arm: score and curate the round's run (earlier rounds' runs are curated already), export what
+    the rules kept, decontaminate it with the seeds, train at the all-accepted arm's budget, evaluate."""
+    score = score_stage(session, loop, r, runs[-1], config, log)
+    curation = curate_stage(session, loop, r, runs[-1], config, log)
+    export_dir, exported = export_stage(session, loop, r, runs, out / f"r{r}c" / "export", log, curated=True)
+    clean = decontaminate_rows(seed_clean.kept + export_rows(export_dir), eval_file)
+    generated = sum(row.source == "generated" for row in clean.kept)
+    data[f"round {r} curated"] = {**generation_counts(session, loop, r), "exported_rows": exported["rows"],
+                                  "decontaminated": {"seed": seed_clean.dropped["seed"], "generated": clean.dropped["generated"]},
+                                  "seed_rows": len(seed_clean.kept), "generated_rows": generated,
+                                  "scored": score, "curation": curation}  # fmt: skip
+    if not generated:
+        raise DatagenError(f"round {r}: the curation rule and decontamination left no generated row: nothing to add to the seeds")
+    steps = None
+    if config.curate.budget == "steps":  # type: ignore[union-attr]
+        steps = [completed(session, loop, r, f"train.{k}").result["steps"] for k in range(config.replicates)]  # type: ignore[union-attr]
+    models = train_replicates(session, loop, r, out / f"r{r}c", clean.kept, runs, fmt, config, db, log, arm="curated", max_steps=steps)
+    scores[f"round {r} curated"] = [evaluate_stage(session, loop, r, f"evaluate-curated.{k}", m, items, fmt, config, log)
+                                    for k, m in enumerate(models)]  # fmt: skip
+
+
 def train_replicates(session, loop: Loop, r: int, folder: Path, rows: list[TrainRow], runs: list[str], fmt: evaluate.PromptFormat,
-                     config: LoopConfig, db, log) -> list[str]:  # fmt: skip
-    """Trains the base on the rows once per replicate; returns the merged models' folders."""
+                     config: LoopConfig, db, log, arm: str = "", max_steps: list[int] | None = None) -> list[str]:  # fmt: skip
+    """Trains the base on the rows once per replicate (replicate k for max_steps[k] steps when given, else the loop's
+    epochs); returns the merged models' folders. `arm` names a second arm of the round ("curated")."""
     from train.sft import MERGED, SFTRecipe
 
     data_dir = folder / "train_data"
+    stage = f"train-{arm}" if arm else "train"
     models = []
     for k in range(config.replicates):
         model_dir = folder / f"model.{k}"
         models.append(str(model_dir / MERGED))
-        if completed(session, loop, r, f"train.{k}"):
+        if completed(session, loop, r, f"{stage}.{k}"):
             continue
         if not (data_dir / "datagen.json").is_file() or k == 0:
             write_training_data(data_dir, rows, fmt, runs)
-        name = f"{config.name}-r{r}-train.{k}"
-        settings = train_config(config, data_dir, model_dir, name, k)
-        log(f"round {r}: train {config.model} on {len(rows)} rows for {config.epochs} epochs (replicate {k}, seed {settings.seed})")
+        name = f"{config.name}-r{r}-{stage}.{k}"
+        steps = max_steps[k] if max_steps else None
+        settings = train_config(config, data_dir, model_dir, name, k, steps)
+        budget = f"{steps} steps" if steps else f"{config.epochs} epochs"
+        log(f"round {r}: train {config.model}{' (' + arm + ')' if arm else ''} on {len(rows)} rows for {budget} (replicate {k}, seed {settings.seed})")
         recipe = SFTRecipe(settings, db_url=db)
         recipe.setup()
         summary = recipe.train()
         del recipe
         training_run = session.exec(select(TrainingRun).where(TrainingRun.name == name)).one()
         seed_rows = sum(row.source == "seed" for row in rows)
-        record(session, loop, r, f"train.{k}", training_run_id=training_run.id, artifact=models[-1],
+        record(session, loop, r, f"{stage}.{k}", training_run_id=training_run.id, artifact=models[-1],
                result={"rows": len(rows), "seed_rows": seed_rows, "generated_rows": len(rows) - seed_rows,
                        "seed": settings.seed, **summary})  # fmt: skip
     return models
@@ -505,6 +628,8 @@ def relative(path: str | Path | None, out: Path) -> str | None:
 def comparisons(config: LoopConfig, scores: Scores, floors: dict[str, dict[str, float]]) -> list[evaluate.Comparison]:
     """The primary comparison first, then every other (model, baseline, metric) as a Holm-corrected secondary."""
     pairs = [("seeds-only", "base")] + [(f"round {r}", b) for r in range(1, config.rounds + 1) for b in ("base", "seeds-only")]
+    if config.curate is not None:
+        pairs += [(f"round {r} curated", b) for r in range(1, config.rounds + 1) for b in (f"round {r}", "seeds-only", "base")]
     primary_key = config.primary()
     keys = [primary_key] + [(m, b, metric) for m, b in pairs for metric in evaluate.METRICS if (m, b, metric) != primary_key]
     found = {}
@@ -537,11 +662,12 @@ def build_metrics(session, loop: Loop, config: LoopConfig, items, scores: Scores
     stages = session.exec(select(LoopStage).where(LoopStage.loop_id == loop.id).order_by(LoopStage.round, LoopStage.id)).all()
     training: dict[str, list[dict[str, Any]]] = {}
     for s in stages:
-        if not s.stage.startswith("train."):
+        if not s.stage.startswith(("train.", "train-curated.")):
             continue
         res = s.result
         epochs = res.get("epochs")
-        training.setdefault(f"round {s.round}" if s.round else "seeds-only", []).append({
+        name = (f"round {s.round}" if s.round else "seeds-only") + (" curated" if s.stage.startswith("train-curated.") else "")
+        training.setdefault(name, []).append({
             "replicate": int(s.stage.split(".")[1]), "seed": res.get("seed"), "rows": res.get("rows"),
             "seed_rows": res.get("seed_rows"), "generated_rows": res.get("generated_rows"), "steps": res.get("steps"),
             "epochs_over_seeds": epochs, "epochs_over_generated": epochs if res.get("generated_rows") else 0.0,
@@ -564,7 +690,8 @@ def build_metrics(session, loop: Loop, config: LoopConfig, items, scores: Scores
                  "interval": f"{evaluate.CONFIDENCE:.0%} paired t-interval over items (each averaged over a model's replicates), "
                              "its variance adding each model's training noise (Welch-Satterthwaite degrees of freedom)",
                  "max_tokens": config.eval_max_tokens},
-        "budget_rule": f"every model trains {config.epochs} epochs over its own rows: each seed is seen equally often by every arm",
+        "budget_rule": budget_rule(config),
+        "curation": curation_facts(config, data),
         "models": {name: evaluate.summarize(replicates) for name, replicates in scores.items()},
         "comparisons": rows,
         "noise_floor": spread,
@@ -574,3 +701,22 @@ def build_metrics(session, loop: Loop, config: LoopConfig, items, scores: Scores
         "scores": {name: [[{"id": item.key, **asdict(s)} for item, s in zip(items, replicate)] for replicate in replicates]
                    for name, replicates in scores.items()},
     }  # fmt: skip
+
+
+def budget_rule(config: LoopConfig) -> str:
+    rule = f"every model trains {config.epochs} epochs over its own rows: each seed is seen equally often by every arm"
+    if config.curate is None:
+        return rule
+    if config.curate.budget == "steps":
+        return (rule.replace("every model", "every model but the curated arms") + "; each curated replicate trains as many "
+                "optimizer steps as the all-accepted replicate of its round with the same seed (the same compute: more passes "
+                "over its fewer rows, seeds included)")  # fmt: skip
+    return rule + ", the curated arms included (they take fewer steps)"
+
+
+def curation_facts(config: LoopConfig, data: dict[str, Any]) -> dict[str, Any] | None:
+    """The curated arms' rule, scorer, budget and per-round counts, for the report."""
+    if config.curate is None:
+        return None
+    rounds = {name: {"scored": d.get("scored"), "curation": d.get("curation")} for name, d in data.items() if name.endswith(" curated")}
+    return {"rule": config.curate.rule(config.model).text, "scored_by": config.model, "budget": config.curate.budget, "rounds": rounds}

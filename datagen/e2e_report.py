@@ -88,6 +88,7 @@ def render_markdown(metrics: dict[str, Any], items: list[EvalItem], scores: dict
             lines.append(f"| {name} | {t['replicate']} ({t['seed']}) | {t['rows']} | {t['steps']} | {number(t['epochs_over_seeds'], 2)} | "
                          f"{number(t['epochs_over_generated'], 2)} | {t['train_tokens']} | {number(t['final_train_loss'])} | "
                          f"{t['train_seconds']} | {curve} |")  # fmt: skip
+    lines += curation_lines(metrics.get("curation"))
     lines += cost_lines(metrics.get("cost"))
     names = list(scores)
     picked = sample_indices(len(items), samples, seed)
@@ -98,6 +99,21 @@ def render_markdown(metrics: dict[str, Any], items: list[EvalItem], scores: dict
         prompt = item.instruction + (f" Input: {item.input}" if item.input else "")
         lines.append(f"| {item.key} | {cell(prompt)} | {cell(item.output)} | " + " | ".join(cell(scores[n][0][k].answer) for n in names) + " |")
     return "\n".join(lines) + "\n"
+
+
+def curation_lines(c: dict[str, Any] | None) -> list[str]:
+    """The curated arms: the rule, who scored, the budget, and what each round's curation kept and why it dropped."""
+    if not c:
+        return []
+    lines = ["", "## Curation", "", f"Rule `{c['rule']}` (datagen curate) over IFD scores of {c['scored_by']}, the student "
+             f"(datagen score); budget: {c['budget']} (LoopConfig.curate.budget).", "",
+             "| arm | run | accepted instances | scored (no score) | mean IFD | kept | dropped (reason: n) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in c["rounds"].items():
+        s, cur = r.get("scored") or {}, r.get("curation") or {}
+        reasons = ", ".join(f"{cell(reason, 60)}: {n}" for reason, n in (cur.get("dropped_by_reason") or {}).items()) or "–"
+        lines.append(f"| {name} | {cur.get('run', '–')} | {cur.get('instances', '–')} | {s.get('scored', '–')} ({s.get('no_score', '–')}) | "
+                     f"{number(s.get('mean_ifd'))} | {cur.get('kept', '–')} | {cur.get('dropped', '–')}: {reasons} |")  # fmt: skip
+    return lines
 
 
 def cost_lines(c: dict[str, Any] | None) -> list[str]:
@@ -150,7 +166,7 @@ def plot_scatter(scores: dict[str, list[list[ItemScore]]], path: Path) -> None:
 
     from datagen.evaluate import item_means
 
-    last = [n for n in scores if n.startswith("round ")][-1]
+    last = [n for n in scores if n.startswith("round ") and not n.endswith(" curated")][-1]
     x, y = item_means(scores["seeds-only"], "loss"), item_means(scores[last], "loss")
     figure, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.scatter(x, y, s=12)

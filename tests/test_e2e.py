@@ -74,8 +74,12 @@ def test_loop_configs_flags_win_and_sections_are_checked(tmp_path):
         ("train: {lora_r: -1}", "train.lora_r: "),
         ("train: {max_steps: 5}", "train.max_steps is set by the loop"),
         ("train: {epochs: 5}", "train.epochs is set by the loop"),
-        ("primary_model: round 2", "config: primary_model must be one of last round, round 1, seeds-only, got 'round 2'"),
+        ("primary_model: round 2", "config: primary_model must be one of last round, last round curated, round 1, round 1 curated, seeds-only, got 'round 2'"),
         ("replicates: 0", "replicates: Input should be greater than or equal to 1"),
+        ("primary_baseline: round 2", "config: primary_baseline must be one of base, last round, round 1, seeds-only, got 'round 2'"),
+        ("curate: {top: 0.5}", "curate: --top and --by go together"),
+        ("curate: {keep: 'ifd <'}", "curate: --keep 'ifd <': not an expression"),
+        ("curate: {top: 0.5, by: ifd, budget: tokens}", "curate.budget: Input should be 'steps' or 'epochs'"),
         ("evals: 3", "evals: Extra inputs are not permitted"),
     ]:
         bad = tmp_path / "bad.yaml"
@@ -164,6 +168,8 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
         assert [(s.round, s.stage) for s in stages] == [
             (0, "evaluate-base"), (0, "train.0"), (0, "train.1"), (0, "evaluate.0"), (0, "evaluate.1"),
             (1, "generate"), (1, "dedup"), (1, "export"), (1, "train.0"), (1, "train.1"), (1, "evaluate.0"), (1, "evaluate.1"),
+            (1, "score"), (1, "curate"), (1, "export-curated"), (1, "train-curated.0"), (1, "train-curated.1"),
+            (1, "evaluate-curated.0"), (1, "evaluate-curated.1"),
         ]  # fmt: skip
         assert all(s.status == "completed" for s in stages)
         for s in stages:  # the stages finished before the kill were not redone
@@ -171,7 +177,8 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
                 assert (s.updated_at, s.result) == kept[(s.round, s.stage)]
         assert [r.name for r in session.exec(select(Run)).all()] == ["e2e-tiny-r1-generate"]
         trained = session.exec(select(TrainingRun).order_by(TrainingRun.id)).all()
-        assert [(t.name, t.status) for t in trained] == [(f"e2e-tiny-r{r}-train.{k}", "completed") for r in (0, 1) for k in (0, 1)]
+        assert [(t.name, t.status) for t in trained] == [(f"e2e-tiny-r{r}-{stage}.{k}", "completed")
+                                                         for r, stage in ((0, "train"), (1, "train"), (1, "train-curated")) for k in (0, 1)]  # fmt: skip
         by_stage = {(s.round, s.stage): s for s in stages}
         assert by_stage[(1, "generate")].run_id == session.exec(select(Run)).one().id
         assert by_stage[(1, "train.1")].training_run_id == trained[3].id
@@ -181,8 +188,8 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     # the model's own format: SmolLM2-135M-Instruct has a chat template, so the rows are messages
     assert metrics["eval"]["format"] == "the model's chat template"
     assert json.loads((out / "r1" / "train_data" / "datagen.json").read_text())["format"] == "messages"
-    assert list(metrics["models"]) == ["base", "seeds-only", "round 1"]
-    assert [m["replicates"] for m in metrics["models"].values()] == [1, 2, 2]
+    assert list(metrics["models"]) == ["base", "seeds-only", "round 1", "round 1 curated"]
+    assert [m["replicates"] for m in metrics["models"].values()] == [1, 2, 2, 2]
     for m in metrics["models"].values():
         assert m["items"] == metrics["eval"]["items"] == 4 and m["loss_per_item"] > 0 and m["loss_per_token"] > 0
         assert 0 <= m["rouge_l"] <= 1 and 0 <= m["degeneration_rate"] <= 1
@@ -197,8 +204,8 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     ids = metrics["eval"]["ids"]
     assert len(ids) == 4 and all(i.startswith("user_oriented_task_") for i in ids)
     assert {n: [[s["id"] for s in rep] for rep in reps] for n, reps in metrics["scores"].items()} == {
-        "base": [ids], "seeds-only": [ids, ids], "round 1": [ids, ids]}
-    assert set(metrics["noise_floor"]) == {"seeds-only", "round 1"}
+        "base": [ids], "seeds-only": [ids, ids], "round 1": [ids, ids], "round 1 curated": [ids, ids]}
+    assert set(metrics["noise_floor"]) == {"seeds-only", "round 1", "round 1 curated"}
     # budgets: the same epochs over the seeds for both arms, tokens recorded
     runs = [t for ts in metrics["training"].values() for t in ts]
     seeds_only, round_1 = metrics["training"]["seeds-only"], metrics["training"]["round 1"]
@@ -207,11 +214,24 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     assert all(t["train_tokens"] > 0 and t["steps"] == 3 for t in runs)
     assert metrics["training"]["round 1"][0]["generated_rows"] == metrics["data"]["round 1"]["generated_rows"] > 0
     assert set(metrics["data"]["round 1"]["decontaminated"]) == {"seed", "generated"}
+    # the curated arm: every accepted instance scored by the base, the rule's top half kept (rounded up), exported
+    # without what it dropped, trained for the all-accepted replicate's steps, and compared with it
+    curated = metrics["data"]["round 1 curated"]
+    instances = curated["curation"]["instances"]
+    assert curated["scored"]["scored"] == instances > 0 and curated["curation"]["kept"] == -(-instances // 2)
+    assert curated["exported_rows"] == metrics["data"]["round 1"]["exported_rows"] - curated["curation"]["dropped"]
+    assert 0 < curated["generated_rows"] <= metrics["data"]["round 1"]["generated_rows"]
+    arm = metrics["training"]["round 1 curated"]
+    assert [t["steps"] for t in arm] == [t["steps"] for t in round_1] and [t["seed"] for t in arm] == [42, 43]
+    assert [t["rows"] for t in arm] == [metrics["data"]["round 1"]["seed_rows"] + curated["generated_rows"]] * 2
+    assert metrics["curation"]["rule"] == "top 0.5 by ifd" and metrics["curation"]["budget"] == "steps"
+    assert {(c["model"], c["baseline"]) for c in rest} >= {("round 1 curated", "round 1"), ("round 1 curated", "seeds-only")}
     # paths relative to out
     for t in runs:
         assert not Path(t["loss_curve"]).is_absolute() and (out / t["loss_curve"]).is_file()
     report = (out / "report.md").read_text()
     assert report.splitlines()[2].startswith("**Primary verdict.** round 1 vs seeds-only, loss per item (lower is better): not better")
+    assert "## Curation" in report and "| round 1 curated | e2e-tiny-r1-generate |" in report
     assert "## Verdicts" in report and "## Noise floor" in report and "## Data" in report and "## Samples (3 items drawn at random, seed 0" in report
     assert (out / "forest.png").stat().st_size > 0 and (out / "scatter.png").stat().st_size > 0
     # the eval items never reached the generator
@@ -229,6 +249,11 @@ def test_tiny_loop_end_to_end_with_kill_9_between_stages(tmp_path):
     assert [s["row"] for s in shown_stages if s["stage"] == "generate" or s["stage"].startswith("train.")] == [
         "training_run e2e-tiny-r0-train.0", "training_run e2e-tiny-r0-train.1", "run e2e-tiny-r1-generate",
         "training_run e2e-tiny-r1-train.0", "training_run e2e-tiny-r1-train.1"]  # fmt: skip
+    # export of the curated run leaves out what curate dropped (the loop's own all-accepted export ignored it)
+    exported = runner.invoke(app, ["export", "--run", "e2e-tiny-r1-generate", "--db", f"sqlite:///{db}", "--format", "alpaca",
+                                   "--out", str(tmp_path / "curated"), "--test-size", "0", "--json"])  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["counts"]["rows"] == curated["exported_rows"]
 
 
 def test_report_leads_with_the_primary_verdict_and_lists_every_model_and_sample(tmp_path):

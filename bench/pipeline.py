@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlmodel import Session  # noqa: E402
 
 from datagen.backends import load_backend  # noqa: E402
-from datagen.commands.self_instruct import load_config  # noqa: E402
+from datagen.cli.commands.self_instruct import load_config  # noqa: E402
 from pipelines import alpaca, bootstrap  # noqa: E402
 from pipelines import self_instruct as si  # noqa: E402
 from pipelines.seeds import read_seeds  # noqa: E402

@@ -9,15 +9,13 @@ settings each generation was made with, every filter's rejection count, the dedu
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from datagen import __version__
+from datagen.export_config import ExportConfig, ExportResult, RunFacts
 from storage.queries import NOT_JUDGED
-
-if TYPE_CHECKING:
-    from datagen.export import ExportConfig, ExportResult, RunFacts
 
 SIZE_CATEGORIES = [
     (1_000, "n<1K"),

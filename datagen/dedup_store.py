@@ -1,6 +1,6 @@
 """Dedup against the store: the accepted instructions of the store or of one run as texts kept before the
 candidates, a stored run's accepted instructions as candidates, and --apply's marking of the dropped ones. The
-engine (indexes, decisions) is datagen/dedup.py; `datagen dedup` (datagen/commands/dedup.py), the e2e loop and the
+engine (indexes, decisions) is datagen/dedup.py; `datagen dedup` (datagen/cli/commands/dedup.py), the e2e loop and the
 library's `dedup_run` call this module.
 """
 

@@ -152,7 +152,7 @@ def resolve(model: str) -> str:
 def set_offline_environment() -> None:
     """Keep huggingface_hub, transformers and datasets off the network unless the user allowed the hub
     (DATAGEN_ALLOW_HUB=1). The libraries read these variables once, when first imported, so the CLI calls
-    this at the top of its entry point (datagen/cli.py), before any of them is imported."""
+    this at the top of its entry point (datagen/cli/app.py), before any of them is imported."""
     if not hub_allowed():
         for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ.setdefault(variable, "1")

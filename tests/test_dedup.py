@@ -34,7 +34,7 @@ from datagen.dedup import (
     rouge_l_fmeasure,
     tokenize_unicode,
 )
-from datagen.commands.dedup import dedup as dedup_command
+from datagen.cli.commands.dedup import dedup as dedup_command
 from datagen.errors import BadInput
 
 SEEDS = Path(__file__).resolve().parents[1] / "examples" / "seed_tasks.jsonl"

@@ -30,12 +30,12 @@ def load_shipped(path: Path):
 
         return load_loop_config(path, {})
     if path.name == "self_instruct.yaml":
-        from datagen.commands.self_instruct import load_config
+        from datagen.cli.commands.self_instruct import load_config
         from pipelines.self_instruct import SelfInstructConfig
 
         return load_config(SelfInstructConfig, path, {})
     if path.name == "alpaca_cpu.yaml":
-        from datagen.commands.self_instruct import load_config
+        from datagen.cli.commands.self_instruct import load_config
         from pipelines.alpaca import AlpacaConfig
 
         return load_config(AlpacaConfig, path, {})
@@ -48,7 +48,7 @@ def load_shipped(path: Path):
 
         return load_prices(path)
     if path.name.startswith("toolformer"):
-        from datagen.commands.toolformer import load_config
+        from datagen.cli.commands.toolformer import load_config
 
         return load_config(path, {})
     raise AssertionError(f"{path}: no test knows which command reads this config; add it here")

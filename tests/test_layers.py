@@ -3,8 +3,7 @@
 0. what everything uses: errors, input files, the embedded models, backends, the dedup engine, the console;
 1. the pipelines and the store;
 2. what runs on them: the library's runs (datagen/runs.py), export, report, evaluation, the e2e loop, jobs, training;
-3. the clients on top: the CLI (datagen.cli, datagen.commands, datagen.options; later one datagen/cli/ package) and
-   the viewer (datagen.ui).
+3. the clients on top: the CLI (datagen/cli/: app, options, commands) and the viewer (datagen/ui/).
 
 A module may import its own layer and those below, never one above; no module below the CLI imports typer or the
 CLI. Imports inside functions and under `if TYPE_CHECKING:` count too: a lazy import is still a dependency.
@@ -24,14 +23,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("datagen.errors", "datagen.jsonl", "datagen.models", "datagen.backends", "datagen.dedup", "datagen.console", "datagen.sigterm",
      "datagen.degeneration"),
     ("pipelines", "storage", "datagen.generate", "datagen.cost"),
-    ("datagen.runs", "datagen.dedup_store", "datagen.export", "datagen.card", "datagen.report", "datagen.evaluate", "datagen.e2e",
+    ("datagen.runs", "datagen.dedup_store", "datagen.export", "datagen.export_config", "datagen.card", "datagen.report", "datagen.evaluate", "datagen.e2e",
      "datagen.e2e_report", "datagen.jobs", "datagen.shards", "train"),
-    ("datagen.cli", "datagen.commands", "datagen.options", "datagen.ui"),
+    ("datagen.cli", "datagen.ui"),
 ]  # fmt: skip
 """Module prefixes by layer, bottom first; a module belongs to its longest matching prefix."""
 PACKAGE_LAYER = 2
 """datagen/__init__.py exports the library (lazily, by name), so it sits with it."""
-CLIENT_ONLY = ("typer", "datagen.cli", "datagen.commands", "datagen.options")
+CLIENT_ONLY = ("typer", "datagen.cli")
 """Imported only by the top layer."""
 
 
@@ -102,7 +101,7 @@ def test_no_module_imports_a_higher_layer():
     [
         ("pipelines/bad.py", "from datagen.cli import app\n", "pipelines/bad.py:1: pipelines.bad (layer 1) imports datagen.cli.app, a client-only module"),
         ("storage/bad.py", "def f():\n    import typer\n", "storage/bad.py:2: storage.bad (layer 1) imports typer, a client-only module"),
-        ("datagen/jobs/bad.py", "from datagen.commands import dedup\n", "datagen/jobs/bad.py:1: datagen.jobs.bad (layer 2) imports datagen.commands.dedup, a client-only module"),
+        ("datagen/jobs/bad.py", "from datagen.cli.commands import dedup\n", "datagen/jobs/bad.py:1: datagen.jobs.bad (layer 2) imports datagen.cli.commands.dedup, a client-only module"),
         ("datagen/backends/bad.py", "from storage.store import open_engine\n", "datagen/backends/bad.py:1: datagen.backends.bad (layer 0) imports storage.store.open_engine (layer 1)"),
         ("pipelines/bad.py", "from ..datagen import runs\n", "pipelines/bad.py:1: pipelines.bad (layer 1) imports datagen.runs (layer 2)"),
         ("datagen/newthing.py", "x = 1\n", "datagen/newthing.py: module datagen.newthing is in no layer: add it to LAYERS"),
@@ -112,7 +111,7 @@ def test_no_module_imports_a_higher_layer():
 )
 def test_the_checker_flags_a_lower_module_importing_a_higher_one(tmp_path, path, source, expected):
     """The check itself, on a synthetic tree: each bad import is named with its file and line; the top layer (today's
-    datagen.commands, tomorrow's datagen/cli/ package) and the viewer may import the library."""
+    datagen.cli.commands, tomorrow's datagen/cli/ package) and the viewer may import the library."""
     for package in PACKAGES:
         (tmp_path / package).mkdir()
     file = tmp_path / path

@@ -139,7 +139,7 @@ def test_score_command(hf_backend, db_url, monkeypatch):
     with Session(open_engine(db_url)) as session:
         add_items(session, ITEMS[:2], finish_reason="length")
     monkeypatch.setattr(hf_backend, "close", lambda: None)  # the shared model outlives the command
-    monkeypatch.setattr("datagen.commands.score.make_backend", lambda backend, model, base_url, server=None: hf_backend)
+    monkeypatch.setattr("datagen.cli.commands.score.make_backend", lambda backend, model, base_url, server=None: hf_backend)
     runner = CliRunner()
     result = runner.invoke(app, ["score", "--run", "scored", "--db", db_url, "--json"])
     assert result.exit_code == 0, result.output

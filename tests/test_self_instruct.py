@@ -749,7 +749,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, content, args, message):
 
 
 def test_the_example_config_loads(tmp_path):
-    from datagen.commands.self_instruct import load_config
+    from datagen.cli.commands.self_instruct import load_config
 
     path = REPO / "examples" / "self_instruct.yaml"
     values = yaml.safe_load(path.read_text())
@@ -776,7 +776,7 @@ def test_resume_refuses_other_seeds_or_pipeline(tmp_path, db_url):
 def test_resume_refuses_changed_options_or_seed_instances(tmp_path, db_url):
     """A resume must be the run it resumes: changed method options or seed instances are refused with the differences
     named, and nothing is written; where the run stops (-n, --max-requests) may change."""
-    from datagen.commands.self_instruct import check_resume
+    from datagen.cli.commands.self_instruct import check_resume
 
     seeds = tmp_path / "seeds.jsonl"
     seeds.write_text("".join(SEEDS.read_text().splitlines(keepends=True)[:20]))

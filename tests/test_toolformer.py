@@ -677,7 +677,7 @@ def test_a_backend_without_next_token_logprobs_is_a_clear_error(tmp_path):
 
 
 def test_shipped_config_validates():
-    from datagen.commands.toolformer import load_config
+    from datagen.cli.commands.toolformer import load_config
 
     config = load_config(REPO / "examples" / "toolformer_cpu.yaml", {"tools": ["calculator", "qa"]})
     assert config.tools == ["calculator", "qa"]

@@ -26,7 +26,7 @@ from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
 from datagen.cli import app as cli
-from datagen.commands.ui import allowed_host_names, browse_url, is_loopback
+from datagen.cli.commands.ui import allowed_host_names, browse_url, is_loopback
 from datagen.ui.app import create_app
 from datagen.ui.filters import BadFilter, ItemFilter, parse_filter
 from datagen.ui.queries import Verdict, filter_verdicts

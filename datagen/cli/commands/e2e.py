@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from datagen.console import err_console, print_json, summary_table
-from datagen.options import DbOption, JsonOption
+from datagen.cli.options import DbOption, JsonOption
 
 
 def e2e(

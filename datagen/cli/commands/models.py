@@ -9,7 +9,7 @@ from rich.table import Table
 
 from datagen import models
 from datagen.console import err_console, print_json
-from datagen.options import JsonOption
+from datagen.cli.options import JsonOption
 
 app = typer.Typer(help="List and prepare the embedded models.", no_args_is_help=True)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from datagen.backends import BackendName
-from datagen.commands.self_instruct import (
+from datagen.cli.commands.self_instruct import (
     InstancePickOption,
     InstanceSamplesOption,
     NumOption,
@@ -19,7 +19,7 @@ from datagen.commands.self_instruct import (
     execute,
 )
 from datagen.models import DEFAULT_MODEL
-from datagen.options import (
+from datagen.cli.options import (
     ApiKeyOption,
     BackendOption,
     BaseUrlOption,

@@ -31,7 +31,7 @@ from datagen.dedup import SELF_INSTRUCT_THRESHOLD, FuzzyScorer, Method, Tokenize
 from datagen.dedup_store import decide, dedup_run, is_store_source
 from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import check_output_file, write_records
-from datagen.options import DbOption, JsonOption
+from datagen.cli.options import DbOption, JsonOption
 from storage.store import get_run, open_engine
 
 

@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 from datagen.console import err_console, print_json, summary_table
 from datagen.jobs import schedules
 from datagen.jobs.definition import check_job, check_timezone
-from datagen.options import DbOption, JsonOption
+from datagen.cli.options import DbOption, JsonOption
 from storage.store import open_engine
 from storage.tables import Job
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from datagen.options import DbOption, JsonOption
+from datagen.cli.options import DbOption, JsonOption
 
 
 def long_data(

@@ -15,7 +15,7 @@ from datagen import runs
 from datagen.backends import BackendName, make_backend
 from datagen.console import err_console, print_json, progress
 from datagen.models import DEFAULT_MODEL
-from datagen.options import (
+from datagen.cli.options import (
     ApiKeyOption,
     BackendOption,
     BaseUrlOption,

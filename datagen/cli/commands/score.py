@@ -19,7 +19,7 @@ from datagen.console import err_console, print_json, progress, summary_table
 from datagen.errors import BadInput
 from datagen.models import DEFAULT_MODEL
 from datagen.backends import make_backend
-from datagen.options import (ApiKeyOption, BackendOption, BaseUrlOption, ConcurrencyOption, DbOption, JsonOption, ModelOption, TimeoutOption,
+from datagen.cli.options import (ApiKeyOption, BackendOption, BaseUrlOption, ConcurrencyOption, DbOption, JsonOption, ModelOption, TimeoutOption,
                              server_options)  # fmt: skip
 from pipelines.score import CHERRY_MAX_LENGTH, ScoreConfig, score_run
 from storage.store import get_run, open_engine

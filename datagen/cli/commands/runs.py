@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 
 from datagen.console import err_console, print_json, summary_table
 from datagen import cost
-from datagen.options import DbOption, JsonOption, PricesOption
+from datagen.cli.options import DbOption, JsonOption, PricesOption
 from storage import queries
 from storage.queries import NOT_JUDGED, accepted_instances, rejected_by_reason, run_summary
 from storage.store import get_run, open_engine

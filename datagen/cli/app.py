@@ -1,4 +1,4 @@
-"""The `datagen` command: one Typer app composed of one module per area (datagen/commands/).
+"""The `datagen` command: one Typer app composed of one module per area (datagen/cli/commands/).
 
 Exit codes: 0 ok, 1 failure, 2 bad usage or bad input, 3 a run stopped before its target (StoppedEarly). A DatagenError, or a database failure in the middle
 of a command (a lock held too long, a lost connection), prints one line, no traceback.
@@ -19,14 +19,14 @@ from sqlalchemy.exc import OperationalError  # noqa: E402
 from typer.core import TyperGroup, TyperOption  # noqa: E402
 
 from datagen import __version__  # noqa: E402
-from datagen.commands import e2e, eval_long, export, generate, jobs, long_data, models, report, runs, train  # noqa: E402
-from datagen.commands.alpaca import alpaca_command  # noqa: E402
-from datagen.commands.curate import curate_command  # noqa: E402
-from datagen.commands.dedup import dedup  # noqa: E402
-from datagen.commands.score import score_command  # noqa: E402
-from datagen.commands.self_instruct import self_instruct_command  # noqa: E402
-from datagen.commands.toolformer import toolformer  # noqa: E402
-from datagen.commands.ui import ui  # noqa: E402
+from datagen.cli.commands import e2e, eval_long, export, generate, jobs, long_data, models, report, runs, train  # noqa: E402
+from datagen.cli.commands.alpaca import alpaca_command  # noqa: E402
+from datagen.cli.commands.curate import curate_command  # noqa: E402
+from datagen.cli.commands.dedup import dedup  # noqa: E402
+from datagen.cli.commands.score import score_command  # noqa: E402
+from datagen.cli.commands.self_instruct import self_instruct_command  # noqa: E402
+from datagen.cli.commands.toolformer import toolformer  # noqa: E402
+from datagen.cli.commands.ui import ui  # noqa: E402
 from datagen.console import err_console, print_error  # noqa: E402
 from datagen.errors import DatagenError, StoppedEarly  # noqa: E402
 from storage.store import operational_error_message  # noqa: E402
@@ -98,5 +98,5 @@ def main_options(
     """datagen: Self-Instruct, Alpaca and Toolformer data generation with a SQL store and a trainer."""
 
 
-if __name__ == "__main__":
+def main() -> None:
     app()

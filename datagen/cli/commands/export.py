@@ -10,7 +10,7 @@ from sqlmodel import Session
 
 from datagen.console import err_console, print_json, summary_table
 from datagen.export import CONTAMINATION_NGRAM, DECONTAMINATION_THRESHOLD, ExportConfig, Format, check_repo_id, export, push_to_hub
-from datagen.options import DbOption, JsonOption
+from datagen.cli.options import DbOption, JsonOption
 from storage.store import open_engine
 
 

@@ -12,7 +12,7 @@ import typer
 from datagen.console import err_console
 from datagen.errors import BadInput, MissingExtra
 from datagen.cost import load_prices
-from datagen.options import DbOption, PricesOption
+from datagen.cli.options import DbOption, PricesOption
 from storage.store import _safe, database_url, open_engine
 
 

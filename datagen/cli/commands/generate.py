@@ -17,7 +17,7 @@ from datagen.generate import GenerateConfig, read_requests, run_generate
 from datagen.jsonl import check_output_file
 from datagen.models import DEFAULT_MODEL
 from datagen.backends import make_backend
-from datagen.options import (
+from datagen.cli.options import (
     ApiKeyOption,
     BackendOption,
     BaseUrlOption,

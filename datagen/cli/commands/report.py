@@ -10,7 +10,7 @@ from sqlmodel import Session
 
 from datagen.console import err_console, print_json, summary_table
 from datagen.cost import load_prices
-from datagen.options import DbOption, JsonOption, PricesOption
+from datagen.cli.options import DbOption, JsonOption, PricesOption
 from datagen.report import SAMPLES, collect, report_json, summary, write_report
 from storage.store import open_engine
 

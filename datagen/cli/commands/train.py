@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from datagen.options import ConfigOption, DbOption, JsonOption
+from datagen.cli.options import ConfigOption, DbOption, JsonOption
 from train.config import Method, Precision, load_config, parse_set
 from train.rope import RopeType
 

@@ -15,7 +15,7 @@ from sqlmodel import Session
 
 from datagen.console import err_console, print_json, summary_table
 from datagen.models import DEFAULT_MODEL
-from datagen.options import DbOption, JsonOption
+from datagen.cli.options import DbOption, JsonOption
 from pipelines.curate import CurationRule, curate_run
 from storage.store import open_engine
 

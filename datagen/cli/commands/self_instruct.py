@@ -20,7 +20,7 @@ from datagen import runs
 from datagen.backends import BackendName, ServerOptions, make_backend
 from datagen.console import err_console, print_json, progress, summary_table
 from datagen.models import DEFAULT_MODEL
-from datagen.options import (
+from datagen.cli.options import (
     ApiKeyOption,
     BackendOption,
     BaseUrlOption,
@@ -128,7 +128,7 @@ def execute(pipeline: str, params: dict[str, Any]) -> None:
         rows = [(k.replace("_", " "), v) for k, v in summary.items() if k not in ("rejected_by_reason", "message")]
         rows += [(f"  {'not judged' if k == NOT_JUDGED else 'rejected'}: {k}", v) for k, v in summary["rejected_by_reason"].items()]
         err_console.print(summary_table(f"{pipeline} run {handle.name}", rows))
-    handle.raise_if_stopped()  # StoppedEarly: its line, exit 3 (datagen/cli.py)
+    handle.raise_if_stopped()  # StoppedEarly: its line, exit 3 (datagen/cli/app.py)
 
 
 def backend(params: dict[str, Any], server: ServerOptions):

@@ -1,0 +1,1 @@
+"""One module per CLI area; datagen/cli/app.py composes them."""

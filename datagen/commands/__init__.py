@@ -1,1 +1,0 @@
-"""One module per CLI area; datagen/cli.py composes them."""

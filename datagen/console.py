@@ -56,8 +56,15 @@ def summary_table(title: str, rows: Iterable[tuple[str, Any]]) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
     for key, value in rows:
-        table.add_row(key, f"{value:.3g}" if isinstance(value, float) else str(value))
+        table.add_row(key, shown(value))
     return table
+
+
+def shown(value: Any) -> str:
+    """A float to 3 significant digits, but never in exponent notation from 1,000 up (5,960 seconds, not 5.96e+03)."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def print_json(obj: Any) -> None:

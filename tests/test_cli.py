@@ -122,3 +122,10 @@ def test_boolean_flags_show_no_value_in_help():
         shown = _Runner().invoke(_app, args, env={"COLUMNS": "200"}).output
         assert "<bool>" not in shown and "--help" in shown, args
     assert "<str>" in _Runner().invoke(_app, ["export", "--help"], env={"COLUMNS": "200"}).output  # options with values keep theirs
+
+
+def test_summary_figures_never_use_exponent_notation():
+    """A loop's 5,960 seconds printed as 5.96e+03 (rich summary tables format floats to 3 significant digits)."""
+    from datagen.console import shown
+
+    assert [shown(v) for v in (5960.3, 130.55, 0.123456, 12, "x")] == ["5,960", "131", "0.123", "12", "x"]

@@ -450,7 +450,8 @@ def replicate_spread(replicates: Sequence[Sequence[ItemScore]], metric: str) -> 
 
 
 def verdict(c: Comparison) -> str:
-    """One line with the numbers; every "not better" carries the minimum detectable difference."""
+    """One line with the numbers and the minimum detectable difference at this size (every verdict, "better" too: a
+    reader sees the power of the comparison beside its result)."""
     if c.better:
         word = "better"
     else:
@@ -462,9 +463,7 @@ def verdict(c: Comparison) -> str:
     p = f"p {c.p_value:.3g}" if c.p_holm is None else f"p {c.p_value:.3g}, Holm {c.p_holm:.3g}"
     line = (f"{c.model} vs {c.baseline}, {METRIC_NAMES[c.metric]} ({direction}): {word}: difference {c.difference:+.4f}, "
             f"{CONFIDENCE:.0%} paired t-interval {c.low:+.4f}..{c.high:+.4f} over {c.items} items, {p}")  # fmt: skip
-    if not c.better:
-        line += f"; minimum detectable difference {c.mdd:.4f} ({POWER:.0%} power)"
-    return line
+    return line + f"; minimum detectable difference {c.mdd:.4f} ({POWER:.0%} power)"
 
 
 # ---- the one I/O function -----------------------------------------------------------------------------------------

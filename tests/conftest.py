@@ -9,12 +9,17 @@ what the test's code (its helpers and fixtures included) calls, and `slow` on ev
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -144,6 +149,56 @@ def start_holder(url: str, run: str, env: dict[str, str]) -> subprocess.Popen:
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, url, run], stdout=subprocess.PIPE, text=True, env=env)
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+class _ScriptedCompletions(BaseHTTPRequestHandler):
+    """/v1/completions whose text is the server's `answer(prompt)`: a backend for tests about everything but the model."""
+
+    def do_POST(self):
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"]))).get("prompt")
+        body = json.dumps({"choices": [{"index": 0, "text": self.server.answer(prompt), "finish_reason": self.server.finish_reason}],
+                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def scripted_server(answer: Callable[[object], str], finish_reason: str = "stop") -> Iterator[str]:
+    """An OpenAI-compatible server on a loopback port answering every completion request with `answer(prompt)`;
+    yields its base URL (…/v1)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedCompletions)
+    server.answer, server.finish_reason = answer, finish_reason  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def slow_self_instruct(instructions: Callable[[], str], seconds: float) -> Callable[[str], str]:
+    """`answer` of a model running Self-Instruct slowly: an instruction request takes `seconds` and returns
+    `instructions()` (called under a lock: one server serves every process of a test); the classification question is
+    answered "No", an instance request with one input/output pair."""
+    lock = threading.Lock()
+
+    def answer(prompt: str) -> str:
+        if prompt.endswith("Is it classification?"):
+            return " No"
+        if prompt.endswith("Example 1\n"):
+            return "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
+        with lock:
+            text = instructions()
+        time.sleep(seconds)
+        return text
+
+    return answer
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from datagen.cli import app
 from datagen.jobs.schedules import job_runs
 from storage.store import open_engine
 from storage.tables import Generation, Job, Run, Task, ToolformerText
-from tests.conftest import REPO, SEEDS, start_holder, wait_for
+from tests.conftest import REPO, SEEDS, scripted_server, slow_self_instruct, start_holder, wait_for
 from tests.test_self_instruct import NOVEL
 
 TIMEOUT = 8.0
@@ -469,45 +469,15 @@ def test_a_sharded_job_s_export_merges_its_shards_into_the_unsharded_run_s_datas
 BATCH_SECONDS = 3.0
 
 
-class _SlowModel(BaseHTTPRequestHandler):
-    """/v1/completions like a model running Self-Instruct: each instruction request takes BATCH_SECONDS and answers the
-    next of NOVEL's instructions in turn (one server for every process of a test), classification "No", one instance."""
-
-    answered = 0
-    lock = threading.Lock()
-
-    def do_POST(self):
-        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
-        if prompt.endswith("Is it classification?"):
-            text = " No"
-        elif prompt.endswith("Example 1\n"):
-            text = "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
-        else:
-            with _SlowModel.lock:
-                text, _SlowModel.answered = f" {NOVEL[_SlowModel.answered % len(NOVEL)]}\n", _SlowModel.answered + 1
-            time.sleep(BATCH_SECONDS)
-        body = json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def slow_model():
-    """The options of a Self-Instruct run of 4 batches (one instruction request each) against the scripted server."""
-    _SlowModel.answered = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowModel)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield ["--seeds", str(SEEDS), "--backend", "openai", "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1",
-           "--model", "scripted", "--request-batch-size", "1", "--num-instructions", "4"]  # fmt: skip
-    server.shutdown()
-    server.server_close()
+    """The options of a Self-Instruct run of 4 batches (one instruction request each) against a scripted server whose
+    instruction requests take BATCH_SECONDS and answer the next of NOVEL's instructions in turn."""
+    answered = iter(range(10**6))
+    answer = slow_self_instruct(lambda: f" {NOVEL[next(answered) % len(NOVEL)]}\n", BATCH_SECONDS)
+    with scripted_server(answer) as url:
+        yield ["--seeds", str(SEEDS), "--backend", "openai", "--base-url", url, "--model", "scripted", "--request-batch-size", "1",
+               "--num-instructions", "4"]  # fmt: skip
 
 
 def committed_batches(url: str, run_name: str) -> list[tuple[int, str]]:

@@ -5,15 +5,12 @@ loads; the holder's heartbeat keeps it held past the timeout; a holder killed wi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from sqlmodel import Session, select
@@ -21,7 +18,7 @@ from sqlmodel import Session, select
 from storage.run_lock import RunHeld, hold_run
 from storage.store import open_engine
 from storage.tables import Run
-from tests.conftest import REPO, SEEDS, start_holder
+from tests.conftest import REPO, SEEDS, scripted_server, start_holder
 
 TIMEOUT = 2.0
 def env() -> dict[str, str]:
@@ -132,37 +129,15 @@ def test_other_runs_and_unnamed_runs_are_not_held(db_url):
         pass
 
 
-class _Echo(BaseHTTPRequestHandler):
-    """/v1/completions answering one token at once: the six processes below need a backend, not a model."""
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"choices": [{"index": 0, "text": " ok", "finish_reason": "length"}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_six_parallel_runs_on_one_new_store_get_distinct_default_names(store_url, tmp_path):
     """Started in the same second, as a shell loop or a worker starts them: the default name is not just the time."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     prompts = tmp_path / "ok.jsonl"
     prompts.write_text('{"prompt": "Say ok."}\n', encoding="utf-8")
-    command = [sys.executable, "-m", "datagen.cli", "generate", str(prompts), "--max-tokens", "1", "--db", store_url, "--backend", "openai",
-               "--base-url", f"http://127.0.0.1:{server.server_address[1]}/v1", "--model", "scripted"]  # fmt: skip
-    try:
+    with scripted_server(lambda prompt: " ok", finish_reason="length") as url:  # the six processes need a backend, not a model
+        command = [sys.executable, "-m", "datagen.cli", "generate", str(prompts), "--max-tokens", "1", "--db", store_url, "--backend", "openai",
+                   "--base-url", url, "--model", "scripted"]  # fmt: skip
         processes = [subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env()) for _ in range(6)]
         errors = [p.communicate(timeout=120)[1] for p in processes]
-    finally:
-        server.shutdown()
-        server.server_close()
     assert [p.returncode for p in processes] == [0] * 6, errors
     with Session(open_engine(store_url)) as session:
         names = session.exec(select(Run.name).where(Run.status == "completed")).all()

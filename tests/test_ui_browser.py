@@ -4,17 +4,14 @@ running run. Screenshots go to each test's temp folder (a few are committed unde
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -24,7 +21,7 @@ from sqlmodel import Session, select
 from storage.queries import figures
 from storage.store import get_run, open_engine
 from storage.tables import Generation, ManualVerdict, Run, Task
-from tests.conftest import SEEDS
+from tests.conftest import SEEDS, scripted_server, slow_self_instruct
 from tests.test_self_instruct import SEED_TASKS, listing
 from tests.test_ui import XSS, add_script_run, copy_store, fill_items, free_port, real_run_store
 
@@ -310,48 +307,19 @@ LIVE_NOVEL = [
 SECONDS_PER_BATCH = 1.5
 
 
-class _SlowSelfInstructModel(BaseHTTPRequestHandler):
-    """/v1/completions answering like a model running Self-Instruct, slowly: each instruction request takes
-    SECONDS_PER_BATCH and lists a new instruction, a copy of a seed (rouge_similarity) and a blacklisted one; the
-    classification question is answered "No", an instance request with one input/output pair. (The pattern of
-    tests/test_jobs.py's _SlowModel, with rejections so that the reasons move too.)"""
-
-    answered = 0
-    lock = threading.Lock()
-
-    def do_POST(self):
-        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
-        if prompt.endswith("Is it classification?"):
-            text = " No"
-        elif prompt.endswith("Example 1\n"):
-            text = "Input: some input\nOutput: an answer for " + prompt.rsplit("Task: ", 1)[1].split("\n")[0]
-        else:
-            with _SlowSelfInstructModel.lock:
-                novel = LIVE_NOVEL[_SlowSelfInstructModel.answered % len(LIVE_NOVEL)]
-                _SlowSelfInstructModel.answered += 1
-            text = listing(novel, SEED_TASKS[3].instruction, "Draw a map of your town.")
-            time.sleep(SECONDS_PER_BATCH)
-        body = json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def slow_model():
-    """The base URL of the scripted server on a loopback port."""
-    _SlowSelfInstructModel.answered = 0
-    model = ThreadingHTTPServer(("127.0.0.1", 0), _SlowSelfInstructModel)
-    threading.Thread(target=model.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{model.server_address[1]}/v1"
-    model.shutdown()
-    model.server_close()
+    """The base URL of a scripted server answering like a model running Self-Instruct, slowly: each instruction request
+    takes SECONDS_PER_BATCH and lists a new instruction, a copy of a seed (rouge_similarity) and a blacklisted one (the
+    pattern of tests/test_jobs.py's, with rejections so that the reasons move too)."""
+    answered = iter(range(10**6))
+
+    def instructions() -> str:
+        novel = LIVE_NOVEL[next(answered) % len(LIVE_NOVEL)]
+        return listing(novel, SEED_TASKS[3].instruction, "Draw a map of your town.")
+
+    with scripted_server(slow_self_instruct(instructions, SECONDS_PER_BATCH)) as url:
+        yield url
 
 
 LIVE_SNAPSHOT = """() => {

@@ -348,12 +348,10 @@ def export_rows(folder: Path) -> list[TrainRow]:
 
 
 def base_format(model: str) -> tuple[evaluate.PromptFormat, Any]:
-    from transformers import AutoTokenizer
-
     from datagen import models
 
     models.configure_offline()
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
+    tokenizer = models.load_tokenizer(models.resolve(model))
     return evaluate.prompt_format(tokenizer), tokenizer
 
 

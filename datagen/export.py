@@ -39,7 +39,7 @@ from datagen.errors import BadInput, DatagenError
 from datagen.jsonl import read_records
 from datagen.export_config import CONTAMINATION_NGRAM, DECONTAMINATION_THRESHOLD, ExportConfig, ExportResult, Format, RunFacts
 from datagen.shards import runs_named
-from storage.queries import hand_rejected_ids, rejected_by_reason
+from storage.queries import hand_rejected_ids, run_counts
 from storage.tables import ApiCall, Curation, CurationVerdict, Generation, Instance, Run, Task, ToolformerText
 
 if TYPE_CHECKING:
@@ -157,17 +157,9 @@ def curation_facts(session: Session, run: Run, ignored: bool) -> dict[str, Any] 
 
 
 def run_facts(session: Session, run: Run, tasks_without_instances: int, ignore_curation: bool = False) -> RunFacts:
-    def reasons(model, *where) -> dict[str, int]:
-        counts = session.exec(
-            select(model.reason, func.count()).where(*where, model.status == "rejected").group_by(model.reason)
-        ).all()
-        return dict(sorted(((reason or "unspecified", n) for reason, n in counts), key=lambda kv: (-kv[1], kv[0])))
-
     def count(statement) -> int:
         return session.exec(statement).one()
 
-    generated = (Task.run_id == run.id, Task.source == "generated")
-    of_run = Instance.task_id.in_(select(Task.id).where(*generated))
     first_ids = session.exec(select(func.min(Generation.id)).where(Generation.run_id == run.id).group_by(Generation.purpose)).all()
     sampling = {g.purpose: g.sampling for g in session.exec(select(Generation).where(Generation.id.in_(first_ids)))}
     api_calls: dict[str, dict[str, int]] = {}
@@ -181,19 +173,10 @@ def run_facts(session: Session, run: Run, tasks_without_instances: int, ignore_c
         if inserted:
             counts["inserted"] = counts.get("inserted", 0) + n
     return RunFacts(
-        name=run.name,
-        pipeline=run.pipeline,
-        model=run.model,
-        backend=run.backend,
-        status=run.status,
+        **run_counts(session, run),
         created_at=f"{run.created_at:%Y-%m-%d}",
         config=dict(run.config),
         seed_tasks=count(select(func.count()).select_from(Task).where(Task.run_id == run.id, Task.source == "seed")),
-        instructions=count(select(func.count()).select_from(Task).where(*generated)),
-        accepted=count(select(func.count()).select_from(Task).where(*generated, Task.status == "accepted", Task.id.not_in(hand_rejected_ids()))),
-        rejected_by_reason=rejected_by_reason(session, run),
-        instances_accepted=count(select(func.count()).select_from(Instance).where(of_run, Instance.status == "accepted")),
-        instances_rejected_by_reason=reasons(Instance, of_run),
         tasks_without_instances=tasks_without_instances,
         sampling=dict(sorted(sampling.items())),
         texts=count(select(func.count()).select_from(ToolformerText).where(ToolformerText.run_id == run.id)),

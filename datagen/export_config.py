@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from datagen.errors import BadInput
+from storage.queries import RunCounts
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -80,22 +81,12 @@ class ExportConfig:
 
 
 @dataclass
-class RunFacts:
-    """What the card says about one run: how it was made and what its filters did."""
+class RunFacts(RunCounts):
+    """What the card says about one run: how it was made (its counts are the report's, storage.queries.RunCounts)."""
 
-    name: str
-    pipeline: str
-    model: str
-    backend: str
-    status: str
     created_at: str
     config: dict[str, Any]
     seed_tasks: int
-    instructions: int
-    accepted: int
-    rejected_by_reason: dict[str, int]
-    instances_accepted: int
-    instances_rejected_by_reason: dict[str, int]
     tasks_without_instances: int
     """Accepted instructions with no accepted instance; for Toolformer, texts with no kept call."""
     sampling: dict[str, dict[str, Any]]

@@ -30,7 +30,7 @@ from datagen.errors import BadInput
 from datagen.export import max_rouge_l
 from pipelines.self_instruct import has_preamble, has_trailer
 from storage.store import get_run
-from storage.queries import NOT_JUDGED, hand_rejected_ids, keep_rate, rejected_by_reason
+from storage.queries import NOT_JUDGED, RunCounts, hand_rejected_ids, run_counts
 from storage.tables import Generation, Instance, Run, Task
 
 SAMPLES = 5
@@ -71,20 +71,11 @@ class VerbCount:
 
 
 @dataclass
-class RunReport:
-    run: str
-    pipeline: str
-    model: str
-    backend: str
-    status: str
+class RunReport(RunCounts):
+    """Everything `datagen report` shows about one run; its counts are the card's (storage.queries.RunCounts)."""
+
     completions: int
     """Completions the backend returned (every model call of the run, all purposes)."""
-    instructions: int
-    """Generated instructions parsed out of them (seeds excluded)."""
-    accepted: int
-    rejected_by_reason: dict[str, int]
-    instances_accepted: int
-    instances_rejected_by_reason: dict[str, int]
     keep_by_batch: list[BatchKeep]
     instances_per_task: dict[int, int]
     """Number of accepted instances → how many accepted instructions have that many."""
@@ -109,19 +100,6 @@ class RunReport:
     instances_with_trailer: int | None = None
     cost: dict[str, Any] | None = None
     """Tokens, seconds per stage and their price (datagen/cost.py, cost_dict), priced when the report is made."""
-
-    @property
-    def rejected(self) -> int:
-        """Rejected by a filter or by hand; target_reached is not a rejection (storage.queries.Figures)."""
-        return sum(self.rejected_by_reason.values()) - self.not_judged
-
-    @property
-    def not_judged(self) -> int:
-        return self.rejected_by_reason.get(NOT_JUDGED, 0)
-
-    @property
-    def keep_rate(self) -> float | None:
-        return keep_rate(self.accepted, self.rejected)
 
     @property
     def tasks_without_instances(self) -> int:
@@ -211,7 +189,7 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
     ).all() if accepted else []  # fmt: skip
     accepted_ids = {t.id for t in accepted}
     good = [i for i in instances if i.status == "accepted" and i.task_id in accepted_ids]
-    bad = [i for i in instances if i.status != "accepted"]
+    bad = [i for i in instances if i.status == "rejected"]
     per_task = Counter(i.task_id for i in good)
 
     batch_of = dict(session.exec(select(Generation.id, Generation.batch).where(Generation.run_id == run.id)).all())
@@ -236,17 +214,8 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
     task_by_id = {t.id: t for t in generated}
     completions = session.exec(select(func.count()).select_from(Generation).where(Generation.run_id == run.id)).one()
     return RunReport(
-        run=run.name,
-        pipeline=run.pipeline,
-        model=run.model,
-        backend=run.backend,
-        status=run.status,
+        **run_counts(session, run),  # the counts the card shows, from the queries `datagen runs` and the viewer use
         completions=completions,
-        instructions=len(generated),
-        accepted=len(accepted),
-        rejected_by_reason=rejected_by_reason(session, run),  # the query `datagen runs`, the viewer and the card use
-        instances_accepted=len(good),
-        instances_rejected_by_reason=_by_reason(i.reason for i in bad),
         keep_by_batch=[BatchKeep(b, a, r) for b, (a, r) in sorted(keep.items())],
         instances_per_task=dict(sorted(Counter(per_task.get(t.id, 0) for t in accepted).items())),
         instruction_words=[words(t.instruction) for t in accepted],
@@ -271,11 +240,6 @@ def collect(session: Session, run_ref: str | int, samples: int = SAMPLES, seed: 
     )
 
 
-def _by_reason(reasons) -> dict[str, int]:
-    counts = Counter(reason or "unspecified" for reason in reasons)
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-
-
 def _sample(rng: random.Random, items: list, k: int) -> list:
     return [items[i] for i in sorted(rng.sample(range(len(items)), min(k, len(items))))]
 
@@ -295,7 +259,7 @@ def _threshold(config: dict[str, Any]) -> float | None:
 def summary(report: RunReport) -> dict[str, Any]:
     """The headline numbers, for the terminal table and --json."""
     return {
-        "run": report.run,
+        "run": report.name,
         "pipeline": report.pipeline,
         "model": report.model,
         "backend": report.backend,
@@ -516,7 +480,7 @@ def render_markdown(report: RunReport) -> str:
     s = summary(report)
     keep_rates = [b.keep_rate for b in report.keep_by_batch]
     lines = [
-        f"# Report on run `{report.run}`",
+        f"# Report on run `{report.name}`",
         "",
         f"`{report.pipeline}` run of `{report.model}` on the `{report.backend}` backend (status: {report.status}).",
         "",

@@ -422,12 +422,10 @@ def evaluate_model(backend: Backend, items, *, max_tokens: int = 128, tokenizer=
     from datagen import evaluate as ev
 
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
         from datagen import models
 
         models.configure_offline()
-        tokenizer = AutoTokenizer.from_pretrained(models.resolve(backend.model))
+        tokenizer = models.load_tokenizer(models.resolve(backend.model))
     return ev.score_model(backend, tokenizer, items, ev.prompt_format(tokenizer), max_tokens)
 
 

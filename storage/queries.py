@@ -187,6 +187,67 @@ def rejected_by_reason(session: Session, run: Run) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def instances_rejected_by_reason(session: Session, run: Run) -> dict[str, int]:
+    """Rejected instances of the run's generated instructions by reason, most common first (the report and the card)."""
+    rows = session.exec(
+        select(Instance.reason, func.count()).join(Task)
+        .where(Task.run_id == run.id, Task.source == "generated", Instance.status == "rejected").group_by(Instance.reason)
+    ).all()  # fmt: skip
+    return dict(sorted(((reason or "unspecified", n) for reason, n in rows), key=lambda kv: (-kv[1], kv[0])))
+
+
+@dataclass
+class RunCounts:
+    """One run's identity and what its filters did, with one meaning per word: the part of a run's summary that the
+    report (datagen/report.py RunReport) and the dataset card (datagen/export_config.py RunFacts) share, both built
+    on it (`run_counts`); `datagen runs`, --json and the viewer show the same words from `figures`.
+
+    instructions: generated instructions stored (seeds not counted); accepted: those kept and not rejected by hand
+    since; rejected_by_reason: every other one by reason (`rejected_by_reason`: by_hand, and target_reached, which is
+    not a verdict); instances_accepted: accepted instances of the accepted instructions; instances_rejected_by_reason:
+    rejected instances of the generated instructions (`instances_rejected_by_reason`)."""
+
+    name: str
+    pipeline: str
+    model: str
+    backend: str
+    status: str
+    instructions: int
+    accepted: int
+    rejected_by_reason: dict[str, int]
+    instances_accepted: int
+    instances_rejected_by_reason: dict[str, int]
+
+    @property
+    def not_judged(self) -> int:
+        return self.rejected_by_reason.get(NOT_JUDGED, 0)
+
+    @property
+    def rejected(self) -> int:
+        """Rejected by a filter or by hand; target_reached is not a rejection (Figures)."""
+        return sum(self.rejected_by_reason.values()) - self.not_judged
+
+    @property
+    def keep_rate(self) -> float | None:
+        return keep_rate(self.accepted, self.rejected)
+
+
+def run_counts(session: Session, run: Run) -> dict[str, Any]:
+    """The RunCounts fields of a run, as keyword arguments for RunCounts or a summary built on it."""
+    generated = (Task.run_id == run.id, Task.source == "generated")
+    kept = (*generated, Task.status == "accepted", Task.id.not_in(hand_rejected_ids()))
+    return {
+        "name": run.name, "pipeline": run.pipeline, "model": run.model, "backend": run.backend, "status": run.status,
+        "instructions": session.exec(select(func.count()).select_from(Task).where(*generated)).one(),
+        "accepted": session.exec(select(func.count()).select_from(Task).where(*kept)).one(),
+        "rejected_by_reason": rejected_by_reason(session, run),
+        "instances_accepted": session.exec(
+            select(func.count()).select_from(Instance).join(Task).where(*kept, Instance.status == "accepted")
+        ).one(),
+        "instances_rejected_by_reason": instances_rejected_by_reason(session, run),
+    }  # fmt: skip
+
+
 def accepted_instances(session: Session, run: Run) -> int:
     """Accepted instances of the run's generated instructions (seed tasks' own instances are not counted)."""
     return session.exec(

@@ -403,6 +403,4 @@ def load_tokenizer(tokenizer: str | None, model: str):
     if name is None:
         return None
     models.configure_offline()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(models.resolve(name))
+    return models.load_tokenizer(models.resolve(name))

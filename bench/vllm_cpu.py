@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 LAYOUTS = {
@@ -46,8 +48,16 @@ def main() -> None:
     results = {}
     for name, (kwargs, env) in LAYOUTS.items():
         code = f"import json, os, sys; sys.path.insert(0, {os.getcwd()!r}); from bench.vllm_cpu import one; print('RESULT', json.dumps(one({kwargs!r}))); sys.stdout.flush(); os._exit(0)"
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
-        line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
+        with tempfile.TemporaryFile("w+") as out:  # a file, not a pipe: the engine's processes outlive os._exit
+            child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env}, stdout=out, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)  # fmt: skip
+            child.wait(timeout=900)
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # the engine's processes with it
+            except ProcessLookupError:
+                pass
+            out.seek(0)
+            line = next(line for line in out.read().splitlines() if line.startswith("RESULT"))
         results[name] = json.loads(line.split(" ", 1)[1])
         print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in results[name].items()), flush=True)
     base, ours = results[next(iter(LAYOUTS))], results[list(LAYOUTS)[-1]]

@@ -308,7 +308,6 @@ def vllm_server(embedded_model_path, tmp_path_factory):
         "--enforce-eager", "--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 30),
         "--disable-uvicorn-access-log",
         "--no-enable-chunked-prefill",  # seeded requests crash vLLM's CPU engine when chunked (vllm_backend.CPU_ENGINE_DEFAULTS)
-        "--distributed-executor-backend", "uni",  # the model in the engine's process: no worker polling beside it
     ]  # fmt: skip
     log = log_path.open("wb")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

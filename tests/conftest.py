@@ -151,14 +151,12 @@ def start_holder(url: str, run: str, env: dict[str, str]) -> subprocess.Popen:
     return holder
 
 
-class _ScriptedCompletions(BaseHTTPRequestHandler):
-    """/v1/completions whose text is the server's `answer(prompt)`: a backend for tests about everything but the model."""
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet test server's handler: `reply` sends one JSON body; subclasses write do_POST."""
 
-    def do_POST(self):
-        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"]))).get("prompt")
-        body = json.dumps({"choices": [{"index": 0, "text": self.server.answer(prompt), "finish_reason": self.server.finish_reason}],
-                           "usage": {"prompt_tokens": 1, "completion_tokens": 1}}).encode()  # fmt: skip
-        self.send_response(200)
+    def reply(self, status: int, payload: object) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -166,6 +164,15 @@ class _ScriptedCompletions(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+class _ScriptedCompletions(JsonHandler):
+    """/v1/completions whose text is the server's `answer(prompt)`: a backend for tests about everything but the model."""
+
+    def do_POST(self):
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"]))).get("prompt")
+        self.reply(200, {"choices": [{"index": 0, "text": self.server.answer(prompt), "finish_reason": self.server.finish_reason}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1}})  # fmt: skip
 
 
 @contextmanager

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from datagen.cli import app
 from datagen.jobs.schedules import job_runs
 from storage.store import open_engine
 from storage.tables import Generation, Job, Run, Task, ToolformerText
-from tests.conftest import REPO, SEEDS, scripted_server, slow_self_instruct, start_holder, wait_for
+from tests.conftest import REPO, SEEDS, JsonHandler, scripted_server, slow_self_instruct, start_holder, wait_for
 from tests.test_self_instruct import NOVEL
 
 TIMEOUT = 8.0
@@ -589,21 +589,13 @@ def test_cancel_stops_a_running_job_run_after_its_batch_in_flight(db_url, slow_m
 # ---- a run that fails (exit 1) -------------------------------------------------------------------------------------
 
 
-class _NoSuchModel(BaseHTTPRequestHandler):
+class _NoSuchModel(JsonHandler):
     """An OpenAI-compatible server that serves no model named like the job's: every request is a 404, which the
     openai backend does not retry, so the pipeline command fails at once (exit 1)."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"error": {"message": "The model 'gone' does not exist"}}).encode()
-        self.send_response(404)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+        self.reply(404, {"error": {"message": "The model 'gone' does not exist"}})
 
 
 def test_a_failed_run_is_not_retried_and_jobs_show_prints_its_reason(store_url, tmp_path):

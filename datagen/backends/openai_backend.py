@@ -402,5 +402,4 @@ def load_tokenizer(tokenizer: str | None, model: str):
         name = model
     if name is None:
         return None
-    models.configure_offline()
-    return models.load_tokenizer(models.resolve(name))
+    return models.load_tokenizer(name)

@@ -57,6 +57,28 @@ def pytest_collection_modifyitems(config, items):
             marks.add("slow")  # a model trained for a few steps is seconds to minutes on a CPU
         for mark in sorted(marks - {m.name for m in item.iter_markers()}):
             item.add_marker(mark)
+    _xdist_groups(items)
+
+
+def _xdist_groups(items) -> None:
+    """Groups for `pytest -n 2` (pytest-xdist's --dist loadgroup, set in pyproject.toml): the vLLM tests run on one
+    worker, so the session's engine and server start once and two engines never share the 2-core machine; a module
+    whose tests share a module-scoped fixture (a trained model, a page server) runs on one worker, so the fixture is
+    built once; such a module that has vLLM tests joins the vLLM group. Other tests go to whichever worker is free."""
+    def module_fixture(item) -> bool:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        return fixtures is not None and any(d.scope == "module" for defs in fixtures.name2fixturedefs.values() for d in defs)
+
+    modules_with_vllm = {item.module.__name__ for item in items if item.get_closest_marker("vllm") and hasattr(item, "module")}
+    for item in items:
+        module = item.module.__name__ if hasattr(item, "module") else None
+        if item.get_closest_marker("vllm") or (module in modules_with_vllm and module_fixture(item)):
+            group = "vllm"
+        elif module_fixture(item):
+            group = module
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _marks_from_code(functions) -> set[str]:

@@ -43,6 +43,7 @@ MARK_BY_COMMAND = {"train": "training", "e2e": "training"}
 the same code); bad-input tests of these commands run them through CliRunner and train nothing."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the xdist_group marks set here
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))

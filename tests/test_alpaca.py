@@ -95,6 +95,29 @@ def test_parse_records_splits_at_hashes_anywhere():
     assert [r.reason for r in alpaca.parse_records(run_on, 4)] == ["malformed_record"]
 
 
+def test_lenient_records_split_at_each_instruction_and_may_leave_out_the_input():
+    """record_format lenient (ours): a new record at each "N. Instruction:" line, and Instruction then Output is a
+    record with no input; the other malformed blocks stay malformed (an Instruction line splits a block only after an
+    Output field), and a cut response still loses its last record."""
+    run_on = (" X is a task.\n4. Input:\na\n4. Output:\nY\n5. Instruction: B is a task.\n5. Input:\nb\n5. Output:\nZ\n"
+              "6. Instruction: No input here.\n6. Output:\ny\n"
+              "###\n7. Input:\nz\n7. Instruction: Fields out of order.\n7. Output:\nw\n"
+              "8. Instruction: No output here.\n8. Input:\nx\n"
+              "9. Instruction: Cut off")  # fmt: skip
+    records = alpaca.parse_records(run_on, 4, record_format="lenient")
+    assert [(r.instruction, r.input, r.output, r.reason) for r in records] == [
+        ("X is a task.", "a", "Y", None),
+        ("B is a task.", "b", "Z", None),
+        ("No input here.", "", "y", None),
+        ("7. Input:\nz\n7. Instruction: Fields out of order.\n7. Output:\nw", "", "", "malformed_record"),
+        ("8. Instruction: No output here.\n8. Input:\nx\n9. Instruction: Cut off", "", "", "malformed_record"),  # split only after an Output
+    ]
+    assert alpaca.parse_records(run_on, 4, cut_by_length=True, record_format="lenient")[-1].reason == "cut_by_length"
+    assert [r.reason for r in alpaca.parse_records(run_on, 4)] == ["malformed_record"] * 2  # the reference's rule
+    with pytest.raises(BadInput, match="record_format must be reference or lenient"):
+        alpaca.AlpacaConfig(record_format="loose")
+
+
 def test_alpaca_blacklist_is_larger():
     assert si.rejection_reason("Compose a short piece of music for piano.", alpaca.ALPACA_BLACKLIST) == "blacklist:music"
     assert si.rejection_reason("Compose a short piece of music for piano.") is None

@@ -58,6 +58,7 @@ def _free_port() -> int:
         ('{"prompt": "x", "id": ' + "9" * 5000 + "}", "prompts.jsonl:1: invalid JSON (an integer with more than 4300 digits)"),
         ('{"prompt": "x", "a": ' + "[" * 100_000 + "]" * 100_000 + "}", "prompts.jsonl:1: invalid JSON (arrays or objects nested too deeply)"),
     ],
+    ids=["huge-integer", "deep-nesting"],  # not the 200k-character line: pytest puts the id in PYTEST_CURRENT_TEST, too long for exec
 )
 def test_huge_integers_and_deep_nesting_are_one_line(tmp_path, line, message):
     (tmp_path / "prompts.jsonl").write_text(PROMPT + line + "\n")

@@ -29,6 +29,11 @@ SEEDS = REPO / "examples" / "seed_tasks.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    # `pytest -n N`: each worker, and every process it starts, gets its share of the cores for torch's OpenMP threads
+    # (before torch is imported). Unshared, two workers' thread teams fight over 2 cores: a test that takes 26 s alone
+    # took 212 s beside another.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 # ---- markers ------------------------------------------------------------------------------------------------------
 

@@ -103,8 +103,9 @@ class AlpacaConfig(BootstrapConfig):
     "highest peak" example (CONCISE_REQUIREMENTS)."""
     record_format: str = "reference"
     """Which blocks of a response are records. reference: generate_instruction.py's rule, split at "###" and exactly
-    the fields Instruction, Input, Output once each (else malformed_record). lenient, ours: also a new record at each
-    "N. Instruction:" line (a record whose "###" the model left out), and a record with no Input field has no input.
+    the fields Instruction, Input, Output once each (else malformed_record). lenient, ours: also a new record at an
+    "N. Instruction:" line that follows an Output field (a record whose "###" the model left out), and Instruction then
+    Output is a record with no input.
     examples/alpaca_cpu.yaml sets lenient. Measured on the embedded 135M model, completions re-parsed both ways: its
     -n 8 run (16 completions of up to 320 tokens at temperature 0.7) gives 28 records under lenient, 9 under the
     reference's rule; at 1,024 tokens and 1.0 (8 completions) 2 and 0, most blocks there being no record at all."""
@@ -223,8 +224,8 @@ def parse_records(completion: str, first_number: int, cut_by_length: bool = Fals
     cut the completion, its last block is dropped as cut_by_length (the reference), blank or not. Ours: any number
     is accepted before a field name (the reference insists on the expected one, so one misnumbered record drops);
     "<noinput>" in any case means an empty input. record_format lenient (ours, AlpacaConfig.record_format): a block
-    is also split before each "N. Instruction:" line but its first, and Instruction then Output is a record with no
-    input.
+    is also split before each "N. Instruction:" line that follows an Output field, and Instruction then Output is a
+    record with no input.
     """
     if not completion.strip():
         return []  # an empty response, counted as such; its (empty) text is in the generation table
